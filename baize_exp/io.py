@@ -1,0 +1,112 @@
+"""Small file helpers shared by the stages: JSON lines that survive a crash, content hashes, stage markers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+class JsonlError(ValueError):
+    """A JSONL file with a corrupt line that is not a crash-truncated tail."""
+
+
+def read_jsonl(path: str | Path, repair_tail: bool = False) -> list[dict]:
+    """Read a JSON-lines file.
+
+    A last line without a trailing newline that does not parse is what a crash mid-write leaves: with
+    `repair_tail` it is cut off the file (and returned nowhere); otherwise, and for a corrupt line anywhere
+    else, JsonlError names the file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records: list[dict] = []
+    lines = data.split(b"\n")
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            records.append(json.loads(raw))
+        except json.JSONDecodeError as e:
+            is_tail = i == len(lines) - 1  # no newline after it: the write never finished
+            if is_tail and repair_tail:
+                with open(path, "r+b") as f:
+                    f.truncate(len(data) - len(raw))
+                break
+            raise JsonlError(f"{path}:{i + 1}: not valid JSON ({e.msg}); fix or remove that line") from e
+    return records
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    yield from read_jsonl(path)
+
+
+class JsonlWriter:
+    """Append records one per line, flushed and fsynced, so a crash loses at most the line being written."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """Write a whole file atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def content_hash(*parts: Any, n: int = 16) -> str:
+    """A stable short hash of JSON-serialisable parts (dict key order does not matter)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:n]
+
+
+def file_hash(path: str | Path, n: int = 16) -> str:
+    """Hash of a file's bytes, or of every file under a dir (names and bytes)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:n]

