@@ -290,7 +290,7 @@ def validate(cfg: DictConfig | Config) -> None:
     t = c.train
     if t.data is not None:
         _check(p, Path(t.data).expanduser().is_file(), "train.data", t.data, "an existing dialogs.jsonl")
-    _check(p, t.format in ("baize", "chat_template"), "train.format", t.format, "one of baize, chat_template")
+    _check(p, t.format == "baize", "train.format", t.format, "baize")
     _check(p, t.loss_on in ("ai", "all"), "train.loss_on", t.loss_on, "one of ai, all")
     _check(p, t.max_length >= 16, "train.max_length", t.max_length, "an integer >= 16")
     _check(p, t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")

@@ -181,3 +181,38 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+@torch.no_grad()
+def generate_texts(model: torch.nn.Module, tok: Any, prompts: list[str], max_new_tokens: int,
+                   temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
+                   stop: list[str] | None = None, batch_size: int = 8) -> list[list[str]]:
+    """Generate for raw-text prompts in left-padded batches; returns num_return_sequences texts per prompt,
+    each cut at the first stop string."""
+    model.eval()
+    side = tok.padding_side
+    tok.padding_side = "left"
+    outs: list[list[str]] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+                                      pad_token_id=tok.pad_token_id)
+            if temperature > 0:
+                kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            else:
+                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            seqs = model.generate(**enc, **kw)[:, enc.input_ids.shape[1]:]
+            texts = tok.batch_decode(seqs, skip_special_tokens=True)
+            for j in range(0, len(texts), num_return_sequences):
+                group = []
+                for t in texts[j:j + num_return_sequences]:
+                    for s in stop or []:
+                        k = t.find(s)
+                        if k >= 0:
+                            t = t[:k]
+                    group.append(t.strip())
+                outs.append(group)
+    finally:
+        tok.padding_side = side
+    return outs

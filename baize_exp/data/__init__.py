@@ -1,0 +1,214 @@
+"""Seed sources, the dialog record, transcript parsing and the text formats models are trained on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from baize_exp.io import read_jsonl
+
+DATA_DIR = Path(__file__).resolve().parent
+SEEDS_DIR = DATA_DIR / "seeds"
+EVAL_QUESTIONS = DATA_DIR / "eval_questions.jsonl"
+
+BAIZE_HEADER = "The conversation between human and AI assistant."
+BAIZE_HUMAN, BAIZE_AI = "[|Human|]", "[|AI|]"
+
+# Reasons a teacher reply becomes a reject instead of a dialog (the documented set).
+REJECT_REASONS = ("api_error", "empty", "no_transcript", "role_order", "too_few_turns")
+
+
+@dataclass
+class Seed:
+    id: str
+    source: str
+    question: str
+
+
+class SeedFileError(ValueError):
+    """A seed file that cannot be read, naming the file and the line."""
+
+
+def load_seed_file(path: str | Path, source: str | None = None) -> list[Seed]:
+    """Seeds from .jsonl (objects with "question" or "text"), .txt (one a line) or .csv ("question" column)."""
+    path = Path(path).expanduser()
+    src = source or path.stem
+    if not path.is_file():
+        raise SeedFileError(f"seed file {path} does not exist")
+    seeds: list[Seed] = []
+    if path.suffix == ".jsonl":
+        for i, rec in enumerate(read_jsonl(path)):
+            q = rec.get("question") or rec.get("text") or rec.get("instruction")
+            if not isinstance(q, str) or not q.strip():
+                raise SeedFileError(f"{path}: record {i + 1} has no non-empty 'question' (or 'text') field")
+            seeds.append(Seed(str(rec.get("id", f"{src}-{i + 1:05d}")), rec.get("source", src), q.strip()))
+    elif path.suffix == ".txt":
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        seeds = [Seed(f"{src}-{i + 1:05d}", src, q) for i, q in enumerate(x for x in lines if x)]
+    elif path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            col = next((c for c in ("question", "text", "instruction") if c in (reader.fieldnames or [])), None)
+            if col is None:
+                raise SeedFileError(f"{path}: needs a 'question' column, found {reader.fieldnames}")
+            seeds = [Seed(f"{src}-{i + 1:05d}", src, row[col].strip()) for i, row in enumerate(reader)
+                     if row[col] and row[col].strip()]
+    else:
+        raise SeedFileError(f"{path}: unsupported seed file type {path.suffix!r} (use .jsonl, .txt or .csv)")
+    if not seeds:
+        raise SeedFileError(f"{path}: no seeds in the file")
+    return seeds
+
+
+def load_seeds(dcfg: Any) -> list[Seed]:
+    """The seeds a `data` config selects: deduplicated, mixed by weight, shuffled with `data.seed`, limited."""
+    if dcfg.name == "file":
+        pools = {"file": load_seed_file(dcfg.path)}
+    else:
+        pools = {s: load_seed_file(SEEDS_DIR / f"{s}.jsonl", s) for s in dcfg.sources}
+    rng = random.Random(dcfg.seed)
+    seen: set[str] = set()
+    for name in pools:  # dedup by normalised text, across sources too
+        uniq = []
+        for s in pools[name]:
+            k = re.sub(r"\s+", " ", s.question.lower()).strip()
+            if k not in seen:
+                seen.add(k)
+                uniq.append(s)
+        rng.shuffle(uniq)
+        pools[name] = uniq
+    weights = {n: float(dcfg.mix.get(n, 1.0)) if dcfg.mix else 1.0 for n in pools}
+    total = sum(len(p) for p in pools.values())
+    want = min(dcfg.limit or total, total)
+    # Weighted round-robin: draw from the source whose share is furthest below its weight.
+    taken = {n: 0 for n in pools}
+    out: list[Seed] = []
+    while len(out) < want:
+        live = [n for n in pools if taken[n] < len(pools[n]) and weights[n] > 0]
+        if not live:
+            break
+        n = min(live, key=lambda x: (taken[x] + 1) / weights[x])
+        out.append(pools[n][taken[n]])
+        taken[n] += 1
+    return out
+
+
+# --- transcripts -------------------------------------------------------------------------------------------
+
+_MARK = re.compile(r"^\s*\[(Human|AI)\]\s*:?\s*", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass
+class Parsed:
+    turns: list[dict] | None
+    reason: str | None = None
+    detail: str = ""
+
+
+def parse_transcript(text: str, seed: str, min_turns: int = 2, truncated: bool = False) -> Parsed:
+    """Parse a teacher's `[Human] ... [AI] ...` transcript into turns, strictly.
+
+    Prose before the first marker is dropped (models often announce the transcript). The dialog must start with
+    the human, alternate roles and have at least `min_turns` turns. If the reply was cut by the length limit, the
+    last (unfinished) turn is dropped. A dialog that starts with an AI turn answers the seed: the seed becomes the
+    human's first turn. The model repeating an exchange it already wrote ends the dialog there.
+    """
+    if not text or not text.strip():
+        return Parsed(None, "empty")
+    marks = list(_MARK.finditer(text))
+    if not marks:
+        return Parsed(None, "no_transcript", "no [Human]/[AI] markers")
+    turns = []
+    for i, m in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+        body = text[m.end():end].strip()
+        turns.append({"role": "human" if m.group(1).lower() == "human" else "ai", "text": body})
+    if truncated and turns:
+        turns = turns[:-1]
+    if turns and not turns[-1]["text"]:
+        turns.pop()  # a marker with nothing after it ends many replies
+    if turns and turns[0]["role"] == "ai":
+        turns.insert(0, {"role": "human", "text": seed})
+    for i, t in enumerate(turns):
+        want = "human" if i % 2 == 0 else "ai"
+        if t["role"] != want:
+            return Parsed(None, "role_order", f"turn {i + 1} is {t['role']}, expected {want}")
+        if not t["text"]:
+            return Parsed(None, "empty", f"turn {i + 1} is empty")
+    seen, kept = set(), []
+    for i in range(0, len(turns) - 1, 2):
+        pair = (turns[i]["text"], turns[i + 1]["text"])
+        if pair in seen:
+            break
+        seen.add(pair)
+        kept += [turns[i], turns[i + 1]]
+    turns = kept
+    if len(turns) < min_turns:
+        return Parsed(None, "too_few_turns", f"{len(turns)} complete turns, need {min_turns}")
+    return Parsed(turns)
+
+
+# --- formats -----------------------------------------------------------------------------------------------
+
+def baize_segments(turns: list[dict]) -> list[tuple[str, bool]]:
+    """The Baize training text as (segment, is_ai_text) pieces, so labels can cover only what the AI says.
+
+    Layout: header, then `[|Human|] text` / `[|AI|] text` lines; the marker of the next turn closes an AI turn,
+    so the final AI turn is closed with a trailing `[|Human|]` marker, which the model learns to emit to stop.
+    """
+    segs: list[tuple[str, bool]] = [(BAIZE_HEADER, False)]
+    for t in turns:
+        if t["role"] == "human":
+            segs.append((f"\n{BAIZE_HUMAN} {t['text']}\n{BAIZE_AI}", False))
+        else:
+            segs.append((f" {t['text']}", True))
+    segs.append((f"\n{BAIZE_HUMAN}", True))
+    return segs
+
+
+def baize_prompt(question: str, history: list[dict] | None = None) -> str:
+    """Prompt for generation in the Baize format: header, history, the question, then the AI marker."""
+    text = BAIZE_HEADER
+    for t in history or []:
+        text += f"\n{BAIZE_HUMAN} {t['text']}\n{BAIZE_AI}" if t["role"] == "human" else f" {t['text']}"
+    return text + f"\n{BAIZE_HUMAN} {question}\n{BAIZE_AI}"
+
+
+def to_baize_text(turns: list[dict]) -> str:
+    return "".join(s for s, _ in baize_segments(turns))
+
+
+def to_chat_messages(turns: list[dict]) -> list[dict]:
+    """OpenAI/ChatML messages for export to other tools."""
+    return [{"role": "user" if t["role"] == "human" else "assistant", "content": t["text"]} for t in turns]
+
+
+def load_eval_questions(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
+    """The held-out questions: {"question_id", "category", "question", "reference"?}."""
+    recs = read_jsonl(path or EVAL_QUESTIONS)
+    for i, r in enumerate(recs):
+        if "question" not in r:
+            raise SeedFileError(f"{path or EVAL_QUESTIONS}: record {i + 1} has no 'question'")
+        r.setdefault("question_id", f"q{i + 1:03d}")
+        r.setdefault("category", "general")
+    if limit:
+        # Spread the limit over categories so a small eval still covers several kinds of question.
+        by_cat: dict[str, list[dict]] = {}
+        for r in recs:
+            by_cat.setdefault(r["category"], []).append(r)
+        picked: list[dict] = []
+        while len(picked) < min(limit, len(recs)):
+            for cat in list(by_cat):
+                if by_cat[cat] and len(picked) < limit:
+                    picked.append(by_cat[cat].pop(0))
+        recs = picked
+    return recs
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)

@@ -1,0 +1,32 @@
+"""baize_exp entry point: compose the config with Hydra and run the pipeline's stages.
+
+    python run.py                       # all stages on the embedded SmolLM2-135M, CPU, offline
+    python run.py model=tiny            # the same on a random tiny Llama (~1 min)
+    python run.py --help                # config groups and options
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from baize_exp.config import ConfigError, register_configs
+from baize_exp.pipeline import run_pipeline
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = run_pipeline(cfg)
+    except ConfigError as e:  # a config problem is the user's to fix: the message, not a traceback
+        print(f"baize_exp: {e}", file=sys.stderr)
+        sys.exit(2)
+    # The value a Hydra sweeper (Optuna) minimises: held-out loss of the final model.
+    ev = metrics.get("eval", {})
+    return ev.get("v2/heldout_loss", ev.get("v1/heldout_loss"))
+
+
+if __name__ == "__main__":
+    main()
