@@ -41,7 +41,7 @@ def collect(seeds: list[Seed], client: Any, ccfg: Any, tcfg: Any, out_dir: Path)
     n_ok, reasons = 0, Counter()
     usage = Counter()
     with JsonlWriter(dialogs_path) as dw, JsonlWriter(rejects_path) as rw:
-        for (seed, key), res in zip(todo, results):
+        for (seed, key), res in zip(todo, results, strict=True):
             usage.update(res.usage)
             base = {"seed": seed.question, "source": seed.source, "key": key}
             if res.error:

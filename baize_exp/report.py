@@ -27,7 +27,8 @@ def render(run_dir: Path) -> str:
                   f"- model: `{info.get('model')}`, LoRA r={info.get('lora_r')}, data: `{info.get('data')}`", ""]
     scores = run_dir / "eval" / "scores.csv"
     if scores.is_file():
-        rows = [r for r in csv.DictReader(open(scores)) if r["category"] == "all"]
+        with open(scores, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["category"] == "all"]
         lines += ["## Judge scores (1-10, 95% bootstrap CI)", "",
                   "| model | n | mean | 95% CI | parse failures | held-out loss | held-out ppl |",
                   "|---|---|---|---|---|---|---|"]

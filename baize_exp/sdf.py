@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from baize_exp import models as M
-from baize_exp.config import cache_dir
+from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, baize_prompt
 from baize_exp.io import read_jsonl, write_jsonl
 from baize_exp.train import fit, save_adapter
@@ -46,23 +46,42 @@ def parse_ranking(reply: str, n: int) -> tuple[list[int] | None, str]:
     return None, "failed"
 
 
+def ranking_from_logprobs(logprobs: dict | None, n: int) -> list[int] | None:
+    """Fallback for teachers that will not write a ranking (small local models): at the first generated position
+    whose top alternatives include candidate numbers, order those numbers by probability."""
+    for pos in (logprobs or {}).get("content") or []:
+        probs: dict[int, float] = {}
+        for alt in pos.get("top_logprobs") or []:
+            tok = alt["token"].strip()
+            if tok.isdigit() and 1 <= int(tok) <= n:
+                probs[int(tok) - 1] = max(probs.get(int(tok) - 1, float("-inf")), alt["logprob"])
+        if probs:
+            best = sorted(probs, key=lambda k: -probs[k])
+            return best + [k for k in range(n) if k not in best]
+    return None
+
+
 def rank_candidates(client: Any, template: str, prompts: list[str], cands: list[list[str]], seed: int
                     ) -> list[dict]:
     """Ask the teacher to rank each prompt's candidates; one retry with the error for unparsable replies."""
     n = len(cands[0])
     example = " > ".join(str(k) for k in random.Random(0).sample(range(1, n + 1), n))
     records, convs = [], []
-    for i, (p, cs) in enumerate(zip(prompts, cands)):
+    for i, (p, cs) in enumerate(zip(prompts, cands, strict=True)):
         order = list(range(n))
         random.Random(seed * 100003 + i).shuffle(order)  # presentation order: position k shows cs[order[k]]
         shown = "\n\n".join(f"Answer {k + 1}: {cs[j]}" for k, j in enumerate(order))
         convs.append([{"role": "user", "content": template.format(n=n, prompt=p, candidates=shown, example=example)}])
         records.append({"prompt": p, "candidates": cs, "order": order})
-    results = client.complete_many(convs, desc="sdf ranking", temperature=0.0)
+    results = client.complete_many(convs, desc="sdf ranking", temperature=0.0, max_tokens=32, logprobs=True,
+                                   top_logprobs=20)
     retry = []
-    for i, (rec, res) in enumerate(zip(records, results)):
+    for i, (rec, res) in enumerate(zip(records, results, strict=True)):
         rec["judge_reply"] = res.text if not res.error else None
         ranking, how = parse_ranking(res.text, n) if not res.error else (None, "failed")
+        if ranking is None and not res.error:
+            ranking = ranking_from_logprobs(res.logprobs[0] if res.logprobs else None, n)
+            how = "logprobs" if ranking else how
         rec["_rank"], rec["parse"] = ranking, how
         if ranking is None:
             retry.append(i)
@@ -71,7 +90,8 @@ def rank_candidates(client: Any, template: str, prompts: list[str], cands: list[
                              {"role": "user", "content": f"I could not read a ranking in that. Reply with only "
                                                          f"the numbers 1 to {n}, best first, like: {example}"}]
                  for i in retry]
-        for i, res in zip(retry, client.complete_many(again, desc="sdf ranking retry", temperature=0.0)):
+        for i, res in zip(retry, client.complete_many(again, desc="sdf ranking retry", temperature=0.0,
+                                                           max_tokens=32), strict=True):
             ranking, how = parse_ranking(res.text, n) if not res.error else (None, "failed")
             records[i]["judge_reply_retry"] = res.text if not res.error else res.error
             records[i]["_rank"], records[i]["parse"] = ranking, "retried" if ranking else "failed"
@@ -118,6 +138,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     parse = Counter(r["parse"] for r in records)
     metrics: dict[str, Any] = {"prompts": len(prompts), "candidates": len(prompts) * s.num_candidates,
                                "parse_ok": parse["ok"], "parse_tolerant": parse["tolerant"],
+                               "parse_logprobs": parse["logprobs"],
                                "parse_retried": parse["retried"], "parse_failed": parse["failed"],
                                "selected": len(chosen)}
     if not chosen:
@@ -125,6 +146,6 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
                            f"{stage_dir / 'candidates.jsonl'}")
     metrics.update(fit(model, tok, chosen, [], cfg, stage_dir, s.lr, s.max_epochs, prefix="sdf/"))
     save_adapter(model, tok, stage_dir / "adapter", {"model": cfg.model.name, "from": str(v1),
-                                                    "sdf": {"select": s.select, "num_candidates": s.num_candidates},
+                                                    "sdf": to_container(s),
                                                     "metrics": metrics})
     return metrics

@@ -125,7 +125,7 @@ class Generator:
                 if req.top_logprobs:
                     vals, idx = logp[j].topk(req.top_logprobs)
                     entry["top_logprobs"] = [{"token": self.tok.decode([int(k)]), "logprob": float(v),
-                                              "bytes": None} for v, k in zip(vals, idx)]
+                                              "bytes": None} for v, k in zip(vals, idx, strict=True)]
                 lp.append(entry)
         return Choice(text=text, finish_reason=finish, completion_tokens=len(toks), logprobs=lp)
 
@@ -179,7 +179,7 @@ class BatchWorker:
             for r in group:
                 r.future.set_exception(e)
             return
-        for r, res in zip(group, results):
+        for r, res in zip(group, results, strict=True):
             r.future.set_result(res)
 
 
@@ -193,9 +193,9 @@ def build_app(worker: BatchWorker, api_key: str | None = None):
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error(401, "invalid API key", "authentication_error")
+        if (api_key and request.url.path.startswith("/v1/")
+                and request.headers.get("authorization", "") != f"Bearer {api_key}"):
+            return error(401, "invalid API key", "authentication_error")
         return await call_next(request)
 
     @app.get("/health")

@@ -5,6 +5,6 @@ server (`baize_exp.serve`) on a free loopback port, shared by every stage and ro
 """
 
 from baize_exp.chat.client import ChatClient, ChatError, ChatResult
-from baize_exp.chat.local import LocalServer, Backends
+from baize_exp.chat.local import Backends, LocalServer
 
 __all__ = ["ChatClient", "ChatError", "ChatResult", "LocalServer", "Backends"]

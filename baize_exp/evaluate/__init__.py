@@ -121,7 +121,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
         else:  # tuned models answer in the format they were trained on
             prompts = [baize_prompt(q["question"]) for q in questions]
         texts = M.generate_texts(model, tok, prompts, e.max_new_tokens, stop=[BAIZE_HUMAN])
-        for q, t in zip(questions, texts):
+        for q, t in zip(questions, texts, strict=True):
             answers.append({"question_id": q["question_id"], "category": q["category"], "model": name,
                             "adapter": str(adapter) if adapter else None, "answer": t[0]})
         if val_dialogs:
@@ -137,7 +137,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
                                                                    answer=a["answer"])}] for a in answers]
     results = judge.complete_many(convs, desc="judge")
     judgments, retry = [], []
-    for i, (a, res) in enumerate(zip(answers, results)):
+    for i, (a, res) in enumerate(zip(answers, results, strict=True)):
         score, how = parse_score(res.text) if not res.error else (None, "failed")
         judgments.append({"question_id": a["question_id"], "category": a["category"], "model": a["model"],
                           "mode": e.judge_mode, "score": score, "judge_reply": res.text if not res.error else None,
@@ -148,7 +148,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
         again = [convs[i] + [{"role": "assistant", "content": judgments[i]["judge_reply"] or ""},
                              {"role": "user", "content": "Reply with only: Score: N (N from 1 to 10)."}]
                  for i in retry]
-        for i, res in zip(retry, judge.complete_many(again, desc="judge retry")):
+        for i, res in zip(retry, judge.complete_many(again, desc="judge retry"), strict=True):
             score, _ = parse_score(res.text) if not res.error else (None, "failed")
             judgments[i].update(score=score, parse="retried" if score is not None else "failed",
                                 judge_reply_retry=res.text if not res.error else res.error)

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from baize_exp import models as M
-from baize_exp.config import cache_dir
+from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_AI, BAIZE_HEADER, BAIZE_HUMAN
 from baize_exp.io import read_jsonl, write_jsonl
 from baize_exp.train.data import IGNORE, DialogDataModule, collate, split_dialogs, tokenize_dialog
@@ -43,9 +43,8 @@ def build_strategy(scfg: Any) -> Any:
 
 def build_logger(cfg: Any, stage_dir: Path, prefix: str) -> Any:
     if cfg.logger.name == "wandb":
-        from pytorch_lightning.loggers import WandbLogger
-
         import wandb
+        from pytorch_lightning.loggers import WandbLogger
 
         # The pipeline owns the W&B run; Lightning logs into it (one run per pipeline run).
         return WandbLogger(experiment=wandb.run) if wandb.run is not None else False
@@ -71,6 +70,7 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
         log_every_n_steps=tr.log_every_n_steps, enable_progress_bar=tr.enable_progress_bar,
         logger=build_logger(cfg, stage_dir, prefix), enable_checkpointing=False,
         enable_model_summary=False, default_root_dir=str(stage_dir), num_sanity_val_steps=0,
+        limit_val_batches=1.0 if dm.val_set else 0,
     )
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
@@ -138,6 +138,6 @@ def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
     peft_model = M.attach_lora(model, cfg.lora)
     metrics = fit(peft_model, tok, train_d, val_d, cfg, stage_dir, cfg.train.lr, cfg.trainer.max_epochs)
     save_adapter(peft_model, tok, stage_dir / "adapter",
-                 {"model": cfg.model.name, "lora": dict(cfg.lora), "data": str(src), "metrics": metrics})
+                 {"model": cfg.model.name, "lora": to_container(cfg.lora), "data": str(src), "metrics": metrics})
     metrics["data"] = str(src)
     return metrics

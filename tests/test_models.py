@@ -1,0 +1,56 @@
+"""Model loading: the embedded GGUF, the tiny model, LoRA save/load, and the error for unreachable weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_cfg
+
+from baize_exp import models as M
+
+
+def test_big_model_without_local_path_fails_with_what_to_set() -> None:
+    cfg = compose_cfg(["model=13b"])
+    with pytest.raises(M.ModelLoadError, match=r"model.path=") as e:
+        M.load_tokenizer(cfg.model, Path(os.environ["BAIZE_CACHE"]))
+    assert "llama-13b" in str(e.value)
+
+
+def test_model_path_that_is_not_a_model_dir(tmp_path) -> None:
+    cfg = compose_cfg(["model=7b", f"model.path={tmp_path}"])
+    with pytest.raises(M.ModelLoadError, match="no config.json"):
+        M.load_model(cfg.model, tmp_path)
+
+
+def test_tiny_model_is_deterministic_and_lora_roundtrips(tmp_path) -> None:
+    cfg = compose_cfg(["model=tiny"])
+    cache = Path(os.environ["BAIZE_CACHE"])
+    a, tok = M.load_model_and_tokenizer(cfg.model, cache)
+    b = M.load_model(cfg.model, cache)
+    ids = tok("hello world", return_tensors="pt").input_ids
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    peft = M.attach_lora(a, cfg.lora)
+    total, trainable = M.count_parameters(peft)
+    assert 0 < trainable < total
+    with torch.no_grad():  # make the adapter non-trivial (B starts at zero)
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    peft.save_pretrained(tmp_path / "ad")
+    back = M.load_adapter(M.load_model(cfg.model, cache), tmp_path / "ad")
+    assert torch.allclose(peft(ids).logits, back(ids).logits, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_embedded_gguf_model_loads_and_generates() -> None:
+    cfg = compose_cfg([])
+    model, tok = M.load_model_and_tokenizer(cfg.model, Path(os.environ["BAIZE_CACHE"]))
+    assert sum(p.numel() for p in model.parameters()) > 100e6
+    assert not getattr(model, "is_quantized", False)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    [[text]] = M.generate_texts(model, tok, [prompt], max_new_tokens=16)
+    assert "Paris" in text
