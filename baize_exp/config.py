@@ -25,7 +25,9 @@ class DataConfig:
 
     name: str = "mixed"
     sources: list[str] = field(default_factory=lambda: list(SOURCES))  # shipped seed sets to draw from
-    mix: dict[str, float] = field(default_factory=dict)  # source -> weight; empty = equal
+    # source -> weight. All four keys exist so `data.mix={quora:3,medical:1}` overrides in place (a typed
+    # config cannot take new keys); only the sources in `sources` are drawn from.
+    mix: dict[str, float] = field(default_factory=lambda: {s: 1.0 for s in SOURCES})
     path: str | None = None  # data=file: a .jsonl / .txt / .csv of seed questions
     limit: int | None = None  # number of seeds to use (None = all)
     seed: int = 0  # shuffling seed for the sample
@@ -241,8 +243,10 @@ def validate(cfg: DictConfig | Config) -> None:
     d = c.data
     _check(p, d.limit is None or d.limit >= 1, "data.limit", d.limit, "an integer >= 1, or null for all seeds")
     _check(p, all(s in SOURCES for s in d.sources), "data.sources", list(d.sources), f"drawn from {list(SOURCES)}")
-    _check(p, all(k in d.sources and v >= 0 for k, v in d.mix.items()), "data.mix", dict(d.mix),
-           "weights >= 0 for sources listed in data.sources")
+    _check(p, all(k in SOURCES and v >= 0 for k, v in d.mix.items()), "data.mix", dict(d.mix),
+           f"weights >= 0 keyed by {list(SOURCES)}")
+    _check(p, d.name == "file" or any(d.mix.get(s, 1.0) > 0 for s in d.sources), "data.mix", dict(d.mix),
+           "a weight > 0 for at least one source in data.sources")
     if d.name == "file":
         _check(p, bool(d.path), "data.path", d.path, "data=file needs data.path=<seeds .jsonl|.txt|.csv>")
         if d.path:

@@ -143,7 +143,7 @@ def load_model(mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32) -
             torch.manual_seed(mcfg.seed)
             model = LlamaForCausalLM(config)
         model.generation_config.pad_token_id = config.pad_token_id
-        return model.to(dtype)
+        return model.to(dtype).eval()  # like from_pretrained: eval mode until a trainer says otherwise
     src = resolve_model_dir(mcfg, cache_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)

@@ -222,7 +222,8 @@ def build_app(worker: BatchWorker, api_key: str | None = None):
         try:
             req = GenRequest(
                 prompt_ids=gen.encode_chat(messages),
-                max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 256),
+                max_tokens=int(next((body[k] for k in ("max_tokens", "max_completion_tokens")
+                                     if body.get(k) is not None), 256)),
                 temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
                 top_p=float(body.get("top_p") if body.get("top_p") is not None else 1.0),
                 n=int(body.get("n") or 1), stop=stop, seed=body.get("seed"),

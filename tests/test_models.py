@@ -39,6 +39,7 @@ def test_tiny_model_is_deterministic_and_lora_roundtrips(tmp_path) -> None:
         for n, p in peft.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
+    peft.eval()  # no LoRA dropout in the comparison
     peft.save_pretrained(tmp_path / "ad")
     back = M.load_adapter(M.load_model(cfg.model, cache), tmp_path / "ad")
     assert torch.allclose(peft(ids).logits, back(ids).logits, atol=1e-5)

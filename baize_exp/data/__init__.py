@@ -82,7 +82,7 @@ def load_seeds(dcfg: Any) -> list[Seed]:
                 uniq.append(s)
         rng.shuffle(uniq)
         pools[name] = uniq
-    weights = {n: float(dcfg.mix.get(n, 1.0)) if dcfg.mix else 1.0 for n in pools}
+    weights = {n: float(dcfg.mix.get(n, 1.0)) for n in pools}
     total = sum(len(p) for p in pools.values())
     want = min(dcfg.limit or total, total)
     # Weighted round-robin: draw from the source whose share is furthest below its weight.
