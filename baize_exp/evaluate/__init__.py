@@ -111,7 +111,10 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     val_dialogs = read_jsonl(val_path) if val_path.is_file() else []
     specs, skipped = _model_specs(cfg, run_dir)
     answers: list[dict] = []
-    metrics: dict[str, Any] = {"questions": len(questions), "skipped_models": skipped}
+    metrics: dict[str, Any] = {"questions": len(questions), "skipped_models": skipped,
+                               "heldout_dialogs": len(val_dialogs)}
+    if not val_dialogs:  # said, not silently missing: too few dialogs for a split, or train.val_fraction=0
+        log.warning("eval: no held-out dialogs in %s; held-out loss is not computed", val_path)
     for name, adapter in specs:
         base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg))
         model = M.load_adapter(base, adapter) if adapter else base
