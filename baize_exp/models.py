@@ -189,6 +189,12 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """`text` cut before the earliest stop string; whether one was found."""
+    hits = [k for k in (text.find(s) for s in stop if s) if k >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
 @torch.no_grad()
 def generate_texts(model: torch.nn.Module, tok: Any, prompts: list[str], max_new_tokens: int,
                    temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
@@ -211,13 +217,7 @@ def generate_texts(model: torch.nn.Module, tok: Any, prompts: list[str], max_new
             seqs = model.generate(**enc, **kw)[:, enc.input_ids.shape[1]:]
             texts = tok.batch_decode(seqs, skip_special_tokens=True)
             for j in range(0, len(texts), num_return_sequences):
-                group = []
-                for t in texts[j:j + num_return_sequences]:
-                    for s in stop or []:
-                        k = t.find(s)
-                        if k >= 0:
-                            t = t[:k]
-                    group.append(t.strip())
+                group = [cut_at_stop(t, stop or [])[0].strip() for t in texts[j:j + num_return_sequences]]
                 outs.append(group)
     finally:
         tok.padding_side = side

@@ -31,6 +31,8 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from baize_exp.models import cut_at_stop
+
 log = logging.getLogger("baize_exp.serve")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -112,10 +114,9 @@ class Generator:
         if len(toks) > req.max_tokens:
             toks, finish = toks[: req.max_tokens], "length"
         text = self.tok.decode(toks, skip_special_tokens=True)
-        for s in req.stop:
-            k = text.find(s)
-            if s and k >= 0:
-                text, finish = text[:k], "stop"
+        text, stopped = cut_at_stop(text, req.stop)
+        if stopped:
+            finish = "stop"
         lp = None
         if req.top_logprobs is not None and logp is not None:
             lp = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -172,11 +171,11 @@ def baize_segments(turns: list[dict]) -> list[tuple[str, bool]]:
 
 
 def baize_prompt(question: str, history: list[dict] | None = None) -> str:
-    """Prompt for generation in the Baize format: header, history, the question, then the AI marker."""
-    text = BAIZE_HEADER
-    for t in history or []:
-        text += f"\n{BAIZE_HUMAN} {t['text']}\n{BAIZE_AI}" if t["role"] == "human" else f" {t['text']}"
-    return text + f"\n{BAIZE_HUMAN} {question}\n{BAIZE_AI}"
+    """Prompt for generation in the Baize format: header, history, the question, then the AI marker.
+
+    The training text up to where the AI's answer starts (without the closing marker training adds)."""
+    segs = baize_segments([*(history or []), {"role": "human", "text": question}])
+    return "".join(s for s, _ in segs[:-1])
 
 
 def to_baize_text(turns: list[dict]) -> str:
@@ -208,7 +207,3 @@ def load_eval_questions(path: str | Path | None = None, limit: int | None = None
                     picked.append(by_cat[cat].pop(0))
         recs = picked
     return recs
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False)
