@@ -29,8 +29,9 @@ def collect(seeds: list[Seed], client: Any, ccfg: Any, tcfg: Any, out_dir: Path)
     """Collect a dialog for every seed that has none yet in `out_dir`; return the stage metrics."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dialogs_path, rejects_path = out_dir / "dialogs.jsonl", out_dir / "rejects.jsonl"
-    done = {r["key"] for r in read_jsonl(dialogs_path, repair_tail=True)}
-    done |= {r["key"] for r in read_jsonl(rejects_path, repair_tail=True)}
+    old_dialogs = read_jsonl(dialogs_path, repair_tail=True)
+    old_rejects = read_jsonl(rejects_path, repair_tail=True)
+    done = {r["key"] for r in old_dialogs + old_rejects}
     todo = [(s, dialog_key(s, ccfg, tcfg)) for s in seeds]
     todo = [(s, k) for s, k in todo if k not in done]
     log.info("collect: %d seeds, %d already done, %d to request", len(seeds), len(seeds) - len(todo), len(todo))
@@ -38,32 +39,35 @@ def collect(seeds: list[Seed], client: Any, ccfg: Any, tcfg: Any, out_dir: Path)
     t0 = time.monotonic()
     convs = [[{"role": "user", "content": ccfg.template.format(seed=s.question)}] for s, _ in todo]
     results = client.complete_many(convs, desc="collect dialogs") if convs else []
-    n_ok, reasons = 0, Counter()
+    new_dialogs: list[dict] = []
+    new_rejects: list[dict] = []
     usage = Counter()
     with JsonlWriter(dialogs_path) as dw, JsonlWriter(rejects_path) as rw:
         for (seed, key), res in zip(todo, results, strict=True):
             usage.update(res.usage)
             base = {"seed": seed.question, "source": seed.source, "key": key}
             if res.error:
-                reasons["api_error"] += 1
-                rw.write({**base, "reason": "api_error", "detail": res.error, "raw": None})
+                new_rejects.append({**base, "reason": "api_error", "detail": res.error, "raw": None})
+                rw.write(new_rejects[-1])
                 continue
             parsed = parse_transcript(res.text, seed.question, ccfg.min_turns,
                                       truncated=res.finish_reasons[0] == "length")
             if parsed.turns is None:
-                reasons[parsed.reason] += 1
-                rw.write({**base, "reason": parsed.reason, "detail": parsed.detail, "raw": res.text})
+                new_rejects.append({**base, "reason": parsed.reason, "detail": parsed.detail, "raw": res.text})
+                rw.write(new_rejects[-1])
                 continue
-            n_ok += 1
-            dw.write({"id": f"{seed.id}-{key[:8]}", **base, "mode": ccfg.mode, "turns": parsed.turns,
-                      "teacher": {"model": tcfg.model, "temperature": tcfg.temperature, "top_p": tcfg.top_p,
-                                  "max_tokens": tcfg.max_tokens},
-                      "finish_reason": res.finish_reasons[0], "usage": dict(res.usage)})
+            new_dialogs.append({"id": f"{seed.id}-{key[:8]}", **base, "mode": ccfg.mode, "turns": parsed.turns,
+                                "teacher": {"model": tcfg.model, "temperature": tcfg.temperature,
+                                            "top_p": tcfg.top_p, "max_tokens": tcfg.max_tokens},
+                                "finish_reason": res.finish_reasons[0], "usage": dict(res.usage)})
+            dw.write(new_dialogs[-1])
     elapsed = time.monotonic() - t0
-    all_dialogs = read_jsonl(dialogs_path)
-    all_rejects = read_jsonl(rejects_path)
+    n_ok = len(new_dialogs)
+    reasons = Counter(r["reason"] for r in new_rejects)
+    all_dialogs = old_dialogs + new_dialogs
+    all_rejects = old_rejects + new_rejects
     metrics = {
-        "seeds": len(seeds), "requested": len(todo), "new_dialogs": n_ok, "new_rejects": sum(reasons.values()),
+        "seeds": len(seeds), "requested": len(todo), "new_dialogs": n_ok, "new_rejects": len(new_rejects),
         "dialogs": len(all_dialogs), "rejects": len(all_rejects),
         "rejects_by_reason": dict(Counter(r["reason"] for r in all_rejects)),
         "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],

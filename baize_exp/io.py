@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,6 @@ def read_jsonl(path: str | Path, repair_tail: bool = False) -> list[dict]:
                 break
             raise JsonlError(f"{path}:{i + 1}: not valid JSON ({e.msg}); fix or remove that line") from e
     return records
-
-
-def iter_jsonl(path: str | Path) -> Iterator[dict]:
-    yield from read_jsonl(path)
 
 
 class JsonlWriter:

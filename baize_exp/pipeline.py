@@ -37,18 +37,22 @@ def _strip(node: Any) -> Any:
     return node
 
 
-def fingerprint(cfg: DictConfig, stage: str, run_dir: Path, memo: dict[str, str] | None = None) -> str:
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def fingerprint(cfg: DictConfig, stage: str, memo: dict[str, str] | None = None) -> str:
+    """Hash of the config keys a stage's output depends on and of its upstream stages' fingerprints."""
     memo = {} if memo is None else memo
     if stage in memo:
         return memo[stage]
     keys, upstream = STAGE_INPUTS.get(stage, ([], []))
-    parts: dict[str, Any] = {k: _strip(to_container(OmegaConf.create({"v": OmegaConf.select(cfg, k)}))["v"])
-                             for k in keys}
+    parts: dict[str, Any] = {k: _strip(_plain(OmegaConf.select(cfg, k))) for k in keys}
     for up in upstream:
         if up == "collect" and cfg.train.data:  # fed from another run: depend on that file's content
             parts["collect"] = file_hash(cfg.train.data)
         else:
-            parts[up] = fingerprint(cfg, up, run_dir, memo)
+            parts[up] = fingerprint(cfg, up, memo)
     memo[stage] = content_hash(stage, parts)
     return memo[stage]
 
@@ -66,7 +70,7 @@ def _flat(prefix: str, m: dict) -> dict[str, float]:
     for k, v in m.items():
         if isinstance(v, bool):
             continue
-        if isinstance(v, (int, float)) and v is not None:
+        if isinstance(v, (int, float)):
             out[f"{prefix}/{k}"] = v
         elif isinstance(v, dict):
             out.update(_flat(f"{prefix}/{k}", v))
@@ -114,7 +118,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
     try:
         for stage in cfg.stages:
             marker = run_dir / stage / "_COMPLETE.json"
-            fp = fingerprint(cfg, stage, run_dir, memo)
+            fp = fingerprint(cfg, stage, memo)
             if stage != "report" and marker.is_file():
                 done = read_json(marker)
                 if done.get("fingerprint") == fp:

@@ -14,11 +14,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, baize_prompt
 from baize_exp.io import read_jsonl, write_jsonl
-from baize_exp.train import fit, save_adapter
+from baize_exp.train import dialogs_path, fit, save_adapter
 from baize_exp.train.data import split_dialogs
 
 log = logging.getLogger(__name__)
@@ -110,16 +112,12 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     v1 = run_dir / "train" / "adapter"
     if not (v1 / "adapter_config.json").is_file():
         raise FileNotFoundError(f"sdf: no v1 adapter at {v1}; run the train stage first")
-    from baize_exp.train import dialogs_path
-
     train_d, _ = split_dialogs(read_jsonl(dialogs_path(cfg, run_dir)), cfg.train.val_fraction, cfg.train.seed)
     prompts = list(dict.fromkeys(d["turns"][0]["text"] for d in train_d))  # held-out dialogs stay unseen
     prompts = prompts[: s.num_prompts] if s.num_prompts else prompts
 
     base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg))
     model = M.load_adapter(base, v1, trainable=True)
-    import torch
-
     torch.manual_seed(s.seed)
     cands = M.generate_texts(model, tok, [baize_prompt(p) for p in prompts], s.max_new_tokens,
                              temperature=s.temperature, top_p=s.top_p, num_return_sequences=s.num_candidates,

@@ -31,6 +31,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from baize_exp.config import ModelConfig
 from baize_exp.models import cut_at_stop
 
 log = logging.getLogger("baize_exp.serve")
@@ -271,7 +272,7 @@ def load_for_serving(model: str, adapter: str | None, cache_dir: Path) -> tuple[
 
     p = Path(model).expanduser()
     if (CONF_DIR / "model" / f"{model}.yaml").is_file():
-        mcfg = OmegaConf.merge(OmegaConf.structured(_model_schema()), OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml"))
+        mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml"))
         net, tok = M.load_model_and_tokenizer(mcfg, cache_dir)
         name = "smollm2-135m-instruct" if mcfg.source == "gguf" else mcfg.name
     elif p.suffix == ".gguf" and p.is_file():
@@ -289,12 +290,6 @@ def load_for_serving(model: str, adapter: str | None, cache_dir: Path) -> tuple[
         net = M.load_adapter(net, adapter)
         name = f"{name}+{Path(adapter).name}"
     return net, tok, name
-
-
-def _model_schema():
-    from baize_exp.config import ModelConfig
-
-    return ModelConfig
 
 
 def main(argv: list[str] | None = None) -> None:

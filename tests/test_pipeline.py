@@ -12,6 +12,7 @@ import pytest
 from conftest import run_cli
 
 from baize_exp.chat import LocalServer
+from baize_exp.data import REJECT_REASONS
 
 SECRET = "sk-test-0123456789abcdef-do-not-log"
 # A greedy teacher makes the run deterministic (same dialogs, same rejects) on this machine.
@@ -53,7 +54,7 @@ def test_run_py_end_to_end_through_the_openai_backend(tmp_path: Path, teacher_se
     for d in dialogs:
         assert {"id", "seed", "source", "turns", "teacher", "usage", "key"} <= d.keys()
         assert [t["role"] for t in d["turns"]][:2] == ["human", "ai"]
-    assert all(x["reason"] for x in rejects)
+    assert all(x["reason"] in REJECT_REASONS and "raw" in x for x in rejects)
     # train and sdf: adapters that describe themselves; v2 differs from v1
     for stage in ("train", "sdf"):
         ad = run_dir / stage / "adapter"
