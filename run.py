@@ -8,10 +8,12 @@
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from baize_exp.config import ConfigError, register_configs
-from baize_exp.pipeline import run_pipeline
+from baize_exp.pipeline import optimized_value, run_pipeline
 
 register_configs()
 
@@ -21,11 +23,12 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run_pipeline(cfg)
     except ConfigError as e:  # a config problem is the user's to fix: the message, not a traceback
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra marks this job failed and the sweep's other jobs still run
         print(f"baize_exp: {e}", file=sys.stderr)
         sys.exit(2)
-    # The value a Hydra sweeper (Optuna) minimises: held-out loss of the final model.
-    ev = metrics.get("eval", {})
-    return ev.get("v2/heldout_loss", ev.get("v1/heldout_loss"))
+    # What a Hydra sweeper (Optuna) optimises; hparams_search configs name it.
+    return optimized_value(metrics, cfg.optimized_metric) if cfg.optimized_metric else None
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ class CollectConfig:
 
     mode: str = "transcript"
     min_turns: int = 2  # a dialog needs at least one human and one AI turn
+    shared: bool = True  # collect into the content-keyed cache, so a sweep's runs share one collection
     template: str = MISSING
 
 
@@ -201,6 +202,9 @@ class Config:
     stages: list[str] = field(default_factory=lambda: ["collect", "train", "sdf", "eval", "report"])
     seed: int = 0
     run_name: str | None = None
+    # What run.py returns to a Hydra sweeper (set by hparams_search configs): "<stage>/<metric>" of metrics.json;
+    # "eval/final/..." is the last model evaluated (v2, else v1).
+    optimized_metric: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +108,16 @@ def file_hash(path: str | Path, n: int = 16) -> str:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:n]
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` across processes: the jobs of a sweep start at once and must not convert a model
+    or collect the same dialogs twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

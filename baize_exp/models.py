@@ -10,11 +10,9 @@
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import logging
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from baize_exp.io import file_lock
+
 log = logging.getLogger(__name__)
 
 CONVERTED_VERSION = "1"  # bump when the conversion below changes, so caches are rebuilt
@@ -34,17 +34,6 @@ CONVERTED_VERSION = "1"  # bump when the conversion below changes, so caches are
 
 class ModelLoadError(RuntimeError):
     """A model that cannot be loaded, with what to do about it."""
-
-
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # sweeps start many runs at once; convert only once
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def find_gguf(package: str, filename: str) -> Path:
@@ -66,7 +55,7 @@ def converted_gguf_dir(gguf_path: Path, cache_dir: Path) -> Path:
     out = cache_dir / "models" / f"{gguf_path.stem}-{stat.st_size}-v{CONVERTED_VERSION}"
     if (out / "config.json").is_file() and (out / "DONE").is_file():
         return out
-    with _file_lock(out.with_suffix(".lock")):
+    with file_lock(out.with_suffix(".lock")):
         if (out / "DONE").is_file():
             return out
         log.info("converting %s into a cached HF folder %s (once)", gguf_path.name, out)

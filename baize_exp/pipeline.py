@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from baize_exp.config import ConfigError, cache_dir, to_container, validate
-from baize_exp.io import content_hash, file_hash, read_json, write_json
+from baize_exp.io import content_hash, file_hash, file_lock, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ STAGE_INPUTS: dict[str, tuple[list[str], list[str]]] = {
     "sdf": (["sdf", "teacher"], ["train"]),
     "eval": (["eval", "judge"], ["train", "sdf"]),
 }
-NOT_RESULTS = {"concurrency", "timeout_s", "max_retries", "startup_timeout_s", "port", "host", "max_batch"}
+NOT_RESULTS = {"shared", "concurrency", "timeout_s", "max_retries", "startup_timeout_s", "port", "host", "max_batch"}
 
 
 def _strip(node: Any) -> Any:
@@ -83,8 +84,14 @@ def _start_wandb(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Any:
     lg = cfg.logger
     mode = os.environ.get("WANDB_MODE") or lg.mode
     name = cfg.run_name or (" ".join(overrides) or "default")[:120]
-    return wandb.init(project=lg.project, entity=lg.entity, group=lg.group, name=name, tags=list(lg.tags) or None,
-                      config=to_container(cfg), dir=str(run_dir), mode=mode, reinit="finish_previous")
+    sweep = _sweep_name(cfg)
+    # Every job of one multirun shares a group, and its overrides become tags and config columns, so the
+    # dashboard groups the sweep and compares its runs without any manual bookkeeping.
+    group = lg.group or sweep
+    tags = list(lg.tags) + ([o.lstrip("+~")[:64] for o in overrides] if sweep else [])
+    config = {**to_container(cfg), "overrides": override_dict(overrides)}
+    return wandb.init(project=lg.project, entity=lg.entity, group=group, name=name, tags=tags or None,
+                      config=config, dir=str(run_dir), mode=mode, reinit="finish_previous")
 
 
 def _overrides() -> list[str]:
@@ -93,9 +100,27 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def _sweep_name(cfg: DictConfig) -> str | None:
+    """The multirun's sweep dir relative to the output dir (its W&B group), or None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    sweep_dir = Path(HydraConfig.get().sweep.dir)
+    try:
+        return str(sweep_dir.resolve().relative_to(Path(cfg.paths.output_dir).resolve()))
+    except ValueError:
+        return str(sweep_dir)
+
+
+def override_dict(overrides: list[str]) -> dict[str, str]:
+    """`['lora.r=8', '+sweep=x']` -> `{'lora.r': '8', 'sweep': 'x'}` (values as typed on the command line)."""
+    return dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+
+
 def run_pipeline(cfg: DictConfig) -> dict:
     """Run the configured stages in the run dir; return {stage: metrics}."""
-    validate(cfg)
     from baize_exp import collect, evaluate, report, sdf, train
     from baize_exp.chat import Backends
 
@@ -108,13 +133,19 @@ def run_pipeline(cfg: DictConfig) -> dict:
     overrides = _overrides()
     metrics_path = run_dir / "metrics.json"
     metrics: dict[str, Any] = read_json(metrics_path) if metrics_path.is_file() else {}
-    metrics["run"] = {"run_dir": str(run_dir), "overrides": overrides, "model": cfg.model.name,
-                      "lora_r": cfg.lora.r, "data": cfg.data.name, "stages": list(cfg.stages)}
+    metrics["run"] = {"run_dir": str(run_dir), "overrides": overrides, "status": "running", "error": None}
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        _finish_status(metrics_path, metrics, e)
+        raise
+    metrics["run"].update(model=cfg.model.name, lora_r=cfg.lora.r, data=cfg.data.name, stages=list(cfg.stages))
 
     wb = _start_wandb(cfg, run_dir, overrides) if cfg.logger.name == "wandb" else None
     backends = Backends(cfg, run_dir, cache_dir(cfg))
     memo: dict[str, str] = {}
     exit_code = 1
+    error: BaseException | None = None
     try:
         for stage in cfg.stages:
             marker = run_dir / stage / "_COMPLETE.json"
@@ -129,7 +160,10 @@ def run_pipeline(cfg: DictConfig) -> dict:
                                   f"{run_dir / stage} and the stages after it to redo them")
             log.info("stage %s: start", stage)
             t0 = time.monotonic()
-            m = runners[stage](cfg, run_dir, backends)
+            if stage == "collect" and cfg.collect.shared:
+                m = _shared_collect(cfg, run_dir, backends, fp)
+            else:
+                m = runners[stage](cfg, run_dir, backends)
             m["stage_seconds"] = round(time.monotonic() - t0, 2)
             metrics[stage] = m
             write_json(metrics_path, metrics)
@@ -141,13 +175,56 @@ def run_pipeline(cfg: DictConfig) -> dict:
                 if stage == "eval":
                     _log_eval_table(wb, run_dir)
         exit_code = 0
+    except BaseException as e:
+        error = e
+        raise
     finally:
+        # The run's fate goes into metrics.json, so a sweep report lists a failed run with its error.
+        _finish_status(metrics_path, metrics, error)
         backends.close()
         if wb is not None:
             for k, v in _flat("final", {s: metrics[s] for s in cfg.stages if s in metrics}).items():
                 wb.summary[k] = v
             wb.finish(exit_code=exit_code)  # always finished, so one failed run cannot hang a multirun
     return metrics
+
+
+def _shared_collect(cfg: DictConfig, run_dir: Path, backends: Any, fp: str) -> dict:
+    """Collect into the content-keyed cache dir, then copy the files into the run.
+
+    The lock serialises the jobs of a sweep that start together: the first collects, the others find every dialog
+    done (collect resumes by key) and send no request. A copy, not a link, so a later resume of the shared
+    collection never changes a finished run's inputs."""
+    from baize_exp import collect
+
+    shared = cache_dir(cfg) / "collect" / fp
+    with file_lock(shared / ".lock"):
+        m = collect.run(cfg, shared, backends)
+    (run_dir / "collect").mkdir(parents=True, exist_ok=True)
+    for f in (shared / "collect").iterdir():
+        if f.is_file() and not f.name.startswith("_"):
+            shutil.copy2(f, run_dir / "collect" / f.name)
+    return {**m, "shared_dir": str(shared)}
+
+
+def optimized_value(metrics: dict, name: str) -> float:
+    """`stage/key` of a run's metrics, e.g. `train/val_loss` or `eval/v1/judge_mean`; in `eval/final/<key>`, final
+    is the last model evaluated (v2, else v1). A missing metric is an error: a sweeper must not optimise a None."""
+    stage, _, key = name.partition("/")
+    m = metrics.get(stage, {})
+    if key.startswith("final/"):
+        rest = key.removeprefix("final/")
+        key = next((f"{v}/{rest}" for v in ("v2", "v1", "base") if f"{v}/{rest}" in m), key)
+    if key not in m:
+        raise ConfigError(f"optimized_metric={name!r}: no such metric in this run's metrics.json "
+                          f"(stage {stage!r} has: {', '.join(sorted(m)) or 'nothing'})")
+    return float(m[key])
+
+
+def _finish_status(metrics_path: Path, metrics: dict, error: BaseException | None) -> None:
+    metrics["run"]["status"] = "failed" if error is not None else "completed"
+    metrics["run"]["error"] = None if error is None else f"{type(error).__name__}: {error}"[:2000]
+    write_json(metrics_path, metrics)
 
 
 def _log_eval_table(wb: Any, run_dir: Path) -> None:
