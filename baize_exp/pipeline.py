@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -88,7 +89,8 @@ def _start_wandb(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Any:
     # Every job of one multirun shares a group, and its overrides become tags and config columns, so the
     # dashboard groups the sweep and compares its runs without any manual bookkeeping.
     group = lg.group or sweep
-    tags = list(lg.tags) + ([o.lstrip("+~")[:64] for o in overrides] if sweep else [])
+    tags = list(lg.tags) + ([o.lstrip("+~")[:64] for o in overrides if not NOT_PARAMS.match(o.lstrip("+~"))]
+                            if sweep else [])
     config = {**to_container(cfg), "overrides": override_dict(overrides)}
     return wandb.init(project=lg.project, entity=lg.entity, group=group, name=name, tags=tags or None,
                       config=config, dir=str(run_dir), mode=mode, reinit="finish_previous")
@@ -112,6 +114,10 @@ def _sweep_name(cfg: DictConfig) -> str | None:
         return str(sweep_dir.resolve().relative_to(Path(cfg.paths.output_dir).resolve()))
     except ValueError:
         return str(sweep_dir)
+
+
+# Overrides that say where or how a run ran, not what it tested: neither W&B tags nor report columns.
+NOT_PARAMS = re.compile(r"^(hydra\.|hydra/|paths\.|logger|run_name=|trainer\.enable_progress_bar=)")
 
 
 def override_dict(overrides: list[str]) -> dict[str, str]:

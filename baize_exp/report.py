@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from baize_exp.io import read_json
+from baize_exp.pipeline import NOT_PARAMS, override_dict
 
 
 def _fmt(v: Any) -> str:
@@ -89,8 +90,6 @@ class RunRecord:
     values: dict[str, Any] = field(default_factory=dict)  # the table's metric columns
 
 
-# Overrides that say where or how a run ran, not what it tested.
-_NOT_PARAMS = re.compile(r"^(hydra\.|hydra/|paths\.|logger|run_name$|trainer\.enable_progress_bar$)")
 
 
 def _natural_key(p: Path) -> list:
@@ -118,8 +117,6 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
 
 
 def _read_overrides(run_dir: Path, metrics: dict) -> dict[str, str]:
-    from baize_exp.pipeline import override_dict
-
     listed = metrics.get("run", {}).get("overrides")
     if listed is None and (run_dir / ".hydra" / "overrides.yaml").is_file():
         from omegaconf import OmegaConf
@@ -178,7 +175,7 @@ def load_runs(paths: list[Path]) -> list[RunRecord]:
 
 def swept_params(records: list[RunRecord]) -> tuple[list[str], dict[str, str]]:
     """(parameters that differ between runs, parameters every run shares)."""
-    keys = [k for k in dict.fromkeys(k for r in records for k in r.overrides) if not _NOT_PARAMS.match(k)]
+    keys = [k for k in dict.fromkeys(k for r in records for k in r.overrides) if not NOT_PARAMS.match(f"{k}=")]
     varying = [k for k in keys if len({r.overrides.get(k) for r in records}) > 1]
     common = {k: records[0].overrides[k] for k in keys if k not in varying}
     return varying, common
