@@ -201,11 +201,11 @@ class ChatClient:
         reserve = estimate_tokens(messages) + (kw.get("max_tokens") or 0) * (kw.get("n") or 1)
         attempts = 0
         while True:
-            if self._fatal:
-                raise self._fatal
             wait: float | None = None
             async with self._sem:
                 await self.limiter.acquire(reserve)
+                if self._fatal:  # checked after every wait: a request queued behind a fatal one is never sent
+                    raise self._fatal
                 attempts += 1
                 self.requests += 1
                 try:
