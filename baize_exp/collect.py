@@ -243,7 +243,7 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
         "rejects_by_reason": dict(Counter(r["reason"] for r in all_rejects)),
         "requests": client.requests, "retries": client.retries,
         "prompt_tokens": client.usage["prompt_tokens"], "completion_tokens": client.usage["completion_tokens"],
-        "usage_by_model": by_model, "cost_usd": None if None in costs else round(sum(costs), 6),
+        "usage_by_model": by_model, "cost_usd": None if None in costs else sum(costs),
         "seconds": round(elapsed, 2), "cpu_seconds": round(cpu, 3),
         "dialogs_per_s": round(n_ok / elapsed, 3) if elapsed and n_ok else 0.0,
         "tokens_per_s": round(progress.tokens / elapsed, 1) if elapsed else 0.0,

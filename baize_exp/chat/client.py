@@ -172,9 +172,8 @@ class ChatClient:
         if price is None and self.usage:
             log.warning("%s: no price for model %r in %s.prices; its cost is not estimated", self.role, self.model,
                         self.role)
-        cost = None if price is None else round(
-            (self.usage["prompt_tokens"] * price["prompt"] + self.usage["completion_tokens"] * price["completion"])
-            / 1e6, 6)
+        cost = None if price is None else (
+            self.usage["prompt_tokens"] * price["prompt"] + self.usage["completion_tokens"] * price["completion"]) / 1e6
         return {self.model: {"requests": self.requests, "prompt_tokens": self.usage["prompt_tokens"],
                              "completion_tokens": self.usage["completion_tokens"], "cost_usd": cost}}
 
