@@ -224,7 +224,8 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
     progress = Progress(len(todo), client)
     try:
         if todo:
-            with JsonlWriter(dialogs_path) as dw, JsonlWriter(rejects_path) as rw:
+            # each record is flushed as it completes (a kill loses nothing written); fsyncs grouped per second
+            with JsonlWriter(dialogs_path, sync_every_s=1.0) as dw, JsonlWriter(rejects_path, sync_every_s=1.0) as rw:
                 asyncio.run(_run_all(todo, client, ccfg, tcfg, dw, rw, progress, new_dialogs))
     finally:
         progress.close()
