@@ -14,6 +14,7 @@ engine's CPU per dialog (this process's CPU time during `collect`, the openai cl
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def main() -> None:
             seeds = load_seeds(cfg.data)
             if len(seeds) < a.dialogs:  # more than the shipped sets hold: number the questions apart
                 seeds = [type(s)(f"{s.id}-{i}", s.source, f"{s.question} (#{i})")
-                         for i, s in zip(range(a.dialogs), seeds * (a.dialogs // len(seeds) + 1))]
+                         for i, s in enumerate(itertools.islice(itertools.cycle(seeds), a.dialogs))]
 
             base_rate = baseline(base_url, cfg.collect.template,
                                  [s.question for s in seeds[:a.baseline_dialogs]], a.baseline_sleep)
