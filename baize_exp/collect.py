@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from baize_exp.chat.client import ChatClient, ChatError, ChatResult
 from baize_exp.data import Seed, load_seeds, parse_transcript, to_baize_text
-from baize_exp.io import JsonlWriter, content_hash, read_jsonl
+from baize_exp.io import JsonlWriter, content_hash, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -210,6 +210,10 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
     dialogs_path, rejects_path = out_dir / "dialogs.jsonl", out_dir / "rejects.jsonl"
     old_dialogs = read_jsonl(dialogs_path, repair_tail=True)
     old_rejects = read_jsonl(rejects_path, repair_tail=True)
+    if ccfg.retry_errors and any(r["reason"] == "api_error" for r in old_rejects):
+        # after an outage: forget the requests that failed (atomic rewrite), so they are asked again below
+        old_rejects = [r for r in old_rejects if r["reason"] != "api_error"]
+        write_jsonl(rejects_path, old_rejects)
     done = {r["key"] for r in old_dialogs + old_rejects}
     todo, queued = [], set()
     for s in seeds:

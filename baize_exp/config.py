@@ -126,6 +126,7 @@ class CollectConfig:
     ai_system: str = MISSING  # turns mode, the AI's system message; {seed}
     on_truncated: str = "reject"  # a reply cut by the length limit: reject | drop_turn (keep what came before)
     samples_to_log: int = 16  # dialogs in the W&B sample table
+    retry_errors: bool = False  # on rerun, ask again for seeds whose requests failed (api_error rejects)
 
 
 @dataclass

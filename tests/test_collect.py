@@ -133,6 +133,21 @@ def test_changed_sampling_settings_are_new_work(tmp_path: Path) -> None:
     assert len(keys) == len(set(keys)) == 6
 
 
+def test_failed_requests_are_asked_again_only_with_retry_errors(tmp_path: Path) -> None:
+    seeds = _seeds(["", "500x3", "wrong_format"])  # max_retries=2: the 500 outlasts the first run's 3 attempts
+    out = tmp_path / "c"
+    with FaultServer(api_key=SECRET) as srv:
+        cfg = _setup(tmp_path)
+        collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)
+        assert collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)["requested"] == 0
+        n = srv.requests
+        cfg = _setup(tmp_path, "collect.retry_errors=true")
+        m = collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)
+        assert srv.requests - n == 1 and m["requested"] == 1  # only the failed one; the parse reject stays
+    assert m["dialogs"] == 2 and m["rejects_by_reason"] == {"no_transcript": 1}
+    assert [r["reason"] for r in read_jsonl(out / "rejects.jsonl")] == ["no_transcript"]
+
+
 def test_refused_key_stops_collection_with_nothing_written(tmp_path: Path) -> None:
     cfg = _setup(tmp_path)
     with FaultServer(api_key="sk-the-right-key-123456") as srv:
