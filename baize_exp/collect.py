@@ -184,14 +184,14 @@ async def _run_all(todo: list[tuple[Seed, str]], client: ChatClient, ccfg: Any, 
             for r in results:
                 usage.update(r.usage)
             base = {"seed": seed.question, "source": seed.source, "key": key, "mode": ccfg.mode}
+            spent = {"usage": dict(usage), "requests": sum(r.attempts for r in results)}
             if "turns" in out:
                 rec = {"id": f"{seed.id}-{key[:8]}", **base, "turns": out["turns"], "teacher": teacher,
-                       "finish_reason": out["finish_reason"], "usage": dict(usage),
-                       "requests": sum(r.attempts for r in results)}
+                       "finish_reason": out["finish_reason"], **spent}
                 dw.write(rec)
                 new_dialogs.append(rec)
             else:
-                rw.write({**base, **out, "usage": dict(usage)})
+                rw.write({**base, **out, **spent})
             progress.update(out.get("reason"), results)
 
     async with client.session():

@@ -68,6 +68,7 @@ def test_transcript_mode_every_fault_ends_as_a_dialog_or_a_reject_with_its_reaso
     outcome = {d["seed"]: "dialog" for d in dialogs} | {r["seed"]: r["reason"] for r in rejects}
     assert outcome == {s.question: TRANSCRIPT_OUTCOMES[f] for s, f in zip(seeds, faults, strict=True)}
     assert len(dialogs) + len(rejects) == len(seeds)  # nothing lost, nothing twice
+    assert sum(x["requests"] for x in dialogs + rejects) == first  # every request is accounted to its record
     for r in rejects:
         assert r["reason"] in REJECT_REASONS and "raw" in r and r["key"]
         if r["reason"] not in ("api_error", "empty"):
@@ -247,3 +248,33 @@ def test_kill_9_then_rerun_sends_exactly_the_missing_requests(tmp_path: Path) ->
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert SECRET.encode() not in f.read_bytes(), f
+
+
+@pytest.mark.slow
+def test_turns_mode_against_the_projects_own_server(tmp_path: Path) -> None:
+    """The happy path on real parts: the embedded model served on loopback plays both roles, greedy."""
+    import urllib.request
+
+    from baize_exp.chat import LocalServer
+
+    def served() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/health") as r:
+            return json.loads(r.read())["requests"]
+
+    cfg = _setup(tmp_path, "collect=turns", "collect.max_turns=4", "collect.on_truncated=drop_turn",
+                 "teacher.max_tokens=128", "teacher.temperature=0", "teacher.timeout_s=600")
+    seeds = [Seed("q1", "test", "How do I make a cup of green tea?"), Seed("q2", "test", "What is a prime number?")]
+    with LocalServer("smollm2_135m", cache_dir=os.environ["BAIZE_CACHE"], max_batch=4) as srv:
+        client = ChatClient(srv.base_url, srv.api_key, "smollm2-135m-instruct", temperature=0.0, max_tokens=128,
+                            concurrency=4, timeout_s=600)
+        m = collect(seeds, client, cfg.collect, cfg.teacher, tmp_path / "c")
+        n = served()
+        assert collect(seeds, client, cfg.collect, cfg.teacher, tmp_path / "c")["requested"] == 0
+        assert served() == n
+    recs = read_jsonl(tmp_path / "c" / "dialogs.jsonl") + read_jsonl(tmp_path / "c" / "rejects.jsonl")
+    assert sorted(r["seed"] for r in recs) == sorted(s.question for s in seeds)
+    assert sum(r["requests"] for r in recs) == n == m["requests"]
+    assert m["dialogs"] >= 1
+    for d in read_jsonl(tmp_path / "c" / "dialogs.jsonl"):
+        assert [t["role"] for t in d["turns"]] == ["human", "ai"] * (len(d["turns"]) // 2)
+        assert all(t["text"] and "[AI]" not in t["text"] for t in d["turns"])
