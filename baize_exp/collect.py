@@ -126,8 +126,7 @@ class Progress:
                         disable=total == 0)
         self._next_postfix = self._next_wandb = 0.0
         self.wandb_every_s = wandb_every_s
-        wandb = sys.modules.get("wandb")  # log only into a run someone started (the pipeline's)
-        self.wb = wandb.run if wandb is not None and getattr(wandb, "run", None) is not None else None
+        self.wb = _wandb_run()
 
     def figures(self) -> dict[str, float]:
         dt = max(1e-9, time.monotonic() - self.t0)
@@ -158,14 +157,20 @@ class Progress:
             self.wb.log({f"collect/progress/{k}": v for k, v in self.figures().items()})
 
 
-def _log_samples(dialogs: list[dict], n: int) -> None:
+def _wandb_run() -> Any:
+    """The W&B run someone started (the pipeline's), or None: collect never starts one itself."""
     wandb = sys.modules.get("wandb")
-    if not n or not dialogs or wandb is None or getattr(wandb, "run", None) is None:
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+def _log_samples(dialogs: list[dict], n: int) -> None:
+    run = _wandb_run()
+    if not n or not dialogs or run is None:
         return
-    table = wandb.Table(columns=["id", "source", "seed", "turns", "dialog"])
+    table = sys.modules["wandb"].Table(columns=["id", "source", "seed", "turns", "dialog"])
     for d in dialogs[:n]:
         table.add_data(d["id"], d["source"], d["seed"], len(d["turns"]), to_baize_text(d["turns"]))
-    wandb.run.log({"collect/samples": table})
+    run.log({"collect/samples": table})
 
 
 # --- the engine --------------------------------------------------------------------------------------------
