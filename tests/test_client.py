@@ -161,6 +161,13 @@ def test_usage_and_cost_from_the_price_table(server: FaultServer) -> None:
     assert _client(server).usage_report()["fault-model"]["cost_usd"] is None  # unpriced: None, not 0
 
 
+def test_fault_server_reply_hook_for_other_benchmarks() -> None:
+    with FaultServer(reply=lambda req: f"Rating: [[7]] for {len(req['messages'])} messages") as srv:
+        c = ChatClient(srv.base_url, "k", "judge")
+        assert c.complete([{"role": "user", "content": "judge this"}]).text == "Rating: [[7]] for 1 messages"
+        assert c.complete([{"role": "user", "content": "x [[fault:empty]]"}]).text == ""  # faults still apply
+
+
 def test_fault_server_cli_serves_and_counts() -> None:
     import tempfile
     from pathlib import Path

@@ -26,7 +26,8 @@ In a test::
         assert srv.requests == 3                            # chat requests received (every attempt)
         srv.received                                        # [(fault or "ok", request body dict), ...]
 
-From a shell (e.g. for a benchmark; GET /stats gives the counts)::
+`reply=lambda request: "Rating: [[7]]"` makes every request that gets through answer that instead (e.g. to stand in
+for a judge). From a shell (e.g. for a benchmark; GET /stats gives the counts; `--reply TEXT` for a fixed reply)::
 
     python -m baize_exp.chat.fault_server --port 0 --port-file /tmp/port --latency 1.0
 """
@@ -42,6 +43,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +64,20 @@ class FaultServer:
         retry_after_s: the Retry-After header sent with 429.
         hang_s: how long a "hang" holds the request before answering normally.
         port: 0 picks a free port; read `port` / `base_url` after `start()`.
+        reply: request body -> reply text for requests that get through (e.g. a judge's verdict); default: a
+            transcript when the prompt says "transcript", else a sentence.
     """
 
     def __init__(self, latency_s: float = 0.0, api_key: str | None = None, default_fault: str = "ok",
-                 retry_after_s: float = 0.1, hang_s: float = 60.0, host: str = "127.0.0.1", port: int = 0):
+                 retry_after_s: float = 0.1, hang_s: float = 60.0, host: str = "127.0.0.1", port: int = 0,
+                 reply: Callable[[dict], str] | None = None):
         if default_fault not in FAULTS:
             raise ValueError(f"default_fault={default_fault!r}: not one of {FAULTS}")
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"host={host!r}: the fault server binds loopback only")
         self.latency_s, self.api_key, self.default_fault = latency_s, api_key, default_fault
         self.retry_after_s, self.hang_s, self.host, self.port = retry_after_s, hang_s, host, port
+        self.reply = reply
         self.requests = 0  # chat completion requests received, every attempt counted
         self.received: list[tuple[str, dict | None]] = []  # (fault applied, request body)
         self.faults: Counter[str] = Counter()
@@ -194,7 +200,7 @@ class FaultServer:
             return 429, {"Retry-After": f"{self.retry_after_s:g}"}, _error("injected rate limit", "rate_limit")
         if fault == "malformed":
             return 200, {}, b'{"id": "chatcmpl-x", "choices": [{"message": '
-        return 200, {}, json.dumps(_completion(req, fault)).encode()
+        return 200, {}, json.dumps(_completion(req, fault, self.reply)).encode()
 
     def _pick_fault(self, headers: dict, body: bytes, req: dict | None) -> str:
         if self.api_key and headers.get("authorization") != f"Bearer {self.api_key}":
@@ -217,14 +223,17 @@ def _error(message: str, etype: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": etype, "code": None}}).encode()
 
 
-def _completion(req: dict, fault: str) -> dict:
-    """The reply for a request that gets through: a transcript if one was asked for, else a sentence."""
+def _completion(req: dict, fault: str, reply: Callable[[dict], str] | None = None) -> dict:
+    """The reply for a request that gets through: `reply(request)` if given, else a transcript if one was asked
+    for, else a sentence; a content fault replaces it."""
     messages = req["messages"]
     prompt = " ".join(str(m.get("content", "")) for m in messages)
     last_line = (_DIRECTIVE.sub("", str(messages[-1].get("content", ""))).strip().splitlines() or [""])[-1]
     topic = last_line.rsplit("about:", 1)[-1].strip().replace("[", "(").replace("]", ")")[-120:]
     finish = "stop"
-    if "transcript" in prompt.lower():
+    if reply is not None:
+        text = reply(req)
+    elif "transcript" in prompt.lower():
         text = (f"Sure, here is a transcript.\n[Human] {topic}\n[AI] A careful answer about that.\n"
                 f"[Human] Can you say more?\n[AI] Yes: here are more details on {topic[:40]}.\n")
     else:
@@ -259,9 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--retry-after", type=float, default=0.1, help="Retry-After seconds sent with 429")
     ap.add_argument("--hang", type=float, default=60.0, help="seconds a 'hang' holds a request")
     ap.add_argument("--api-key-env", default=None, help="require 'Bearer <value of this env var>'")
+    ap.add_argument("--reply", default=None, help="a fixed reply text (e.g. a judge verdict) instead of the default")
     a = ap.parse_args(argv)
     key = os.environ.get(a.api_key_env) if a.api_key_env else None
-    srv = FaultServer(a.latency, key, a.default_fault, a.retry_after, a.hang, a.host, a.port)
+    srv = FaultServer(a.latency, key, a.default_fault, a.retry_after, a.hang, a.host, a.port,
+                      reply=None if a.reply is None else lambda _req: a.reply)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(srv.serve(a.port_file))
 
