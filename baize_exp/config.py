@@ -81,6 +81,14 @@ class ServeConfig:
 
 
 @dataclass
+class PriceConfig:
+    """What a model costs, in USD per million tokens (for the estimated cost in the metrics)."""
+
+    prompt: float = 0.0
+    completion: float = 0.0
+
+
+@dataclass
 class ChatBackendConfig:
     """An OpenAI-compatible chat endpoint: the project's local server, OpenAI, or a vLLM server."""
 
@@ -93,18 +101,33 @@ class ChatBackendConfig:
     max_tokens: int = 256
     concurrency: int = 8
     timeout_s: float = 120.0
-    max_retries: int = 3
+    max_retries: int = 3  # retries after the first attempt (429, 5xx, timeouts, unusable replies)
+    backoff_base_s: float = 1.0  # exponential backoff with jitter: ~base * 2^attempt, capped at backoff_max_s
+    backoff_max_s: float = 60.0  # (a 429's Retry-After wins over both)
+    requests_per_min: float | None = None  # client-side budgets, shared by all requests (None = unlimited)
+    tokens_per_min: float | None = None
+    prices: dict[str, PriceConfig] = field(default_factory=dict)  # model -> USD per 1M tokens
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 @dataclass
 class CollectConfig:
-    """Self-chat collection: the teacher writes a whole [Human]/[AI] dialog from a seed."""
+    """Self-chat collection (baize_exp.collect): the teacher writes dialogs from seed questions.
 
-    mode: str = "transcript"
+    transcript: one request, the teacher writes both sides as a [Human]/[AI] transcript (the paper's way).
+    turns: the teacher plays the human and the AI in turn, one request per turn, up to max_turns turns.
+    """
+
+    mode: str = "transcript"  # transcript | turns
     min_turns: int = 2  # a dialog needs at least one human and one AI turn
     shared: bool = True  # collect into the content-keyed cache, so a sweep's runs share one collection
-    template: str = MISSING
+    template: str = MISSING  # transcript mode; {seed}
+    max_turns: int = 6  # turns mode: human + AI turns in a dialog (the seed is the first human turn)
+    human_template: str = MISSING  # turns mode, the human's request; {seed}, {history}
+    ai_system: str = MISSING  # turns mode, the AI's system message; {seed}
+    on_truncated: str = "reject"  # a reply cut by the length limit: reject | drop_turn (keep what came before)
+    samples_to_log: int = 16  # dialogs in the W&B sample table
+    retry_errors: bool = False  # on rerun, ask again for seeds whose requests failed (api_error rejects)
 
 
 @dataclass
@@ -283,6 +306,14 @@ def validate(cfg: DictConfig | Config) -> None:
         _check(p, b.concurrency >= 1, f"{name}.concurrency", b.concurrency, "an integer >= 1")
         _check(p, b.timeout_s > 0, f"{name}.timeout_s", b.timeout_s, "a number > 0")
         _check(p, b.max_retries >= 0, f"{name}.max_retries", b.max_retries, "an integer >= 0")
+        _check(p, 0 <= b.backoff_base_s <= b.backoff_max_s, f"{name}.backoff_base_s", b.backoff_base_s,
+               f"a number in [0, {name}.backoff_max_s]")
+        for k in ("requests_per_min", "tokens_per_min"):
+            v = getattr(b, k)
+            _check(p, v is None or v > 0, f"{name}.{k}", v, "a number > 0, or null for no limit")
+        for model, price in b.prices.items():
+            _check(p, price.prompt >= 0 and price.completion >= 0, f"{name}.prices.{model}", f"{price.prompt}/{price.completion}",
+                   "USD per 1M tokens >= 0 for prompt and completion")
         _check(p, bool(b.api_key_env) and "=" not in b.api_key_env and not b.api_key_env.startswith("sk-"),
                f"{name}.api_key_env", "<hidden>", "the NAME of an environment variable, never the key itself")
         if b.backend == "local":
@@ -291,9 +322,14 @@ def validate(cfg: DictConfig | Config) -> None:
             _check(p, b.serve.max_batch >= 1, f"{name}.serve.max_batch", b.serve.max_batch, "an integer >= 1")
 
     co = c.collect
-    _check(p, co.mode == "transcript", "collect.mode", co.mode, "transcript")
+    _check(p, co.mode in ("transcript", "turns"), "collect.mode", co.mode, "one of transcript, turns")
     _check(p, co.min_turns >= 2, "collect.min_turns", co.min_turns, "an integer >= 2")
     _check(p, "{seed}" in co.template, "collect.template", "...", "a template containing {seed}")
+    _check(p, co.max_turns >= co.min_turns, "collect.max_turns", co.max_turns, "an integer >= collect.min_turns")
+    _check(p, "{history}" in co.human_template, "collect.human_template", "...", "a template containing {history}")
+    _check(p, co.on_truncated in ("reject", "drop_turn"), "collect.on_truncated", co.on_truncated,
+           "one of reject, drop_turn")
+    _check(p, co.samples_to_log >= 0, "collect.samples_to_log", co.samples_to_log, "an integer >= 0")
 
     t = c.train
     if t.data is not None:

@@ -30,7 +30,9 @@ STAGE_INPUTS: dict[str, tuple[list[str], list[str]]] = {
     "sdf": (["sdf", "teacher"], ["train"]),
     "eval": (["eval", "judge"], ["train", "sdf"]),
 }
-NOT_RESULTS = {"shared", "concurrency", "timeout_s", "max_retries", "startup_timeout_s", "port", "host", "max_batch"}
+NOT_RESULTS = {"shared", "concurrency", "timeout_s", "max_retries", "startup_timeout_s", "port", "host", "max_batch",
+               "backoff_base_s", "backoff_max_s", "requests_per_min", "tokens_per_min", "prices", "samples_to_log",
+               "retry_errors"}
 
 
 def _strip(node: Any) -> Any:

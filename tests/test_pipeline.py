@@ -16,7 +16,8 @@ from baize_exp.data import REJECT_REASONS
 
 SECRET = "sk-test-0123456789abcdef-do-not-log"
 # A greedy teacher makes the run deterministic (same dialogs, same rejects) on this machine.
-SMALL = ["model=tiny", "data.limit=8", "teacher.temperature=0", "teacher.max_tokens=160", "sdf.num_prompts=3", "sdf.num_candidates=2",
+SMALL = ["model=tiny", "data.limit=8", "teacher.temperature=0", "teacher.max_tokens=160",
+         "collect.on_truncated=drop_turn", "sdf.num_prompts=3", "sdf.num_candidates=2",
          "sdf.max_new_tokens=16", "eval.limit=3", "eval.max_new_tokens=16", "eval.bootstrap=200",
          "trainer.max_epochs=1"]
 

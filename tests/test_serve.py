@@ -81,9 +81,10 @@ def test_missing_key_env_is_a_clear_error() -> None:
         ChatClient.from_config(cfg.teacher)
 
 
-def test_bad_request_is_a_recorded_error_not_a_crash(tiny_server) -> None:
-    r = _client(tiny_server, max_retries=0).complete([{"role": "user", "content": "x"}], max_tokens=0)
-    assert r.error and "400" in r.error
+def test_bad_request_stops_with_a_clear_error(tiny_server) -> None:
+    # a 400 would hit every request with the same settings: the client stops at once instead of recording each
+    with pytest.raises(ChatError, match="HTTP 400.*max_tokens"):
+        _client(tiny_server, max_retries=3).complete([{"role": "user", "content": "x"}], max_tokens=0)
 
 
 def test_refuses_non_loopback_bind_unless_allowed() -> None:

@@ -18,8 +18,10 @@ EVAL_QUESTIONS = DATA_DIR / "eval_questions.jsonl"
 BAIZE_HEADER = "The conversation between human and AI assistant."
 BAIZE_HUMAN, BAIZE_AI = "[|Human|]", "[|AI|]"
 
-# Reasons a teacher reply becomes a reject instead of a dialog (the documented set).
-REJECT_REASONS = ("api_error", "empty", "no_transcript", "role_order", "too_few_turns")
+# Reasons a teacher reply becomes a reject instead of a dialog (the documented set): the request failed after its
+# retries, an empty reply or turn, no [Human]/[AI] markers (unparsable), turns out of order, fewer than
+# collect.min_turns turns, a reply cut by the length limit (finish_reason "length", collect.on_truncated=reject).
+REJECT_REASONS = ("api_error", "empty", "no_transcript", "role_order", "too_few_turns", "length")
 
 
 @dataclass

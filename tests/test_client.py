@@ -1,0 +1,199 @@
+"""ChatClient against the project's fault-injecting server on 127.0.0.1: every fault, counted at the server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from baize_exp.chat import ChatClient, ChatError
+from baize_exp.chat.client import RateLimiter, retry_after_s
+from baize_exp.chat.fault_server import FAULTS, FaultServer
+
+KEY = "sk-test-fault-0123456789-never-logged"
+
+
+@pytest.fixture
+def server():
+    with FaultServer(latency_s=0.01, api_key=KEY, retry_after_s=0.3, hang_s=30) as s:
+        yield s
+
+
+def _client(srv: FaultServer, **kw) -> ChatClient:
+    kw = {"max_retries": 2, "timeout_s": 0.5, "backoff_base_s": 0.02, "backoff_max_s": 0.1, **kw}
+    return ChatClient(srv.base_url, KEY, "fault-model", **kw)
+
+
+def _ask(fault: str) -> list[dict]:
+    return [{"role": "user", "content": f"write a transcript about tea [[fault:{fault}]]"}]
+
+
+# fault directive -> (attempts the client makes, whether the result is an error) with max_retries=2
+RECOVERABLE = {
+    "ok": (1, False), "429x2": (3, False), "500x1": (2, False), "hangx1": (2, False), "malformedx1": (2, False),
+    "empty_choicesx2": (3, False), "500": (3, True), "malformed": (3, True), "empty_choices": (3, True),
+    "hang": (3, True), "429": (3, True),
+}
+
+
+@pytest.mark.parametrize("fault", list(RECOVERABLE))
+def test_retryable_faults_are_retried_then_recorded(server: FaultServer, fault: str) -> None:
+    c = _client(server)
+    r = c.complete(_ask(fault))
+    attempts, failed = RECOVERABLE[fault]
+    assert server.requests == attempts == r.attempts == c.requests
+    assert c.retries == attempts - 1
+    assert (r.error is not None) == failed
+    if failed:
+        assert f"gave up after {attempts} attempts" in r.error and KEY not in r.error
+    else:
+        assert "[Human]" in r.text and r.finish_reasons == ["stop"]
+
+
+def test_retry_after_is_honoured_and_pauses_every_request(server: FaultServer) -> None:
+    c = _client(server, concurrency=4)
+    t0 = time.monotonic()
+    (r,) = c.complete_many([_ask("429x2")])
+    assert r.error is None and r.attempts == 3 == server.requests
+    assert time.monotonic() - t0 >= 2 * 0.3  # two Retry-After waits of 0.3 s, not the 0.02 s backoff
+
+    async def other_request_after_a_429() -> float:
+        async with c.session():
+            first = asyncio.ensure_future(c.acomplete(_ask("429x1")))
+            await asyncio.sleep(0.1)  # its 429 (Retry-After 0.3 s) is back by now
+            t = time.monotonic()
+            await c.acomplete([{"role": "user", "content": "an unrelated request"}])
+            waited = time.monotonic() - t
+            assert (await first).error is None
+            return waited
+
+    assert asyncio.run(other_request_after_a_429()) >= 0.15  # it waited out the pause (alone it takes ~0.01 s)
+
+
+@pytest.mark.parametrize("fault", ["400", "401", "403"])
+def test_refused_requests_stop_the_run_at_once(server: FaultServer, fault: str) -> None:
+    c = _client(server, concurrency=1)
+    convs = [_ask(fault)] + [[{"role": "user", "content": f"q{i}"}] for i in range(20)]
+    with pytest.raises(ChatError, match=f"HTTP {fault}.*Nothing was retried") as e:
+        c.complete_many(convs)
+    assert KEY not in str(e.value)
+    assert server.requests == 1  # no retry, and the 20 queued requests were never sent
+
+
+def test_wrong_key_with_many_in_flight_is_no_retry_storm(server: FaultServer) -> None:
+    bad = ChatClient(server.base_url, "sk-wrong-key-abcdef123456", "fault-model", concurrency=4, max_retries=5)
+    with pytest.raises(ChatError, match="refused the API key") as e:
+        bad.complete_many([[{"role": "user", "content": f"q{i}"}] for i in range(50)])
+    assert "sk-wrong-key-abcdef123456" not in str(e.value)
+    assert server.requests <= 4  # at most what was already in flight
+    assert server.faults["401"] == server.requests
+
+
+def test_bad_path_404_is_fatal_and_names_the_model() -> None:
+    with FaultServer() as srv:
+        c = ChatClient(srv.base_url.removesuffix("/v1") + "/nope", KEY, "gpt-typo", max_retries=3)
+        with pytest.raises(ChatError, match="gpt-typo"):
+            c.complete([{"role": "user", "content": "x"}])
+
+
+def test_results_keep_input_order_under_concurrency() -> None:
+    with FaultServer(latency_s=0.05) as srv:
+        c = ChatClient(srv.base_url, "k", "m", concurrency=8)
+        rs = c.complete_many([[{"role": "user", "content": f"question number {i}"}] for i in range(16)])
+    assert [r.text for r in rs] == [f"A reply after 1 messages about: question number {i}" for i in range(16)]
+    assert srv.requests == 16
+
+
+def test_concurrency_bounds_the_wall_time() -> None:
+    with FaultServer(latency_s=0.3) as srv:
+        t0 = time.monotonic()
+        ChatClient(srv.base_url, "k", "m", concurrency=16).complete_many(
+            [[{"role": "user", "content": f"q{i}"}] for i in range(32)])
+        elapsed = time.monotonic() - t0
+    assert 0.55 <= elapsed < 1.5  # two waves of 16, not 32 sequential requests (9.6 s)
+
+
+def test_requests_per_min_limit(server: FaultServer) -> None:
+    c = _client(server, concurrency=20, requests_per_min=600)  # 10/s, bursts of one second's worth
+    t0 = time.monotonic()
+    rs = c.complete_many([[{"role": "user", "content": f"q{i}"}] for i in range(20)])
+    elapsed = time.monotonic() - t0
+    assert all(r.error is None for r in rs) and server.requests == 20
+    assert elapsed >= 0.9  # 10 at once, then 10 more at 10/s
+
+
+def test_tokens_per_min_limit_reserves_then_settles_with_real_usage() -> None:
+    async def timed(settle_used: float | None) -> float:
+        lim = RateLimiter(tokens_per_min=30000)  # 500 tokens/s, one second's worth in the bucket
+        t0 = time.monotonic()
+        for _ in range(10):
+            await lim.acquire(100)
+            if settle_used is not None:
+                lim.settle(100, settle_used)
+        return time.monotonic() - t0
+
+    assert 0.9 <= asyncio.run(timed(None)) < 1.6  # 5 in the bucket, 5 more at 500 tokens/s
+    assert asyncio.run(timed(10)) < 0.2  # replies used 10 of the 100 reserved: the rest comes back
+
+
+def test_backoff_is_exponential_with_jitter_and_retry_after_wins() -> None:
+    c = ChatClient(None, KEY, "m", backoff_base_s=1.0, backoff_max_s=8.0)
+    for attempt, cap in ((1, 1.0), (2, 2.0), (3, 4.0), (6, 8.0)):
+        waits = {c._backoff_s(attempt, None) for _ in range(50)}
+        assert all(cap / 2 <= w <= cap for w in waits) and len(waits) > 40
+    assert all(3.0 <= c._backoff_s(1, 3.0) <= 3.3 for _ in range(20))
+    assert retry_after_s({"retry-after": "1.5"}) == 1.5
+    assert retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
+
+
+def test_usage_and_cost_from_the_price_table(server: FaultServer) -> None:
+    c = _client(server, prices={"fault-model": {"prompt": 2.0, "completion": 10.0}})
+    c.complete_many([[{"role": "user", "content": "one two three"}]] * 3)
+    rep = c.usage_report()["fault-model"]
+    assert rep["requests"] == 3 and rep["prompt_tokens"] == 9  # the server counts words
+    assert rep["cost_usd"] == pytest.approx((9 * 2.0 + rep["completion_tokens"] * 10.0) / 1e6)
+    assert _client(server).usage_report()["fault-model"]["cost_usd"] is None  # unpriced: None, not 0
+
+
+def test_fault_server_reply_hook_for_other_benchmarks() -> None:
+    with FaultServer(reply=lambda req: f"Rating: [[7]] for {len(req['messages'])} messages") as srv:
+        c = ChatClient(srv.base_url, "k", "judge")
+        assert c.complete([{"role": "user", "content": "judge this"}]).text == "Rating: [[7]] for 1 messages"
+        assert c.complete([{"role": "user", "content": "x [[fault:empty]]"}]).text == ""  # faults still apply
+
+
+def test_fault_server_cli_serves_and_counts() -> None:
+    import tempfile
+    from pathlib import Path
+
+    port_file = Path(tempfile.mkdtemp()) / "port"
+    p = subprocess.Popen([sys.executable, "-m", "baize_exp.chat.fault_server", "--port-file", str(port_file),
+                          "--default-fault", "500"])
+    try:
+        for _ in range(100):
+            if port_file.is_file():
+                break
+            time.sleep(0.1)
+        base = f"http://127.0.0.1:{port_file.read_text()}"
+        r = ChatClient(base + "/v1", "k", "m", max_retries=1, backoff_base_s=0.01).complete(
+            [{"role": "user", "content": "x"}])
+        assert r.error and "http 500" in r.error
+        with urllib.request.urlopen(base + "/stats") as resp:
+            assert json.loads(resp.read()) == {"status": "ok", "requests": 2, "faults": {"500": 2}}
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
+def test_fault_server_refuses_unknown_faults_and_public_hosts() -> None:
+    assert set(FAULTS) >= {"429", "500", "hang", "malformed", "empty_choices", "wrong_format", "401"}
+    with pytest.raises(ValueError, match="loopback"):
+        FaultServer(host="0.0.0.0")
+    with pytest.raises(ValueError, match="default_fault"):
+        FaultServer(default_fault="teapot")
