@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from baize_exp.chat import ChatError
 from baize_exp.config import ConfigError, register_configs
 from baize_exp.pipeline import optimized_value, run_pipeline
 
@@ -22,7 +23,7 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run_pipeline(cfg)
-    except ConfigError as e:  # a config problem is the user's to fix: the message, not a traceback
+    except (ConfigError, ChatError) as e:  # a config or key problem is the user's to fix: the message, not a traceback
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra marks this job failed and the sweep's other jobs still run
         print(f"baize_exp: {e}", file=sys.stderr)
