@@ -25,14 +25,21 @@ Formulas (bytes; N = frozen base params, T = trainable LoRA params, D = GPUs in 
   and moves the sharded weights, fp32 master, grads and optimizer state to CPU (`cpu/node` column: G/D of them).
   bitsandbytes-quantized bases are not sharded by ZeRO-3 here: those rows say n/a.
 - activations per micro-batch (s = seq_len, b = micro batch, h = hidden, i = MLP intermediate, h_kv = key/value
-  width, a = heads, L = layers, V = vocab): counted as Korthikanti et al. 2022 ("Reducing Activation Recomputation",
-  GPT layer ≈ s·b·h·(34 + 5·a·s/h) bytes in 16-bit) count them, i.e. what autograd keeps for the backward, but for a
-  LLaMA layer (RMSNorm, no dropout, SwiGLU MLP, grouped KV): per layer s·b·(12·h + 4·h_kv + 8·i) bytes in 16-bit
-  (2 RMSNorm inputs, 2 norm outputs, Q, K, V, attention output; gate, up, SiLU(gate), product), + 2·a·s²·b for the
-  softmax output with eager attention (sdpa/flash keep none: `plan.flash_attention`), + per LoRA-adapted module with
-  dropout > 0 its dropout output and mask (3·s·b·d_in) and the rank-r intermediate (2·s·b·r). 32-true doubles the
-  2-byte terms. Logits: s·b·V·(2 + 4 + 4) bytes (logits, their fp32 copy for the loss, the log-softmax it keeps;
-  s·b·V·8 in fp32). Activations are per GPU and not sharded by any of these strategies.
+  width, a = heads, L = layers, V = vocab), counted the way Korthikanti et al. 2022 ("Reducing Activation
+  Recomputation in Large Transformer Models": a GPT layer keeps s·b·h·(34 + 5·a·s/h) bytes in 16-bit) count them,
+  i.e. what autograd keeps for the backward, but for a LLaMA layer (RMSNorm, SwiGLU MLP, grouped KV):
+  per layer s·b·(12·h + 4·h_kv + 8·i) bytes in 16-bit (2 RMSNorm inputs, 2 norm outputs, Q, K, V, attention
+  output; gate, up, SiLU(gate), their product);
+  + with eager attention Korthikanti's 5·a·s²·b (softmax output, dropout mask and output: HF runs the dropout even
+    at p=0, and its softmax in fp32, so 6·a·s²·b under mixed precision); sdpa/flash keep none
+    (`plan.flash_attention`, the default);
+  + per LoRA-adapted linear, the rank-r intermediate (2·s·b·r) and with lora.dropout > 0 the dropout output and
+    mask (5·s·b·d_in in fp32, ≈4·s·b·d_in measured under mixed precision);
+  + under mixed precision, what HF and peft add: RMSNorm keeps its input in fp32 (+4·s·b·h), and peft runs each
+    LoRA branch in the adapter's fp32 so autocast keeps one more half copy of its input (+2·s·b·d_in per module);
+  32-true doubles the 2-byte terms. Logits: s·b·V·(2 + 4 + 4) bytes (the logits, their fp32 copy for the loss,
+  the log-softmax it keeps; s·b·V·8 in fp32). Activations are per GPU; none of these strategies shards them.
+  tests/test_plan.py checks this against the bytes autograd really saves on a real model.
 - gradient checkpointing (per decoder layer) keeps one hidden state per layer, L·s·b·h (×2 bytes), plus one layer's
   activations while it is recomputed, plus the logits.
 - + `plan.overhead_gb` per GPU (CUDA context, NCCL buffers, allocator slack).
@@ -114,24 +121,30 @@ def model_shape(mcfg: Any, lcfg: Any) -> ModelShape:
 
 
 def activation_bytes(sh: ModelShape, seq: int, batch: int, precision: str, flash: bool, lora_r: int,
-                     lora_dropout: float) -> tuple[float, float]:
-    """(activations without, with gradient checkpointing) for one micro-batch on one GPU; see the module doc."""
-    scale = 2.0 if precision == "32-true" else 1.0  # the formula counts 2-byte elements
+                     lora_dropout: float) -> dict[str, float]:
+    """Activation bytes of one micro-batch on one GPU: per layer, logits, and the totals without (`full`) and with
+    (`ckpt`) gradient checkpointing; see the module doc."""
+    fp32 = precision == "32-true"
+    scale = 2.0 if fp32 else 1.0  # the formula counts 2-byte elements
     sb = seq * batch
     layer = sb * (12 * sh.hidden + 4 * sh.kv_width + 8 * sh.intermediate) * scale
-    if not flash:
-        layer += 2 * sh.heads * seq * seq * batch * scale
+    if not fp32:  # HF's RMSNorm keeps its input in fp32 (+2 bytes × 2 norms)
+        layer += sb * 4 * sh.hidden
+    if not flash:  # eager attention: softmax output, dropout mask and output (HF's softmax runs in fp32)
+        layer += (5 if fp32 else 6) * sh.heads * seq * seq * batch
     for d_in in sh.lora_inputs:
-        layer += 2 * sb * lora_r * scale
-        if lora_dropout > 0:
-            layer += sb * d_in * (2 * scale + 1)  # dropout output + its 1-byte mask
-    logits = sb * sh.vocab * (8.0 if precision == "32-true" else 10.0)
-    full = sh.layers * layer + logits
-    ckpt = sh.layers * sb * sh.hidden * 2 * scale + layer + logits
-    return full, ckpt
+        layer += 2 * sb * lora_r * scale  # the rank-r intermediate
+        if not fp32:  # peft casts the input to the adapter's fp32, autocast back: one more half copy per module
+            layer += 2 * sb * d_in
+        if lora_dropout > 0:  # dropout output + mask: 4 + 1 bytes in fp32; ~4 measured under mixed precision
+            layer += sb * d_in * (5 if fp32 else 4)
+    logits = sb * sh.vocab * (8.0 if fp32 else 10.0)
+    kept_hidden = sh.layers * sb * sh.hidden * 2 * scale
+    return {"per_layer": layer, "logits": logits, "checkpointed_hidden": kept_hidden,
+            "full": sh.layers * layer + logits, "ckpt": kept_hidden + layer + logits}
 
 
-def memory_row(sh: ModelShape, strategy: str, precision: str, world: int, per_node: int, act: tuple[float, float],
+def memory_row(sh: ModelShape, strategy: str, precision: str, world: int, per_node: int, act: dict[str, float],
                overhead_gb: float, gpu_gb: float) -> dict:
     """Bytes per GPU (and per node's CPU, for offload) of one strategy × precision; see the module doc."""
     row: dict[str, Any] = {"strategy": strategy, "precision": precision}
@@ -156,11 +169,11 @@ def memory_row(sh: ModelShape, strategy: str, precision: str, world: int, per_no
         weights, grads, optim = working_set, 0.0, 0.0
         cpu = (base + T * (w_t + g_t + o_t)) / world * per_node
     over = overhead_gb * GIB
-    total = weights + grads + optim + act[0] + over
-    total_ckpt = weights + grads + optim + act[1] + over
-    gb = lambda x: round(x / GIB, 2)  # noqa: E731
+    total = weights + grads + optim + act["full"] + over
+    total_ckpt = weights + grads + optim + act["ckpt"] + over
+    gb = lambda x: round(x / GIB, 4)  # noqa: E731
     return {**row, "weights_gb": gb(weights), "grads_gb": gb(grads), "optimizer_gb": gb(optim),
-            "activations_gb": gb(act[0]), "activations_ckpt_gb": gb(act[1]), "total_gb": gb(total),
+            "activations_gb": gb(act["full"]), "activations_ckpt_gb": gb(act["ckpt"]), "total_gb": gb(total),
             "total_ckpt_gb": gb(total_ckpt), "cpu_per_node_gb": gb(cpu) if cpu else None,
             "fits": total <= gpu_gb * GIB, "fits_ckpt": total_ckpt <= gpu_gb * GIB}
 
