@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from conftest import ROOT, compose_cfg, run_cli
 
 from baize_exp.config import ConfigError, validate
@@ -174,6 +175,7 @@ def _train_losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed through Lightning needs a CUDA GPU")
 @pytest.mark.parametrize("option", DS_OPTIONS)
 def test_zero_runs_through_run_py_change_the_loss(option: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
