@@ -85,6 +85,8 @@ def base_model_config(adapter: Path, model: str | None, model_path: str | None) 
             raise ExportError(f"{adapter}: not inside a run dir (no .hydra/config.yaml above it), so the base model "
                               f"is unknown: pass --model <conf/model option> (and --model-path <local HF dir>)")
         mcfg, origin = OmegaConf.load(found).model, str(found)
+        if "tie_word_embeddings" not in mcfg:  # a run from before the key existed: only the tiny model was tied
+            mcfg.tie_word_embeddings = mcfg.source == "tiny"
     if model_path:
         mcfg = OmegaConf.merge(mcfg, {"path": model_path})
     return mcfg, origin

@@ -100,7 +100,10 @@ def model_shape(mcfg: Any, lcfg: Any) -> ModelShape:
     base = peft_model.get_base_model()
     conf = base.config
     total, trainable = M.count_parameters(peft_model)
-    layers = base.model.layers
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None:  # the activation formulas are for LLaMA-style decoders (Llama, Mistral, Qwen, SmolLM, ...)
+        raise ValueError(f"model={mcfg.name}: {type(base).__name__} has no `model.layers`; the planner supports "
+                         f"LLaMA-style decoder models")
     frozen_linear = 0
     for layer in layers:
         # inside a decoder layer the frozen 2-D parameters are exactly the linear weights (norms are 1-D)
