@@ -102,7 +102,8 @@ def test_slurm_and_torchrun_environments_are_picked_up(monkeypatch: pytest.Monke
         assert (t.global_rank, t.local_rank, t.world_size) == (2, 0, 4)
 
 
-# A raw DeepSpeed step on CPU: the dict our ZeRO-2 config generates, the tiny model with LoRA, a torch AdamW.
+# A raw DeepSpeed step on CPU: the dict our ZeRO config generates, the tiny model with LoRA, a torch AdamW. Each
+# rank trains on its own batch; it reports its losses, the Adam state it holds and a checksum of the LoRA weights.
 _RAW_ZERO = r"""
 import json, sys, torch, deepspeed
 from hydra import compose, initialize_config_dir
@@ -118,17 +119,24 @@ with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
 model = M.attach_lora(M.load_model(cfg.model, None), cfg.lora).train()
 ds = deepspeed_config(cfg.strategy, cfg.trainer, cfg.train.batch_size)
 params = [p for p in model.parameters() if p.requires_grad]
+n_trainable = sum(p.numel() for p in params)
 opt = torch.optim.AdamW(params, lr=1e-2)
-engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=params, config=ds)
-ids = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+engine, zero_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=params, config=ds)
+rank = engine.global_rank
+ids = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(rank))
 losses = []
 for _ in range(12):
     loss = engine(input_ids=ids, labels=ids).loss
     engine.backward(loss)
     engine.step()
-    losses.append(float(loss))
-print("RESULT " + json.dumps({"losses": losses, "stage": engine.zero_optimization_stage(),
-                              "accum": engine.gradient_accumulation_steps(), "steps": engine.global_steps}))
+    losses.append(loss.item())
+adam_state = sum(v.numel() for st in zero_opt.optimizer.state.values() for v in st.values()
+                 if torch.is_tensor(v) and v.dim() > 0)
+with deepspeed.zero.GatheredParameters(params):  # ZeRO-3 keeps only a shard in each parameter; gather to read it
+    checksum = sum(float(p.double().sum()) for p in params)
+print("RESULT " + json.dumps({"losses": losses, "stage": engine.zero_optimization_stage(), "rank": rank,
+                              "accum": engine.gradient_accumulation_steps(), "steps": engine.global_steps,
+                              "trainable": n_trainable, "adam_state": adam_state, "checksum": checksum}))
 """
 
 
@@ -138,24 +146,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _raw_zero(option: str, world: int, cwd: Path) -> list[dict]:
+    """Run the script above as `world` DeepSpeed ranks on CPU (fresh processes, one rendezvous on loopback)."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "CUDA_VISIBLE_DEVICES": "",
+               # DeepSpeed JIT-compiles its CPU comm op (~20-35 s, minutes on a busy machine): build it once into
+               # the shared model cache (conftest points BAIZE_CACHE at a test-owned dir when it is not set)
+               "TORCH_EXTENSIONS_DIR": str(Path(os.environ["BAIZE_CACHE"]) / "torch_extensions")}
+        procs.append(subprocess.Popen([sys.executable, "-c", _RAW_ZERO, str(ROOT / "conf"), option], cwd=cwd,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    return [json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT "))) for out in outs]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("option, stage", [("deepspeed_stage_2", 2), ("deepspeed_stage_3", 3)])
 def test_raw_deepspeed_zero_step_on_cpu_changes_the_loss(option: str, stage: int, tmp_path: Path) -> None:
-    """`deepspeed.initialize` with the dict we generate trains on CPU (DS_ACCELERATOR=cpu, one gloo rank)."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "CUDA_VISIBLE_DEVICES": ""}
-    # DeepSpeed JIT-compiles its CPU comm op (~20-35 s, minutes on a busy machine): build it once into the shared
-    # model cache (conftest points BAIZE_CACHE at a test-owned dir when it is not set), not once per session
-    env["TORCH_EXTENSIONS_DIR"] = str(Path(env["BAIZE_CACHE"]) / "torch_extensions")
-    r = subprocess.run([sys.executable, "-c", _RAW_ZERO, str(ROOT / "conf"), option], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    out = json.loads(next(line[7:] for line in r.stdout.splitlines() if line.startswith("RESULT ")))
+    """`deepspeed.initialize` with the dict we generate trains on CPU (DS_ACCELERATOR=cpu, one rank)."""
+    [out] = _raw_zero(option, 1, tmp_path)
     assert out["stage"] == stage and out["accum"] == 2
     assert out["steps"] == 6  # 12 micro-batches, an optimizer step every 2
     losses = out["losses"]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # no step before the accumulation boundary
     assert losses[-1] < losses[0] - 0.05, losses  # the LoRA weights moved and the loss fell
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_on_cpu_shards_the_optimizer_state(tmp_path: Path) -> None:
+    """What the plan assumes for ZeRO-2: each of D ranks holds 1/D of the Adam state; the weights stay in sync."""
+    outs = _raw_zero("deepspeed_stage_2", 2, tmp_path)
+    assert sorted(o["rank"] for o in outs) == [0, 1]
+    for o in outs:
+        assert o["adam_state"] == o["trainable"]  # exp_avg + exp_avg_sq over half of the LoRA weights
+        assert o["losses"][-1] < o["losses"][0] - 0.05
+    assert outs[0]["losses"][0] != outs[1]["losses"][0]  # each rank saw its own batch ...
+    assert outs[0]["checksum"] == pytest.approx(outs[1]["checksum"], rel=1e-9)  # ... and the updates agree
 
 
 def _dialogs(path: Path, n: int = 16) -> Path:
