@@ -181,3 +181,12 @@ def test_run_py_plan_stage_runs_again_each_time(tmp_path: Path) -> None:
                 f"hydra.run.dir={run}", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((run / "plan" / "plan.json").read_text())["setup"]["gpu_memory_gb"] == 24
+
+
+@pytest.mark.slow
+def test_embedded_model_numbers_match_the_real_converted_model() -> None:
+    """smollm2_135m is planned from conf/model numbers (no conversion needed); they must be the real model's."""
+    cfg = compose_cfg(["model=smollm2_135m"])
+    sh = P.model_shape(cfg.model, cfg.lora)
+    real = M.attach_lora(M.load_model(cfg.model, CACHE()), cfg.lora)
+    assert (sh.total, sh.trainable) == M.count_parameters(real)
