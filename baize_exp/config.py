@@ -15,7 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-STAGES = ("collect", "train", "sdf", "eval", "report")
+STAGES = ("plan", "collect", "train", "sdf", "eval", "report")  # plan: a memory estimate, reads nothing
 SOURCES = ("quora", "stackoverflow", "medical", "alpaca")
 
 
@@ -52,6 +52,7 @@ class ModelConfig:
     num_key_value_heads: int = 0
     vocab_size: int = 0
     max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (SmolLM2, tiny; not LLaMA-1)
     seed: int = 0  # init seed of the random tiny model
 
 
@@ -199,8 +200,24 @@ class StrategyConfig:
 
     name: str = "auto"  # auto | ddp | deepspeed
     stage: int = 0  # ZeRO stage for deepspeed
-    offload_optimizer: bool = False
-    offload_parameters: bool = False
+    offload_optimizer: bool = False  # ZeRO: optimizer state (and fp32 master weights) in CPU memory
+    offload_parameters: bool = False  # ZeRO-3: parameters in CPU memory, fetched per layer
+    pin_memory: bool = True  # page-locked CPU buffers for offload (faster copies, needs free host RAM)
+    overlap_comm: bool = True  # ZeRO: overlap gradient reduction with the backward pass
+    bucket_size: int = 200_000_000  # ZeRO all-gather / reduce bucket, in elements
+    find_unused_parameters: bool = False  # ddp: only for models whose forward skips trainable weights
+
+
+@dataclass
+class PlanConfig:
+    """The memory planner (baize_exp.plan): which strategy and precision fit on which cards."""
+
+    gpu_memory_gb: float = 80.0  # memory of one GPU, GiB
+    gpus_per_node: int | None = None  # None: trainer.devices when it is a count, else the visible CUDA GPUs (or 1)
+    seq_len: int | None = None  # None: train.max_length
+    micro_batch_size: int | None = None  # None: train.batch_size
+    flash_attention: bool = True  # sdpa/flash keep no seq×seq attention matrix; false = eager attention
+    overhead_gb: float = 1.5  # CUDA context, NCCL and allocator slack per GPU
 
 
 @dataclass
@@ -239,6 +256,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
@@ -379,6 +397,16 @@ def validate(cfg: DictConfig | Config) -> None:
                "gpu for DeepSpeed strategies (Lightning runs ZeRO on CUDA only); use trainer=gpu")
         _check(p, not st.offload_parameters or st.stage == 3, "strategy.offload_parameters",
                st.offload_parameters, "only with ZeRO stage 3")
+        _check(p, st.bucket_size >= 1_000_000, "strategy.bucket_size", st.bucket_size, "an integer >= 1e6 elements")
+
+    pl_ = c.plan
+    _check(p, pl_.gpu_memory_gb > 0, "plan.gpu_memory_gb", pl_.gpu_memory_gb, "a number > 0 (GiB per GPU)")
+    _check(p, pl_.gpus_per_node is None or pl_.gpus_per_node >= 1, "plan.gpus_per_node", pl_.gpus_per_node,
+           "an integer >= 1, or null for trainer.devices")
+    _check(p, pl_.seq_len is None or pl_.seq_len >= 1, "plan.seq_len", pl_.seq_len, "an integer >= 1 or null")
+    _check(p, pl_.micro_batch_size is None or pl_.micro_batch_size >= 1, "plan.micro_batch_size",
+           pl_.micro_batch_size, "an integer >= 1 or null")
+    _check(p, pl_.overhead_gb >= 0, "plan.overhead_gb", pl_.overhead_gb, "a number >= 0")
 
     lg = c.logger
     _check(p, lg.name in ("wandb", "csv", "none"), "logger.name", lg.name, "one of wandb, csv, none")

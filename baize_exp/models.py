@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 
@@ -117,15 +119,26 @@ def _hub_error(mcfg: Any, e: Exception) -> ModelLoadError:
     )
 
 
+def architecture(mcfg: Any) -> PretrainedConfig:
+    """The model's HF config without reading any weights: a local model's config.json, else a LlamaConfig from
+    the `model` config's architecture numbers (the tiny model's exact config; LLaMA-1 numbers for 7b/13b/30b)."""
+    if mcfg.source == "hf" and mcfg.path:
+        p = Path(mcfg.path).expanduser()
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"model.path={mcfg.path!r} is not an HF model dir (no config.json there)")
+        return AutoConfig.from_pretrained(str(p))
+    return LlamaConfig(
+        vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size, intermediate_size=mcfg.intermediate_size,
+        num_hidden_layers=mcfg.num_hidden_layers, num_attention_heads=mcfg.num_attention_heads,
+        num_key_value_heads=mcfg.num_key_value_heads, max_position_embeddings=mcfg.max_position_embeddings,
+        tie_word_embeddings=mcfg.tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+
+
 def load_model(mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load the base causal LM described by a `model` config."""
     if mcfg.source == "tiny":
-        config = LlamaConfig(
-            vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size, intermediate_size=mcfg.intermediate_size,
-            num_hidden_layers=mcfg.num_hidden_layers, num_attention_heads=mcfg.num_attention_heads,
-            num_key_value_heads=mcfg.num_key_value_heads, max_position_embeddings=mcfg.max_position_embeddings,
-            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        )
+        config = architecture(mcfg)
         # Same seed, same weights: runs of the tiny model are comparable and reproducible.
         fork_devices: list = []
         with torch.random.fork_rng(devices=fork_devices):

@@ -30,6 +30,8 @@ STAGE_INPUTS: dict[str, tuple[list[str], list[str]]] = {
     "sdf": (["sdf", "teacher"], ["train"]),
     "eval": (["eval", "judge"], ["train", "sdf"]),
 }
+# Cheap stages that only describe (a plan, a report): run again every time, no completion marker.
+ALWAYS_RERUN = {"plan", "report"}
 NOT_RESULTS = {"shared", "concurrency", "timeout_s", "max_retries", "startup_timeout_s", "port", "host", "max_batch",
                "backoff_base_s", "backoff_max_s", "requests_per_min", "tokens_per_min", "prices", "samples_to_log",
                "retry_errors"}
@@ -129,10 +131,10 @@ def override_dict(overrides: list[str]) -> dict[str, str]:
 
 def run_pipeline(cfg: DictConfig) -> dict:
     """Run the configured stages in the run dir; return {stage: metrics}."""
-    from baize_exp import collect, evaluate, report, sdf, train
+    from baize_exp import collect, evaluate, plan, report, sdf, train
     from baize_exp.chat import Backends
 
-    runners = {"collect": collect.run, "train": train.run, "sdf": sdf.run, "eval": evaluate.run,
+    runners = {"plan": plan.run, "collect": collect.run, "train": train.run, "sdf": sdf.run, "eval": evaluate.run,
                "report": report.run}
     for noisy in ("httpx", "httpx2", "openai", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -158,7 +160,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
         for stage in cfg.stages:
             marker = run_dir / stage / "_COMPLETE.json"
             fp = fingerprint(cfg, stage, memo)
-            if stage != "report" and marker.is_file():
+            if stage not in ALWAYS_RERUN and marker.is_file():
                 done = read_json(marker)
                 if done.get("fingerprint") == fp:
                     log.info("stage %s: already complete in %s, skipped", stage, run_dir)
@@ -175,7 +177,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
             m["stage_seconds"] = round(time.monotonic() - t0, 2)
             metrics[stage] = m
             write_json(metrics_path, metrics)
-            if stage != "report":
+            if stage not in ALWAYS_RERUN:
                 write_json(marker, {"stage": stage, "fingerprint": fp, "finished": time.time(), "metrics": m})
             log.info("stage %s: done in %.1fs", stage, m["stage_seconds"])
             if wb is not None:

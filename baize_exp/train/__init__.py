@@ -18,27 +18,11 @@ from baize_exp.data import BAIZE_AI, BAIZE_HEADER, BAIZE_HUMAN
 from baize_exp.io import read_jsonl, write_jsonl
 from baize_exp.train.data import IGNORE, DialogDataModule, collate, split_dialogs, tokenize_dialog
 from baize_exp.train.module import LoraLM
+from baize_exp.train.strategy import build_strategy  # lives in strategy.py; re-exported here
 
 log = logging.getLogger(__name__)
 PROMPT_FORMAT = {"format": "baize", "header": BAIZE_HEADER, "human": BAIZE_HUMAN, "ai": BAIZE_AI,
                  "stop": [BAIZE_HUMAN]}
-
-
-def build_strategy(scfg: Any) -> Any:
-    """Lightning strategy from the `strategy` config (DeepSpeed configs are built by Lightning from these flags)."""
-    if scfg.name == "auto":
-        return "auto"
-    if scfg.name == "ddp":
-        from pytorch_lightning.strategies import DDPStrategy
-
-        # LoRA leaves most of the graph frozen; find_unused_parameters is not needed for peft models.
-        return DDPStrategy(find_unused_parameters=False)
-    if scfg.name == "deepspeed":
-        from pytorch_lightning.strategies import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(stage=scfg.stage, offload_optimizer=scfg.offload_optimizer,
-                                 offload_parameters=scfg.offload_parameters)
-    raise ValueError(f"strategy.name={scfg.name!r}: unknown")
 
 
 def build_logger(cfg: Any, stage_dir: Path, prefix: str) -> Any:

@@ -1,0 +1,218 @@
+"""Strategies from `strategy=` and `trainer=`: every config builds; the DeepSpeed dict we generate; cluster envs;
+a raw ZeRO step on CPU (slow); ZeRO runs through run.py (gpu)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import ROOT, compose_cfg, run_cli
+
+from baize_exp.config import ConfigError, validate
+from baize_exp.train.strategy import build_strategy, deepspeed_config
+
+DS_OPTIONS = ["deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload"]
+
+
+def test_auto_and_ddp_build_and_pass_devices_and_nodes_through() -> None:
+    cfg = compose_cfg(["strategy=auto"])
+    assert build_strategy(cfg.strategy, cfg.trainer, 4) == "auto"
+    cfg = compose_cfg(["strategy=ddp", "trainer.devices=2", "trainer.num_nodes=3"])
+    validate(cfg)
+    strategy = build_strategy(cfg.strategy, cfg.trainer, cfg.train.batch_size)
+    assert isinstance(strategy, pl.strategies.DDPStrategy)
+    tr = cfg.trainer
+    trainer = pl.Trainer(accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=strategy,
+                         logger=False, enable_checkpointing=False)
+    assert trainer.strategy is strategy and trainer.world_size == 6 and trainer.num_nodes == 3
+
+
+@pytest.mark.parametrize("option, stage, offload", [("deepspeed_stage_2", 2, False), ("deepspeed_stage_3", 3, False),
+                                                    ("deepspeed_stage_3_offload", 3, True)])
+@pytest.mark.parametrize("precision, half", [("bf16-mixed", "bf16"), ("16-mixed", "fp16"), ("32-true", None)])
+def test_deepspeed_configs_build_their_dict(option: str, stage: int, offload: bool, precision: str, half: str) -> None:
+    cfg = compose_cfg([f"strategy={option}", "trainer=gpu", f"trainer.precision={precision}",
+                       "trainer.accumulate_grad_batches=4", "trainer.gradient_clip_val=0.5", "train.batch_size=3"])
+    validate(cfg)
+    ds = deepspeed_config(cfg.strategy, cfg.trainer, cfg.train.batch_size)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage
+    assert ("offload_optimizer" in zero) == offload and ("offload_param" in zero) == offload
+    if offload:
+        assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ("bf16" in ds) == (half == "bf16") and ("fp16" in ds) == (half == "fp16")
+    if half == "fp16":
+        assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    json.dumps(ds)  # plain data: what DeepSpeed (and a json file) takes
+
+    strategy = build_strategy(cfg.strategy, cfg.trainer, cfg.train.batch_size)
+    assert isinstance(strategy, pl.strategies.DeepSpeedStrategy)
+    # Lightning gets the same dict minus accumulation, which it takes from Trainer(accumulate_grad_batches=...)
+    assert strategy.config == {k: v for k, v in ds.items() if k != "gradient_accumulation_steps"}
+
+
+def test_deepspeed_without_trainer_config_or_on_cpu_is_refused() -> None:
+    cfg = compose_cfg(["strategy=deepspeed_stage_2"])  # trainer=cpu
+    with pytest.raises(ConfigError, match=r"trainer.accelerator='cpu'.*trainer=gpu"):
+        validate(cfg)
+    with pytest.raises(ValueError, match="needs the trainer config"):
+        build_strategy(cfg.strategy)
+    with pytest.raises(ConfigError, match="strategy.offload_parameters"):
+        validate(compose_cfg(["strategy=deepspeed_stage_2", "trainer=gpu", "strategy.offload_parameters=true"]))
+
+
+def test_slurm_and_torchrun_environments_are_picked_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Multi-node is Lightning's own: under srun/torchrun the ranks come from the environment, not from us."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    cfg = compose_cfg(["strategy=ddp", "trainer.devices=2", "trainer.num_nodes=2"])
+    tr = cfg.trainer
+
+    def trainer() -> pl.Trainer:
+        return pl.Trainer(accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes,
+                          strategy=build_strategy(cfg.strategy, tr, 1), logger=False, enable_checkpointing=False)
+
+    slurm = {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NAME": "baize", "SLURM_JOB_ID": "7",
+             "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NODELIST": "node[1-2]"}
+    with monkeypatch.context() as m:
+        for k, v in slurm.items():
+            m.setenv(k, v)
+        t = trainer()
+        assert isinstance(t.strategy.cluster_environment, SLURMEnvironment)
+        assert (t.global_rank, t.local_rank, t.node_rank, t.world_size) == (3, 1, 1, 4)
+
+    elastic = {"TORCHELASTIC_RUN_ID": "r1", "RANK": "2", "LOCAL_RANK": "0", "GROUP_RANK": "1", "WORLD_SIZE": "4",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}
+    with monkeypatch.context() as m:
+        for k in slurm:
+            m.delenv(k, raising=False)
+        for k, v in elastic.items():
+            m.setenv(k, v)
+        t = trainer()
+        assert isinstance(t.strategy.cluster_environment, TorchElasticEnvironment)
+        assert (t.global_rank, t.local_rank, t.world_size) == (2, 0, 4)
+
+
+# A raw DeepSpeed step on CPU: the dict our ZeRO config generates, the tiny model with LoRA, a torch AdamW. Each
+# rank trains on its own batch; it reports its losses, the Adam state it holds and a checksum of the LoRA weights.
+_RAW_ZERO = r"""
+import json, sys, torch, deepspeed
+from hydra import compose, initialize_config_dir
+from baize_exp.config import register_configs
+from baize_exp import models as M
+from baize_exp.train.strategy import deepspeed_config
+
+register_configs()
+with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+    cfg = compose(config_name="config", overrides=["model=tiny", f"strategy={sys.argv[2]}", "trainer=gpu",
+                  "trainer.precision=32-true", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=1.0",
+                  "lora.dropout=0.0", "train.batch_size=2"])
+model = M.attach_lora(M.load_model(cfg.model, None), cfg.lora).train()
+ds = deepspeed_config(cfg.strategy, cfg.trainer, cfg.train.batch_size)
+params = [p for p in model.parameters() if p.requires_grad]
+n_trainable = sum(p.numel() for p in params)
+opt = torch.optim.AdamW(params, lr=1e-2)
+engine, zero_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=params, config=ds)
+rank = engine.global_rank
+ids = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(rank))
+losses = []
+for _ in range(12):
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    losses.append(loss.item())
+adam_state = sum(v.numel() for st in zero_opt.optimizer.state.values() for v in st.values()
+                 if torch.is_tensor(v) and v.dim() > 0)
+with deepspeed.zero.GatheredParameters(params):  # ZeRO-3 keeps only a shard in each parameter; gather to read it
+    checksum = sum(float(p.double().sum()) for p in params)
+print("RESULT " + json.dumps({"losses": losses, "stage": engine.zero_optimization_stage(), "rank": rank,
+                              "accum": engine.gradient_accumulation_steps(), "steps": engine.global_steps,
+                              "trainable": n_trainable, "adam_state": adam_state, "checksum": checksum}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _raw_zero(option: str, world: int, cwd: Path) -> list[dict]:
+    """Run the script above as `world` DeepSpeed ranks on CPU (fresh processes, one rendezvous on loopback)."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "CUDA_VISIBLE_DEVICES": "",
+               # DeepSpeed JIT-compiles its CPU comm op (~20-35 s, minutes on a busy machine): build it once into
+               # the shared model cache (conftest points BAIZE_CACHE at a test-owned dir when it is not set)
+               "TORCH_EXTENSIONS_DIR": str(Path(os.environ["BAIZE_CACHE"]) / "torch_extensions")}
+        procs.append(subprocess.Popen([sys.executable, "-c", _RAW_ZERO, str(ROOT / "conf"), option], cwd=cwd,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    return [json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT "))) for out in outs]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option, stage", [("deepspeed_stage_2", 2), ("deepspeed_stage_3", 3)])
+def test_raw_deepspeed_zero_step_on_cpu_changes_the_loss(option: str, stage: int, tmp_path: Path) -> None:
+    """`deepspeed.initialize` with the dict we generate trains on CPU (DS_ACCELERATOR=cpu, one rank)."""
+    [out] = _raw_zero(option, 1, tmp_path)
+    assert out["stage"] == stage and out["accum"] == 2
+    assert out["steps"] == 6  # 12 micro-batches, an optimizer step every 2
+    losses = out["losses"]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # no step before the accumulation boundary
+    assert losses[-1] < losses[0] - 0.05, losses  # the LoRA weights moved and the loss fell
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_on_cpu_shards_the_optimizer_state(tmp_path: Path) -> None:
+    """What the plan assumes for ZeRO-2: each of D ranks holds 1/D of the Adam state; the weights stay in sync."""
+    outs = _raw_zero("deepspeed_stage_2", 2, tmp_path)
+    assert sorted(o["rank"] for o in outs) == [0, 1]
+    for o in outs:
+        assert o["adam_state"] == o["trainable"]  # exp_avg + exp_avg_sq over half of the LoRA weights
+        assert o["losses"][-1] < o["losses"][0] - 0.05
+    assert outs[0]["losses"][0] != outs[1]["losses"][0]  # each rank saw its own batch ...
+    assert outs[0]["checksum"] == pytest.approx(outs[1]["checksum"], rel=1e-9)  # ... and the updates agree
+
+
+def _dialogs(path: Path, n: int = 16) -> Path:
+    turns = lambda i: [{"role": "human", "text": f"What is {i} plus {i}?"},  # noqa: E731
+                       {"role": "ai", "text": f"{i} plus {i} is {2 * i}."}]
+    path.write_text("".join(json.dumps({"id": f"d{i}", "turns": turns(i)}) + "\n" for i in range(n)))
+    return path
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    """Per-step training losses from the CSV logger, whatever the loss column is called."""
+    import csv
+
+    rows = [r for f in sorted(run_dir.rglob("metrics.csv")) for r in csv.DictReader(open(f))]
+    names = [k for k in rows[0] if "train" in k and "loss" in k and "epoch" not in k]
+    key = next((k for k in ("train/loss_step", "train/loss", "train_loss") if k in names), names[0])
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed through Lightning needs a CUDA GPU")
+@pytest.mark.parametrize("option", DS_OPTIONS)
+def test_zero_runs_through_run_py_change_the_loss(option: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    r = run_cli("model=tiny", "stages=[train]", f"train.data={_dialogs(tmp_path / 'd.jsonl')}", "logger=csv",
+                f"strategy={option}", "trainer=gpu", "trainer.devices=1", "trainer.max_epochs=4",
+                "trainer.log_every_n_steps=1", "train.lr=1e-2", "lora.dropout=0.0", f"hydra.run.dir={run_dir}")
+    assert r.returncode == 0, r.stderr[-4000:]
+    losses = _train_losses(run_dir)
+    assert len(losses) >= 4 and losses[-1] < losses[0], losses
