@@ -27,7 +27,7 @@ test: install  ## the whole test suite (what CI runs)
 	$(PY) -m pytest $(ARGS)
 
 test-fast: install  ## the tests not marked slow
-	$(PY) -m pytest -m "not slow and not gpu" $(ARGS)
+	$(PY) -m pytest -m "not slow" $(ARGS)
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .

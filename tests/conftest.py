@@ -30,6 +30,18 @@ def _env(tmp_path_factory: pytest.TempPathFactory) -> None:
     register_configs()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests skip (with the reason shown) where there is no CUDA, whatever `-m` the command line gives."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none here); run on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def compose_cfg(overrides: list[str] | None = None):
     """Compose the real config (as run.py would) with overrides."""
     GlobalHydra.instance().clear()
