@@ -386,6 +386,7 @@ def build_app(worker: BatchWorker, api_key: str | None = None, request_timeout_s
 
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull):
+        stats["rejected_429"] += 1
         return error(429, str(exc), "rate_limit_error", {"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(_Unauthorized)
