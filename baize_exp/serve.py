@@ -337,11 +337,11 @@ class BatchWorker:
         free = self.max_batch - len(self.engine.rows)
         admitted = []
         with self.cond:
-            while self.waiting and (self.waiting[0].cancelled or self.waiting[0].n <= free):
-                req = self.waiting.popleft()
-                if not req.cancelled:
-                    admitted.append(req)
-                    free -= req.n
+            if any(r.cancelled for r in self.waiting):  # timed out or gone while waiting: not worth a row
+                self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+            while self.waiting and self.waiting[0].n <= free:  # first come, first served: no overtaking
+                admitted.append(self.waiting.popleft())
+                free -= admitted[-1].n
         return admitted
 
     def _loop(self) -> None:
@@ -353,6 +353,7 @@ class BatchWorker:
                     self.cond.wait()
             if not self.engine.rows and len(self.waiting) < self.max_batch:
                 time.sleep(self.max_wait)  # an idle server lets a burst arrive, then prefills it together
+            admitted: list[GenRequest] = []
             try:
                 admitted = self._admit()
                 if admitted:

@@ -297,3 +297,23 @@ def test_refuses_non_loopback_bind_unless_allowed() -> None:
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--allow-remote" in r.stderr
 
+
+
+def test_serves_an_hf_dir_with_a_lora_adapter(context_model_dir, ctx_server, tmp_path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(context_model_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)  # non-zero LoRA weights, so the adapter changes the answers
+        get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+                       ).save_pretrained(tmp_path / "adapter")
+    ask = dict(messages=_msgs("Tell me about dogs"), max_tokens=8, temperature=0)
+    plain = _openai(ctx_server).chat.completions.create(model="ctx", **ask).choices[0].message.content
+    with LocalServer(str(context_model_dir), adapter=str(tmp_path / "adapter"), cache_dir=CACHE) as s:
+        c = _openai(s, max_retries=0)
+        assert [m.id for m in c.models.list().data] == [f"{context_model_dir.name}+adapter"]
+        with ThreadPoolExecutor(2) as pool:  # two rows of the same batch through the PEFT-wrapped model
+            texts = [f.result().choices[0].message.content
+                     for f in [pool.submit(c.chat.completions.create, model="x", **ask) for _ in range(2)]]
+    assert texts[0] == texts[1] != plain
