@@ -287,7 +287,9 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
         values, index = probs.topk(min(candidates, probs.numel()))
         if float(values.sum()) < top_p:  # a flat distribution: fall back to sorting everything
             values, index = probs.sort(descending=True)
-        values = values[(values.cumsum(-1) - values) < top_p]
+        keep = (values.cumsum(-1) - values) < top_p
+        index, by_id = index[keep].sort()  # draw in token-id order: near-equal probabilities that swap places
+        values = values[keep][by_id]  # in a batch (float noise) then move the draw only at a bucket edge
     cdf = values.cumsum(-1)
     u = torch.rand((), generator=generator) * cdf[-1]
     pick = min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -317,3 +318,21 @@ def test_serves_an_hf_dir_with_a_lora_adapter(context_model_dir, ctx_server, tmp
             texts = [f.result().choices[0].message.content
                      for f in [pool.submit(c.chat.completions.create, model="x", **ask) for _ in range(2)]]
     assert texts[0] == texts[1] != plain
+
+
+@pytest.mark.parametrize(("top_p", "allowed"), [(1.0, [0, 1, 2, 3]), (0.8, [0, 1]), (0.5, [0]), (0.81, [0, 1, 2])])
+def test_top_p_sampler_draws_the_nucleus_in_proportion(top_p: float, allowed: list[int]) -> None:
+    from baize_exp.serve import sample_top_p
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])[[2, 0, 3, 1]]  # not sorted by id: ids 1, 3, 0, 2 by mass
+    rank_to_id = [1, 3, 0, 2]
+    g = torch.Generator().manual_seed(0)
+    draws = collections.Counter(sample_top_p(probs, top_p, g) for _ in range(4000))
+    assert sorted(draws) == sorted(rank_to_id[r] for r in allowed)
+    mass = sum(float(probs[rank_to_id[r]]) for r in allowed)
+    for r in allowed:
+        want = float(probs[rank_to_id[r]]) / mass
+        assert abs(draws[rank_to_id[r]] / 4000 - want) < 0.03
+    # the same generator state gives the same draws
+    assert [sample_top_p(probs, top_p, torch.Generator().manual_seed(5)) for _ in range(3)] == \
+        [sample_top_p(probs, top_p, torch.Generator().manual_seed(5)) for _ in range(3)]
