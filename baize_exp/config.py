@@ -75,9 +75,12 @@ class ServeConfig:
 
     model: str = "smollm2_135m"  # a conf/model option name, or a local HF dir / .gguf path
     adapter: str | None = None  # optional LoRA adapter dir
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # loopback only for teacher/judge=local (validate says so)
     port: int = 0  # 0 = a free port chosen at start
-    max_batch: int = 16
+    max_batch: int = 16  # rows (answers, n counts) decoded together
+    max_wait_ms: float = 5.0  # an idle server waits this long after a first request to prefill a burst together
+    queue_size: int = 256  # requests waiting for a free row at most; beyond that the server answers 429
+    request_timeout_s: float = 600.0  # the server drops a request not done by then and answers 504
     startup_timeout_s: float = 300.0
 
 
@@ -338,6 +341,10 @@ def validate(cfg: DictConfig | Config) -> None:
             _check(p, b.serve.host in ("127.0.0.1", "localhost", "::1"), f"{name}.serve.host", b.serve.host,
                    "a loopback address (run python -m baize_exp.serve yourself to bind another)")
             _check(p, b.serve.max_batch >= 1, f"{name}.serve.max_batch", b.serve.max_batch, "an integer >= 1")
+            _check(p, b.serve.max_wait_ms >= 0, f"{name}.serve.max_wait_ms", b.serve.max_wait_ms, "a number >= 0")
+            _check(p, b.serve.queue_size >= 1, f"{name}.serve.queue_size", b.serve.queue_size, "an integer >= 1")
+            _check(p, b.serve.request_timeout_s > 0, f"{name}.serve.request_timeout_s", b.serve.request_timeout_s,
+                   "a number > 0")
 
     co = c.collect
     _check(p, co.mode in ("transcript", "turns"), "collect.mode", co.mode, "one of transcript, turns")

@@ -34,7 +34,7 @@ STAGE_INPUTS: dict[str, tuple[list[str], list[str]]] = {
 ALWAYS_RERUN = {"plan", "report"}
 NOT_RESULTS = {"shared", "concurrency", "timeout_s", "max_retries", "startup_timeout_s", "port", "host", "max_batch",
                "backoff_base_s", "backoff_max_s", "requests_per_min", "tokens_per_min", "prices", "samples_to_log",
-               "retry_errors"}
+               "retry_errors", "max_wait_ms", "queue_size", "request_timeout_s"}
 
 
 def _strip(node: Any) -> Any:
