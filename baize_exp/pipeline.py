@@ -139,7 +139,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
             if wb is not None:
                 wb.log(_flat(stage, m))
                 if stage == "eval":
-                    _log_eval_table(wb, run_dir)
+                    evaluate.log_wandb(wb, run_dir / "eval")
         exit_code = 0
     finally:
         backends.close()
@@ -149,15 +149,3 @@ def run_pipeline(cfg: DictConfig) -> dict:
             wb.finish(exit_code=exit_code)  # always finished, so one failed run cannot hang a multirun
     return metrics
 
-
-def _log_eval_table(wb: Any, run_dir: Path) -> None:
-    import wandb
-
-    from baize_exp.io import read_jsonl
-
-    answers = {(a["question_id"], a["model"]): a for a in read_jsonl(run_dir / "eval" / "answers.jsonl")}
-    table = wandb.Table(columns=["model", "category", "question_id", "answer", "score", "judge_reply"])
-    for j in read_jsonl(run_dir / "eval" / "judgments.jsonl"):
-        a = answers.get((j["question_id"], j["model"]), {})
-        table.add_data(j["model"], j["category"], j["question_id"], a.get("answer"), j["score"], j["judge_reply"])
-    wb.log({"eval/samples": table})
