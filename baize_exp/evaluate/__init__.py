@@ -17,7 +17,7 @@ from baize_exp import models as M
 from baize_exp.config import cache_dir
 from baize_exp.data import load_eval_questions
 from baize_exp.evaluate.answers import local_answers, resolve_models, teacher_answers
-from baize_exp.evaluate.judge import build_jobs, judge, parse_score, parse_verdict, weighted_score
+from baize_exp.evaluate.judge import build_jobs, parse_score, parse_verdict, run_judge, weighted_score
 from baize_exp.evaluate.stats import bootstrap_ci, plot_scores, score_table, write_scores_csv
 from baize_exp.io import read_jsonl, write_jsonl
 from baize_exp.train import heldout_loss
@@ -90,7 +90,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
 
     jobs = build_jobs(e.judge_mode, e, {q["question_id"]: q for q in questions}, judged, opponent)
     retry = e.verdict_retry if e.judge_mode == "pairwise" else e.score_retry
-    judgments = judge(backends.client("judge"), e.judge_mode, jobs, retry, logprobs=e.judge_logprobs)
+    judgments = run_judge(backends.client("judge"), e.judge_mode, jobs, retry, logprobs=e.judge_logprobs)
     write_jsonl(stage_dir / "judgments.jsonl", judgments)
     metrics["judge_requests"] = len(jobs) + sum("judge_reply_retry" in j for j in judgments)
     for how in ("ok", "tolerant", "retried", "failed"):

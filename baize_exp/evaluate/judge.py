@@ -162,7 +162,7 @@ def _interpret(mode: str, rec: dict, reply: str, logprobs: dict | None) -> tuple
     return how != "failed", err
 
 
-def judge(client: Any, mode: str, jobs: list[dict], retry_template: str, logprobs: bool = False) -> list[dict]:
+def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, logprobs: bool = False) -> list[dict]:
     """Send every job, parse, retry the unparsable once with the parser's error; return the judgment records."""
     params: dict[str, Any] = {"temperature": 0.0}
     if logprobs and mode != "pairwise":
