@@ -199,6 +199,7 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
     monkeypatch.setattr(M, "generate_texts", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
 
     def run_once(run_dir: Path) -> tuple[dict, int]:
+        run_dir.mkdir()
         backends = Backends(cfg, run_dir, cache)
         try:
             backends.client("judge")  # start the shared tiny server, to count what it receives
