@@ -1,0 +1,64 @@
+"""Benchmark: SDF candidate sampling. The same prompts (Baize-format, from the shipped Quora seeds) and the same
+number of new tokens per candidate (min_new_tokens = max_new_tokens, so no row stops early), sampled the way the
+sdf stage does it (`models.generate_texts`, left-padded batches of `--batch-size` prompts x `--candidates` rows)
+against one `generate` per prompt (its candidates via num_return_sequences) and, for reference, one `generate` per
+candidate. Prints new tokens/s of each and the ratios, measured in one run on the same model.
+
+    python benchmarks/sdf_sampling.py [--model smollm2_135m] [--prompts 8] [--candidates 4] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from baize_exp.data import SEEDS_DIR, baize_prompt, load_seed_file
+from baize_exp.models import generate_texts
+from baize_exp.serve import load_for_serving
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2_135m")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--candidates", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (sdf.batch_size)")
+    ap.add_argument("--skip-per-candidate", action="store_true", help="skip the slowest reference loop")
+    a = ap.parse_args()
+    model, tok, _ = load_for_serving(a.model, None, Path(os.environ.get("BAIZE_CACHE", "~/.cache/baize_exp")).expanduser())
+    model.generation_config.min_new_tokens = a.new_tokens  # equal lengths: every row makes exactly new_tokens
+    prompts = [baize_prompt(s.question) for s in load_seed_file(SEEDS_DIR / "quora.jsonl")[: a.prompts]]
+    kw = dict(temperature=1.0, top_p=0.95)
+    tokens = a.prompts * a.candidates * a.new_tokens
+    torch.manual_seed(0)
+    generate_texts(model, tok, prompts[:2], 4, num_return_sequences=2, **kw)  # warm-up
+
+    per_prompt = timed(lambda: [generate_texts(model, tok, [p], a.new_tokens, num_return_sequences=a.candidates,
+                                               batch_size=1, **kw) for p in prompts])
+    batched = timed(lambda: generate_texts(model, tok, prompts, a.new_tokens, num_return_sequences=a.candidates,
+                                           batch_size=a.batch_size, **kw))
+    print(f"SmolLM2 CPU ({torch.get_num_threads()} threads): {a.prompts} prompts x {a.candidates} candidates x "
+          f"{a.new_tokens} new tokens = {tokens} tokens")
+    print(f"one generate per prompt : {tokens / per_prompt:7.1f} tok/s ({per_prompt:.1f}s)")
+    print(f"batched ({a.batch_size} prompts/call) : {tokens / batched:7.1f} tok/s ({batched:.1f}s)")
+    if not a.skip_per_candidate:
+        per_cand = timed(lambda: [generate_texts(model, tok, [p], a.new_tokens, batch_size=1, **kw)
+                                  for p in prompts for _ in range(a.candidates)])
+        print(f"one generate per candidate: {tokens / per_cand:7.1f} tok/s ({per_cand:.1f}s); "
+              f"batched/that: {per_cand / batched:.2f}x")
+    print(f"ratio batched / one-generate-per-prompt: {per_prompt / batched:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
