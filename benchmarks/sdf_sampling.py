@@ -5,6 +5,7 @@ against one `generate` per prompt (its candidates via num_return_sequences) and,
 candidate. Prints new tokens/s of each and the ratios, measured in one run on the same model.
 
     python benchmarks/sdf_sampling.py [--model smollm2_135m] [--prompts 8] [--candidates 4] [--new-tokens 32]
+        [--batch-size 8] [--rounds 3] [--threads N] [--skip-per-candidate]
 """
 
 from __future__ import annotations
@@ -34,8 +35,13 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (sdf.batch_size)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads; 1 on a machine shared with other jobs (2 oversubscribed threads ran ~30x slower)")
     ap.add_argument("--skip-per-candidate", action="store_true", help="skip the slowest reference loop")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     model, tok, _ = load_for_serving(a.model, None, Path(os.environ.get("BAIZE_CACHE", "~/.cache/baize_exp")).expanduser())
     model.generation_config.min_new_tokens = a.new_tokens  # equal lengths: every row makes exactly new_tokens
     prompts = [baize_prompt(s.question) for s in load_seed_file(SEEDS_DIR / "quora.jsonl")[: a.prompts]]
@@ -44,19 +50,24 @@ def main() -> None:
     torch.manual_seed(0)
     generate_texts(model, tok, prompts[:2], 4, num_return_sequences=2, **kw)  # warm-up
 
-    per_prompt = timed(lambda: [generate_texts(model, tok, [p], a.new_tokens, num_return_sequences=a.candidates,
-                                               batch_size=1, **kw) for p in prompts])
-    batched = timed(lambda: generate_texts(model, tok, prompts, a.new_tokens, num_return_sequences=a.candidates,
-                                           batch_size=a.batch_size, **kw))
-    print(f"SmolLM2 CPU ({torch.get_num_threads()} threads): {a.prompts} prompts x {a.candidates} candidates x "
-          f"{a.new_tokens} new tokens = {tokens} tokens")
+    # Rounds alternate the two ways, so a change in machine load hits both alike (shared machines are noisy).
+    per_prompt = batched = 0.0
+    for r in range(a.rounds):
+        per_prompt += timed(lambda: [generate_texts(model, tok, [p], a.new_tokens, batch_size=1,
+                                                    num_return_sequences=a.candidates, **kw) for p in prompts])
+        batched += timed(lambda: generate_texts(model, tok, prompts, a.new_tokens, num_return_sequences=a.candidates,
+                                                batch_size=a.batch_size, **kw))
+        print(f"round {r + 1}: one generate per prompt {per_prompt:.1f}s, batched {batched:.1f}s (cumulative)")
+    tokens *= a.rounds
+    print(f"SmolLM2 CPU ({torch.get_num_threads()} threads): {a.rounds} rounds x {a.prompts} prompts x "
+          f"{a.candidates} candidates x {a.new_tokens} new tokens = {tokens} tokens each way")
     print(f"one generate per prompt : {tokens / per_prompt:7.1f} tok/s ({per_prompt:.1f}s)")
     print(f"batched ({a.batch_size} prompts/call) : {tokens / batched:7.1f} tok/s ({batched:.1f}s)")
     if not a.skip_per_candidate:
         per_cand = timed(lambda: [generate_texts(model, tok, [p], a.new_tokens, batch_size=1, **kw)
                                   for p in prompts for _ in range(a.candidates)])
-        print(f"one generate per candidate: {tokens / per_cand:7.1f} tok/s ({per_cand:.1f}s); "
-              f"batched/that: {per_cand / batched:.2f}x")
+        print(f"one generate per candidate (1 round): {tokens / a.rounds / per_cand:7.1f} tok/s ({per_cand:.1f}s); "
+              f"batched/that: {per_cand * a.rounds / batched:.2f}x")
     print(f"ratio batched / one-generate-per-prompt: {per_prompt / batched:.2f}x")
 
 

@@ -174,7 +174,7 @@ def _health(backends: Backends) -> int:
 
 
 @pytest.mark.slow
-def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, monkeypatch) -> None:
+def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, monkeypatch, request) -> None:
     from baize_exp import evaluate
     from baize_exp.train import save_adapter
 
@@ -198,17 +198,15 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
     real = M.generate_texts
     monkeypatch.setattr(M, "generate_texts", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
 
-    def run_once(run_dir: Path) -> tuple[dict, int]:
-        run_dir.mkdir()
-        backends = Backends(cfg, run_dir, cache)
-        try:
-            backends.client("judge")  # start the shared tiny server, to count what it receives
-            n0 = _health(backends)
-            m = evaluate.run(cfg, run_dir, backends)
-            return m, _health(backends) - n0
-        finally:
-            backends.close()
+    backends = Backends(cfg, tmp_path, cache)  # one tiny server for teacher and judge, shared by the three runs
 
+    def run_once(run_dir: Path) -> tuple[dict, int]:
+        n0 = _health(backends)
+        m = evaluate.run(cfg, run_dir, backends)
+        return m, _health(backends) - n0
+
+    backends.client("judge")
+    request.addfinalizer(backends.close)
     m1, req1 = run_once(tmp_path / "run1")
     assert m1["answers_generated"] == 8 and m1["answers_cached"] == 0
     assert calls == [4, 4]  # one batched call per model
@@ -224,6 +222,17 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
     assert (run1 / "scores.png").stat().st_size > 5000
     answers = [json.loads(x) for x in (run1 / "answers.jsonl").read_text().splitlines()]
     assert {a["model"] for a in answers} == {"base", str(tmp_path / "adapter"), "teacher"}
+    # W&B (offline, real files): the samples and scores tables and the charts
+    import wandb
+
+    wb = wandb.init(project="t", dir=str(tmp_path), mode="offline")
+    evaluate.log_wandb(wb, run1)
+    wb.finish()
+    tables = sorted(p.name.split("_")[0] for p in tmp_path.glob("wandb/offline-run-*/files/media/table/eval/*.json"))
+    assert tables == ["samples", "scores"]
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/eval/chart_scores*.png"))
+    scores_table = json.loads(next(tmp_path.glob("wandb/offline-run-*/files/media/table/eval/scores_*.json")).read_text())
+    assert scores_table["columns"] == S.SCORES_COLUMNS and len(scores_table["data"]) == len(rows)
 
     calls.clear()
     m2, req2 = run_once(tmp_path / "run2")

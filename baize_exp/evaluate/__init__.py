@@ -128,7 +128,7 @@ def log_wandb(wb: Any, stage_dir: Path) -> None:
     with open(stage_dir / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     scores = wandb.Table(columns=list(rows[0].keys()) if rows else [], data=[list(r.values()) for r in rows])
-    images = {f"eval/{p.stem}": wandb.Image(str(p)) for p in sorted(stage_dir.glob("scores*.png"))}
+    images = {f"eval/chart_{p.stem}": wandb.Image(str(p)) for p in sorted(stage_dir.glob("scores*.png"))}
     wb.log({"eval/samples": samples, "eval/scores": scores, **images})
     for r in rows:
         if r["category"] == "all":
