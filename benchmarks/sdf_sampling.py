@@ -1,9 +1,9 @@
 """Benchmark: SDF candidate sampling. The same prompts (Baize-format, from the shipped Quora seeds) and the same
 number of new tokens per candidate (min_new_tokens = max_new_tokens, so no row stops early), sampled the way the
 sdf stage does it (`sdf.sample_candidates`: left-padded batches of `--batch-size` prompts, each prompt run once and
-its KV cache repeated for `--candidates` rows)
-against one `generate` per prompt (its candidates via num_return_sequences) and, for reference, one `generate` per
-candidate, and batched `generate(num_return_sequences=n)`, which runs each prompt n times. Prints new tokens/s of each and the ratios, measured in one run on the same model.
+its KV cache repeated for `--candidates` rows), against one `generate` per prompt (its candidates through
+num_return_sequences). Also shown: batched `generate(num_return_sequences=n)`, which runs each prompt n times, and
+(optionally) one `generate` per candidate. Prints new tokens/s of each and the ratios, measured in one run.
 
     python benchmarks/sdf_sampling.py [--model smollm2_135m] [--prompts 8] [--candidates 4] [--new-tokens 32]
         [--batch-size 8] [--rounds 3] [--threads N] [--skip-per-candidate]

@@ -124,3 +124,19 @@ def test_sdf_stage_with_tiny_model_writes_a_v2_adapter_that_differs_from_v1(tmp_
     assert sum(m[f"parse_{k}"] for k in ("ok", "tolerant", "logprobs", "retried", "failed")) == 3
     assert m["selected_examples"] == sum(sum(r["weights"]) for r in recs) > 0
     assert m["steps"] >= 1 and m["val_loss"] > 0
+
+
+@pytest.mark.slow
+def test_shared_prefill_sampling_matches_plain_generation_when_greedy() -> None:
+    """sample_candidates runs each prompt once and repeats its KV cache; greedy, that must change no token."""
+    from baize_exp import models as M
+    from baize_exp.data import baize_prompt, load_eval_questions
+
+    model, tok = M.load_model_and_tokenizer(compose_cfg([]).model, Path(os.environ["BAIZE_CACHE"]))
+    prompts = [baize_prompt(q["question"]) for q in load_eval_questions(limit=5)]
+    shared = sdf.sample_candidates(model, tok, prompts, 2, 20, temperature=0.0, top_p=1.0, batch_size=5)
+    plain = M.generate_texts(model, tok, prompts, 20, batch_size=5)
+    for s_, p in zip(shared, plain, strict=True):
+        assert s_ == [p[0], p[0]]
+    samples = sdf.sample_candidates(model, tok, prompts[:2], 3, 12, temperature=1.0, top_p=0.95)
+    assert all(len(set(c)) > 1 for c in samples)  # sampled rows differ from each other
