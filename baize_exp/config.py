@@ -155,16 +155,20 @@ class SdfConfig:
     """Self-distillation with feedback (Baize v2)."""
 
     enabled: bool = True
-    num_prompts: int | None = 8  # prompts taken from the dialogs' first human turns (None = all)
+    prompts: str | None = None  # a .jsonl/.txt/.csv of prompts; None = the dialogs' first human turns
+    num_prompts: int | None = 8  # how many prompts to use (None = all)
     num_candidates: int = 4
     temperature: float = 1.0
     top_p: float = 0.95
     max_new_tokens: int = 96
-    select: str = "best"  # best
+    batch_size: int = 8  # prompts per generate call (x num_candidates rows)
+    select: str = "best"  # best | weighted (Borda weights as repeats, see baize_exp.sdf.select_examples)
+    rank_max_tokens: int = 32  # the teacher's ranking reply length
     lr: float = 1e-4
     max_epochs: int = 1
     seed: int = 0
     rank_template: str = MISSING
+    retry_template: str = MISSING
 
 
 @dataclass
@@ -173,12 +177,21 @@ class EvalConfig:
 
     questions: str | None = None  # JSONL of questions; None = the shipped held-out set
     limit: int | None = None
-    models: list[str] = field(default_factory=lambda: ["base", "v1", "v2"])
+    models: list[str] = field(default_factory=lambda: ["base", "v1", "v2"])  # base, v1, v2, adapter or run dirs
     max_new_tokens: int = 128
-    judge_mode: str = "single"
+    batch_size: int = 8  # questions per generate call
+    answer_cache: str | None = None  # dir of cached answers; None = <cache_dir>/eval_answers
+    heldout: str | None = None  # held-out dialogs .jsonl; None = this run's train/val_dialogs.jsonl
+    judge_mode: str = "single"  # single | pairwise | reference
+    pairwise_against: str = "teacher"  # teacher | reference | a name in eval.models
+    judge_logprobs: bool = True  # ask for score-token logprobs (probability-weighted score where returned)
     bootstrap: int = 1000
     seed: int = 0
-    judge_template: str = MISSING
+    judge_template: str = MISSING  # single: {question} {answer}
+    reference_template: str = MISSING  # reference: {question} {reference} {answer}
+    pairwise_template: str = MISSING  # pairwise: {question} {answer_a} {answer_b}
+    score_retry: str = MISSING  # sent after an unreadable score: {error}
+    verdict_retry: str = MISSING  # sent after an unreadable verdict: {error}
 
 
 @dataclass
@@ -368,22 +381,43 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(p, 0.0 <= t.val_fraction < 1.0, "train.val_fraction", t.val_fraction, "a float in [0, 1)")
 
     s = c.sdf
+    if s.prompts is not None:
+        _check(p, Path(s.prompts).expanduser().is_file(), "sdf.prompts", s.prompts,
+               "an existing .jsonl/.txt/.csv of prompts, or null for the dialogs' human turns")
     _check(p, s.num_prompts is None or s.num_prompts >= 1, "sdf.num_prompts", s.num_prompts, "an integer >= 1 or null")
     _check(p, 2 <= s.num_candidates <= 9, "sdf.num_candidates", s.num_candidates, "an integer in [2, 9]")
-    _check(p, s.select == "best", "sdf.select", s.select, "best")
+    _check(p, s.select in ("best", "weighted"), "sdf.select", s.select, "one of best, weighted")
     _check(p, s.temperature > 0, "sdf.temperature", s.temperature, "a float > 0 (sampling)")
+    _check(p, 0.0 < s.top_p <= 1.0, "sdf.top_p", s.top_p, "a float in (0, 1]")
     _check(p, s.max_new_tokens >= 1, "sdf.max_new_tokens", s.max_new_tokens, "an integer >= 1")
+    _check(p, s.batch_size >= 1, "sdf.batch_size", s.batch_size, "an integer >= 1")
+    _check(p, s.rank_max_tokens >= 1, "sdf.rank_max_tokens", s.rank_max_tokens, "an integer >= 1")
     _check(p, s.lr > 0, "sdf.lr", s.lr, "a float > 0")
+    for key in ("n", "prompt", "candidates"):
+        _check(p, "{" + key + "}" in s.rank_template, "sdf.rank_template", "...", f"a template containing {{{key}}}")
 
     e = c.eval
     if e.questions is not None:
         _check(p, Path(e.questions).expanduser().is_file(), "eval.questions", e.questions, "an existing .jsonl")
+    if e.heldout is not None:
+        _check(p, Path(e.heldout).expanduser().is_file(), "eval.heldout", e.heldout, "an existing dialogs .jsonl")
     _check(p, e.limit is None or e.limit >= 1, "eval.limit", e.limit, "an integer >= 1 or null")
     _check(p, len(e.models) > 0 and all(x in ("base", "v1", "v2") or Path(x).expanduser().is_dir()
                                         for x in e.models),
-           "eval.models", list(e.models), "base, v1, v2 or existing adapter dirs")
-    _check(p, e.judge_mode == "single", "eval.judge_mode", e.judge_mode, "single")
+           "eval.models", list(e.models), "base, v1, v2, or existing adapter dirs or run dirs")
+    _check(p, e.judge_mode in ("single", "pairwise", "reference"), "eval.judge_mode", e.judge_mode,
+           "one of single, pairwise, reference")
+    _check(p, e.pairwise_against in ("teacher", "reference", *e.models), "eval.pairwise_against",
+           e.pairwise_against, "teacher, reference, or one of eval.models")
+    _check(p, e.max_new_tokens >= 1, "eval.max_new_tokens", e.max_new_tokens, "an integer >= 1")
+    _check(p, e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
     _check(p, e.bootstrap >= 100, "eval.bootstrap", e.bootstrap, "an integer >= 100")
+    for key, fields in (("judge_template", ("question", "answer")),
+                        ("reference_template", ("question", "reference", "answer")),
+                        ("pairwise_template", ("question", "answer_a", "answer_b"))):
+        tmpl = e[key] if isinstance(e, DictConfig) else getattr(e, key)
+        _check(p, all("{" + f + "}" in tmpl for f in fields), f"eval.{key}", "...",
+               "a template containing " + ", ".join("{" + f + "}" for f in fields))
 
     tr = c.trainer
     _check(p, tr.accelerator in ("cpu", "gpu", "cuda", "auto"), "trainer.accelerator", tr.accelerator,

@@ -183,7 +183,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
             if wb is not None:
                 wb.log(_flat(stage, m))
                 if stage == "eval":
-                    _log_eval_table(wb, run_dir)
+                    evaluate.log_wandb(wb, run_dir / "eval")
         exit_code = 0
     except BaseException as e:
         error = e
@@ -236,15 +236,3 @@ def _finish_status(metrics_path: Path, metrics: dict, error: BaseException | Non
     metrics["run"]["error"] = None if error is None else f"{type(error).__name__}: {error}"[:2000]
     write_json(metrics_path, metrics)
 
-
-def _log_eval_table(wb: Any, run_dir: Path) -> None:
-    import wandb
-
-    from baize_exp.io import read_jsonl
-
-    answers = {(a["question_id"], a["model"]): a for a in read_jsonl(run_dir / "eval" / "answers.jsonl")}
-    table = wandb.Table(columns=["model", "category", "question_id", "answer", "score", "judge_reply"])
-    for j in read_jsonl(run_dir / "eval" / "judgments.jsonl"):
-        a = answers.get((j["question_id"], j["model"]), {})
-        table.add_data(j["model"], j["category"], j["question_id"], a.get("answer"), j["score"], j["judge_reply"])
-    wb.log({"eval/samples": table})

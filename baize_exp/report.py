@@ -49,13 +49,13 @@ def render(run_dir: Path) -> str:
     if scores.is_file():
         with open(scores, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r["category"] == "all"]
-        lines += ["## Judge scores (1-10, 95% bootstrap CI)", "",
-                  "| model | n | mean | 95% CI | parse failures | held-out loss | held-out ppl |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["## Judge scores (95% bootstrap CI; single/reference 1-10, pairwise a win rate)", "",
+                  "| model | mode | n | mean | 95% CI | parse failures | held-out loss | held-out ppl |",
+                  "|---|---|---|---|---|---|---|---|"]
         ev = metrics.get("eval", {})
         for r in rows:
             m = r["model"]
-            lines.append(f"| {m} | {r['n']} | {float(r['mean']):.2f} | [{float(r['ci_low']):.2f}, "
+            lines.append(f"| {m} | {r['mode']} | {r['n']} | {float(r['mean']):.2f} | [{float(r['ci_low']):.2f}, "
                          f"{float(r['ci_high']):.2f}] | {r['parse_failures']} | "
                          f"{_fmt(ev.get(f'{m}/heldout_loss', '-'))} | {_fmt(ev.get(f'{m}/heldout_ppl', '-'))} |")
         lines += ["", "![scores per category](eval/scores.png)", ""]

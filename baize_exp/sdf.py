@@ -1,8 +1,21 @@
 """Stage 3 — Self-Distillation with Feedback (Baize v2).
 
-The v1 model samples `sdf.num_candidates` answers per prompt; the teacher ranks them in one request (candidates
-shown in a shuffled order whose permutation is recorded, so position bias cannot favour v1's first sample); one
-more LoRA pass from the v1 adapter on the best answers gives the v2 adapter.
+The v1 model samples `sdf.num_candidates` answers per prompt in batches; the teacher ranks each prompt's
+candidates in one request (shown in a shuffled order whose seed and permutation are recorded, so position bias
+cannot favour v1's first sample); one more LoRA pass from the v1 adapter on the preferred answers gives the v2
+adapter.
+
+Ranking replies are parsed strictly ("3 > 1 > 2 > 4"), then tolerantly (numbers in order of first mention), then
+from the logprobs of the first candidate number (teachers too small to write a ranking); what still fails is sent
+back once with the parser's error, and a second failure is recorded (`parse: "failed"`), never dropped.
+
+Selection (`sdf.select`):
+- best:     the top-ranked non-empty candidate, once.
+- weighted: every candidate repeated (n - 1 - rank) times, i.e. Borda weights n-1, ..., 1, 0 (best first). Since the
+            training loss is a sum over examples, one epoch over the repeats has the same expected gradient as a
+            loss weighted by Borda score, without a weighted-loss path in the trainer. The worst candidate gets
+            weight 0, as do candidates the teacher did not place (a partial, tolerant ranking) and empty ones.
+            One epoch sees n(n-1)/2 examples per prompt against best's one: compare at equal steps, not epochs.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ import torch
 
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
-from baize_exp.data import BAIZE_HUMAN, baize_prompt
+from baize_exp.data import BAIZE_HUMAN, baize_prompt, load_eval_questions, load_seed_file
 from baize_exp.io import read_jsonl, write_jsonl
 from baize_exp.train import dialogs_path, fit, save_adapter
 from baize_exp.train.data import split_dialogs
@@ -27,25 +40,28 @@ log = logging.getLogger(__name__)
 _STRICT = re.compile(r"^\s*\[?(\d+)\]?(\s*>\s*\[?\d+\]?)+\s*$")
 
 
-def parse_ranking(reply: str, n: int) -> tuple[list[int] | None, str]:
-    """Ranking as 0-based positions, best first, from a reply like "3 > 1 > 2 > 4".
+def parse_ranking(reply: str, n: int) -> tuple[list[int] | None, str, int, str | None]:
+    """(ranking, how, ranked, error): 0-based shown positions best first, from a reply like "3 > 1 > 2 > 4".
 
-    Strict: a line that is exactly numbers separated by ">" naming each candidate once. Tolerant fallback: the
-    distinct in-range numbers in order of first mention (the best one at least). Returns (ranking, how).
-    """
+    Strict: a line that is exactly numbers separated by ">" naming each of 1..n once (ranked = n). Tolerant: the
+    distinct in-range numbers in order of first mention (ranked = how many), the rest appended in shown order.
+    Otherwise (None, "failed", 0, what was wrong)."""
+    reply = reply or ""
+    strict_error = None
     for line in reply.splitlines():
         if _STRICT.match(line):
             nums = [int(x) for x in re.findall(r"\d+", line)]
             if sorted(nums) == list(range(1, n + 1)):
-                return [x - 1 for x in nums], "ok"
+                return [x - 1 for x in nums], "ok", n, None
+            strict_error = f"the ranking {line.strip()!r} must name each of 1..{n} exactly once"
     seen: list[int] = []
     for x in re.findall(r"\d+", reply):
         k = int(x)
         if 1 <= k <= n and k - 1 not in seen:
             seen.append(k - 1)
     if seen:
-        return seen + [k for k in range(n) if k not in seen], "tolerant"
-    return None, "failed"
+        return seen + [k for k in range(n) if k not in seen], "tolerant", len(seen), None
+    return None, "failed", 0, strict_error or f"the reply names none of the answer numbers 1..{n}"
 
 
 def ranking_from_logprobs(logprobs: dict | None, n: int) -> list[int] | None:
@@ -63,44 +79,120 @@ def ranking_from_logprobs(logprobs: dict | None, n: int) -> list[int] | None:
     return None
 
 
-def rank_candidates(client: Any, template: str, prompts: list[str], cands: list[list[str]], seed: int
-                    ) -> list[dict]:
-    """Ask the teacher to rank each prompt's candidates; one retry with the error for unparsable replies."""
+def _read(res: Any, n: int) -> tuple[list[int] | None, str, int, str | None]:
+    """Parse one ranking reply, with the logprobs fallback (which counts the whole ranking as given)."""
+    if res.error:
+        return None, "failed", 0, f"request failed: {res.error}"
+    ranking, how, ranked, err = parse_ranking(res.text, n)
+    if ranking is None:
+        lp = ranking_from_logprobs(res.logprobs[0] if res.logprobs else None, n)
+        if lp is not None:
+            return lp, "logprobs", n, None
+    return ranking, how, ranked, err
+
+
+def rank_candidates(client: Any, s: Any, prompts: list[str], cands: list[list[str]]) -> list[dict]:
+    """Ask the teacher to rank each prompt's candidates in one request each; records in candidates.jsonl shape."""
     n = len(cands[0])
     example = " > ".join(str(k) for k in random.Random(0).sample(range(1, n + 1), n))
     records, convs = [], []
     for i, (p, cs) in enumerate(zip(prompts, cands, strict=True)):
         order = list(range(n))
-        random.Random(seed * 100003 + i).shuffle(order)  # presentation order: position k shows cs[order[k]]
+        shuffle_seed = s.seed * 100003 + i
+        random.Random(shuffle_seed).shuffle(order)  # presentation order: position k shows cs[order[k]]
         shown = "\n\n".join(f"Answer {k + 1}: {cs[j]}" for k, j in enumerate(order))
-        convs.append([{"role": "user", "content": template.format(n=n, prompt=p, candidates=shown, example=example)}])
-        records.append({"prompt": p, "candidates": cs, "order": order})
-    results = client.complete_many(convs, desc="sdf ranking", temperature=0.0, max_tokens=32, logprobs=True,
-                                   top_logprobs=20)
+        convs.append([{"role": "user", "content": s.rank_template.format(n=n, prompt=p, candidates=shown,
+                                                                         example=example)}])
+        records.append({"prompt": p, "candidates": cs, "order": order, "shuffle_seed": shuffle_seed})
+    params = dict(temperature=0.0, max_tokens=s.rank_max_tokens, logprobs=True, top_logprobs=20)
+    results = client.complete_many(convs, desc="sdf ranking", **params)
     retry = []
     for i, (rec, res) in enumerate(zip(records, results, strict=True)):
         rec["judge_reply"] = res.text if not res.error else None
-        ranking, how = parse_ranking(res.text, n) if not res.error else (None, "failed")
-        if ranking is None and not res.error:
-            ranking = ranking_from_logprobs(res.logprobs[0] if res.logprobs else None, n)
-            how = "logprobs" if ranking else how
-        rec["_rank"], rec["parse"] = ranking, how
-        if ranking is None:
+        rec["_rank"], rec["parse"], rec["ranked"], rec["parse_error"] = _read(res, n)
+        if rec["_rank"] is None:
             retry.append(i)
-    if retry:  # tell the teacher what was wrong once; what still fails is recorded as failed
+    if retry:  # tell the teacher what was wrong, once; what still fails is recorded as failed
         again = [convs[i] + [{"role": "assistant", "content": records[i]["judge_reply"] or ""},
-                             {"role": "user", "content": f"I could not read a ranking in that. Reply with only "
-                                                         f"the numbers 1 to {n}, best first, like: {example}"}]
+                             {"role": "user", "content": s.retry_template.format(
+                                 error=records[i]["parse_error"], n=n, example=example)}]
                  for i in retry]
-        for i, res in zip(retry, client.complete_many(again, desc="sdf ranking retry", temperature=0.0,
-                                                           max_tokens=32), strict=True):
-            ranking, how = parse_ranking(res.text, n) if not res.error else (None, "failed")
-            records[i]["judge_reply_retry"] = res.text if not res.error else res.error
-            records[i]["_rank"], records[i]["parse"] = ranking, "retried" if ranking else "failed"
+        for i, res in zip(retry, client.complete_many(again, desc="sdf ranking retry", **params), strict=True):
+            rec = records[i]
+            rec["judge_reply_retry"] = res.text if not res.error else None
+            ranking, _, ranked, err = _read(res, n)
+            rec.update(_rank=ranking, ranked=ranked, parse="retried" if ranking else "failed",
+                       parse_error=None if ranking else err)
     for rec in records:
         r = rec.pop("_rank")
         rec["ranking"] = [rec["order"][k] for k in r] if r else None  # back to candidate indices, best first
     return records
+
+
+@torch.no_grad()
+def sample_candidates(model: torch.nn.Module, tok: Any, prompts: list[str], n: int, max_new_tokens: int,
+                      temperature: float, top_p: float, batch_size: int = 8, stop: list[str] | None = None
+                      ) -> list[list[str]]:
+    """`n` sampled answers per prompt, `batch_size` prompts per `generate` (left padding, KV cache).
+
+    Unlike `generate(num_return_sequences=n)`, which runs the prompt through the model n times, each prompt is
+    run once and its KV cache repeated n times: prompts (the Baize header + question, ~100 tokens) outweigh short
+    answers, so this is most of the sampling cost saved. Greedy output equals `models.generate_texts`'s."""
+    model.eval()
+    side, tok.padding_side = tok.padding_side, "left"
+    outs: list[list[str]] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            ids, mask = enc.input_ids, enc.attention_mask
+            # the cache covers all but the last prompt token, which generate feeds to make the first new token
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            past = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                         use_cache=True).past_key_values
+            past.batch_repeat_interleave(n)
+            kw: dict[str, Any] = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            if temperature <= 0:
+                kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            seqs = model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                                  past_key_values=past, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                  **kw)[:, ids.shape[1]:]
+            texts = tok.batch_decode(seqs, skip_special_tokens=True)
+            outs += [[M.cut_at_stop(t, stop or [])[0].strip() for t in texts[j:j + n]] for j in range(0, len(texts), n)]
+    finally:
+        tok.padding_side = side
+    return outs
+
+
+def candidate_weights(rec: dict, select: str) -> list[int]:
+    """How many times each candidate is trained on (see the module docstring)."""
+    n = len(rec["candidates"])
+    w = [0] * n
+    if rec["ranking"] is None:
+        return w
+    nonempty = [j for j in rec["ranking"] if rec["candidates"][j].strip()]
+    if select == "best":
+        if nonempty:
+            w[nonempty[0]] = 1
+        return w
+    for rank, j in enumerate(rec["ranking"][: rec["ranked"]]):
+        if rec["candidates"][j].strip():
+            w[j] = n - 1 - rank
+    return w
+
+
+def load_prompts(cfg: Any, train_dialogs: list[dict]) -> list[str]:
+    """SDF prompts: a file's, or the first human turn of each training dialog (held-out dialogs stay unseen).
+    Eval questions are refused: evaluation must stay on questions no stage trained on."""
+    s = cfg.sdf
+    if s.prompts:
+        prompts = list(dict.fromkeys(x.question for x in load_seed_file(s.prompts)))
+    else:
+        prompts = list(dict.fromkeys(d["turns"][0]["text"] for d in train_dialogs if d["turns"]))
+    leaked = {q["question"].strip() for q in load_eval_questions(cfg.eval.questions)} & {p.strip() for p in prompts}
+    if leaked:
+        raise ValueError(f"sdf: {len(leaked)} prompt(s) are eval questions (e.g. {sorted(leaked)[0][:80]!r}); "
+                         f"remove them from {s.prompts or 'the dialogs'} so evaluation stays held out")
+    return prompts[: s.num_prompts] if s.num_prompts else prompts
 
 
 def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
@@ -112,38 +204,33 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     v1 = run_dir / "train" / "adapter"
     if not (v1 / "adapter_config.json").is_file():
         raise FileNotFoundError(f"sdf: no v1 adapter at {v1}; run the train stage first")
-    train_d, _ = split_dialogs(read_jsonl(dialogs_path(cfg, run_dir)), cfg.train.val_fraction, cfg.train.seed)
-    prompts = list(dict.fromkeys(d["turns"][0]["text"] for d in train_d))  # held-out dialogs stay unseen
-    prompts = prompts[: s.num_prompts] if s.num_prompts else prompts
+    train_d, val_d = split_dialogs(read_jsonl(dialogs_path(cfg, run_dir)), cfg.train.val_fraction, cfg.train.seed)
+    prompts = load_prompts(cfg, train_d)
 
     base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg))
     model = M.load_adapter(base, v1, trainable=True)
     torch.manual_seed(s.seed)
-    cands = M.generate_texts(model, tok, [baize_prompt(p) for p in prompts], s.max_new_tokens,
-                             temperature=s.temperature, top_p=s.top_p, num_return_sequences=s.num_candidates,
-                             stop=[BAIZE_HUMAN])
-    records = rank_candidates(backends.client("teacher"), s.rank_template, prompts, cands, s.seed)
-    write_jsonl(stage_dir / "candidates.jsonl", records)
+    cands = sample_candidates(model, tok, [baize_prompt(p) for p in prompts], s.num_candidates, s.max_new_tokens,
+                              s.temperature, s.top_p, s.batch_size, stop=[BAIZE_HUMAN])
+    records = rank_candidates(backends.client("teacher"), s, prompts, cands)
 
     chosen = []
     for i, rec in enumerate(records):
-        if rec["ranking"] is None:
-            continue
-        best = next((rec["candidates"][j] for j in rec["ranking"] if rec["candidates"][j].strip()), None)
-        if best:
-            chosen.append({"id": f"sdf-{i}", "turns": [{"role": "human", "text": rec["prompt"]},
-                                                       {"role": "ai", "text": best}]})
+        rec["weights"] = candidate_weights(rec, s.select)
+        for j, w in enumerate(rec["weights"]):
+            chosen += [{"id": f"sdf-{i}-{j}", "turns": [{"role": "human", "text": rec["prompt"]},
+                                                        {"role": "ai", "text": rec["candidates"][j]}]}] * w
+    write_jsonl(stage_dir / "candidates.jsonl", records)
     parse = Counter(r["parse"] for r in records)
     metrics: dict[str, Any] = {"prompts": len(prompts), "candidates": len(prompts) * s.num_candidates,
-                               "parse_ok": parse["ok"], "parse_tolerant": parse["tolerant"],
-                               "parse_logprobs": parse["logprobs"],
-                               "parse_retried": parse["retried"], "parse_failed": parse["failed"],
-                               "selected": len(chosen)}
+                               "empty_candidates": sum(not c.strip() for cs in cands for c in cs),
+                               **{f"parse_{k}": parse[k] for k in ("ok", "tolerant", "logprobs", "retried", "failed")},
+                               "select": s.select, "selected_examples": len(chosen),
+                               "prompts_used": sum(any(r["weights"]) for r in records)}
     if not chosen:
-        raise RuntimeError(f"sdf: the teacher's rankings could not be parsed for any prompt; see "
+        raise RuntimeError(f"sdf: no candidate was selected (rankings unparsable or candidates empty); see "
                            f"{stage_dir / 'candidates.jsonl'}")
-    metrics.update(fit(model, tok, chosen, [], cfg, stage_dir, s.lr, s.max_epochs, prefix="sdf/"))
+    metrics.update(fit(model, tok, chosen, val_d, cfg, stage_dir, s.lr, s.max_epochs, prefix="sdf/"))
     save_adapter(model, tok, stage_dir / "adapter", {"model": cfg.model.name, "from": str(v1),
-                                                    "sdf": to_container(s),
-                                                    "metrics": metrics})
+                                                    "sdf": to_container(s), "metrics": metrics})
     return metrics

@@ -1,0 +1,135 @@
+"""Answers to the eval questions: which models, batched generation, and a disk cache so reruns regenerate nothing.
+
+A cached answer is keyed by what determines it: the model (its config), the adapter's weights (a hash of the
+files, not the path), the exact prompt text (question + prompt format) and the sampling settings. The cache is a
+JSONL file per model under `eval.answer_cache` (default `<cache_dir>/eval_answers`), appended and fsynced as
+answers are made, so a crash mid-eval keeps what was generated and sweeps share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from baize_exp import models as M
+from baize_exp.config import cache_dir, to_container
+from baize_exp.data import BAIZE_HUMAN, baize_prompt
+from baize_exp.io import JsonlWriter, content_hash, read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSpec:
+    name: str  # as written in eval.models
+    adapter: Path | None  # None = the base model
+
+
+def resolve_models(names: list[str], run_dir: Path) -> tuple[list[ModelSpec], list[str]]:
+    """base / v1 / v2 of this run, an adapter dir, or another run dir (its v2 adapter if it has one, else v1).
+    A v1/v2 this run has not made (e.g. v2 with sdf=off) is skipped and reported, not an error."""
+    specs, skipped = [], []
+    for name in names:
+        if name == "base":
+            specs.append(ModelSpec(name, None))
+            continue
+        path = {"v1": run_dir / "train" / "adapter", "v2": run_dir / "sdf" / "adapter"}.get(name)
+        if path is None:
+            p = Path(name).expanduser()
+            path = next((d for d in (p, p / "sdf" / "adapter", p / "train" / "adapter")
+                         if (d / "adapter_config.json").is_file()), None)
+            if path is None:
+                raise FileNotFoundError(f"eval.models: {name!r} is neither an adapter dir (adapter_config.json) "
+                                        f"nor a run dir with sdf/adapter or train/adapter")
+        if not (path / "adapter_config.json").is_file():
+            skipped.append(name)
+            continue
+        specs.append(ModelSpec(name, path))
+    return specs, skipped
+
+
+def adapter_hash(path: Path | None) -> str | None:
+    """Hash of the adapter's weights and config (not of its provenance notes, which hold timings)."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    for f in sorted(path.glob("adapter_*")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class AnswerCache:
+    """Answers on disk, one JSONL file per model identity; `get` / `put` by answer key."""
+
+    def __init__(self, root: Path, model_key: str):
+        self.path = root / f"{model_key}.jsonl"
+        self.entries = {r["key"]: r["answer"] for r in read_jsonl(self.path, repair_tail=True)}
+
+    def get(self, key: str) -> str | None:
+        return self.entries.get(key)
+
+    def put_many(self, items: list[tuple[str, dict]]) -> None:
+        with JsonlWriter(self.path) as w:
+            for key, rec in items:
+                w.write({"key": key, **rec})
+                self.entries[key] = rec["answer"]
+
+
+def answer_cache_dir(cfg: Any) -> Path:
+    return Path(cfg.eval.answer_cache).expanduser() if cfg.eval.answer_cache else cache_dir(cfg) / "eval_answers"
+
+
+def model_prompts(tok: Any, questions: list[dict], base: bool, use_chat_template: bool) -> list[str]:
+    """The base model answers through its chat template (what it was tuned for); adapters in the Baize format."""
+    if base and use_chat_template and tok.chat_template:
+        return [tok.apply_chat_template([{"role": "user", "content": q["question"]}], tokenize=False,
+                                        add_generation_prompt=True) for q in questions]
+    return [baize_prompt(q["question"]) for q in questions]
+
+
+def local_answers(cfg: Any, spec: ModelSpec, questions: list[dict], tok: Any, load: Any) -> tuple[list[dict], int]:
+    """Answers of one local model, generated in batches for the questions the cache lacks; (answers, generated).
+
+    `load()` returns the model and is only called when something must be generated."""
+    e = cfg.eval
+    sampling = {"max_new_tokens": e.max_new_tokens, "temperature": 0.0, "stop": [BAIZE_HUMAN]}
+    model_key = content_hash("local", to_container(cfg.model), adapter_hash(spec.adapter))
+    cache = AnswerCache(answer_cache_dir(cfg), model_key)
+    prompts = model_prompts(tok, questions, spec.adapter is None, cfg.model.chat_template)
+    keys = [content_hash(p, sampling) for p in prompts]
+    todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
+    if todo:
+        texts = M.generate_texts(load(), tok, [prompts[i] for i in todo], e.max_new_tokens, stop=[BAIZE_HUMAN],
+                                 batch_size=e.batch_size)
+        cache.put_many([(keys[i], {"question_id": questions[i]["question_id"], "answer": t[0]})
+                        for i, t in zip(todo, texts, strict=True)])
+    log.info("eval: %s: %d answers generated, %d from the cache", spec.name, len(todo), len(keys) - len(todo))
+    return [{"question_id": q["question_id"], "category": q["category"], "model": spec.name,
+             "adapter": str(spec.adapter) if spec.adapter else None, "adapter_hash": adapter_hash(spec.adapter),
+             "answer": cache.get(k), "cached": i not in todo}
+            for i, (q, k) in enumerate(zip(questions, keys, strict=True))], len(todo)
+
+
+def teacher_answers(cfg: Any, client: Any, questions: list[dict]) -> tuple[list[dict], int]:
+    """The teacher's answers (the default pairwise opponent), cached like the local models'; (answers, sent).
+    A failed request is recorded with its error and not cached."""
+    e, t = cfg.eval, cfg.teacher
+    where = t.serve.model if t.backend == "local" else (t.base_url or "api.openai.com")
+    sampling = {"max_tokens": e.max_new_tokens, "temperature": 0.0}
+    cache = AnswerCache(answer_cache_dir(cfg), content_hash("chat", t.backend, t.model, where))
+    keys = [content_hash(q["question"], sampling) for q in questions]
+    todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
+    errors: dict[int, str] = {}
+    if todo:
+        results = client.complete_many([[{"role": "user", "content": questions[i]["question"]}] for i in todo],
+                                       desc="teacher answers", **sampling)
+        cache.put_many([(keys[i], {"question_id": questions[i]["question_id"], "answer": r.text})
+                        for i, r in zip(todo, results, strict=True) if not r.error])
+        errors = {i: r.error for i, r in zip(todo, results, strict=True) if r.error}
+    return [{"question_id": q["question_id"], "category": q["category"], "model": "teacher", "role": "opponent",
+             "answer": cache.get(k), "error": errors.get(i), "cached": i not in todo}
+            for i, (q, k) in enumerate(zip(questions, keys, strict=True))], len(todo)

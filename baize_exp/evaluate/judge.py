@@ -1,0 +1,200 @@
+"""Judge requests and the parsing of their replies, for the three modes.
+
+- single:    the judge scores one answer 1-10 with a rubric.
+- reference: the judge scores one answer 1-10 against the question's reference answer.
+- pairwise:  the judge picks the better of two answers, asked twice with the positions swapped; the two verdicts
+             are combined in `stats.combine_pairwise` (disagreement = tie), so position bias cannot decide.
+
+A reply is parsed strictly, then tolerantly; what still fails is sent back once with the parser's error, and
+what fails again is recorded with `parse: "failed"` and both replies. When the backend returns logprobs for the
+score token, `weighted_score` is the probability-weighted mean over the scores 1-10.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+_OUT_OF_10 = re.compile(r"\b(\d+(?:\.\d+)?)\s*(?:/|out of)\s*10\b", re.IGNORECASE)
+_NUMBER = re.compile(r"\b\d+(?:\.\d+)?\b")
+_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+_VERDICT_LOOSE = re.compile(r"^\W*(?:assistant\s+)?([ABC]|tie)\b", re.IGNORECASE)
+
+
+def parse_score(reply: str) -> tuple[float | None, str, str | None]:
+    """(score, how, error) from a judge's reply.
+
+    Strict: "Score: N" with N in 1..10. Tolerant: "N/10" or "N out of 10", else the one distinct number in 1..10
+    if the reply holds only one. Otherwise (None, "failed", what was wrong).
+    """
+    reply = reply or ""
+    m = _SCORE.search(reply)
+    if m:
+        v = float(m.group(1))
+        if 1 <= v <= 10:
+            return v, "ok", None
+        return None, "failed", f"'Score: {m.group(1)}' is outside 1-10"
+    m = _OUT_OF_10.search(reply)
+    if m and 1 <= float(m.group(1)) <= 10:
+        return float(m.group(1)), "tolerant", None
+    nums = list(dict.fromkeys(float(x) for x in _NUMBER.findall(reply) if 1 <= float(x) <= 10))
+    if len(nums) == 1:
+        return nums[0], "tolerant", None
+    if not nums:
+        return None, "failed", "the reply has no 'Score: N' and no number from 1 to 10"
+    return None, "failed", f"the reply has no 'Score: N' and several candidate numbers {[_fmt(x) for x in nums]}"
+
+
+def parse_verdict(reply: str) -> tuple[str | None, str, str | None]:
+    """("A" | "B" | "C", how, error) from a pairwise reply; C is a tie.
+
+    Strict: exactly one distinct [[A]]/[[B]]/[[C]]. Tolerant: a reply that starts with A, B, C, "Assistant A" or
+    "tie". Otherwise (None, "failed", what was wrong)."""
+    reply = reply or ""
+    found = list(dict.fromkeys(_VERDICT.findall(reply)))
+    if len(found) == 1:
+        return found[0], "ok", None
+    if len(found) > 1:
+        return None, "failed", f"the reply names several verdicts {found}"
+    m = _VERDICT_LOOSE.match(reply.strip())
+    if m:
+        v = m.group(1).upper()
+        return ("C" if v == "TIE" else v), "tolerant", None
+    return None, "failed", "the reply has no [[A]], [[B]] or [[C]]"
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def weighted_score(reply: str, logprobs: dict | None) -> float | None:
+    """Probability-weighted score Σ s·p(s) / Σ p(s) over s in 1..10, read at the token where the parsed score
+    starts; None without logprobs or when that token cannot be located.
+
+    Tokenizers that split digits (SmolLM2, LLaMA) write 10 as "1","0": when the chosen token is "1", its mass is
+    split by the next position's probability of "0"; an unchosen alternative "1" counts as 1 (its continuation
+    was never computed)."""
+    content = (logprobs or {}).get("content") or []
+    if not content:
+        return None
+    m = _SCORE.search(reply or "") or _OUT_OF_10.search(reply or "")
+    if not m:
+        return None
+    offsets, pos = [], 0
+    for t in content:
+        offsets.append(pos)
+        pos += len(t["token"])
+    if "".join(t["token"] for t in content) != reply:
+        return None  # the tokens do not spell the reply (e.g. a cut stop string): do not guess
+    if m.start(1) not in offsets:
+        return None
+    k = offsets.index(m.start(1))
+    probs: dict[int, float] = {}
+    for alt in content[k].get("top_logprobs") or []:
+        tok = alt["token"].strip()
+        if tok.isdigit() and 1 <= int(tok) <= 10:
+            probs[int(tok)] = probs.get(int(tok), 0.0) + math.exp(alt["logprob"])
+    chosen = content[k]["token"].strip()
+    if chosen == "1" and 1 in probs and k + 1 < len(content):
+        nxt = content[k + 1]
+        p0 = sum(math.exp(a["logprob"]) for a in nxt.get("top_logprobs") or [] if a["token"] == "0")
+        if not nxt.get("top_logprobs") and nxt["token"] == "0":
+            p0 = math.exp(nxt["logprob"])
+        p1 = probs.pop(1)
+        probs[10] = probs.get(10, 0.0) + p1 * p0
+        probs[1] = p1 * (1 - p0)
+    total = sum(probs.values())
+    if total <= 0:
+        return None
+    return round(sum(s * p for s, p in probs.items()) / total, 4)
+
+
+def build_jobs(mode: str, templates: Any, questions: dict[str, dict], answers: list[dict],
+               opponent: dict[str, str] | None = None) -> list[dict]:
+    """One job per judge request: {"messages", "record"}; pairwise gives two per answer (swap False/True)."""
+    jobs = []
+    for a in answers:
+        q = questions[a["question_id"]]
+        base = {"question_id": a["question_id"], "category": a["category"], "model": a["model"], "mode": mode}
+        if mode == "single":
+            prompt = templates.judge_template.format(question=q["question"], answer=a["answer"])
+            jobs.append({"messages": _user(prompt), "record": {**base, "swap": False}})
+        elif mode == "reference":
+            prompt = templates.reference_template.format(question=q["question"], reference=q["reference"],
+                                                         answer=a["answer"])
+            jobs.append({"messages": _user(prompt), "record": {**base, "swap": False}})
+        elif mode == "pairwise":
+            other = (opponent or {}).get(a["question_id"])
+            for swap in (False, True):
+                rec = {**base, "swap": swap, "opponent": templates.pairwise_against}
+                if other is None:  # the opponent has no answer (its request failed): recorded, not judged
+                    jobs.append({"messages": None, "record": {**rec, "error": "no opponent answer"}})
+                    continue
+                first, second = (other, a["answer"]) if swap else (a["answer"], other)
+                prompt = templates.pairwise_template.format(question=q["question"], answer_a=first,
+                                                            answer_b=second)
+                jobs.append({"messages": _user(prompt), "record": rec})
+        else:
+            raise ValueError(f"eval.judge_mode={mode!r}: one of single, pairwise, reference")
+    return jobs
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _interpret(mode: str, rec: dict, reply: str, logprobs: dict | None) -> tuple[bool, str | None]:
+    """Fill the record's result fields from a reply; (parsed, error)."""
+    if mode == "pairwise":
+        verdict, how, err = parse_verdict(reply)
+        rec["verdict"] = verdict
+        a_is_model = not rec["swap"]
+        rec["winner"] = None if verdict is None else {"A": "model" if a_is_model else "opponent",
+                                                      "B": "opponent" if a_is_model else "model",
+                                                      "C": "tie"}[verdict]
+    else:
+        score, how, err = parse_score(reply)
+        rec["score"] = score
+        rec["weighted_score"] = weighted_score(reply, logprobs) if score is not None else None
+    rec["parse"] = how
+    return how != "failed", err
+
+
+def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, logprobs: bool = False) -> list[dict]:
+    """Send every job, parse, retry the unparsable once with the parser's error; return the judgment records."""
+    params: dict[str, Any] = {"temperature": 0.0}
+    if logprobs and mode != "pairwise":
+        params.update(logprobs=True, top_logprobs=20)
+    live = [i for i, j in enumerate(jobs) if j["messages"] is not None]
+    records = [dict(j["record"]) for j in jobs]
+    for i, j in enumerate(jobs):
+        if j["messages"] is None:
+            records[i].update(parse="failed", judge_reply=None,
+                              **({"winner": None, "verdict": None} if mode == "pairwise" else {"score": None}))
+    results = client.complete_many([jobs[i]["messages"] for i in live], desc=f"judge ({mode})", **params)
+    retry: list[tuple[int, str]] = []
+    for i, res in zip(live, results, strict=True):
+        rec = records[i]
+        rec["judge_reply"], rec["error"] = (None, res.error) if res.error else (res.text, None)
+        ok, err = _interpret(mode, rec, res.text if not res.error else "", _first(res.logprobs))
+        if not ok:
+            retry.append((i, err or res.error or "no reply"))
+    if retry:
+        convs = [jobs[i]["messages"] + [{"role": "assistant", "content": records[i]["judge_reply"] or ""},
+                                         {"role": "user", "content": retry_template.format(error=err)}]
+                 for i, err in retry]
+        for (i, _), res in zip(retry, client.complete_many(convs, desc=f"judge retry ({mode})", **params),
+                               strict=True):
+            rec = records[i]
+            rec["judge_reply_retry"] = res.text if not res.error else None
+            ok, err = _interpret(mode, rec, res.text if not res.error else "", _first(res.logprobs))
+            rec["parse"] = "retried" if ok else "failed"
+            if not ok:
+                rec["error"] = res.error or err
+    return records
+
+
+def _first(logprobs: list | None) -> dict | None:
+    return logprobs[0] if logprobs else None

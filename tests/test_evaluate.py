@@ -1,0 +1,264 @@
+"""Evaluation: judge parsing, position swap, retries, bootstrap intervals, the answer cache, batched generation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import compose_cfg
+from recording_server import recording_server
+
+from baize_exp import models as M
+from baize_exp.chat import Backends
+from baize_exp.evaluate import judge as J
+from baize_exp.evaluate import stats as S
+
+
+@pytest.fixture(scope="module")
+def tiny_judge():
+    """The project's server over the random tiny model: its greedy replies are deterministic gibberish."""
+    with recording_server("tiny") as s:
+        yield s
+
+
+# --- parsing ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("reply", "score", "how"), [
+    ("Score: 7", 7.0, "ok"), ("**Score:** 9\nGood answer.", 9.0, "ok"), ("score=10", 10.0, "ok"),
+    ("I'd give it 8/10.", 8.0, "tolerant"), ("6 out of 10", 6.0, "tolerant"), ("8", 8.0, "tolerant"),
+    ("Score: 11", None, "failed"), ("On a scale of 1 to 10 this is a 7", None, "failed"),
+    ("great answer", None, "failed"), ("", None, "failed"),
+])
+def test_parse_score(reply: str, score: float | None, how: str) -> None:
+    got, got_how, err = J.parse_score(reply)
+    assert (got, got_how) == (score, how)
+    assert (err is None) == (score is not None)
+
+
+@pytest.mark.parametrize(("reply", "verdict", "how"), [
+    ("[[A]]", "A", "ok"), ("After thought, [[B]] is better.", "B", "ok"), ("[[C]]", "C", "ok"),
+    ("B", "B", "tolerant"), ("Assistant A is more helpful", "A", "tolerant"), ("Tie.", "C", "tolerant"),
+    ("[[A]] or maybe [[B]]", None, "failed"), ("Both are fine", None, "failed"),
+])
+def test_parse_verdict(reply: str, verdict: str | None, how: str) -> None:
+    assert J.parse_verdict(reply)[:2] == (verdict, how)
+
+
+def _lp(token: str, logprob: float, alts: dict[str, float]) -> dict:
+    return {"token": token, "logprob": logprob, "top_logprobs": [{"token": t, "logprob": lp} for t, lp in alts.items()]}
+
+
+def test_weighted_score_reads_the_score_token_and_splits_ten() -> None:
+    ln = np.log
+    content = [_lp("Score", 0, {}), _lp(":", 0, {}), _lp(" ", 0, {}),
+               _lp("7", ln(0.5), {"7": ln(0.5), "8": ln(0.3), "x": ln(0.1), "6": ln(0.1)})]
+    assert J.weighted_score("Score: 7", {"content": content}) == pytest.approx((7 * .5 + 8 * .3 + 6 * .1) / .9, abs=1e-4)
+    # "10" as "1","0": P(1 then 0) goes to 10, the rest of "1" to 1
+    ten = content[:3] + [_lp("1", ln(0.6), {"1": ln(0.6), "9": ln(0.4)}), _lp("0", ln(0.75), {"0": ln(0.75), ".": ln(0.25)})]
+    assert J.weighted_score("Score: 10", {"content": ten}) == pytest.approx(10 * .45 + 1 * .15 + 9 * .4, abs=1e-4)
+    assert J.weighted_score("Score: 7", None) is None
+    assert J.weighted_score("Score: 7", {"content": content[:2]}) is None  # tokens do not spell the reply
+
+
+def test_pairwise_combination_needs_agreement() -> None:
+    assert S.combine_pairwise("model", "model") == "model"
+    assert S.combine_pairwise("opponent", "opponent") == "opponent"
+    assert S.combine_pairwise("model", "opponent") == "tie"  # position bias cancels
+    assert S.combine_pairwise("model", None) is None  # a failure, not a one-sided win
+
+
+# --- statistics ---------------------------------------------------------------------------------------------
+
+def _synthetic() -> list[dict]:
+    rng = np.random.default_rng(123)
+    out = []
+    for model, shift in (("m1", 0), ("m2", 2)):
+        for cat in ("coding", "math", "writing"):
+            for k in range(20):
+                out.append({"question_id": f"{cat}-{k}", "category": cat, "model": model, "mode": "single",
+                            "swap": False, "score": float(min(10, rng.integers(1, 9) + shift))})
+            out.append({"question_id": f"{cat}-x", "category": cat, "model": model, "mode": "single",
+                        "swap": False, "score": None})  # a parse failure per category
+    return out
+
+
+def test_scores_csv_intervals_match_an_independent_bootstrap(tmp_path: Path) -> None:
+    from scipy.stats import bootstrap
+
+    judgments = _synthetic()
+    S.write_scores_csv(S.score_table(judgments, n_boot=20000, seed=0), tmp_path / "scores.csv")
+    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    assert list(rows[0]) == S.SCORES_COLUMNS
+    assert len(rows) == 2 * 4
+    for r in rows:
+        vals = [j["score"] for j in judgments if j["model"] == r["model"] and j["score"] is not None
+                and r["category"] in ("all", j["category"])]
+        assert int(r["n"]) == len(vals) == (60 if r["category"] == "all" else 20)
+        assert int(r["parse_failures"]) == (3 if r["category"] == "all" else 1)  # counted, not zeros
+        assert float(r["mean"]) == pytest.approx(np.mean(vals), abs=1e-4)
+        ref = bootstrap((np.array(vals),), np.mean, n_resamples=20000, method="percentile", confidence_level=0.95,
+                        random_state=np.random.default_rng(99)).confidence_interval
+        sem = np.std(vals, ddof=1) / np.sqrt(len(vals))
+        assert float(r["ci_low"]) == pytest.approx(ref.low, abs=0.1 * sem)
+        assert float(r["ci_high"]) == pytest.approx(ref.high, abs=0.1 * sem)
+        assert float(r["ci_low"]) < float(r["mean"]) < float(r["ci_high"])
+        # and the width is what the normal approximation says (1.96 standard errors each side)
+        assert float(r["ci_high"]) - float(r["ci_low"]) == pytest.approx(2 * 1.96 * sem, rel=0.15)
+
+
+def test_pairwise_rows_are_win_rates_with_ties_and_failures() -> None:
+    def j(qid: str, swap: bool, winner: str | None) -> dict:
+        return {"question_id": qid, "category": "math", "model": "v1", "mode": "pairwise", "swap": swap,
+                "winner": winner}
+    judgments = [j("a", False, "model"), j("a", True, "model"), j("b", False, "model"), j("b", True, "opponent"),
+                 j("c", False, "opponent"), j("c", True, "opponent"), j("d", False, None), j("d", True, "model")]
+    row = S.score_table(judgments, 200, 0)[0]
+    assert (row["mode"], row["n"], row["parse_failures"]) == ("pairwise", 3, 1)
+    assert row["mean"] == pytest.approx((1 + 0.5 + 0) / 3, abs=1e-4)
+
+
+# --- the judge against a real server ------------------------------------------------------------------------
+
+QUESTIONS = {f"q{i}": {"question_id": f"q{i}", "category": "math", "question": f"What is {i} + {i}?",
+                       "reference": str(2 * i)} for i in range(3)}
+
+
+def test_pairwise_judge_sees_both_orders(tiny_judge) -> None:
+    e = compose_cfg(["eval=pairwise"]).eval
+    answers = [{"question_id": q, "category": "math", "model": "v1", "answer": f"MODEL-ANSWER-{q}"} for q in QUESTIONS]
+    opponent = {q: f"OPPONENT-ANSWER-{q}" for q in QUESTIONS}
+    jobs = J.build_jobs("pairwise", e, QUESTIONS, answers, opponent)
+    n0 = len(tiny_judge.received)
+    recs = J.run_judge(tiny_judge.client(max_tokens=8, concurrency=8), "pairwise", jobs, e.verdict_retry)
+    first_round = tiny_judge.received[n0:n0 + len(jobs)]
+    for q in QUESTIONS:
+        shown = [p for p in first_round if f"MODEL-ANSWER-{q}" in p]
+        a_first = [p.index(f"MODEL-ANSWER-{q}") < p.index(f"OPPONENT-ANSWER-{q}") for p in shown]
+        assert sorted(a_first) == [False, True]  # the judge received the model's answer as A once and as B once
+        for p in shown:  # and what it received as [Assistant A] is the answer the record's swap flag says
+            a_part = p.split("[Assistant A]")[1].split("[Assistant B]")[0]
+            rec_swap = f"MODEL-ANSWER-{q}" not in a_part
+            assert sum(r["question_id"] == q and r["swap"] == rec_swap for r in recs) == 1
+    assert len(recs) == 2 * len(QUESTIONS)
+
+
+def test_unparsable_judge_replies_are_retried_with_the_error_then_recorded(tiny_judge) -> None:
+    e = compose_cfg([]).eval
+    answers = [{"question_id": q, "category": "math", "model": "base", "answer": "42"} for q in QUESTIONS]
+    jobs = J.build_jobs("single", e, QUESTIONS, answers)
+    n0 = len(tiny_judge.received)
+    # 2 tokens of a random model: deterministic, and never "Score: N"
+    recs = J.run_judge(tiny_judge.client(max_tokens=2, concurrency=8), "single", jobs, e.score_retry, logprobs=True)
+    sent = tiny_judge.received[n0:]
+    assert len(sent) == 2 * len(jobs)  # every job once, then once more
+    retries = sent[len(jobs):]
+    assert all("I could not read a score in that: the reply has no 'Score: N'" in p for p in retries)
+    for r in recs:
+        assert r["parse"] == "failed" and r["score"] is None and r["weighted_score"] is None
+        assert r["judge_reply"] is not None and r["judge_reply_retry"] is not None and r["error"]
+    row = S.score_table(recs, 200, 0)[0]
+    assert (row["n"], row["parse_failures"]) == (0, len(jobs))  # reported as failures, not as zero scores
+
+
+# --- the eval stage: answer cache, held-out loss, outputs ---------------------------------------------------
+
+def _health(backends: Backends) -> int:
+    (srv,) = backends.servers.values()
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/health") as r:
+        return json.loads(r.read())["requests"]
+
+
+@pytest.mark.slow
+def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, monkeypatch, request) -> None:
+    from baize_exp import evaluate
+    from baize_exp.train import save_adapter
+
+    cache = Path(os.environ["BAIZE_CACHE"])
+    base, tok = M.load_model_and_tokenizer(compose_cfg(["model=tiny"]).model, cache)
+    cfg0 = compose_cfg(["model=tiny"])
+    peft = M.attach_lora(base, cfg0.lora)
+    for n, p in peft.named_parameters():  # a LoRA that changes the output (fresh B weights are zero)
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)
+    save_adapter(peft, tok, tmp_path / "adapter", {})
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"id": f"h{i}", "turns": [
+        {"role": "human", "text": f"Tell me about {x}."}, {"role": "ai", "text": f"{x} is a fine topic."}]}) + "\n"
+        for i, x in enumerate(["cats", "rain", "tea"])))
+    srv = [f"{r}.{k}={v}" for r in ("teacher", "judge") for k, v in (("serve.model", "tiny"), ("model", "tiny"))]
+    cfg = compose_cfg(["model=tiny", "eval=pairwise", "eval.limit=4", "eval.max_new_tokens=8", "judge.max_tokens=4",
+                       f"eval.models=[base,{tmp_path / 'adapter'}]", f"eval.answer_cache={tmp_path / 'answers'}",
+                       f"eval.heldout={heldout}", "eval.bootstrap=200", *srv])
+    calls = []
+    real = M.generate_texts
+    monkeypatch.setattr(M, "generate_texts", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+
+    backends = Backends(cfg, tmp_path, cache)  # one tiny server for teacher and judge, shared by the three runs
+
+    def run_once(run_dir: Path) -> tuple[dict, int]:
+        n0 = _health(backends)
+        m = evaluate.run(cfg, run_dir, backends)
+        return m, _health(backends) - n0
+
+    backends.client("judge")
+    request.addfinalizer(backends.close)
+    m1, req1 = run_once(tmp_path / "run1")
+    assert m1["answers_generated"] == 8 and m1["answers_cached"] == 0
+    assert calls == [4, 4]  # one batched call per model
+    assert m1["teacher_answers_requested"] == 4 and req1 == 4 + m1["judge_requests"]
+    assert m1["judge_requests"] >= 2 * 2 * 4  # two models x two orders x four questions (+ retries)
+    for name in ("base", str(tmp_path / "adapter")):
+        assert m1[f"{name}/heldout_loss"] > 0 and m1[f"{name}/heldout_ppl"] == pytest.approx(
+            np.exp(m1[f"{name}/heldout_loss"]), rel=1e-6)
+    run1 = tmp_path / "run1" / "eval"
+    rows = list(csv.DictReader(open(run1 / "scores.csv")))
+    assert {r["mode"] for r in rows} == {"pairwise"} and {r["model"] for r in rows} == {"base", str(tmp_path / "adapter")}
+    assert all(int(r["n"]) + int(r["parse_failures"]) == (4 if r["category"] == "all" else 1) for r in rows)
+    assert (run1 / "scores.png").stat().st_size > 5000
+    answers = [json.loads(x) for x in (run1 / "answers.jsonl").read_text().splitlines()]
+    assert {a["model"] for a in answers} == {"base", str(tmp_path / "adapter"), "teacher"}
+    # W&B (offline, real files): the samples and scores tables and the charts
+    import wandb
+
+    wb = wandb.init(project="t", dir=str(tmp_path), mode="offline")
+    evaluate.log_wandb(wb, run1)
+    wb.finish()
+    tables = sorted(p.name.split("_")[0] for p in tmp_path.glob("wandb/offline-run-*/files/media/table/eval/*.json"))
+    assert tables == ["samples", "scores"]
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/eval/chart_scores*.png"))
+    scores_table = json.loads(next(tmp_path.glob("wandb/offline-run-*/files/media/table/eval/scores_*.json")).read_text())
+    assert scores_table["columns"] == S.SCORES_COLUMNS and len(scores_table["data"]) == len(rows)
+
+    calls.clear()
+    m2, req2 = run_once(tmp_path / "run2")
+    assert calls == [] and m2["answers_generated"] == 0 and m2["answers_cached"] == 8
+    assert m2["teacher_answers_requested"] == 0 and req2 == m2["judge_requests"]  # only the judge was asked
+    assert (tmp_path / "run2" / "eval" / "answers.jsonl").read_text().replace("true", "false") == (
+        run1 / "answers.jsonl").read_text().replace("true", "false")
+
+    # new adapter weights are a new model: only its answers are generated again
+    peft.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.data.add_(0.3)
+    save_adapter(peft, tok, tmp_path / "adapter", {})
+    calls.clear()
+    m3, _ = run_once(tmp_path / "run3")
+    assert calls == [4] and m3["answers_generated"] == 4
+
+
+@pytest.mark.slow
+def test_batched_generation_equals_sequential_greedy() -> None:
+    """Left-padded batches of mixed-length prompts give the same greedy tokens as one prompt at a time."""
+    from baize_exp.data import baize_prompt, load_eval_questions
+
+    model, tok = M.load_model_and_tokenizer(compose_cfg([]).model, Path(os.environ["BAIZE_CACHE"]))
+    prompts = [baize_prompt(q["question"]) for q in load_eval_questions(limit=6)]
+    assert len({len(tok(p).input_ids) for p in prompts}) > 1  # really mixed lengths, so padding is exercised
+    batched = M.generate_texts(model, tok, prompts, 24, batch_size=6)
+    sequential = [M.generate_texts(model, tok, [p], 24, batch_size=1)[0] for p in prompts]
+    for b, s in zip(batched, sequential, strict=True):
+        assert tok(b[0], add_special_tokens=False).input_ids == tok(s[0], add_special_tokens=False).input_ids
+    assert len({b[0] for b in batched}) > 1

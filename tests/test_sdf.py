@@ -1,0 +1,142 @@
+"""Self-distillation with feedback: ranking parsing and retries, selection weights, the stage with model=tiny."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+from conftest import compose_cfg
+from recording_server import recording_server
+
+from baize_exp import sdf
+from baize_exp.config import ConfigError, validate
+
+
+@pytest.mark.parametrize(("reply", "ranking", "how", "ranked"), [
+    ("3 > 1 > 2", [2, 0, 1], "ok", 3), ("Ranking:\n[2] > [3] > [1]", [1, 2, 0], "ok", 3),
+    ("Answer 2 is best, then answer 3.", [1, 2, 0], "tolerant", 2),
+    ("3 > 3 > 1", [2, 0, 1], "tolerant", 2),  # a malformed strict line falls back to first mentions
+    ("none of them", None, "failed", 0), ("7 > 8", None, "failed", 0),
+])
+def test_parse_ranking(reply: str, ranking: list[int] | None, how: str, ranked: int) -> None:
+    got, got_how, got_ranked, err = sdf.parse_ranking(reply, 3)
+    assert (got, got_how, got_ranked) == (ranking, how, ranked)
+    assert (err is None) == (ranking is not None)
+
+
+def test_candidate_weights_best_and_borda() -> None:
+    rec = {"candidates": ["a", "b", "c", "d"], "ranking": [2, 0, 3, 1], "ranked": 4}
+    assert sdf.candidate_weights(rec, "best") == [0, 0, 1, 0]
+    assert sdf.candidate_weights(rec, "weighted") == [2, 0, 3, 1]  # Borda: 3, 2, 1, 0 down the ranking
+    partial = {**rec, "ranked": 1}  # the teacher only named the best: the others get no weight
+    assert sdf.candidate_weights(partial, "weighted") == [0, 0, 3, 0]
+    empty_best = {**rec, "candidates": ["a", "b", "  ", "d"]}
+    assert sdf.candidate_weights(empty_best, "best") == [1, 0, 0, 0]
+    assert sdf.candidate_weights(empty_best, "weighted") == [2, 0, 0, 1]
+    assert sdf.candidate_weights({**rec, "ranking": None}, "weighted") == [0, 0, 0, 0]
+
+
+def test_ranking_request_shows_the_recorded_shuffle_and_retries_with_the_error() -> None:
+    s = compose_cfg(["sdf.num_candidates=3", "sdf.rank_max_tokens=2"]).sdf
+    prompts = [f"Prompt {i}?" for i in range(4)]
+    cands = [[f"CAND-{i}-{j}" for j in range(3)] for i in range(4)]
+    with recording_server("tiny") as srv:
+        recs = sdf.rank_candidates(srv.client(concurrency=8), s, prompts, cands)
+        sent = list(srv.received)
+    assert len(sent) == 2 * 4  # the random tiny teacher never writes a ranking: each prompt is retried once
+    firsts, retries = sent[:4], sent[4:]
+    for rec in recs:
+        order = list(range(3))
+        random.Random(rec["shuffle_seed"]).shuffle(order)
+        assert order == rec["order"]  # the recorded seed reproduces the shown order
+        (shown,) = [p for p in firsts if rec["prompt"] in p]
+        i = prompts.index(rec["prompt"])
+        positions = [shown.index(f"Answer {k + 1}: CAND-{i}-{rec['order'][k]}") for k in range(3)]
+        assert positions == sorted(positions)  # the teacher saw the candidates in exactly that order
+        assert rec["parse"] == "failed" and rec["ranking"] is None and rec["judge_reply_retry"] is not None
+        assert rec["parse_error"]
+    assert any(r["order"] != [0, 1, 2] for r in recs)
+    assert all("I could not read a ranking in that: the reply names none of the answer numbers 1..3" in p
+               for p in retries)
+
+
+def test_sdf_off_skips(tmp_path: Path) -> None:
+    cfg = compose_cfg(["sdf=off", "model=tiny"])
+    assert sdf.run(cfg, tmp_path, None) == {"skipped": True}
+    assert not (tmp_path / "sdf").exists()
+
+
+def test_eval_questions_are_refused_as_sdf_prompts(tmp_path: Path) -> None:
+    from baize_exp.data import load_eval_questions
+
+    f = tmp_path / "prompts.txt"
+    f.write_text(f"A fresh question?\n{load_eval_questions()[5]['question']}\n")
+    with pytest.raises(ValueError, match="are eval questions"):
+        sdf.load_prompts(compose_cfg([f"sdf.prompts={f}"]), [])
+
+
+def test_bad_sdf_and_eval_keys_are_named() -> None:
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["sdf.select=top2", "sdf.top_p=0", "eval.judge_mode=elo", "eval.pairwise_against=gpt5",
+                              "sdf.prompts=/nonexistent/p.txt"]))
+    for key in ("sdf.select='top2'", "sdf.top_p=0", "eval.judge_mode='elo'", "eval.pairwise_against='gpt5'",
+                "sdf.prompts="):
+        assert key in str(e.value)
+
+
+@pytest.mark.slow
+def test_sdf_stage_with_tiny_model_writes_a_v2_adapter_that_differs_from_v1(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from baize_exp import train
+    from baize_exp.chat import Backends
+
+    dialogs = tmp_path / "dialogs.jsonl"
+    topics = ["tea", "rain", "maps", "bread", "chess", "owls", "glass", "kites"]
+    dialogs.write_text("".join(json.dumps({"id": f"d{i}", "turns": [
+        {"role": "human", "text": f"What should I know about {t}?"},
+        {"role": "ai", "text": f"{t.capitalize()} is worth learning about slowly."}]}) + "\n" for i, t in enumerate(topics)))
+    cfg = compose_cfg(["model=tiny", "logger=none", f"train.data={dialogs}", "trainer.max_epochs=1",
+                       "sdf.num_prompts=3", "sdf.num_candidates=3", "sdf.max_new_tokens=12", "sdf.select=weighted",
+                       "sdf.max_epochs=2", "teacher.concurrency=8"])
+    validate(cfg)
+    train.run(cfg, tmp_path)
+    backends = Backends(cfg, tmp_path, Path(os.environ["BAIZE_CACHE"]))
+    try:
+        m = sdf.run(cfg, tmp_path, backends)
+    finally:
+        backends.close()
+    v1 = load_file(tmp_path / "train" / "adapter" / "adapter_model.safetensors")
+    v2 = load_file(tmp_path / "sdf" / "adapter" / "adapter_model.safetensors")
+    assert v1.keys() == v2.keys()
+    assert any(not (v1[k] == v2[k]).all() for k in v1)  # trained further, from v1 (same LoRA layout)
+    assert json.loads((tmp_path / "sdf" / "adapter" / "baize_exp.json").read_text())["from"].endswith("train/adapter")
+    recs = [json.loads(x) for x in (tmp_path / "sdf" / "candidates.jsonl").read_text().splitlines()]
+    assert len(recs) == m["prompts"] == 3
+    for r in recs:
+        assert {"prompt", "candidates", "order", "ranking", "judge_reply", "parse", "weights", "shuffle_seed"} <= r.keys()
+        assert len(r["candidates"]) == 3 and sorted(r["order"]) == [0, 1, 2]
+        if r["ranking"] is not None:
+            assert r["weights"] == sdf.candidate_weights(r, "weighted")
+    assert sum(m[f"parse_{k}"] for k in ("ok", "tolerant", "logprobs", "retried", "failed")) == 3
+    assert m["selected_examples"] == sum(sum(r["weights"]) for r in recs) > 0
+    assert m["steps"] >= 1 and m["val_loss"] > 0
+
+
+@pytest.mark.slow
+def test_shared_prefill_sampling_matches_plain_generation_when_greedy() -> None:
+    """sample_candidates runs each prompt once and repeats its KV cache; greedy, that must change no token."""
+    from baize_exp import models as M
+    from baize_exp.data import baize_prompt, load_eval_questions
+
+    model, tok = M.load_model_and_tokenizer(compose_cfg([]).model, Path(os.environ["BAIZE_CACHE"]))
+    prompts = [baize_prompt(q["question"]) for q in load_eval_questions(limit=5)]
+    shared = sdf.sample_candidates(model, tok, prompts, 2, 20, temperature=0.0, top_p=1.0, batch_size=5)
+    plain = M.generate_texts(model, tok, prompts, 20, batch_size=5)
+    for s_, p in zip(shared, plain, strict=True):
+        assert s_ == [p[0], p[0]]
+    samples = sdf.sample_candidates(model, tok, prompts[:2], 3, 12, temperature=1.0, top_p=0.95)
+    assert all(len(set(c)) > 1 for c in samples)  # sampled rows differ from each other
