@@ -92,7 +92,8 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     retry = e.verdict_retry if e.judge_mode == "pairwise" else e.score_retry
     judgments = run_judge(backends.client("judge"), e.judge_mode, jobs, retry, logprobs=e.judge_logprobs)
     write_jsonl(stage_dir / "judgments.jsonl", judgments)
-    metrics["judge_requests"] = len(jobs) + sum("judge_reply_retry" in j for j in judgments)
+    metrics["judge_requests"] = sum(j["messages"] is not None for j in jobs) + sum(
+        "judge_reply_retry" in j for j in judgments)
     for how in ("ok", "tolerant", "retried", "failed"):
         metrics[f"judge_parse_{how}"] = sum(j["parse"] == how for j in judgments)
 
