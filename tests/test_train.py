@@ -14,9 +14,16 @@ from conftest import compose_cfg
 
 from baize_exp import models as M
 from baize_exp.config import ConfigError, validate
-from baize_exp.train import fit, load_base_for_training
 from baize_exp.train import data as D
-from baize_exp.train.data import IGNORE, ResumableBatchSampler, block_causal_mask, collate, pack_row, tokenize_dialog
+from baize_exp.train import fit, load_base_for_training
+from baize_exp.train.data import (
+    IGNORE,
+    ResumableBatchSampler,
+    block_causal_mask,
+    collate,
+    pack_row,
+    tokenize_dialog,
+)
 from baize_exp.train.module import LoraLM
 
 FAST = ["model=tiny", "logger=none", "trainer.enable_progress_bar=false", "train.peak_flops=1e11",
@@ -43,6 +50,7 @@ def tiny_cfg(tmp_path: Path, *overrides: str):
 
 def tiny_lora(cfg):
     model, tok = M.load_model_and_tokenizer(cfg.model, Path(os.environ["BAIZE_CACHE"]))
+    torch.manual_seed(0)  # the LoRA A matrices are drawn at random: the same init for runs that are compared
     return M.attach_lora(model, cfg.lora), tok
 
 
@@ -203,5 +211,143 @@ def test_overfits_a_handful_of_dialogs(tmp_path: Path, fmt: str, packing: bool) 
     rec = LossRecorder()
     out = fit(pm, tok, dialogs(4), [], cfg, tmp_path / "stage", lr=1e-2, max_epochs=100, callbacks=[rec])
     assert out["steps"] == 20 and len(rec.losses) == 20
-    assert out["params_trainable"] < out["params_total"] / 10  # only LoRA trains
+    assert out["params_trainable"] == sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
     assert rec.losses[-1] < 0.3 * rec.losses[0], rec.losses  # from ~10.8 (random init) to a fraction of it
+
+
+class Crash(pl.Callback):
+    """A crash at the start of the first micro-batch after optimizer step `at` (its checkpoint is written)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_continues_exactly_and_checkpoints_hold_no_base_weights(tmp_path: Path) -> None:
+    """8 steps straight vs 4 steps, a crash, and train.resume=auto: the same batches, losses and weights.
+
+    Mid-epoch crash, LoRA dropout on (the RNG must be restored), gradient accumulation, validation between."""
+    over = ["train.max_length=64", "train.batch_size=2", "lora.dropout=0.1", "trainer.accumulate_grad_batches=2",
+            "trainer.max_steps=8", "trainer.max_epochs=100", "train.checkpoint_every_n_steps=2",
+            "train.warmup_steps=2"]
+    ds = dialogs(14)
+    train_d, val_d = ds[:12], ds[12:]
+
+    def run(stage: Path, callbacks: list) -> tuple[dict, torch.nn.Module]:
+        cfg = tiny_cfg(tmp_path, *over)
+        pm, tok = tiny_lora(cfg)
+        return fit(pm, tok, train_d, val_d, cfg, stage, lr=5e-3, max_epochs=100, callbacks=callbacks), pm
+
+    straight = LossRecorder()
+    out_a, pm_a = run(tmp_path / "a", [straight])
+    assert out_a["steps"] == 8 and len(straight.losses) == 16 and out_a["train_rows"] > 4  # several epochs
+
+    first = LossRecorder()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "b", [first, Crash(at=4)])
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4 and ckpt["baize"]["batches_trained"] == 8
+    trainable = {n for n, p in pm_a.named_parameters() if p.requires_grad}
+    assert {k.removeprefix("model.") for k in ckpt["state_dict"]} == trainable  # LoRA only, all of it
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    base_bytes = sum(p.numel() * 4 for p in pm_a.parameters())
+    assert (tmp_path / "b" / "checkpoints" / "last.ckpt").stat().st_size < base_bytes / 10
+
+    rest = LossRecorder()
+    out_b, pm_b = run(tmp_path / "b", [rest])
+    assert out_b["resumed_from"].endswith("last.ckpt") and out_b["steps"] == 8
+    assert first.losses == straight.losses[:8]
+    assert rest.losses == pytest.approx(straight.losses[8:], abs=1e-6)
+    for (n, a), b in zip(pm_a.named_parameters(), pm_b.parameters(), strict=True):
+        if a.requires_grad:
+            assert torch.allclose(a, b, atol=1e-6), n
+    assert out_b["val_loss"] == pytest.approx(out_a["val_loss"], abs=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:
+    over = ["train.max_length=64", "trainer.max_steps=2", "train.checkpoint_every_n_steps=1"]
+    cfg = tiny_cfg(tmp_path, *over)
+    pm, tok = tiny_lora(cfg)
+    fit(pm, tok, dialogs(6), [], cfg, tmp_path / "s", lr=1e-3, max_epochs=5)
+    cfg2 = tiny_cfg(tmp_path, *over, "train.loss_on=all")
+    pm2, _ = tiny_lora(cfg2)
+    with pytest.raises(ValueError, match="different model/LoRA/train config"):
+        fit(pm2, tok, dialogs(6), [], cfg2, tmp_path / "s", lr=1e-3, max_epochs=5)
+    cfg3 = tiny_cfg(tmp_path, *over, "train.loss_on=all", "train.resume=never")
+    assert fit(pm2, tok, dialogs(6), [], cfg3, tmp_path / "s", lr=1e-3, max_epochs=5)["resumed_from"] is None
+
+
+def test_logs_throughput_mfu_memory_and_samples_to_csv_and_wandb(tmp_path: Path) -> None:
+    """CSV columns, the samples file, and a W&B (offline) run holding the samples table."""
+    import csv
+
+    import wandb
+
+    cfg = tiny_cfg(tmp_path, "logger=csv", "trainer.max_steps=4", "train.sample_every_n_steps=2",
+                   "train.sample_max_new_tokens=4", "train.max_length=64")
+    pm, tok = tiny_lora(cfg)
+    out = fit(pm, tok, dialogs(10), dialogs(12)[10:], cfg, tmp_path / "csv", lr=1e-3, max_epochs=5)
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "logs" / "metrics.csv")))
+    cols = set(rows[0])
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/supervised_tokens_per_s",
+                "train/mfu", "train/peak_mem_gb", "val/loss", "val/ppl"):
+        assert key in cols, key
+    mfu = [float(r["train/mfu"]) for r in rows if r.get("train/mfu")]
+    assert len(mfu) == 4 and all(0 < x < 1 for x in mfu)  # against the configured 1e11 FLOP/s peak
+    sup = [float(r["train/supervised_tokens_per_s"]) for r in rows if r.get("train/supervised_tokens_per_s")]
+    tot = [float(r["train/tokens_per_s"]) for r in rows if r.get("train/tokens_per_s")]
+    assert all(0 < s < t for s, t in zip(sup, tot, strict=True))  # the human's tokens are not supervised
+    assert 0 < out["supervised_tokens_per_s"] < out["tokens_per_s"] and out["peak_mem_gb"] > 0.05
+    samples = [json.loads(x) for x in open(tmp_path / "csv" / "train_samples.jsonl")]
+    assert [s["step"] for s in samples] == [2, 2, 4, 4]
+    assert samples[0]["prompt"] == cfg.train.sample_prompts[0]
+
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="t")
+    try:
+        cfg_w = tiny_cfg(tmp_path, "logger=wandb", "trainer.max_steps=2", "train.sample_every_n_steps=2",
+                         "train.sample_max_new_tokens=4", "train.max_length=64")
+        fit(pm, tok, dialogs(10), [], cfg_w, tmp_path / "wb", lr=1e-3, max_epochs=5)
+    finally:
+        run.finish()
+    tables = list(Path(run.dir).glob("media/table/train/samples*.table.json"))
+    assert tables and json.loads(tables[0].read_text())["columns"] == ["step", "prompt", "sample"]
+
+
+def test_lora_options_reach_peft(tmp_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path, "lora.r=4", "lora.alpha=8", "lora.use_rslora=true", "lora.use_dora=true",
+                   "lora.target_modules=[q_proj,v_proj]")
+    pm, _ = tiny_lora(cfg)
+    q = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.scaling["default"] == pytest.approx(8 / 4**0.5)  # rsLoRA: alpha / sqrt(r)
+    assert "default" in q.lora_magnitude_vector  # DoRA
+    assert not hasattr(pm.base_model.model.model.layers[0].mlp.up_proj, "lora_A")
+    with pytest.raises(ValueError, match=r"lora.target_modules: \['qproj'\]"):
+        tiny_lora(tiny_cfg(tmp_path, "lora.target_modules=[q_proj,qproj]"))
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path: Path) -> None:
+    def losses(*extra: str) -> list[float]:
+        cfg = tiny_cfg(tmp_path, "trainer.max_steps=3", "lora.dropout=0", "train.max_length=64", *extra)
+        pm, tok = tiny_lora(cfg)
+        rec = LossRecorder()
+        fit(pm, tok, dialogs(6), [], cfg, tmp_path / "gc", lr=1e-2, max_epochs=5, callbacks=[rec])
+        return rec.losses
+
+    assert losses("train.gradient_checkpointing=true") == pytest.approx(losses(), abs=1e-5)
+
+
+def test_quantized_base_and_bad_train_keys_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["train.quantize_base=8bit", "train.format=jinja", "train.resume=/no/such.ckpt",
+                              "train.checkpoint_every_n_steps=-1"]))
+    msg = str(e.value)
+    for key in ("train.quantize_base='8bit'", "train.format='jinja'", "train.resume='/no/such.ckpt'",
+                "train.checkpoint_every_n_steps=-1"):
+        assert key in msg
+    if not torch.cuda.is_available():  # past validate (e.g. a GPU config on a CPU box): the load says why
+        cfg = tiny_cfg(tmp_path, "train.quantize_base=4bit")
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            load_base_for_training(cfg)

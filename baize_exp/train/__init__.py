@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,10 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
                           fmt=t.format, packing=t.packing, cache=cache_dir(cfg) if t.cache_tokenized else None)
     if t.gradient_checkpointing:
         # non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads trick needed)
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(peft_model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            peft_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = LoraLM(peft_model, lr=lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, log_prefix=prefix,
                     min_lr_ratio=t.min_lr_ratio, peak_flops=peak,
                     fingerprint=_fingerprint(cfg, lr, max_epochs, prefix, train_dialogs))
@@ -176,7 +180,10 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
     )
     peft_model.train()  # from_pretrained leaves eval mode, which would switch LoRA dropout off
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    with warnings.catch_warnings():
+        # Lightning cannot see that our batch sampler resumes mid-epoch (LoraLM.on_train_start moves it)
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     elapsed = time.perf_counter() - t0
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
     total, trainable = M.count_parameters(peft_model)
@@ -280,6 +287,7 @@ def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
     train_d, val_d = split_dialogs(dialogs, cfg.train.val_fraction, cfg.train.seed)
     write_jsonl(stage_dir / "val_dialogs.jsonl", val_d)  # the held-out dialogs eval scores loss on
     model, tok = load_base_for_training(cfg)
+    pl.seed_everything(cfg.train.seed, verbose=False)  # the LoRA A init is random: same seed, same start
     peft_model = M.attach_lora(model, cfg.lora)
     metrics = fit(peft_model, tok, train_d, val_d, cfg, stage_dir, cfg.train.lr, cfg.trainer.max_epochs)
     if metrics["rank"] == 0:  # under DDP every rank gets here; one writes the adapter

@@ -129,6 +129,10 @@ class LoraLM(pl.LightningModule):
         self._window["t"] = time.perf_counter()
         self._t_start = time.perf_counter()
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning calls set_epoch on a loader's sampler, not on a batch sampler: a new order per epoch
+        self.trainer.train_dataloader.batch_sampler.set_epoch(self.current_epoch)
+
     def on_train_end(self) -> None:
         self.train_seconds = time.perf_counter() - self._t_start
 
