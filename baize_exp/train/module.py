@@ -180,7 +180,7 @@ class LoraLM(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get(f"{self.prefix}val/loss")
         if loss is not None:
-            self.log(f"{self.prefix}val/ppl", math.exp(min(float(loss), 50)), batch_size=1)
+            self.log(f"{self.prefix}val/ppl", math.exp(min(float(loss), 50)), batch_size=1, sync_dist=True)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
