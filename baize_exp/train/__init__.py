@@ -199,7 +199,8 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
         "peak_mem_gb": round(peak_memory_gb(module.device), 3),
         "train_loss": m.get(f"{prefix}train/loss"),
     }
-    if module.train_seconds:  # over the training loop only
+    out["loop_seconds"] = round(module.train_seconds, 2)  # the training loop alone
+    if module.train_seconds:
         out["mfu"] = round(module.run_flops / module.train_seconds / peak, 4)
     if f"{prefix}val/loss" in m:
         out["val_loss"] = m[f"{prefix}val/loss"]
