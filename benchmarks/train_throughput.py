@@ -91,7 +91,7 @@ def run_baseline(args: argparse.Namespace, peak: float) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from baize_exp.train.data import IGNORE, tokenize_dialog
-    from baize_exp.train.module import flop_counts, peak_memory_gb
+    from baize_exp.train.module import flop_counts, model_flops, peak_memory_gb
 
     cfg = compose([f"model={args.model}", "logger=none"])
     pm, tok = load(cfg)
@@ -127,8 +127,7 @@ def run_baseline(args: argparse.Namespace, peak: float) -> dict:
                               report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
     pm.train()
     Trainer(model=pm, args=targs, train_dataset=Data(), callbacks=[timer]).train()
-    f = flop_counts(pm)
-    flops = (4 * f["frozen_matmul"] + 6 * f["trainable"]) * real_tokens + 6 * f["layers"] * f["d_attn"] * sq
+    flops = model_flops(flop_counts(pm), real_tokens, real_tokens, sq)  # its LM head runs on every token
     return {"steps": -(-len(rows) // 4), "rows": len(rows), "real_tokens": real_tokens, "padded_tokens": width * len(rows),
             "supervised_tokens": ai_tokens, "train_seconds": timer.seconds, "mfu": flops / timer.seconds / peak,
             "peak_mem_gb": peak_memory_gb(torch.device("cpu"))}

@@ -166,8 +166,9 @@ def test_packed_loss_equals_unpacked_loss(tokenizer, tmp_path: Path, loss_on: st
     lm = LoraLM(pm, lr=1e-3)
     ex = [tokenize_dialog(d["turns"], tok, 128, loss_on) for d in dialogs(5)]
     with torch.no_grad():
-        unpacked = lm(**collate(ex, tok.pad_token_id)).loss
-        packed = lm(**collate([pack_row(ex[:3]), pack_row(ex[3:])], tok.pad_token_id)).loss
+        unpacked = lm(**collate(ex, tok.pad_token_id)).loss  # the HF model's own loss, every logit made
+        packed = lm.loss(collate([pack_row(ex[:3]), pack_row(ex[3:])], tok.pad_token_id))  # head on targets only
+        assert abs(float(lm.loss(collate(ex, tok.pad_token_id))) - float(unpacked)) < 1e-5
     assert abs(float(packed) - float(unpacked)) < 1e-4
 
 

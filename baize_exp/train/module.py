@@ -7,8 +7,8 @@ restores all of it and moves the batch sampler to the next batch, so the loss cu
 MFU (model FLOPs utilisation) counts the FLOPs the model needs for the real (non-padding) tokens, per token:
 forward 2·N_frozen + 2·N_lora, backward 2·N_frozen (gradients flow through the frozen weights to the inputs, but
 no weight gradient is formed for them) + 4·N_lora, so 4·N_frozen + 6·N_lora in all (6·N for full fine-tuning);
-N_frozen counts the frozen matmul weights (every nn.Linear, the LM head included; the embedding lookup is not a
-matmul). Causal attention adds 6·n_layers·d_attn·len² per dialog (QKᵀ and AV, forward 2·d·len², backward twice
+N_frozen counts the frozen matmul weights (every nn.Linear; the embedding lookup is not a matmul). The LM head's
+4·N_head is counted only for tokens that are targets, since `LoraLM.loss` runs the head only there. Causal attention adds 6·n_layers·d_attn·len² per dialog (QKᵀ and AV, forward 2·d·len², backward twice
 that). Activation recomputation (gradient checkpointing) is not counted: it is overhead, not model work. The
 figure is divided by a peak measured in this process with a matmul probe (`measure_matmul_peak`) or configured.
 """
@@ -51,12 +51,21 @@ def flop_counts(model: torch.nn.Module) -> dict[str, int]:
     """Parameter counts the FLOP formula needs (see the module docstring)."""
     frozen = sum(m.weight.numel() for m in model.modules()
                  if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_n = head.weight.numel() if head is not None and not head.weight.requires_grad else 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
     heads = getattr(cfg, "num_attention_heads", 0) or 0
     head_dim = getattr(cfg, "head_dim", None) or ((getattr(cfg, "hidden_size", 0) or 0) // max(heads, 1))
-    return {"frozen_matmul": frozen, "trainable": trainable, "layers": layers, "d_attn": heads * head_dim}
+    return {"frozen_matmul": frozen - head_n, "lm_head": head_n, "trainable": trainable, "layers": layers,
+            "d_attn": heads * head_dim}
+
+
+def model_flops(f: dict[str, int], tokens: int, head_tokens: int, sq_lengths: int) -> float:
+    """FLOPs of one forward+backward over `tokens` real tokens (the LM head over `head_tokens` of them)."""
+    return ((4 * f["frozen_matmul"] + 6 * f["trainable"]) * tokens + 4 * f["lm_head"] * head_tokens
+            + 6 * f["layers"] * f["d_attn"] * sq_lengths)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -100,9 +109,9 @@ class LoraLM(pl.LightningModule):
         self._resume: dict | None = None
         self.train_seconds = 0.0
 
-    # --- forward -------------------------------------------------------------------------------------------------
-    def forward(self, **batch: torch.Tensor) -> Any:
-        kw = {"input_ids": batch["input_ids"], "labels": batch.get("labels"), "use_cache": False}
+    # --- forward ---------------------------------------------------------------------------------------------------
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        kw: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
         if "doc_ids" in batch:  # packed rows: positions restart per dialog, attention stays inside each
             kw["position_ids"] = batch["position_ids"]
             impl = getattr(self.model.config, "_attn_implementation", "sdpa")
@@ -113,12 +122,30 @@ class LoraLM(pl.LightningModule):
                 kw["attention_mask"] = mask
         else:
             kw["attention_mask"] = batch["attention_mask"]
-        return self.model(**kw)
+        return kw
 
-    def _model_flops(self, batch: dict[str, torch.Tensor], tokens: int) -> float:
-        f = self.flops
-        return ((4 * f["frozen_matmul"] + 6 * f["trainable"]) * tokens
-                + 6 * f["layers"] * f["d_attn"] * attention_sq_lengths(batch))
+    def forward(self, **batch: torch.Tensor) -> Any:
+        """The HF model's output (logits for every position, and its loss when labels are given)."""
+        return self.model(**self._inputs(batch), labels=batch.get("labels"))
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over the target tokens, with the LM head run only where there is a target.
+
+        The same value as the HF loss, but with loss on the AI turns only, a third or more of the positions
+        have no target: their vocabulary-wide logits (the largest activation in a small model) are never made.
+        """
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        body = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+        if body is None or getattr(base.config, "final_logit_softcapping", None):
+            return self(**batch).loss  # an architecture this shortcut does not know: the HF loss
+        hidden = body(**self._inputs(batch)).last_hidden_state[:, :-1]
+        target = batch["labels"][:, 1:]
+        keep = target != IGNORE
+        logits = base.get_output_embeddings()(hidden[keep]).float()
+        return torch.nn.functional.cross_entropy(logits, target[keep])
+
+    def _model_flops(self, batch: dict[str, torch.Tensor], tokens: int, supervised: int) -> float:
+        return model_flops(self.flops, tokens, supervised, attention_sq_lengths(batch))
 
     # --- steps -----------------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -137,10 +164,10 @@ class LoraLM(pl.LightningModule):
         self.train_seconds = time.perf_counter() - self._t_start
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss
+        loss = self.loss(batch)
         tokens = tokens_in(batch)
         supervised = int((batch["labels"][:, 1:] != IGNORE).sum())
-        flops = self._model_flops(batch, tokens)
+        flops = self._model_flops(batch, tokens, supervised)
         self.tokens_seen += tokens
         self.supervised_seen += supervised
         self.run_tokens += tokens
@@ -172,7 +199,7 @@ class LoraLM(pl.LightningModule):
         self._window = {"t": now, "tokens": 0, "supervised": 0, "flops": 0.0}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self(**batch).loss
+        loss = self.loss(batch)
         n = int((batch["labels"][:, 1:] != IGNORE).sum())
         # weight by supervised tokens so the epoch value is the per-token loss, not a mean of batch means
         self.log(f"{self.prefix}val/loss", loss, prog_bar=True, batch_size=max(n, 1), sync_dist=True)
