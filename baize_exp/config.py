@@ -324,6 +324,8 @@ def validate(cfg: DictConfig | Config) -> None:
            "one of none, 8bit, 4bit")
     _check(p, t.quantize_base == "none" or c.trainer.accelerator in ("gpu", "cuda"), "train.quantize_base",
            t.quantize_base, "none on CPU (bitsandbytes 8/4-bit bases need CUDA); use trainer=gpu")
+    _check(p, str(c.trainer.precision) != "16-mixed" or c.trainer.accelerator in ("gpu", "cuda"), "trainer.precision",
+           c.trainer.precision, "32-true or bf16-mixed on CPU (fp16 mixed precision needs a GPU)")
     _check(p, t.resume in ("auto", "never") or Path(t.resume).expanduser().is_file(), "train.resume", t.resume,
            "auto, never, or an existing .ckpt file")
     _check(p, t.checkpoint_every_n_steps >= 0, "train.checkpoint_every_n_steps", t.checkpoint_every_n_steps,

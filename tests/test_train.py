@@ -340,13 +340,22 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path: Path) -> None:
     assert losses("train.gradient_checkpointing=true") == pytest.approx(losses(), abs=1e-5)
 
 
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path, "trainer.precision=bf16-mixed", "trainer.max_steps=2", "train.max_length=64")
+    validate(cfg)
+    pm, tok = tiny_lora(cfg)
+    rec = LossRecorder()
+    fit(pm, tok, dialogs(6), [], cfg, tmp_path / "bf16", lr=1e-3, max_epochs=5, callbacks=[rec])
+    assert len(rec.losses) == 2 and all(8 < x < 12 for x in rec.losses)  # ~ln(49152) = 10.8 at random init
+
+
 def test_quantized_base_and_bad_train_keys_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         validate(compose_cfg(["train.quantize_base=8bit", "train.format=jinja", "train.resume=/no/such.ckpt",
-                              "train.checkpoint_every_n_steps=-1"]))
+                              "train.checkpoint_every_n_steps=-1", "trainer.precision=16-mixed"]))
     msg = str(e.value)
     for key in ("train.quantize_base='8bit'", "train.format='jinja'", "train.resume='/no/such.ckpt'",
-                "train.checkpoint_every_n_steps=-1"):
+                "train.checkpoint_every_n_steps=-1", "trainer.precision='16-mixed'"):
         assert key in msg
     if not torch.cuda.is_available():  # past validate (e.g. a GPU config on a CPU box): the load says why
         cfg = tiny_cfg(tmp_path, "train.quantize_base=4bit")
