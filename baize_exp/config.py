@@ -67,6 +67,8 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     bias: str = "none"
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (peft's rsLoRA)
+    use_dora: bool = False  # weight-decomposed LoRA (peft's DoRA): slower steps, sometimes better at low r
 
 
 @dataclass
@@ -139,15 +141,27 @@ class TrainConfig:
     """LoRA tuning on dialogs (baize_exp.train)."""
 
     data: str | None = None  # dialogs.jsonl from another run; None = this run's collect/dialogs.jsonl
-    format: str = "baize"  # baize | chat_template
-    loss_on: str = "ai"  # ai | all
-    max_length: int = 512
-    batch_size: int = 4
+    format: str = "baize"  # baize | chat_template (the tokenizer's own template)
+    loss_on: str = "ai"  # ai | all (all = the original recipe: the human's lines are targets too)
+    max_length: int = 512  # tokens per dialog (whole exchanges are dropped past it) and per packed row
+    packing: bool = True  # pack dialogs into max_length rows (block-diagonal attention); false = length-grouped
+    batch_size: int = 4  # rows (packed) or dialogs (unpacked) per micro-batch and device
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     val_fraction: float = 0.1
     seed: int = 42
+    cache_tokenized: bool = True  # tokenized dialogs cached under <cache_dir>/tokenized, keyed by tokenizer+settings
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    quantize_base: str = "none"  # none | 8bit | 4bit (bitsandbytes, CUDA only; the frozen base only)
+    resume: str = "auto"  # auto (continue from <stage>/checkpoints/last.ckpt if there) | never | <path.ckpt>
+    checkpoint_every_n_steps: int = 50  # optimizer steps between checkpoints (0 = only at the end)
+    peak_flops: float | None = None  # per-device peak for MFU; null = measured with a matmul probe at start
+    sample_every_n_steps: int = 0  # generate on sample_prompts every N steps (0 = never)
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "How do I make a good cup of tea?", "What is the difference between a list and a tuple in Python?"])
+    sample_max_new_tokens: int = 48
 
 
 @dataclass
@@ -330,6 +344,8 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(p, 0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "a float in [0, 1)")
     _check(p, len(lo.target_modules) > 0, "lora.target_modules", list(lo.target_modules), "a non-empty list")
     _check(p, lo.bias in ("none", "all", "lora_only"), "lora.bias", lo.bias, "one of none, all, lora_only")
+    _check(p, not (lo.use_dora and c.train.quantize_base != "none"), "lora.use_dora", lo.use_dora,
+           "false with train.quantize_base (use DoRA on an unquantized base)")
 
     for name in ("teacher", "judge"):
         b = c[name] if isinstance(c, DictConfig) else getattr(c, name)
@@ -372,13 +388,30 @@ def validate(cfg: DictConfig | Config) -> None:
     t = c.train
     if t.data is not None:
         _check(p, Path(t.data).expanduser().is_file(), "train.data", t.data, "an existing dialogs.jsonl")
-    _check(p, t.format == "baize", "train.format", t.format, "baize")
+    _check(p, t.format in ("baize", "chat_template"), "train.format", t.format, "one of baize, chat_template")
+    _check(p, t.format != "chat_template" or m.chat_template, "train.format", t.format,
+           f"baize: model={m.name} has no chat template (model.chat_template=false)")
     _check(p, t.loss_on in ("ai", "all"), "train.loss_on", t.loss_on, "one of ai, all")
     _check(p, t.max_length >= 16, "train.max_length", t.max_length, "an integer >= 16")
     _check(p, t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
     _check(p, t.lr > 0, "train.lr", t.lr, "a float > 0")
     _check(p, t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "an integer >= 0")
+    _check(p, 0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "a float in [0, 1]")
     _check(p, 0.0 <= t.val_fraction < 1.0, "train.val_fraction", t.val_fraction, "a float in [0, 1)")
+    _check(p, t.quantize_base in ("none", "8bit", "4bit"), "train.quantize_base", t.quantize_base,
+           "one of none, 8bit, 4bit")
+    _check(p, t.quantize_base == "none" or c.trainer.accelerator in ("gpu", "cuda"), "train.quantize_base",
+           t.quantize_base, "none on CPU (bitsandbytes 8/4-bit bases need CUDA); use trainer=gpu")
+    _check(p, str(c.trainer.precision) != "16-mixed" or c.trainer.accelerator in ("gpu", "cuda"), "trainer.precision",
+           c.trainer.precision, "32-true or bf16-mixed on CPU (fp16 mixed precision needs a GPU)")
+    _check(p, t.resume in ("auto", "never") or Path(t.resume).expanduser().is_file(), "train.resume", t.resume,
+           "auto, never, or an existing .ckpt file")
+    _check(p, t.checkpoint_every_n_steps >= 0, "train.checkpoint_every_n_steps", t.checkpoint_every_n_steps,
+           "an integer >= 0")
+    _check(p, t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", t.peak_flops, "a number > 0 or null")
+    _check(p, t.sample_every_n_steps >= 0, "train.sample_every_n_steps", t.sample_every_n_steps, "an integer >= 0")
+    _check(p, t.sample_every_n_steps == 0 or len(t.sample_prompts) > 0, "train.sample_prompts",
+           list(t.sample_prompts), "at least one prompt when train.sample_every_n_steps > 0")
 
     s = c.sdf
     if s.prompts is not None:

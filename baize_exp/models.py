@@ -167,13 +167,19 @@ def lora_config(lcfg: Any):
     from peft import LoraConfig
 
     return LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                      target_modules=list(lcfg.target_modules), bias=lcfg.bias, task_type="CAUSAL_LM")
+                      target_modules=list(lcfg.target_modules), bias=lcfg.bias, task_type="CAUSAL_LM",
+                      use_rslora=bool(getattr(lcfg, "use_rslora", False)),
+                      use_dora=bool(getattr(lcfg, "use_dora", False)))
 
 
 def attach_lora(model: torch.nn.Module, lcfg: Any):
     """Wrap a base model with fresh LoRA weights (only those are trainable)."""
     from peft import get_peft_model
 
+    missing = [t for t in lcfg.target_modules if not any(n.endswith(f".{t}") or n == t
+                                                         for n, _ in model.named_modules())]
+    if missing:  # peft only fails when none match; a typo in one name would silently train fewer layers
+        raise ValueError(f"lora.target_modules: {missing} match no module of {type(model).__name__}")
     return get_peft_model(model, lora_config(lcfg))
 
 
