@@ -140,6 +140,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if _global_rank() != 0:
+        return _run_as_worker(cfg, run_dir, runners, Backends)
     overrides = _overrides()
     metrics_path = run_dir / "metrics.json"
     metrics: dict[str, Any] = read_json(metrics_path) if metrics_path.is_file() else {}
@@ -169,6 +171,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
                                   f"(fingerprint {done.get('fingerprint')} != {fp}); use a new run dir, or delete "
                                   f"{run_dir / stage} and the stages after it to redo them")
             log.info("stage %s: start", stage)
+            os.environ[WORKER_STAGE_ENV] = stage  # what a re-launched DDP worker process is to join (see below)
             t0 = time.monotonic()
             if stage == "collect" and cfg.collect.shared:
                 m = _shared_collect(cfg, run_dir, backends, fp)
@@ -197,6 +200,33 @@ def run_pipeline(cfg: DictConfig) -> dict:
                 wb.summary[k] = v
             wb.finish(exit_code=exit_code)  # always finished, so one failed run cannot hang a multirun
     return metrics
+
+
+WORKER_STAGE_ENV = "BAIZE_PIPELINE_STAGE"
+
+
+def _global_rank() -> int:
+    """This process's rank in a multi-process launch (Lightning's DDP re-launch, torchrun, srun); 0 otherwise."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        if int(os.environ.get(var, 0) or 0) != 0:
+            return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 1)) or 1)
+    return 0
+
+
+def _run_as_worker(cfg: DictConfig, run_dir: Path, runners: dict, backends_cls: Any) -> dict:
+    """A rank > 0 process: Lightning's DDP launcher re-runs the entry point for every extra device while rank 0 is
+    inside a training stage. The worker joins that one stage and nothing else: rank 0 alone collects, evaluates and
+    writes metrics, markers and W&B. Under torchrun/srun (no rank 0 stage to follow) the workers run `train`, so the
+    dialogs must exist already (a collect-only run first, or train.data=...)."""
+    stage = os.environ.get(WORKER_STAGE_ENV, "train")
+    if stage not in ("train", "sdf") or stage not in cfg.stages:
+        log.info("rank %d: no training stage to join (%s); nothing to do", _global_rank(), stage)
+        return {}
+    backends = backends_cls(cfg, run_dir, cache_dir(cfg))
+    try:
+        return {stage: runners[stage](cfg, run_dir, backends)}
+    finally:
+        backends.close()
 
 
 def _shared_collect(cfg: DictConfig, run_dir: Path, backends: Any, fp: str) -> dict:
