@@ -315,6 +315,9 @@ def test_logs_throughput_mfu_memory_and_samples_to_csv_and_wandb(tmp_path: Path)
         run.finish()
     tables = list(Path(run.dir).glob("media/table/train/samples*.table.json"))
     assert tables and json.loads(tables[0].read_text())["columns"] == ["step", "prompt", "sample"]
+    # with W&B the run dir still keeps its own loss history (what the multi-run report plots)
+    wb_rows = list(csv.DictReader(open(tmp_path / "wb" / "logs" / "metrics.csv")))
+    assert len([r for r in wb_rows if r.get("train/loss")]) == 2
 
 
 def test_lora_options_reach_peft(tmp_path: Path) -> None:

@@ -31,18 +31,20 @@ NOT_TRAINING = {"resume", "checkpoint_every_n_steps", "peak_flops", "sample_ever
                 "sample_max_new_tokens", "cache_tokenized", "data"}
 
 
-def build_logger(cfg: Any, stage_dir: Path, prefix: str) -> Any:
+def build_logger(cfg: Any, stage_dir: Path, prefix: str) -> list[Any]:
+    """Loggers for a training stage. The CSV log in the stage dir is always written: it is the run's own loss
+    history (the multi-run report plots it) and survives without W&B; W&B is added when the pipeline has a run."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    loggers: list[Any] = [CSVLogger(save_dir=str(stage_dir), name="logs", version="")]
     if cfg.logger.name == "wandb":
         import wandb
         from pytorch_lightning.loggers import WandbLogger
 
         # The pipeline owns the W&B run; Lightning logs into it (one run per pipeline run).
-        return WandbLogger(experiment=wandb.run) if wandb.run is not None else False
-    if cfg.logger.name == "csv":
-        from pytorch_lightning.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(stage_dir), name="logs", version="")
-    return False
+        if wandb.run is not None:
+            loggers.append(WandbLogger(experiment=wandb.run))
+    return loggers
 
 
 def _device(cfg: Any) -> torch.device:
