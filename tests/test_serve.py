@@ -342,3 +342,32 @@ def test_top_p_sampler_draws_the_nucleus_in_proportion(top_p: float, allowed: li
     # the same generator state gives the same draws
     assert [sample_top_p(probs, top_p, torch.Generator().manual_seed(5)) for _ in range(3)] == \
         [sample_top_p(probs, top_p, torch.Generator().manual_seed(5)) for _ in range(3)]
+
+
+@pytest.mark.slow
+def test_local_server_dies_with_a_killed_parent(tmp_path: Path) -> None:
+    """kill -9 of the run that started it must not leave a server holding the model (Linux parent-death signal)."""
+    pid_file = tmp_path / "server.pid"
+    code = ("import sys, time; from baize_exp.chat import LocalServer\n"
+            f"s = LocalServer('tiny', cache_dir={os.environ['BAIZE_CACHE']!r}).start()\n"
+            f"open({str(pid_file)!r}, 'w').write(str(s.proc.pid)); time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 300
+        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+            assert parent.poll() is None, "the parent died before its server started"
+            time.sleep(0.2)
+        server_pid = int(pid_file.read_text())
+        os.kill(server_pid, 0)  # alive
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(server_pid, signal.SIGKILL)
+    pytest.fail("the server outlived its killed parent")

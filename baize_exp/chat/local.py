@@ -56,7 +56,8 @@ class LocalServer:
         env = {**os.environ, KEY_ENV: self.api_key, "HF_HUB_OFFLINE": "1"}
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         log.info("starting local chat server: %s", " ".join(cmd))
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -121,3 +122,13 @@ class Backends:
         for s in self.servers.values():
             s.stop()
         self.servers.clear()
+
+
+def _die_with_parent() -> None:
+    """In the server's child process: ask Linux for SIGTERM when the parent dies, so a killed run (kill -9, OOM)
+    leaves no server holding a model in memory. SIGTERM lets the server finish in-flight requests and exit."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
