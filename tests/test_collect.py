@@ -208,7 +208,8 @@ def test_kill_9_then_rerun_sends_exactly_the_missing_requests(tmp_path: Path) ->
     with FaultServer(latency_s=0.3, api_key=SECRET) as srv:
         args = [sys.executable, "-m", "baize_exp.collect", "teacher=openai", f"teacher.base_url={srv.base_url}",
                 "teacher.api_key_env=BAIZE_FAULT_KEY", "teacher.concurrency=4", "data=file",
-                f"data.path={seeds_file}", f"hydra.run.dir={run_dir}"]
+                f"data.path={seeds_file}", f"hydra.run.dir={run_dir}",
+                "collect.shared=false"]  # write in the run dir itself, so the test can watch it grow and kill
         dialogs = run_dir / "collect" / "dialogs.jsonl"
         with open(tmp_path / "first.log", "wb") as log:
             p = subprocess.Popen([*args, "logger=none"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
