@@ -31,7 +31,7 @@ import torch
 
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
-from baize_exp.data import BAIZE_HUMAN, baize_prompt, load_eval_questions, load_seed_file
+from baize_exp.data import BAIZE_HUMAN, generation_prompt, load_eval_questions, load_seed_file
 from baize_exp.io import read_jsonl, write_jsonl
 from baize_exp.train import dialogs_path, fit, save_adapter
 from baize_exp.train.data import split_dialogs
@@ -210,7 +210,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg))
     model = M.load_adapter(base, v1, trainable=True)
     torch.manual_seed(s.seed)
-    cands = sample_candidates(model, tok, [baize_prompt(p) for p in prompts], s.num_candidates, s.max_new_tokens,
+    cands = sample_candidates(model, tok, [generation_prompt(p, cfg.train.format, tok) for p in prompts], s.num_candidates, s.max_new_tokens,
                               s.temperature, s.top_p, s.batch_size, stop=[BAIZE_HUMAN])
     records = rank_candidates(backends.client("teacher"), s, prompts, cands)
 
@@ -232,5 +232,6 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
                            f"{stage_dir / 'candidates.jsonl'}")
     metrics.update(fit(model, tok, chosen, val_d, cfg, stage_dir, s.lr, s.max_epochs, prefix="sdf/"))
     save_adapter(model, tok, stage_dir / "adapter", {"model": cfg.model.name, "from": str(v1),
-                                                    "sdf": to_container(s), "metrics": metrics})
+                                                    "sdf": to_container(s), "metrics": metrics},
+                 fmt=cfg.train.format)
     return metrics

@@ -262,3 +262,22 @@ def test_batched_generation_equals_sequential_greedy() -> None:
     for b, s in zip(batched, sequential, strict=True):
         assert tok(b[0], add_special_tokens=False).input_ids == tok(s[0], add_special_tokens=False).input_ids
     assert len({b[0] for b in batched}) > 1
+
+
+def test_each_model_is_prompted_in_the_format_it_was_trained_in(tmp_path: Path, tokenizer) -> None:
+    """A chat_template-trained adapter is asked through the chat template, a Baize one with the Baize markers, the
+    base through its own template; an adapter without prompt_format.json falls back to train.format."""
+    import json
+
+    from baize_exp.evaluate.answers import model_prompts
+
+    q = [{"question": "Why is the sky blue?"}]
+    for name, fmt in (("chat", "chat_template"), ("baize", "baize")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "prompt_format.json").write_text(json.dumps({"format": fmt}))
+    (tmp_path / "bare").mkdir()
+    chat, baize, bare, base = (model_prompts(tokenizer, q, a, True, "chat_template")[0]
+                               for a in (tmp_path / "chat", tmp_path / "baize", tmp_path / "bare", None))
+    assert "<|im_start|>assistant" in chat and "[|AI|]" not in chat
+    assert baize.endswith("[|AI|]") and "<|im_start|>" not in baize
+    assert bare == chat == base

@@ -180,6 +180,15 @@ def baize_prompt(question: str, history: list[dict] | None = None) -> str:
     return "".join(s for s, _ in segs[:-1])
 
 
+def generation_prompt(question: str, fmt: str = "baize", tok: Any = None) -> str:
+    """The prompt a model tuned in `fmt` (train.format) answers: the Baize markers, or the tokenizer's chat
+    template (what chat_template training supervised)."""
+    if fmt == "chat_template":
+        return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                       add_generation_prompt=True)
+    return baize_prompt(question)
+
+
 def to_baize_text(turns: list[dict]) -> str:
     return "".join(s for s, _ in baize_segments(turns))
 

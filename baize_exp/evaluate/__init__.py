@@ -67,7 +67,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
         metrics["answers_generated"] += generated
         metrics["answers_cached"] += len(got) - generated
         if val_dialogs:
-            hl = heldout_loss(load(), tok, val_dialogs, cfg.train.max_length)
+            hl = heldout_loss(load(), tok, val_dialogs, cfg.train.max_length, fmt=cfg.train.format)
             metrics[f"{spec.name}/heldout_loss"] = hl["heldout_loss"]
             metrics[f"{spec.name}/heldout_ppl"] = hl["heldout_ppl"]
             metrics[f"{spec.name}/heldout_tokens"] = hl["heldout_tokens"]

@@ -9,6 +9,7 @@ answers are made, so a crash mid-eval keeps what was generated and sweeps share 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
-from baize_exp.data import BAIZE_HUMAN, baize_prompt
+from baize_exp.data import BAIZE_HUMAN, generation_prompt
 from baize_exp.io import JsonlWriter, content_hash, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,21 @@ def answer_cache_dir(cfg: Any) -> Path:
     return Path(cfg.eval.answer_cache).expanduser() if cfg.eval.answer_cache else cache_dir(cfg) / "eval_answers"
 
 
-def model_prompts(tok: Any, questions: list[dict], base: bool, use_chat_template: bool) -> list[str]:
-    """The base model answers through its chat template (what it was tuned for); adapters in the Baize format."""
-    if base and use_chat_template and tok.chat_template:
-        return [tok.apply_chat_template([{"role": "user", "content": q["question"]}], tokenize=False,
-                                        add_generation_prompt=True) for q in questions]
-    return [baize_prompt(q["question"]) for q in questions]
+def adapter_format(adapter: Path | None, default: str) -> str:
+    """The prompt format an adapter was trained in (its prompt_format.json), else `default` (train.format)."""
+    doc = adapter / "prompt_format.json" if adapter else None
+    return json.loads(doc.read_text()).get("format", default) if doc and doc.is_file() else default
+
+
+def model_prompts(tok: Any, questions: list[dict], adapter: Path | None, use_chat_template: bool,
+                  train_format: str = "baize") -> list[str]:
+    """The base model answers through its chat template (what it was tuned for); an adapter in the format it was
+    trained in."""
+    if adapter is None:
+        fmt = "chat_template" if use_chat_template and tok.chat_template else "baize"
+    else:
+        fmt = adapter_format(adapter, train_format)
+    return [generation_prompt(q["question"], fmt, tok) for q in questions]
 
 
 def local_answers(cfg: Any, spec: ModelSpec, questions: list[dict], tok: Any, load: Any) -> tuple[list[dict], int]:
@@ -99,7 +109,7 @@ def local_answers(cfg: Any, spec: ModelSpec, questions: list[dict], tok: Any, lo
     sampling = {"max_new_tokens": e.max_new_tokens, "temperature": 0.0, "stop": [BAIZE_HUMAN]}
     model_key = content_hash("local", to_container(cfg.model), adapter_hash(spec.adapter))
     cache = AnswerCache(answer_cache_dir(cfg), model_key)
-    prompts = model_prompts(tok, questions, spec.adapter is None, cfg.model.chat_template)
+    prompts = model_prompts(tok, questions, spec.adapter, cfg.model.chat_template, cfg.train.format)
     keys = [content_hash(p, sampling) for p in prompts]
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
     if todo:

@@ -16,7 +16,7 @@ import torch
 
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
-from baize_exp.data import BAIZE_AI, BAIZE_HEADER, BAIZE_HUMAN, baize_prompt
+from baize_exp.data import BAIZE_AI, BAIZE_HEADER, BAIZE_HUMAN, generation_prompt
 from baize_exp.io import content_hash, read_jsonl, write_json, write_jsonl
 from baize_exp.train.data import IGNORE, DialogDataModule, collate, split_dialogs, tokenize_dialog
 from baize_exp.train.module import LoraLM, measure_matmul_peak, peak_memory_gb
@@ -91,12 +91,8 @@ class SampleCallback(pl.Callback):
     def __init__(self, tok: Any, prompts: list[str], every: int, max_new_tokens: int, fmt: str, out: Path,
                  prefix: str = ""):
         self.tok, self.every, self.max_new_tokens, self.out, self.prefix = tok, every, max_new_tokens, out, prefix
-        if fmt == "chat_template":
-            self.prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                    add_generation_prompt=True) for p in prompts]
-            self.stop: list[str] = []
-        else:
-            self.prompts, self.stop = [baize_prompt(p) for p in prompts], [BAIZE_HUMAN]
+        self.prompts = [generation_prompt(p, fmt, tok) for p in prompts]
+        self.stop: list[str] = [] if fmt == "chat_template" else [BAIZE_HUMAN]
         self.questions = list(prompts)
         self._last = -1
 
