@@ -291,10 +291,18 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+def _made_dir(path: str) -> str:
+    """`${made_dir:...}`: the folder, created if missing (SQLite will not create the folder of an Optuna study)."""
+    Path(path).expanduser().mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def register_configs() -> None:
-    """Register the schema so `conf/config.yaml` can list `base_config` first in its defaults."""
+    """Register the schema so `conf/config.yaml` can list `base_config` first in its defaults, and our resolvers."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("made_dir"):
+        OmegaConf.register_new_resolver("made_dir", _made_dir)
 
 
 class ConfigError(ValueError):

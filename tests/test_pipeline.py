@@ -105,7 +105,8 @@ def test_run_py_end_to_end_through_the_openai_backend(tmp_path: Path, teacher_se
 def test_local_teacher_is_started_and_stopped_for_the_run(tmp_path: Path) -> None:
     """teacher=local: the pipeline starts the server on a free loopback port and stops it after."""
     run_dir = tmp_path / "run"
-    r = run_cli("model=tiny", "data.limit=2", "teacher.max_tokens=96", "stages=[collect]", "logger=csv",
+    r = run_cli("model=tiny", "data.limit=2", "teacher.max_tokens=96", "collect.on_truncated=drop_turn",
+                "stages=[collect]", "logger=csv",
                 f"hydra.run.dir={run_dir}")
     assert r.returncode == 0, r.stderr[-3000:]
     serve_log = (run_dir / "serve-0.log").read_text()

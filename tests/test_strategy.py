@@ -73,7 +73,11 @@ def test_deepspeed_without_trainer_config_or_on_cpu_is_refused() -> None:
 def test_slurm_and_torchrun_environments_are_picked_up(monkeypatch: pytest.MonkeyPatch) -> None:
     """Multi-node is Lightning's own: under srun/torchrun the ranks come from the environment, not from us."""
     from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+    # building a Trainer sets the process-wide rank_zero_only.rank (here 3, then 2): restore it afterwards, or every
+    # later test in this process would have its rank-zero-only logging (CSV logs, checkpoints) silently skipped
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     cfg = compose_cfg(["strategy=ddp", "trainer.devices=2", "trainer.num_nodes=2"])
     tr = cfg.trainer
 

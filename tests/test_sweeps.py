@@ -148,7 +148,7 @@ def test_two_by_two_multirun_shares_one_collection_and_reports(tmp_path: Path, t
     assert [m["collect"]["requested"] > 0 for m in done] == [True, False, False, False]
     texts = {(sweep_dir / j / "collect" / "dialogs.jsonl").read_text() for j in ("2", "3", "4", "5")}
     assert len(texts) == 1 and texts.pop().count("\n") == done[0]["collect"]["dialogs"] >= 1
-    assert [("sdf" in m) for m in done] == [True, False, True, False]
+    assert [m["sdf"].get("skipped", False) for m in done] == [False, True, False, True]  # sdf=default,off
 
     out = tmp_path / "report"
     rep = subprocess_report(sweep_dir, out)
@@ -161,7 +161,7 @@ def test_two_by_two_multirun_shares_one_collection_and_reports(tmp_path: Path, t
         assert float(row["v1_heldout_loss"]) == pytest.approx(m["eval"]["v1/heldout_loss"])
         assert float(row["val_loss"]) == pytest.approx(m["train"]["val_loss"])
         assert int(row["dialogs"]) == m["collect"]["dialogs"]
-        assert (row["v2_heldout_loss"] != "") == ("sdf" in m)
+        assert (row["v2_heldout_loss"] != "") == (not m["sdf"].get("skipped", False))
     for png in out.glob("*.png"):
         assert png.read_bytes().startswith(PNG) and png.stat().st_size > 8000
     assert {"loss_curves.png", "final_heldout_loss_vs_lora.r.png", "final_heldout_loss_vs_sdf.png"} <= {
@@ -208,7 +208,7 @@ def test_submitit_local_launcher_runs_a_tiny_job(tmp_path: Path) -> None:
                 f"hydra.sweep.dir={sweep_dir}")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((sweep_dir / "0" / "metrics.json").read_text())
-    assert m["run"]["status"] == "completed" and m["run"]["overrides"] == ["seed=3"]
+    assert m["run"]["status"] == "completed" and "seed=3" in m["run"]["overrides"]
     assert list((sweep_dir / ".submitit").glob("*/*_log.out"))  # it really went through submitit
 
 
