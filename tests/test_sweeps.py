@@ -127,8 +127,8 @@ def _openai_backend(server: LocalServer) -> list[str]:
 def test_two_by_two_multirun_shares_one_collection_and_reports(tmp_path: Path, teacher_server: LocalServer) -> None:
     sweep_dir = tmp_path / "multirun"
     # lora.r=0 is invalid: those two jobs run first, fail, and must not stop the four others.
-    args = ["-m", "model=tiny", "lora.r=0,4,8", "sdf=default,off", "data.limit=6", "teacher.temperature=0",
-            "teacher.max_tokens=160", "sdf.num_prompts=2", "sdf.num_candidates=2", "sdf.max_new_tokens=16",
+    args = ["-m", "model=tiny", "lora.r=0,4,8", "sdf=default,off", "data.limit=10", "teacher.temperature=0",
+            "teacher.max_tokens=160", "collect.on_truncated=drop_turn", "train.val_fraction=0.3", "sdf.num_prompts=2", "sdf.num_candidates=2", "sdf.max_new_tokens=16",
             "eval.limit=2", "eval.max_new_tokens=16", "eval.bootstrap=100", "trainer.max_epochs=1", "logger=csv",
             *_openai_backend(teacher_server), f"hydra.sweep.dir={sweep_dir}"]
     r = run_cli(*args, env={"BAIZE_TEST_KEY": teacher_server.api_key})
@@ -158,6 +158,7 @@ def test_two_by_two_multirun_shares_one_collection_and_reports(tmp_path: Path, t
         ("0", "default", "failed"), ("0", "off", "failed"), ("4", "default", "completed"),
         ("4", "off", "completed"), ("8", "default", "completed"), ("8", "off", "completed")]
     for row, m in zip(rows[2:], done, strict=True):
+        assert m["eval"]["heldout_dialogs"] >= 1
         assert float(row["v1_heldout_loss"]) == pytest.approx(m["eval"]["v1/heldout_loss"])
         assert float(row["val_loss"]) == pytest.approx(m["train"]["val_loss"])
         assert int(row["dialogs"]) == m["collect"]["dialogs"]
