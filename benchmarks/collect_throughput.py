@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,24 +24,13 @@ import openai
 from hydra import compose, initialize_config_dir
 
 from baize_exp.chat import ChatClient
+from baize_exp.chat.fault_server import spawn
 from baize_exp.collect import collect
 from baize_exp.config import register_configs, validate
 from baize_exp.data import load_seeds, parse_transcript
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "BAIZE_BENCH_KEY"
-
-
-def start_server(latency: float, workdir: Path) -> tuple[subprocess.Popen, str]:
-    port_file = workdir / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "baize_exp.chat.fault_server", "--latency", str(latency),
-                             "--port-file", str(port_file), "--api-key-env", KEY_ENV])
-    for _ in range(200):
-        if port_file.is_file():
-            return proc, f"http://127.0.0.1:{port_file.read_text()}/v1"
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("fault server did not start")
 
 
 def baseline(base_url: str, template: str, questions: list[str], sleep_s: float) -> float:
@@ -73,7 +60,7 @@ def main() -> None:
     register_configs()
     with tempfile.TemporaryDirectory(prefix="baize_bench_") as tmp:
         work = Path(tmp)
-        proc, base_url = start_server(a.latency, work)
+        proc, base_url = spawn(a.latency, work, KEY_ENV)
         try:
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
                 cfg = compose(config_name="config", overrides=[

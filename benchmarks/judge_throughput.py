@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,24 +21,13 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from baize_exp.chat import ChatClient
+from baize_exp.chat.fault_server import spawn
 from baize_exp.config import register_configs
 from baize_exp.data import load_eval_questions
 from baize_exp.evaluate.judge import build_jobs, run_judge
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "BAIZE_BENCH_KEY"
-
-
-def start_server(latency: float, workdir: Path) -> tuple[subprocess.Popen, str]:
-    port_file = workdir / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "baize_exp.chat.fault_server", "--latency", str(latency),
-                             "--reply", "Score: 7", "--port-file", str(port_file), "--api-key-env", KEY_ENV])
-    for _ in range(200):
-        if port_file.is_file() and port_file.read_text():
-            return proc, f"http://127.0.0.1:{port_file.read_text()}/v1"
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("fault server did not start")
 
 
 def judge_rate(cfg, base_url: str, jobs: list[dict], concurrency: int) -> tuple[float, int]:
@@ -73,7 +60,7 @@ def main() -> None:
     jobs = build_jobs("single", cfg.eval, by_id, answers)
 
     with tempfile.TemporaryDirectory(prefix="baize_bench_") as tmp:
-        proc, base_url = start_server(a.latency, Path(tmp))
+        proc, base_url = spawn(a.latency, Path(tmp), KEY_ENV, reply="Score: 7")
         try:
             base_rate, base_ok = judge_rate(cfg, base_url, jobs[:a.baseline_judgments], 1)
             ours_rate, ours_ok = judge_rate(cfg, base_url, jobs, a.concurrency)

@@ -258,6 +258,24 @@ def _completion(req: dict, fault: str, reply: Callable[[dict], str] | None = Non
                       "total_tokens": prompt_tokens + completion_tokens}}
 
 
+def spawn(latency_s: float, workdir: Path, api_key_env: str, reply: str | None = None) -> tuple[Any, str]:
+    """Start `python -m baize_exp.chat.fault_server` in its own process (so its CPU is not the caller's, e.g. in a
+    benchmark); returns (process, base_url). The caller terminates the process."""
+    import subprocess
+    import sys
+
+    port_file = workdir / "fault_server.port"
+    cmd = [sys.executable, "-m", "baize_exp.chat.fault_server", "--latency", str(latency_s),
+           "--port-file", str(port_file), "--api-key-env", api_key_env, *(["--reply", reply] if reply else [])]
+    proc = subprocess.Popen(cmd)
+    for _ in range(200):
+        if port_file.is_file() and port_file.read_text():
+            return proc, f"http://127.0.0.1:{port_file.read_text()}/v1"
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("fault server did not start")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m baize_exp.chat.fault_server", description=__doc__.split("\n")[0])
     ap.add_argument("--host", default="127.0.0.1", help="loopback only")
