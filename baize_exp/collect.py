@@ -46,6 +46,12 @@ def dialog_key(seed: Seed, ccfg: Any, tcfg: Any) -> str:
 
 # --- one dialog --------------------------------------------------------------------------------------------
 
+def request_seed(key: str, turn: int = 0) -> int:
+    """The sampling seed sent with a dialog's request (OpenAI's `seed`; our server and vLLM honour it): drawn from
+    the dialog key, so rerunning a collection on the same settings asks the same questions with the same seeds."""
+    return int(content_hash(key, turn)[:8], 16) & 0x7FFFFFFF
+
+
 def _history(turns: list[dict]) -> str:
     return "\n".join(f"[{'Human' if t['role'] == 'human' else 'AI'}] {t['text']}" for t in turns)
 
@@ -64,8 +70,9 @@ def _clean_turn(text: str, role: str) -> tuple[str, str | None]:
     return text, None if text else "empty"
 
 
-async def _transcript_dialog(seed: Seed, client: ChatClient, ccfg: Any) -> tuple[dict, list[ChatResult]]:
-    res = await client.acomplete([{"role": "user", "content": ccfg.template.format(seed=seed.question)}])
+async def _transcript_dialog(seed: Seed, key: str, client: ChatClient, ccfg: Any) -> tuple[dict, list[ChatResult]]:
+    res = await client.acomplete([{"role": "user", "content": ccfg.template.format(seed=seed.question)}],
+                                 seed=request_seed(key))
     if res.error:
         return {"reason": "api_error", "detail": res.error, "raw": None}, [res]
     finish = res.finish_reasons[0]
@@ -77,7 +84,7 @@ async def _transcript_dialog(seed: Seed, client: ChatClient, ccfg: Any) -> tuple
     return {"turns": parsed.turns, "finish_reason": finish}, [res]
 
 
-async def _turns_dialog(seed: Seed, client: ChatClient, ccfg: Any) -> tuple[dict, list[ChatResult]]:
+async def _turns_dialog(seed: Seed, key: str, client: ChatClient, ccfg: Any) -> tuple[dict, list[ChatResult]]:
     turns = [{"role": "human", "text": seed.question}]
     results: list[ChatResult] = []
     finish = "stop"
@@ -89,7 +96,7 @@ async def _turns_dialog(seed: Seed, client: ChatClient, ccfg: Any) -> tuple[dict
         else:
             messages = [{"role": "user", "content": ccfg.human_template.format(seed=seed.question,
                                                                                history=_history(turns))}]
-        res = await client.acomplete(messages)
+        res = await client.acomplete(messages, seed=request_seed(key, len(turns)))
         results.append(res)
         raw = f"{_history(turns)}\n[{'AI' if role == 'ai' else 'Human'}] {res.text}"
         if res.error:
@@ -184,7 +191,7 @@ async def _run_all(todo: list[tuple[Seed, str]], client: ChatClient, ccfg: Any, 
 
     async def worker() -> None:
         for seed, key in pending:  # one shared iterator: each worker takes the next seed when it is free
-            out, results = await make(seed, client, ccfg)
+            out, results = await make(seed, key, client, ccfg)
             usage = Counter()
             for r in results:
                 usage.update(r.usage)

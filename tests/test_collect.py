@@ -122,6 +122,23 @@ def test_turns_mode_plays_both_roles_turn_by_turn(tmp_path: Path) -> None:
     assert all("[Human] " in b["messages"][0]["content"] and "[AI] " in b["messages"][0]["content"] for b in human)
 
 
+@pytest.mark.parametrize("mode", ["transcript", "turns"])
+def test_requests_carry_seeds_drawn_from_the_dialog_key(tmp_path: Path, mode: str) -> None:
+    """A collection redone elsewhere with the same settings asks the same questions with the same sampling seeds
+    (so a seeded backend gives the same dialogs); every request of a dialog has its own seed."""
+    cfg = _setup(tmp_path, f"collect.mode={mode}", "collect.max_turns=4")
+    seeds = _seeds(["", "", ""])
+    sent = []
+    for out in ("a", "b"):
+        with FaultServer(latency_s=0.0, api_key=SECRET) as srv:
+            collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, tmp_path / out)
+            sent.append(sorted((json.dumps(b["messages"]), b["seed"]) for _, b in srv.received))
+    assert sent[0] == sent[1] and len(sent[0]) == 3 * (1 if mode == "transcript" else 3)
+    request_seeds = [seed for _, seed in sent[0]]
+    assert all(isinstance(x, int) and 0 <= x < 2**31 for x in request_seeds)
+    assert len(set(request_seeds)) == len(request_seeds)
+
+
 def test_changed_sampling_settings_are_new_work(tmp_path: Path) -> None:
     seeds = _seeds(["", "", ""])
     with FaultServer(api_key=SECRET) as srv:

@@ -105,7 +105,9 @@ def test_run_py_end_to_end_through_the_openai_backend(tmp_path: Path, teacher_se
 def test_local_teacher_is_started_and_stopped_for_the_run(tmp_path: Path) -> None:
     """teacher=local: the pipeline starts the server on a free loopback port and stops it after."""
     run_dir = tmp_path / "run"
-    r = run_cli("model=tiny", "data.limit=2", "teacher.max_tokens=96", "collect.on_truncated=drop_turn",
+    # 160 tokens leave room for two complete turns; the requests are seeded from the dialog keys, so what the
+    # teacher writes does not change from run to run
+    r = run_cli("model=tiny", "data.limit=2", "teacher.max_tokens=160", "collect.on_truncated=drop_turn",
                 "stages=[collect]", "logger=csv",
                 f"hydra.run.dir={run_dir}")
     assert r.returncode == 0, r.stderr[-3000:]
