@@ -133,3 +133,12 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def global_rank() -> int:
+    """This process's rank in a multi-process launch (Lightning's DDP re-launch, torchrun, srun); 0 otherwise.
+    Rank 0 alone writes a run's shared files; the other ranks read them."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        if int(os.environ.get(var, 0) or 0) != 0:
+            return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 1)) or 1)
+    return 0

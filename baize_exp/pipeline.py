@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from baize_exp.config import ConfigError, cache_dir, to_container, validate
-from baize_exp.io import content_hash, file_hash, file_lock, read_json, write_json
+from baize_exp.io import content_hash, file_hash, file_lock, global_rank, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if _global_rank() != 0:
+    if global_rank() != 0:
         return _run_as_worker(cfg, run_dir, runners, Backends)
     overrides = _overrides()
     metrics_path = run_dir / "metrics.json"
@@ -205,14 +205,6 @@ def run_pipeline(cfg: DictConfig) -> dict:
 WORKER_STAGE_ENV = "BAIZE_PIPELINE_STAGE"
 
 
-def _global_rank() -> int:
-    """This process's rank in a multi-process launch (Lightning's DDP re-launch, torchrun, srun); 0 otherwise."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
-        if int(os.environ.get(var, 0) or 0) != 0:
-            return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 1)) or 1)
-    return 0
-
-
 def _run_as_worker(cfg: DictConfig, run_dir: Path, runners: dict, backends_cls: Any) -> dict:
     """A rank > 0 process: Lightning's DDP launcher re-runs the entry point for every extra device while rank 0 is
     inside a training stage. The worker joins that one stage and nothing else: rank 0 alone collects, evaluates and
@@ -220,7 +212,7 @@ def _run_as_worker(cfg: DictConfig, run_dir: Path, runners: dict, backends_cls: 
     dialogs must exist already (a collect-only run first, or train.data=...)."""
     stage = os.environ.get(WORKER_STAGE_ENV, "train")
     if stage not in ("train", "sdf") or stage not in cfg.stages:
-        log.info("rank %d: no training stage to join (%s); nothing to do", _global_rank(), stage)
+        log.info("rank %d: no training stage to join (%s); nothing to do", global_rank(), stage)
         return {}
     backends = backends_cls(cfg, run_dir, cache_dir(cfg))
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ import torch
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, generation_prompt, load_eval_questions, load_seed_file
-from baize_exp.io import read_jsonl, write_jsonl
+from baize_exp.evaluate.answers import adapter_hash
+from baize_exp.io import content_hash, global_rank, read_jsonl, write_jsonl
 from baize_exp.train import dialogs_path, fit, save_adapter
 from baize_exp.train.data import split_dialogs
 
@@ -195,6 +197,37 @@ def load_prompts(cfg: Any, train_dialogs: list[dict]) -> list[str]:
     return prompts[: s.num_prompts] if s.num_prompts else prompts
 
 
+# sdf keys that act after the candidates are ranked: changing them reuses the ranked candidates
+AFTER_RANKING = ("enabled", "select", "lr", "max_epochs")
+
+
+def candidates_key(cfg: Any, v1: Path, prompts: list[str]) -> str:
+    """What the ranked candidates depend on: the v1 adapter's weights, the model, the prompts, the sampling and
+    ranking settings, and the teacher."""
+    s = {k: v for k, v in to_container(cfg.sdf).items() if k not in AFTER_RANKING}
+    t = cfg.teacher
+    return content_hash(adapter_hash(v1), to_container(cfg.model), cfg.train.format, s, prompts,
+                        [t.backend, t.model, t.temperature, t.top_p])
+
+
+def _finished_candidates(path: Path, key: str) -> list[dict] | None:
+    """The records of an earlier attempt of this stage (a crash in training, a rerun of a DDP worker), if they were
+    made with the same key; None if there are none or they belong to other settings."""
+    if not path.is_file():
+        return None
+    records = read_jsonl(path)
+    return records if records and all(r.get("key") == key for r in records) else None
+
+
+def _wait_for_candidates(path: Path, key: str, poll_s: float = 2.0) -> list[dict]:
+    t0 = time.monotonic()
+    while (records := _finished_candidates(path, key)) is None:
+        if int(time.monotonic() - t0) % 60 < poll_s:
+            log.info("rank %d: waiting for rank 0 to write %s", global_rank(), path)
+        time.sleep(poll_s)
+    return records
+
+
 def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     """The pipeline's sdf stage: v1 adapter → candidates.jsonl → v2 adapter."""
     s = cfg.sdf
@@ -209,10 +242,22 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
 
     base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg))
     model = M.load_adapter(base, v1, trainable=True)
-    torch.manual_seed(s.seed)
-    cands = sample_candidates(model, tok, [generation_prompt(p, cfg.train.format, tok) for p in prompts], s.num_candidates, s.max_new_tokens,
-                              s.temperature, s.top_p, s.batch_size, stop=[BAIZE_HUMAN])
-    records = rank_candidates(backends.client("teacher"), s, prompts, cands)
+    cand_path = stage_dir / "candidates.jsonl"
+    key = candidates_key(cfg, v1, prompts)
+    records = _finished_candidates(cand_path, key)
+    if records is None and global_rank() > 0:  # torchrun/srun: rank 0 samples and ranks, the others wait for it
+        records = _wait_for_candidates(cand_path, key)
+    if records is None:
+        torch.manual_seed(s.seed)
+        cands = sample_candidates(model, tok, [generation_prompt(p, cfg.train.format, tok) for p in prompts],
+                                  s.num_candidates, s.max_new_tokens, s.temperature, s.top_p, s.batch_size,
+                                  stop=[BAIZE_HUMAN])
+        records = [{**r, "key": key} for r in rank_candidates(backends.client("teacher"), s, prompts, cands)]
+        write_jsonl(cand_path, records)  # before training: a crash there loses none of the teacher's rankings
+    else:
+        log.info("sdf: reusing the %d ranked prompts in %s (same v1 adapter, prompts and settings)", len(records),
+                 cand_path)
+    cands = [r["candidates"] for r in records]
 
     chosen = []
     for i, rec in enumerate(records):
@@ -220,7 +265,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
         for j, w in enumerate(rec["weights"]):
             chosen += [{"id": f"sdf-{i}-{j}", "turns": [{"role": "human", "text": rec["prompt"]},
                                                         {"role": "ai", "text": rec["candidates"][j]}]}] * w
-    write_jsonl(stage_dir / "candidates.jsonl", records)
+    write_jsonl(cand_path, records)
     parse = Counter(r["parse"] for r in records)
     metrics: dict[str, Any] = {"prompts": len(prompts), "candidates": len(prompts) * s.num_candidates,
                                "empty_candidates": sum(not c.strip() for cs in cands for c in cs),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,9 +100,10 @@ def test_sdf_stage_with_tiny_model_writes_a_v2_adapter_that_differs_from_v1(tmp_
     dialogs.write_text("".join(json.dumps({"id": f"d{i}", "turns": [
         {"role": "human", "text": f"What should I know about {t}?"},
         {"role": "ai", "text": f"{t.capitalize()} is worth learning about slowly."}]}) + "\n" for i, t in enumerate(topics)))
-    cfg = compose_cfg(["model=tiny", "logger=none", f"train.data={dialogs}", "trainer.max_epochs=1",
-                       "sdf.num_prompts=3", "sdf.num_candidates=3", "sdf.max_new_tokens=12", "sdf.select=weighted",
-                       "sdf.max_epochs=2", "teacher.concurrency=8"])
+    overrides = ["model=tiny", "logger=none", f"train.data={dialogs}", "trainer.max_epochs=1",
+                 "sdf.num_prompts=3", "sdf.num_candidates=3", "sdf.max_new_tokens=12", "sdf.select=weighted",
+                 "sdf.max_epochs=2", "teacher.concurrency=8"]
+    cfg = compose_cfg(overrides)
     validate(cfg)
     train.run(cfg, tmp_path)
     backends = Backends(cfg, tmp_path, Path(os.environ["BAIZE_CACHE"]))
@@ -124,6 +126,45 @@ def test_sdf_stage_with_tiny_model_writes_a_v2_adapter_that_differs_from_v1(tmp_
     assert sum(m[f"parse_{k}"] for k in ("ok", "tolerant", "logprobs", "retried", "failed")) == 3
     assert m["selected_examples"] == sum(sum(r["weights"]) for r in recs) > 0
     assert m["steps"] >= 1 and m["val_loss"] > 0
+
+    # a crash in the v2 training, rerun with another selection (so the v2 checkpoint no longer fits: start the
+    # training over): the ranked candidates are reused (no teacher is started, nothing sampled), only the
+    # selection changes
+    shutil.rmtree(tmp_path / "sdf" / "adapter")
+    cfg2 = compose_cfg([*(o for o in overrides if not o.startswith("sdf.select=")), "sdf.select=best",
+                        "train.resume=never"])
+    backends = Backends(cfg2, tmp_path, Path(os.environ["BAIZE_CACHE"]))
+    try:
+        m2 = sdf.run(cfg2, tmp_path, backends)
+        assert backends.servers == {}
+    finally:
+        backends.close()
+    recs2 = [json.loads(x) for x in (tmp_path / "sdf" / "candidates.jsonl").read_text().splitlines()]
+    same = ("prompt", "candidates", "order", "ranking", "judge_reply", "key")
+    assert [{k: r[k] for k in same} for r in recs2] == [{k: r[k] for k in same} for r in recs]
+    assert all(r["weights"] == sdf.candidate_weights(r, "best") for r in recs2)
+    assert m2["selected_examples"] == sum(sum(r["weights"]) for r in recs2) > 0
+    assert (tmp_path / "sdf" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_candidates_key_follows_what_shapes_the_rankings(tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"v1")
+    prompts = ["a?", "b?"]
+
+    def key(*overrides: str, p: list[str] = prompts) -> str:
+        return sdf.candidates_key(compose_cfg(["model=tiny", *overrides]), adapter, p)
+
+    k = key()
+    assert k == key("sdf.lr=3e-4", "sdf.max_epochs=5", "sdf.select=weighted")  # act after the ranking
+    for changed in (["sdf.num_candidates=2"], ["sdf.temperature=0.5"], ["sdf.seed=1"], ["teacher.model=other"],
+                    ["sdf.rank_max_tokens=8"]):
+        assert key(*changed) != k, changed
+    assert key(p=["a?"]) != k
+    (adapter / "adapter_model.safetensors").write_bytes(b"v1, trained again")
+    assert key() != k
 
 
 @pytest.mark.slow
