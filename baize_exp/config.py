@@ -195,7 +195,7 @@ class EvalConfig:
     models: list[str] = field(default_factory=lambda: ["base", "v1", "v2"])  # base, v1, v2, adapter or run dirs
     max_new_tokens: int = 128
     batch_size: int = 8  # questions per generate call
-    answer_cache: str | None = None  # dir of cached answers; None = <cache_dir>/eval_answers
+    answer_cache: str | None = None  # dir of cached answers (and judge replies); None = <cache_dir>/eval_answers
     heldout: str | None = None  # held-out dialogs .jsonl; None = this run's train/val_dialogs.jsonl
     judge_mode: str = "single"  # single | pairwise | reference
     pairwise_against: str = "teacher"  # teacher | reference | a name in eval.models

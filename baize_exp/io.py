@@ -79,6 +79,27 @@ class JsonlWriter:
         self.close()
 
 
+
+class KeyedJsonl:
+    """A disk cache: records in one JSON-lines file, found by their "key"; each `put_many` appends and fsyncs,
+    so a crash keeps what was made (a torn last line is cut off when the file is next opened)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.entries = {r["key"]: r for r in read_jsonl(self.path, repair_tail=True)}
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def put_many(self, items: list[tuple[str, dict]]) -> None:
+        if not items:
+            return
+        with JsonlWriter(self.path) as w:
+            for key, rec in items:
+                rec = {"key": key, **rec}
+                w.write(rec)
+                self.entries[key] = rec
+
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     """Write a whole file atomically (temp file + rename)."""
     path = Path(path)

@@ -238,6 +238,15 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
     m2, req2 = run_once(tmp_path / "run2")
     assert calls == [] and m2["answers_generated"] == 0 and m2["answers_cached"] == 8
     assert m2["teacher_answers_requested"] == 0 and req2 == m2["judge_requests"]  # only the judge was asked
+    # the judge's replies that parsed are reused (at temperature 0 they are the replies); failures are asked again
+    # (the random tiny judge rarely gives a readable verdict: test_judge_cache_... covers reuse for certain)
+    j1, j2 = ([json.loads(x) for x in (tmp_path / r / "eval" / "judgments.jsonl").read_text().splitlines()]
+              for r in ("run1", "run2"))
+    assert m2["judge_cached"] == sum(j["parse"] != "failed" for j in j1)
+    for a, b in zip(j1, j2, strict=True):
+        assert bool(b.get("cached")) == (a["parse"] != "failed")
+        if b.get("cached"):
+            assert (b["judge_reply"], b["verdict"], b["winner"]) == (a["judge_reply"], a["verdict"], a["winner"])
     assert (tmp_path / "run2" / "eval" / "answers.jsonl").read_text().replace("true", "false") == (
         run1 / "answers.jsonl").read_text().replace("true", "false")
 
@@ -281,3 +290,29 @@ def test_each_model_is_prompted_in_the_format_it_was_trained_in(tmp_path: Path, 
     assert "<|im_start|>assistant" in chat and "[|AI|]" not in chat
     assert baize.endswith("[|AI|]") and "<|im_start|>" not in baize
     assert bare == chat == base
+
+
+def test_judge_cache_reuses_parsed_replies_and_asks_failures_again(tmp_path: Path) -> None:
+    """Against the fault server: a second judging of the same jobs sends only what did not parse the first time."""
+    from baize_exp.chat import ChatClient
+    from baize_exp.chat.fault_server import FaultServer
+    from baize_exp.io import KeyedJsonl
+
+    e = compose_cfg([]).eval
+    questions = {f"q{i}": {"question": f"Question {i}?", "category": "generic"} for i in range(4)}
+    answers = [{"question_id": q, "category": "generic", "model": "m", "answer": f"Answer {q}"} for q in questions]
+    jobs = J.build_jobs("single", e, questions, answers)
+    unreadable = {"Answer q3"}  # the judge never gives this one a score
+    with FaultServer(api_key="k", reply=lambda r: "no idea" if any(
+            u in m["content"] for m in r["messages"] for u in unreadable) else "Rating: [[7]]") as srv:
+        client = ChatClient(srv.base_url, "k", "judge-model", concurrency=4, max_retries=0)
+        cache = KeyedJsonl(tmp_path / "judgments.jsonl")
+        first = J.run_judge(client, "single", jobs, e.score_retry, cache=cache)
+        n1 = srv.requests
+        second = J.run_judge(client, "single", jobs, e.score_retry, cache=KeyedJsonl(tmp_path / "judgments.jsonl"))
+        n2 = srv.requests - n1
+    assert n1 == 4 + 1  # four judgments, one retry of the unparsable
+    assert n2 == 2  # only the failure again (and its retry)
+    assert [r["score"] for r in first] == [r["score"] for r in second] == [7, 7, 7, None]
+    assert [bool(r.get("cached")) for r in second] == [True, True, True, False]
+    assert second[3]["parse"] == "failed" and "error" in second[3]

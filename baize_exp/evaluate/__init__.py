@@ -16,10 +16,16 @@ from typing import Any
 from baize_exp import models as M
 from baize_exp.config import cache_dir
 from baize_exp.data import load_eval_questions
-from baize_exp.evaluate.answers import local_answers, resolve_models, teacher_answers
+from baize_exp.evaluate.answers import (
+    answer_cache_dir,
+    chat_identity,
+    local_answers,
+    resolve_models,
+    teacher_answers,
+)
 from baize_exp.evaluate.judge import build_jobs, parse_score, parse_verdict, run_judge, weighted_score
 from baize_exp.evaluate.stats import bootstrap_ci, plot_scores, score_table, write_scores_csv
-from baize_exp.io import read_jsonl, write_jsonl
+from baize_exp.io import KeyedJsonl, read_jsonl, write_jsonl
 from baize_exp.train import heldout_loss
 
 __all__ = ["run", "log_wandb", "parse_score", "parse_verdict", "weighted_score", "bootstrap_ci", "score_table"]
@@ -90,10 +96,13 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
 
     jobs = build_jobs(e.judge_mode, e, {q["question_id"]: q for q in questions}, judged, opponent)
     retry = e.verdict_retry if e.judge_mode == "pairwise" else e.score_retry
-    judgments = run_judge(backends.client("judge"), e.judge_mode, jobs, retry, logprobs=e.judge_logprobs)
+    judge_cache = KeyedJsonl(answer_cache_dir(cfg) / "judgments" / f"{chat_identity(cfg.judge)}.jsonl")
+    judgments = run_judge(backends.client("judge"), e.judge_mode, jobs, retry, logprobs=e.judge_logprobs,
+                          cache=judge_cache)
     write_jsonl(stage_dir / "judgments.jsonl", judgments)
-    metrics["judge_requests"] = sum(j["messages"] is not None for j in jobs) + sum(
-        "judge_reply_retry" in j for j in judgments)
+    sent = [j for job, j in zip(jobs, judgments, strict=True) if job["messages"] is not None and not j.get("cached")]
+    metrics["judge_requests"] = len(sent) + sum("judge_reply_retry" in j for j in sent)
+    metrics["judge_cached"] = sum(bool(j.get("cached")) for j in judgments)
     for how in ("ok", "tolerant", "retried", "failed"):
         metrics[f"judge_parse_{how}"] = sum(j["parse"] == how for j in judgments)
 

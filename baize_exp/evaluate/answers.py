@@ -18,7 +18,7 @@ from typing import Any
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, generation_prompt
-from baize_exp.io import JsonlWriter, content_hash, read_jsonl
+from baize_exp.io import KeyedJsonl, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +63,19 @@ def adapter_hash(path: Path | None) -> str | None:
     return h.hexdigest()[:16]
 
 
-class AnswerCache:
-    """Answers on disk, one JSONL file per model identity; `get` / `put` by answer key."""
-
-    def __init__(self, root: Path, model_key: str):
-        self.path = root / f"{model_key}.jsonl"
-        self.entries = {r["key"]: r["answer"] for r in read_jsonl(self.path, repair_tail=True)}
-
-    def get(self, key: str) -> str | None:
-        return self.entries.get(key)
-
-    def put_many(self, items: list[tuple[str, dict]]) -> None:
-        with JsonlWriter(self.path) as w:
-            for key, rec in items:
-                w.write({"key": key, **rec})
-                self.entries[key] = rec["answer"]
-
-
 def answer_cache_dir(cfg: Any) -> Path:
     return Path(cfg.eval.answer_cache).expanduser() if cfg.eval.answer_cache else cache_dir(cfg) / "eval_answers"
+
+
+def chat_identity(bcfg: Any) -> str:
+    """Who answers through a teacher/judge config: the backend, the model name, and where it is served (for our
+    local server its model and the adapter's weights, since a tuned local teacher is another model)."""
+    if bcfg.backend == "local":
+        adapter = Path(bcfg.serve.adapter).expanduser() if bcfg.serve.adapter else None
+        where = [bcfg.serve.model, adapter_hash(adapter) if adapter and adapter.is_dir() else bcfg.serve.adapter]
+    else:
+        where = bcfg.base_url or "api.openai.com"
+    return content_hash("chat", bcfg.backend, bcfg.model, where)
 
 
 def adapter_format(adapter: Path | None, default: str) -> str:
@@ -108,7 +102,7 @@ def local_answers(cfg: Any, spec: ModelSpec, questions: list[dict], tok: Any, lo
     e = cfg.eval
     sampling = {"max_new_tokens": e.max_new_tokens, "temperature": 0.0, "stop": [BAIZE_HUMAN]}
     model_key = content_hash("local", to_container(cfg.model), adapter_hash(spec.adapter))
-    cache = AnswerCache(answer_cache_dir(cfg), model_key)
+    cache = KeyedJsonl(answer_cache_dir(cfg) / f"{model_key}.jsonl")
     prompts = model_prompts(tok, questions, spec.adapter, cfg.model.chat_template, cfg.train.format)
     keys = [content_hash(p, sampling) for p in prompts]
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
@@ -120,7 +114,7 @@ def local_answers(cfg: Any, spec: ModelSpec, questions: list[dict], tok: Any, lo
     log.info("eval: %s: %d answers generated, %d from the cache", spec.name, len(todo), len(keys) - len(todo))
     return [{"question_id": q["question_id"], "category": q["category"], "model": spec.name,
              "adapter": str(spec.adapter) if spec.adapter else None, "adapter_hash": adapter_hash(spec.adapter),
-             "answer": cache.get(k), "cached": i not in todo}
+             "answer": cache.get(k)["answer"], "cached": i not in todo}
             for i, (q, k) in enumerate(zip(questions, keys, strict=True))], len(todo)
 
 
@@ -128,9 +122,8 @@ def teacher_answers(cfg: Any, client: Any, questions: list[dict]) -> tuple[list[
     """The teacher's answers (the default pairwise opponent), cached like the local models'; (answers, sent).
     A failed request is recorded with its error and not cached."""
     e, t = cfg.eval, cfg.teacher
-    where = t.serve.model if t.backend == "local" else (t.base_url or "api.openai.com")
     sampling = {"max_tokens": e.max_new_tokens, "temperature": 0.0}
-    cache = AnswerCache(answer_cache_dir(cfg), content_hash("chat", t.backend, t.model, where))
+    cache = KeyedJsonl(answer_cache_dir(cfg) / f"{chat_identity(t)}.jsonl")
     keys = [content_hash(q["question"], sampling) for q in questions]
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
     errors: dict[int, str] = {}
@@ -141,5 +134,5 @@ def teacher_answers(cfg: Any, client: Any, questions: list[dict]) -> tuple[list[
                         for i, r in zip(todo, results, strict=True) if not r.error])
         errors = {i: r.error for i, r in zip(todo, results, strict=True) if r.error}
     return [{"question_id": q["question_id"], "category": q["category"], "model": "teacher", "role": "opponent",
-             "answer": cache.get(k), "error": errors.get(i), "cached": i not in todo}
+             "answer": (cache.get(k) or {}).get("answer"), "error": errors.get(i), "cached": i not in todo}
             for i, (q, k) in enumerate(zip(questions, keys, strict=True))], len(todo)

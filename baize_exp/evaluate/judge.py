@@ -16,6 +16,8 @@ import math
 import re
 from typing import Any
 
+from baize_exp.io import KeyedJsonl, content_hash
+
 _SCORE = re.compile(r"score\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 _OUT_OF_10 = re.compile(r"\b(\d+(?:\.\d+)?)\s*(?:/|out of)\s*10\b", re.IGNORECASE)
 _NUMBER = re.compile(r"\b\d+(?:\.\d+)?\b")
@@ -162,23 +164,32 @@ def _interpret(mode: str, rec: dict, reply: str, logprobs: dict | None) -> tuple
     return how != "failed", err
 
 
-def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, logprobs: bool = False) -> list[dict]:
-    """Send every job, parse, retry the unparsable once with the parser's error; return the judgment records."""
+def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, logprobs: bool = False,
+              cache: KeyedJsonl | None = None) -> list[dict]:
+    """Send every job, parse, retry the unparsable once with the parser's error; return the judgment records.
+
+    With a `cache` (one per judge identity), a job whose conversation and settings were judged before takes the
+    stored replies, parsed again, and sends nothing; only replies that parsed are stored, so a failure is asked
+    again next time. Judging runs at temperature 0, so a stored reply is the reply."""
     params: dict[str, Any] = {"temperature": 0.0}
     if logprobs and mode != "pairwise":
         params.update(logprobs=True, top_logprobs=20)
-    live = [i for i, j in enumerate(jobs) if j["messages"] is not None]
+    keys = [content_hash(j["messages"], params, retry_template) for j in jobs]
     records = [dict(j["record"]) for j in jobs]
+    live = []
     for i, j in enumerate(jobs):
         if j["messages"] is None:
             records[i].update(parse="failed", judge_reply=None,
                               **({"winner": None, "verdict": None} if mode == "pairwise" else {"score": None}))
+        elif not (cache and _from_cache(mode, records[i], cache.get(keys[i]))):
+            live.append(i)
     results = client.complete_many([jobs[i]["messages"] for i in live], desc=f"judge ({mode})", **params)
     retry: list[tuple[int, str]] = []
     for i, res in zip(live, results, strict=True):
         rec = records[i]
         rec["judge_reply"], rec["error"] = (None, res.error) if res.error else (res.text, None)
-        ok, err = _interpret(mode, rec, res.text if not res.error else "", _first(res.logprobs))
+        rec["_logprobs"] = _first(res.logprobs)
+        ok, err = _interpret(mode, rec, res.text if not res.error else "", rec["_logprobs"])
         if not ok:
             retry.append((i, err or res.error or "no reply"))
     if retry:
@@ -189,11 +200,34 @@ def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, log
                                strict=True):
             rec = records[i]
             rec["judge_reply_retry"] = res.text if not res.error else None
-            ok, err = _interpret(mode, rec, res.text if not res.error else "", _first(res.logprobs))
+            rec["_logprobs"] = _first(res.logprobs)
+            ok, err = _interpret(mode, rec, res.text if not res.error else "", rec["_logprobs"])
             rec["parse"] = "retried" if ok else "failed"
             if not ok:
                 rec["error"] = res.error or err
+    if cache is not None:
+        cache.put_many([(keys[i], {"judge_reply": records[i]["judge_reply"], "logprobs": records[i]["_logprobs"],
+                                   **({"judge_reply_retry": records[i]["judge_reply_retry"]}
+                                      if "judge_reply_retry" in records[i] else {})})
+                        for i in live if records[i]["parse"] != "failed"])
+    for i in live:
+        del records[i]["_logprobs"]
     return records
+
+
+def _from_cache(mode: str, rec: dict, hit: dict | None) -> bool:
+    """Fill `rec` from a stored judgment; False (and `rec` untouched in its result fields' meaning) if there is
+    none or it no longer parses."""
+    if hit is None:
+        return False
+    reply = hit.get("judge_reply_retry", hit["judge_reply"])
+    if not _interpret(mode, rec, reply or "", hit.get("logprobs"))[0]:
+        return False
+    if "judge_reply_retry" in hit:
+        rec["parse"] = "retried"
+    rec.update(judge_reply=hit["judge_reply"], error=None, cached=True,
+               **({"judge_reply_retry": hit["judge_reply_retry"]} if "judge_reply_retry" in hit else {}))
+    return True
 
 
 def _first(logprobs: list | None) -> dict | None:
