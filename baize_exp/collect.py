@@ -248,8 +248,10 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
     elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
     _log_samples(new_dialogs or old_dialogs, ccfg.samples_to_log)
 
-    all_dialogs = old_dialogs + new_dialogs
-    all_rejects = read_jsonl(rejects_path)
+    # the figures describe these seeds: a shared collection may also hold the dialogs of a larger data.limit
+    wanted = {dialog_key(s, ccfg, tcfg) for s in seeds}
+    all_dialogs = [d for d in old_dialogs + new_dialogs if d["key"] in wanted]
+    all_rejects = [r for r in read_jsonl(rejects_path) if r["key"] in wanted]
     by_model = client.usage_report()
     costs = [m["cost_usd"] for m in by_model.values()]
     n_ok = len(new_dialogs)

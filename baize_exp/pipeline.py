@@ -7,6 +7,7 @@ rerun skips it; a rerun with a different config for that stage stops with an err
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -18,7 +19,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from baize_exp.config import ConfigError, cache_dir, to_container, validate
-from baize_exp.io import content_hash, file_hash, file_lock, global_rank, read_json, write_json
+from baize_exp.io import (
+    content_hash,
+    file_hash,
+    file_lock,
+    global_rank,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +184,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
             os.environ[WORKER_STAGE_ENV] = stage  # what a re-launched DDP worker process is to join (see below)
             t0 = time.monotonic()
             if stage == "collect" and cfg.collect.shared:
-                m = _shared_collect(cfg, run_dir, backends, fp)
+                m = _shared_collect(cfg, run_dir, backends)
             else:
                 m = runners[stage](cfg, run_dir, backends)
             m["stage_seconds"] = round(time.monotonic() - t0, 2)
@@ -221,21 +231,30 @@ def _run_as_worker(cfg: DictConfig, run_dir: Path, runners: dict, backends_cls: 
         backends.close()
 
 
-def _shared_collect(cfg: DictConfig, run_dir: Path, backends: Any, fp: str) -> dict:
-    """Collect into the content-keyed cache dir, then copy the files into the run.
+def _shared_collect(cfg: DictConfig, run_dir: Path, backends: Any) -> dict:
+    """Collect into the content-keyed cache dir, then copy this run's dialogs and rejects into the run.
 
-    The lock serialises the jobs of a sweep that start together: the first collects, the others find every dialog
-    done (collect resumes by key) and send no request. A copy, not a link, so a later resume of the shared
-    collection never changes a finished run's inputs."""
+    The dir is keyed by the collect fingerprint without `data.limit`: the seeds of a larger limit begin with those
+    of a smaller one, so growing a corpus (a new run with data.limit=10000 after 1000) asks only for the new seeds,
+    and a smaller limit asks for nothing. The lock serialises the jobs of a sweep that start together: the first
+    collects, the others find every dialog done (collect resumes by key) and send no request. A filtered copy, not
+    a link, so a later growth of the shared collection never changes a finished run's inputs."""
     from baize_exp import collect
+    from baize_exp.data import load_seeds
 
-    shared = cache_dir(cfg) / "collect" / fp
+    unlimited = copy.deepcopy(cfg)
+    unlimited.data.limit = None
+    shared = cache_dir(cfg) / "collect" / fingerprint(unlimited, "collect")
+    out = run_dir / "collect"
+    out.mkdir(parents=True, exist_ok=True)
     with file_lock(shared / ".lock"):
         m = collect.run(cfg, shared, backends)
-    (run_dir / "collect").mkdir(parents=True, exist_ok=True)
-    for f in (shared / "collect").iterdir():
-        if f.is_file() and not f.name.startswith("_"):
-            shutil.copy2(f, run_dir / "collect" / f.name)
+        wanted = {collect.dialog_key(s, cfg.collect, cfg.teacher) for s in load_seeds(cfg.data)}
+        for f in (shared / "collect").iterdir():
+            if f.name in ("dialogs.jsonl", "rejects.jsonl"):
+                write_jsonl(out / f.name, [r for r in read_jsonl(f) if r["key"] in wanted])
+            elif f.is_file() and not f.name.startswith("_"):
+                shutil.copy2(f, out / f.name)
     return {**m, "shared_dir": str(shared)}
 
 

@@ -296,3 +296,34 @@ def test_turns_mode_against_the_projects_own_server(tmp_path: Path) -> None:
     for d in read_jsonl(tmp_path / "c" / "dialogs.jsonl"):
         assert [t["role"] for t in d["turns"]] == ["human", "ai"] * (len(d["turns"]) // 2)
         assert all(t["text"] and "[AI]" not in t["text"] for t in d["turns"])
+
+
+def test_a_larger_limit_grows_the_shared_collection_and_asks_only_for_new_seeds(tmp_path: Path) -> None:
+    """Runs sharing a collection: limit 3, then 6 (3 new requests), then 2 (none); each run's files hold exactly
+    its own seeds, and a finished run's files do not change when the shared collection grows."""
+    from baize_exp.pipeline import run_pipeline
+
+    def run(name: str, limit: int) -> tuple[dict, int, Path]:
+        cfg = _setup(tmp_path, "stages=[collect]", "logger=none", f"data.limit={limit}", "collect.shared=true",
+                     f"teacher.base_url={srv.base_url}", "teacher.api_key_env=BAIZE_TEST_KEY",
+                     f"paths.output_dir={tmp_path / name}")
+        n0 = srv.requests
+        m = run_pipeline(cfg)["collect"]
+        return m, srv.requests - n0, tmp_path / name / "collect"
+
+    os.environ["BAIZE_TEST_KEY"] = SECRET
+    try:
+        with FaultServer(latency_s=0.0, api_key=SECRET) as srv:
+            m3, sent3, c3 = run("a", 3)
+            before = (c3 / "dialogs.jsonl").read_text()
+            m6, sent6, c6 = run("b", 6)
+            m2, sent2, c2 = run("c", 2)
+    finally:
+        del os.environ["BAIZE_TEST_KEY"]
+    assert (sent3, sent6, sent2) == (3, 3, 0)
+    assert m3["shared_dir"] == m6["shared_dir"] == m2["shared_dir"]
+    seeds = {n: [d["seed"] for d in read_jsonl(c / "dialogs.jsonl")] for n, c in (("a", c3), ("b", c6), ("c", c2))}
+    assert len(seeds["a"]) == m3["dialogs"] == 3 and len(seeds["b"]) == m6["dialogs"] == 6
+    assert len(seeds["c"]) == m2["dialogs"] == 2
+    assert set(seeds["c"]) < set(seeds["a"]) < set(seeds["b"])  # the seeds of a smaller limit come first
+    assert (c3 / "dialogs.jsonl").read_text() == before
