@@ -216,8 +216,12 @@ async def _run_all(todo: list[tuple[Seed, str]], client: ChatClient, ccfg: Any, 
             await asyncio.gather(*workers, return_exceptions=True)
 
 
-def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir: Path) -> dict:
-    """Collect a dialog for every seed that has no dialog or reject yet in `out_dir`; return the stage metrics."""
+def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir: Path,
+            copy_to: Path | None = None) -> dict:
+    """Collect a dialog for every seed that has no dialog or reject yet in `out_dir`; return the stage metrics.
+
+    `copy_to`: also write these seeds' dialogs and rejects there (a run's copy of a shared collection, which may
+    hold the dialogs of a larger data.limit too)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dialogs_path, rejects_path = out_dir / "dialogs.jsonl", out_dir / "rejects.jsonl"
     old_dialogs = read_jsonl(dialogs_path, repair_tail=True)
@@ -227,9 +231,9 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
         old_rejects = [r for r in old_rejects if r["reason"] != "api_error"]
         write_jsonl(rejects_path, old_rejects)
     done = {r["key"] for r in old_dialogs + old_rejects}
+    keys = [dialog_key(s, ccfg, tcfg) for s in seeds]
     todo, queued = [], set()
-    for s in seeds:
-        k = dialog_key(s, ccfg, tcfg)
+    for s, k in zip(seeds, keys, strict=True):
         if k not in done and k not in queued:
             todo.append((s, k))
             queued.add(k)
@@ -249,9 +253,12 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
     _log_samples(new_dialogs or old_dialogs, ccfg.samples_to_log)
 
     # the figures describe these seeds: a shared collection may also hold the dialogs of a larger data.limit
-    wanted = {dialog_key(s, ccfg, tcfg) for s in seeds}
+    wanted = set(keys)
     all_dialogs = [d for d in old_dialogs + new_dialogs if d["key"] in wanted]
     all_rejects = [r for r in read_jsonl(rejects_path) if r["key"] in wanted]
+    if copy_to is not None:
+        write_jsonl(copy_to / "dialogs.jsonl", all_dialogs)
+        write_jsonl(copy_to / "rejects.jsonl", all_rejects)
     by_model = client.usage_report()
     costs = [m["cost_usd"] for m in by_model.values()]
     n_ok = len(new_dialogs)
@@ -273,10 +280,10 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
     return metrics
 
 
-def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
-    """The pipeline's collect stage."""
+def run(cfg: Any, run_dir: Path, backends: Any, copy_to: Path | None = None) -> dict:
+    """The pipeline's collect stage (into `run_dir/collect`; `copy_to` as in `collect`)."""
     seeds = load_seeds(cfg.data)
-    metrics = collect(seeds, backends.client("teacher"), cfg.collect, cfg.teacher, run_dir / "collect")
+    metrics = collect(seeds, backends.client("teacher"), cfg.collect, cfg.teacher, run_dir / "collect", copy_to)
     if metrics["dialogs"] == 0:
         raise RuntimeError(f"collect: no usable dialog out of {len(seeds)} seeds; see "
                            f"{run_dir / 'collect' / 'rejects.jsonl'} for the reasons")

@@ -11,7 +11,6 @@ import copy
 import logging
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,7 @@ from baize_exp.io import (
     file_lock,
     global_rank,
     read_json,
-    read_jsonl,
     write_json,
-    write_jsonl,
 )
 
 log = logging.getLogger(__name__)
@@ -240,21 +237,12 @@ def _shared_collect(cfg: DictConfig, run_dir: Path, backends: Any) -> dict:
     collects, the others find every dialog done (collect resumes by key) and send no request. A filtered copy, not
     a link, so a later growth of the shared collection never changes a finished run's inputs."""
     from baize_exp import collect
-    from baize_exp.data import load_seeds
 
     unlimited = copy.deepcopy(cfg)
     unlimited.data.limit = None
     shared = cache_dir(cfg) / "collect" / fingerprint(unlimited, "collect")
-    out = run_dir / "collect"
-    out.mkdir(parents=True, exist_ok=True)
     with file_lock(shared / ".lock"):
-        m = collect.run(cfg, shared, backends)
-        wanted = {collect.dialog_key(s, cfg.collect, cfg.teacher) for s in load_seeds(cfg.data)}
-        for f in (shared / "collect").iterdir():
-            if f.name in ("dialogs.jsonl", "rejects.jsonl"):
-                write_jsonl(out / f.name, [r for r in read_jsonl(f) if r["key"] in wanted])
-            elif f.is_file() and not f.name.startswith("_"):
-                shutil.copy2(f, out / f.name)
+        m = collect.run(cfg, shared, backends, copy_to=run_dir / "collect")
     return {**m, "shared_dir": str(shared)}
 
 
