@@ -79,7 +79,6 @@ class JsonlWriter:
         self.close()
 
 
-
 class KeyedJsonl:
     """A disk cache: records in one JSON-lines file, found by their "key"; each `put_many` appends and fsyncs,
     so a crash keeps what was made (a torn last line is cut off when the file is next opened)."""
@@ -99,6 +98,7 @@ class KeyedJsonl:
                 rec = {"key": key, **rec}
                 w.write(rec)
                 self.entries[key] = rec
+
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     """Write a whole file atomically (temp file + rename)."""

@@ -176,6 +176,7 @@ def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, log
         params.update(logprobs=True, top_logprobs=20)
     keys = [content_hash(j["messages"], params, retry_template) for j in jobs]
     records = [dict(j["record"]) for j in jobs]
+    used_logprobs: dict[int, dict | None] = {}  # the top logprobs of the reply each sent job was scored from
     live = []
     for i, j in enumerate(jobs):
         if j["messages"] is None:
@@ -188,8 +189,8 @@ def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, log
     for i, res in zip(live, results, strict=True):
         rec = records[i]
         rec["judge_reply"], rec["error"] = (None, res.error) if res.error else (res.text, None)
-        rec["_logprobs"] = _first(res.logprobs)
-        ok, err = _interpret(mode, rec, res.text if not res.error else "", rec["_logprobs"])
+        used_logprobs[i] = _first(res.logprobs)
+        ok, err = _interpret(mode, rec, res.text if not res.error else "", used_logprobs[i])
         if not ok:
             retry.append((i, err or res.error or "no reply"))
     if retry:
@@ -200,24 +201,22 @@ def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, log
                                strict=True):
             rec = records[i]
             rec["judge_reply_retry"] = res.text if not res.error else None
-            rec["_logprobs"] = _first(res.logprobs)
-            ok, err = _interpret(mode, rec, res.text if not res.error else "", rec["_logprobs"])
+            used_logprobs[i] = _first(res.logprobs)
+            ok, err = _interpret(mode, rec, res.text if not res.error else "", used_logprobs[i])
             rec["parse"] = "retried" if ok else "failed"
             if not ok:
                 rec["error"] = res.error or err
     if cache is not None:
-        cache.put_many([(keys[i], {"judge_reply": records[i]["judge_reply"], "logprobs": records[i]["_logprobs"],
+        cache.put_many([(keys[i], {"judge_reply": records[i]["judge_reply"], "logprobs": used_logprobs[i],
                                    **({"judge_reply_retry": records[i]["judge_reply_retry"]}
                                       if "judge_reply_retry" in records[i] else {})})
                         for i in live if records[i]["parse"] != "failed"])
-    for i in live:
-        del records[i]["_logprobs"]
     return records
 
 
 def _from_cache(mode: str, rec: dict, hit: dict | None) -> bool:
-    """Fill `rec` from a stored judgment; False (and `rec` untouched in its result fields' meaning) if there is
-    none or it no longer parses."""
+    """Fill `rec` from a stored judgment; False if there is none or it no longer parses (the job is then sent,
+    and its reply overwrites the fields this filled)."""
     if hit is None:
         return False
     reply = hit.get("judge_reply_retry", hit["judge_reply"])
