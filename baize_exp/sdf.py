@@ -253,7 +253,6 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
                                   s.num_candidates, s.max_new_tokens, s.temperature, s.top_p, s.batch_size,
                                   stop=[BAIZE_HUMAN])
         records = [{**r, "key": key} for r in rank_candidates(backends.client("teacher"), s, prompts, cands)]
-        write_jsonl(cand_path, records)  # before training: a crash there loses none of the teacher's rankings
     else:
         log.info("sdf: reusing the %d ranked prompts in %s (same v1 adapter, prompts and settings)", len(records),
                  cand_path)
@@ -265,7 +264,8 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
         for j, w in enumerate(rec["weights"]):
             chosen += [{"id": f"sdf-{i}-{j}", "turns": [{"role": "human", "text": rec["prompt"]},
                                                         {"role": "ai", "text": rec["candidates"][j]}]}] * w
-    write_jsonl(cand_path, records)
+    if global_rank() == 0:  # before training: a crash there loses none of the teacher's rankings
+        write_jsonl(cand_path, records)
     parse = Counter(r["parse"] for r in records)
     metrics: dict[str, Any] = {"prompts": len(prompts), "candidates": len(prompts) * s.num_candidates,
                                "empty_candidates": sum(not c.strip() for cs in cands for c in cs),
@@ -274,9 +274,10 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
                                "prompts_used": sum(any(r["weights"]) for r in records)}
     if not chosen:
         raise RuntimeError(f"sdf: no candidate was selected (rankings unparsable or candidates empty); see "
-                           f"{stage_dir / 'candidates.jsonl'}")
+                           f"{cand_path}")
     metrics.update(fit(model, tok, chosen, val_d, cfg, stage_dir, s.lr, s.max_epochs, prefix="sdf/"))
-    save_adapter(model, tok, stage_dir / "adapter", {"model": cfg.model.name, "from": str(v1),
-                                                    "sdf": to_container(s), "metrics": metrics},
-                 fmt=cfg.train.format)
+    if metrics["rank"] == 0:  # under DDP every rank gets here; one writes the adapter (as train.run does)
+        save_adapter(model, tok, stage_dir / "adapter", {"model": cfg.model.name, "from": str(v1),
+                                                        "sdf": to_container(s), "metrics": metrics},
+                     fmt=cfg.train.format)
     return metrics
