@@ -261,11 +261,14 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
 
 
+DEFAULT_CACHE_DIR = "~/.cache/baize_exp"  # conf/paths/default.yaml says the same
+
+
 @dataclass
 class PathsConfig:
     root_dir: str = "."
     output_dir: str = "."
-    cache_dir: str = "~/.cache/baize_exp"
+    cache_dir: str = DEFAULT_CACHE_DIR
 
 
 @dataclass
@@ -504,6 +507,8 @@ def to_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def cache_dir(cfg: DictConfig) -> Path:
-    """The shared cache dir (converted models, ...); BAIZE_CACHE overrides the config."""
-    return Path(os.environ.get("BAIZE_CACHE") or cfg.paths.cache_dir).expanduser()
+def cache_dir(cfg: DictConfig | None = None) -> Path:
+    """The shared cache dir (converted models, ...): BAIZE_CACHE, else the config's paths.cache_dir, else (for the
+    tools that run without a config: serve, export) the default."""
+    return Path(os.environ.get("BAIZE_CACHE") or (cfg.paths.cache_dir if cfg is not None else DEFAULT_CACHE_DIR)
+                ).expanduser()

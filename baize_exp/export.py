@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -29,6 +28,7 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
 from baize_exp import models as M
+from baize_exp.config import cache_dir
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,8 +99,8 @@ def export(src: Path, out: Path, which: str = "auto", model: str | None = None, 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
     mcfg, origin = base_model_config(adapter, model, model_path)
-    # the shared model cache, as config.cache_dir resolves it (the run's paths.* need Hydra to resolve)
-    cache = cache or Path(os.environ.get("BAIZE_CACHE") or "~/.cache/baize_exp").expanduser()
+    # the shared model cache without the run's config (its paths.* need Hydra to resolve)
+    cache = cache or cache_dir()
     tok = (AutoTokenizer.from_pretrained(str(adapter)) if (adapter / "tokenizer_config.json").is_file()
            else M.load_tokenizer(mcfg, cache))  # the adapter's own copy is the tokenizer it was trained with
     base = M.load_model(mcfg, cache, dtype=DTYPES[dtype])

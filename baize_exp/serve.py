@@ -57,7 +57,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from transformers import DynamicCache
 
-from baize_exp.config import ModelConfig
+from baize_exp.config import ModelConfig, cache_dir
 from baize_exp.models import cut_at_stop
 
 log = logging.getLogger("baize_exp.serve")
@@ -631,7 +631,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shutdown-timeout-s", type=float, default=60.0,
                     help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     ap.add_argument("--api-key-env", default=None, help="require 'Bearer <value of this env var>'")
-    ap.add_argument("--cache-dir", default=os.environ.get("BAIZE_CACHE", "~/.cache/baize_exp"))
+    ap.add_argument("--cache-dir", default=str(cache_dir()), help="converted models (default: BAIZE_CACHE, else "
+                    "~/.cache/baize_exp)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not is_loopback(args.host) and not args.allow_remote:
