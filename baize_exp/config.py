@@ -154,7 +154,7 @@ class TrainConfig:
     seed: int = 42
     cache_tokenized: bool = True  # tokenized dialogs cached under <cache_dir>/tokenized, keyed by tokenizer+settings
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    fast_dropout: bool = True  # LoRA dropout with fewer random draws on CPU (train/dropout.py); same distribution
+    fused_lora: bool = True  # on CPU, each LoRA layer as one autograd function (train/fused_lora.py); same maths
     quantize_base: str = "none"  # none | 8bit | 4bit (bitsandbytes, CUDA only; the frozen base only)
     resume: str = "auto"  # auto (continue from <stage>/checkpoints/last.ckpt if there) | never | <path.ckpt>
     checkpoint_every_n_steps: int = 50  # optimizer steps between checkpoints (0 = only at the end)

@@ -4,7 +4,7 @@
   batch 4, fp32 — what Baize's finetune script does (minus the 8-bit base, which needs CUDA).
 - ours: `baize_exp.train.fit` (Lightning), dialogs packed into 512-token rows with block-diagonal attention, loss on
   the AI turns only, same LoRA, batch 4 rows; `--grouped` adds ours without packing (length-grouped batches),
-  `--stock-dropout` adds ours with peft's own `nn.Dropout` in place of `train.fast_dropout`.
+  `--stock-lora` adds ours with peft's own LoRA forward (and `nn.Dropout`) in place of `train.fused_lora`.
 
 Both train one epoch over the same synthetic Baize-shaped dialogs (seed questions as the human's turns, reference
 answers as the AI's). The figure that matters is supervised (AI-turn) tokens per second: what a run teaches the
@@ -12,7 +12,7 @@ model per second. MFU counts the model FLOPs of the real tokens (formula in baiz
 matmul peak measured once in this run; each variant runs in its own subprocess so its peak memory (max RSS) is its
 own. SmolLM2-135M on CPU by default; `--model` takes any conf/model option.
 
-    python benchmarks/train_throughput.py [--model smollm2_135m] [--dialogs 32] [--grouped] [--stock-dropout]
+    python benchmarks/train_throughput.py [--model smollm2_135m] [--dialogs 32] [--grouped] [--stock-lora]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ["baseline", "ours_packed", "ours_grouped", "ours_stock_dropout"]
+VARIANTS = ["baseline", "ours_packed", "ours_grouped", "ours_stock_lora"]
 
 
 def make_dialogs(n: int, seed: int = 0) -> list[dict]:
@@ -76,10 +76,10 @@ def run_ours(args: argparse.Namespace, peak: float, variant: str) -> dict:
     from baize_exp.train.module import peak_memory_gb
 
     out_dir = Path(args.out) / variant
-    packing, fast_dropout = variant != "ours_grouped", variant != "ours_stock_dropout"
+    packing, fused_lora = variant != "ours_grouped", variant != "ours_stock_lora"
     cfg = compose([f"model={args.model}", "logger=none", "trainer.enable_progress_bar=false", "trainer.max_epochs=1",
                    "train.checkpoint_every_n_steps=0", "train.loss_on=ai", f"train.packing={packing}",
-                   f"train.fast_dropout={fast_dropout}",
+                   f"train.fused_lora={fused_lora}",
                    "train.batch_size=4", "train.max_length=512", f"train.peak_flops={peak}",
                    "train.cache_tokenized=false", f"paths.output_dir={out_dir}"])
     pm, tok = load(cfg)
@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2_135m")
     ap.add_argument("--dialogs", type=int, default=32)
     ap.add_argument("--grouped", action="store_true", help="also run ours without packing (length-grouped)")
-    ap.add_argument("--stock-dropout", action="store_true", help="also run ours with peft's nn.Dropout")
+    ap.add_argument("--stock-lora", action="store_true", help="also run ours with peft's own LoRA forward")
     ap.add_argument("--out", default="/tmp/baize_bench_train")
     ap.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--peak", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -168,7 +168,7 @@ def main() -> None:
     print(f"matmul peak (fp32, 1024^3, best of 3 s): {args.peak / 1e9:.1f} GFLOP/s; {args.dialogs} dialogs, "
           f"model={args.model}, torch threads={torch.get_num_threads()}")
     variants = (["baseline", "ours_packed"] + (["ours_grouped"] if args.grouped else [])
-                + (["ours_stock_dropout"] if args.stock_dropout else []))
+                + (["ours_stock_lora"] if args.stock_lora else []))
     res = {v: child(v, args) for v in variants}
     base = res["baseline"]
     print(f"{'variant':<18} {'steps':>5} {'seconds':>8} {'real tok':>9} {'AI tok':>7} {'tok/s':>7} {'AI tok/s':>9} "

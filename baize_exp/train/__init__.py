@@ -19,7 +19,7 @@ from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_AI, BAIZE_HEADER, BAIZE_HUMAN, generation_prompt
 from baize_exp.io import content_hash, read_jsonl, write_json, write_jsonl
 from baize_exp.train.data import IGNORE, DialogDataModule, collate, split_dialogs, tokenize_dialog
-from baize_exp.train.dropout import use_fast_dropout
+from baize_exp.train.fused_lora import use_fused_lora
 from baize_exp.train.module import LoraLM, measure_matmul_peak, peak_memory_gb
 from baize_exp.train.strategy import build_strategy  # lives in strategy.py; re-exported here
 
@@ -136,8 +136,8 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
             peft_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if t.fast_dropout:
-        use_fast_dropout(peft_model)
+    if t.fused_lora:
+        use_fused_lora(peft_model)
     module = LoraLM(peft_model, lr=lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, log_prefix=prefix,
                     min_lr_ratio=t.min_lr_ratio, peak_flops=peak,
                     fingerprint=_fingerprint(cfg, lr, max_epochs, prefix, train_dialogs))
