@@ -38,7 +38,7 @@ def test_mask_follows_the_torch_seed() -> None:
     torch.manual_seed(3)
     b = keep_mask((64, 48), 0.1)
     c = keep_mask((64, 48), 0.1)
-    assert a.shape == (64, 48) and torch.equal(a, b) and not torch.equal(b, c)
+    assert a.shape == (64, 48) and a.dtype == torch.bool and torch.equal(a, b) and not torch.equal(b, c)
 
 
 def _peft_maths(x, w, bias, a, b, scaling, p, keep):
@@ -68,8 +68,8 @@ def test_output_and_gradients_are_peft_maths_for_the_same_mask(p: float, with_bi
 
     assert y.shape == ref.shape == (3, 17, 40)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):  # the same sums in another order: fp32 rounding only
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
     if p > 0:  # the mask really dropped some inputs: their gradient is exactly the base layer's
         base_only = (g.reshape(-1, 40) @ w).view_as(x)
         assert (~keep).any() and torch.equal(grads[0][~keep], base_only[~keep])
