@@ -113,6 +113,7 @@ import json, sys, torch, deepspeed
 from hydra import compose, initialize_config_dir
 from baize_exp.config import register_configs
 from baize_exp import models as M
+from baize_exp.train.fused_lora import use_fused_lora
 from baize_exp.train.strategy import deepspeed_config
 
 register_configs()
@@ -121,6 +122,10 @@ with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
                   "trainer.precision=32-true", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=1.0",
                   "lora.dropout=0.0", "train.batch_size=2"])
 model = M.attach_lora(M.load_model(cfg.model, None), cfg.lora).train()
+use_fused_lora(model)  # as fit() does: it must train under ZeRO-2 and stand aside for ZeRO-3's partitioned weights
+grad_fns = set()
+model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj").register_forward_hook(
+    lambda mod, inp, out: grad_fns.add(type(out.grad_fn).__name__))
 ds = deepspeed_config(cfg.strategy, cfg.trainer, cfg.train.batch_size)
 params = [p for p in model.parameters() if p.requires_grad]
 n_trainable = sum(p.numel() for p in params)
@@ -140,7 +145,8 @@ with deepspeed.zero.GatheredParameters(params):  # ZeRO-3 keeps only a shard in 
     checksum = sum(float(p.double().sum()) for p in params)
 print("RESULT " + json.dumps({"losses": losses, "stage": engine.zero_optimization_stage(), "rank": rank,
                               "accum": engine.gradient_accumulation_steps(), "steps": engine.global_steps,
-                              "trainable": n_trainable, "adam_state": adam_state, "checksum": checksum}))
+                              "trainable": n_trainable, "adam_state": adam_state, "checksum": checksum,
+                              "q_proj_grad_fns": sorted(grad_fns)}))
 """
 
 
@@ -178,6 +184,9 @@ def test_raw_deepspeed_zero_step_on_cpu_changes_the_loss(option: str, stage: int
     losses = out["losses"]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # no step before the accumulation boundary
     assert losses[-1] < losses[0] - 0.05, losses  # the LoRA weights moved and the loss fell
+    # the fused CPU LoRA layer trains under ZeRO-2; under ZeRO-3 (partitioned weights) peft's own forward runs
+    fused = "_LoraLinearBackward" in out["q_proj_grad_fns"]
+    assert fused == (stage == 2), out["q_proj_grad_fns"]
 
 
 @pytest.mark.slow

@@ -90,6 +90,8 @@ def _fusable(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> str | No
         return None
     if not (x.dtype == base.weight.dtype == a.weight.dtype == b.weight.dtype):
         return None
+    if any(hasattr(w, "ds_id") for w in (base.weight, a.weight, b.weight)):
+        return None  # DeepSpeed ZeRO-3 gathers a module's weights only around that module's own forward
     return name
 
 
