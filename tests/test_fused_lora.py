@@ -125,6 +125,12 @@ def test_it_stands_aside_where_it_would_not_compute_the_same() -> None:
     assert _fusable(layer, x.double(), (), {}) is None  # dtypes differ from the weights'
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _fusable(layer, x, (), {}) is None
+    assert use_fused_lora(pm) > 0
+    layer.lora_dropout["default"].eval()  # a dropout switched off on its own: the fused layer must not drop either
+    with torch.no_grad():
+        want = layer.get_base_layer()(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+        torch.testing.assert_close(layer(x), want)
+    layer.lora_dropout["default"].train()
     layer.eval()
     assert _fusable(layer, x, (), {}) is None
     layer.train()

@@ -17,6 +17,7 @@ GPU included, peft's own forward runs.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -26,9 +27,7 @@ KEEP_BITS = 15  # each element's dropout decision reads 15 random bits
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     """Bool mask, True with probability 1 - round(p * 2^15) / 2^15 per element, independently (global torch RNG)."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     # a word of random_() is uniform in [0, 2^31): as two int16 halves with the sign bit cleared, both halves are
     # uniform over [0, 2^15) and independent
     halves = torch.empty((n + 1) // 2, dtype=torch.int32).random_().view(torch.int16).bitwise_and_(0x7FFF)
@@ -80,9 +79,11 @@ def _fusable(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> str | No
     if torch.is_autocast_enabled("cpu"):
         return None
     active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):  # DoRA and other variants
+    if len(active) != 1:
         return None
     name = active[0]
+    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name):  # DoRA and the like
+        return None
     base = layer.get_base_layer()
     a, b = layer.lora_A[name], layer.lora_B[name]
     if (type(base) is not torch.nn.Linear or getattr(layer, "fan_in_fan_out", False) or base.weight.requires_grad
@@ -100,7 +101,7 @@ def _forward(layer: Any, peft_forward: Any, x: torch.Tensor, *args: Any, **kwarg
     if name is None:
         return peft_forward(x, *args, **kwargs)
     base, drop = layer.get_base_layer(), layer.lora_dropout[name]
-    p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
+    p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
     return _LoraLinear.apply(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
                              float(layer.scaling[name]), float(p))
 
