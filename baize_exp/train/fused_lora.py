@@ -29,8 +29,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     """Bool mask, True with probability 1 - round(p * 2^15) / 2^15 per element, independently (global torch RNG)."""
     n = math.prod(shape)
     # a word of random_() is uniform in [0, 2^31): as two int16 halves with the sign bit cleared, both halves are
-    # uniform over [0, 2^15) and independent
-    halves = torch.empty((n + 1) // 2, dtype=torch.int32).random_().view(torch.int16).bitwise_and_(0x7FFF)
+    # uniform over [0, 2^KEEP_BITS) and independent
+    halves = torch.empty((n + 1) // 2, dtype=torch.int32).random_().view(torch.int16).bitwise_and_((1 << KEEP_BITS) - 1)
     return (halves[:n] >= round(p * 2**KEEP_BITS)).view(shape)
 
 
