@@ -9,8 +9,8 @@
 Both train one epoch over the same synthetic Baize-shaped dialogs (seed questions as the human's turns, reference
 answers as the AI's). The figure that matters is supervised (AI-turn) tokens per second: what a run teaches the
 model per second. MFU counts the model FLOPs of the real tokens (formula in baize_exp/train/module.py) against a
-matmul peak probed before and after the runs (the better reading counts); each variant runs in its own subprocess so its peak memory (max RSS) is its
-own. SmolLM2-135M on CPU by default; `--model` takes any conf/model option.
+matmul peak probed before and after the runs (the better reading counts); each variant runs in its own subprocess
+so its peak memory (max RSS) is its own. SmolLM2-135M on CPU by default; `--model` takes any conf/model option.
 
     python benchmarks/train_throughput.py [--model smollm2_135m] [--dialogs 32] [--grouped] [--stock-lora]
 """
