@@ -5,15 +5,13 @@
     python run.py --help                # config groups and options
 """
 
-import sys
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from baize_exp.chat import ChatError
-from baize_exp.config import ConfigError, register_configs
+from baize_exp.config import register_configs
+from baize_exp.errors import exit_on_error
 from baize_exp.pipeline import optimized_value, run_pipeline
 
 register_configs()
@@ -21,15 +19,12 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    try:
+    # A user's mistake or a transient stop is one line and an exit status, not a traceback; in a multirun the
+    # error goes through so Hydra marks that job failed and the sweep's other jobs still run.
+    with exit_on_error("baize_exp", reraise=HydraConfig.get().mode == RunMode.MULTIRUN):
         metrics = run_pipeline(cfg)
-    except (ConfigError, ChatError) as e:  # a config or key problem is the user's to fix: the message, not a traceback
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra marks this job failed and the sweep's other jobs still run
-        print(f"baize_exp: {e}", file=sys.stderr)
-        sys.exit(2)
-    # What a Hydra sweeper (Optuna) optimises; hparams_search configs name it.
-    return optimized_value(metrics, cfg.optimized_metric) if cfg.optimized_metric else None
+        # What a Hydra sweeper (Optuna) optimises; hparams_search configs name it.
+        return optimized_value(metrics, cfg.optimized_metric) if cfg.optimized_metric else None
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from baize_exp.chat.client import ChatClient, ChatError, ChatResult
+from baize_exp.chat.client import ChatClient, ChatResult
 from baize_exp.data import Seed, load_seeds, parse_transcript, to_baize_text
 from baize_exp.io import JsonlWriter, content_hash, read_jsonl, write_jsonl
 
@@ -295,7 +295,8 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from baize_exp.config import ConfigError, register_configs
+    from baize_exp.config import register_configs
+    from baize_exp.errors import exit_on_error
     from baize_exp.pipeline import run_pipeline
 
     register_configs()
@@ -303,11 +304,8 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def _main(cfg: DictConfig) -> None:
         cfg.stages = ["collect"]
-        try:
+        with exit_on_error("baize_exp.collect"):
             run_pipeline(cfg)
-        except (ConfigError, ChatError) as e:  # the user's to fix: the message, not a traceback
-            print(f"baize_exp.collect: {e}", file=sys.stderr)
-            sys.exit(2)
 
     _main()
 

@@ -15,6 +15,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from baize_exp.errors import UserError
+
 STAGES = ("plan", "collect", "train", "sdf", "eval", "report")  # plan: a memory estimate, reads nothing
 SOURCES = ("quora", "stackoverflow", "medical", "alpaca")
 
@@ -309,7 +311,7 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("made_dir", _made_dir)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that composed but cannot run; the message lists every problem."""
 
 

@@ -29,12 +29,13 @@ from transformers import AutoTokenizer
 
 from baize_exp import models as M
 from baize_exp.config import cache_dir
+from baize_exp.errors import UserError, exit_on_error
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that cannot be done, with what to do about it."""
 
 
@@ -138,11 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="dtype to load, merge and save in (bfloat16 halves memory and size for 7B+)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
-    try:
+    with exit_on_error("baize_exp.export"):
         rec = export(args.src, args.out, args.which, args.model, args.model_path, args.dtype, args.overwrite)
-    except (ExportError, M.ModelLoadError) as e:
-        print(f"baize_exp.export: {e}", file=sys.stderr)
-        return 2
     print(f"exported {rec['adapter']} merged into {rec['base']['name']} → {args.out}")
     return 0
 

@@ -12,36 +12,64 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from baize_exp.errors import UserError
 
-class JsonlError(ValueError):
+
+class JsonlError(UserError, ValueError):
     """A JSONL file with a corrupt line that is not a crash-truncated tail."""
 
 
-def read_jsonl(path: str | Path, repair_tail: bool = False) -> list[dict]:
-    """Read a JSON-lines file.
+def decode_utf8(path: str | Path, data: bytes) -> str:
+    """`data` (the bytes of `path`) as text; a JsonlError naming the line and column of the first byte that is not
+    UTF-8 otherwise (Python's own error names neither the file nor the line)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise JsonlError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}); save the "
+                         f"file as UTF-8") from None
 
-    A last line without a trailing newline that does not parse is what a crash mid-write leaves: with
-    `repair_tail` it is cut off the file (and returned nowhere); otherwise, and for a corrupt line anywhere
-    else, JsonlError names the file and line.
-    """
+
+def iter_jsonl(path: str | Path, repair_tail: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line of a JSON-lines file; see `read_jsonl`."""
     path = Path(path)
     if not path.exists():
-        return []
+        return
     data = path.read_bytes()
-    records: list[dict] = []
     lines = data.split(b"\n")
     for i, raw in enumerate(lines):
         if not raw.strip():
             continue
         try:
-            records.append(json.loads(raw))
+            value = json.loads(raw)
+        except UnicodeDecodeError:
+            decode_utf8(path, data)  # raises, naming the line
+            raise
         except json.JSONDecodeError as e:
             is_tail = i == len(lines) - 1  # no newline after it: the write never finished
             if is_tail and repair_tail:
                 with open(path, "r+b") as f:
                     f.truncate(len(data) - len(raw))
-                break
-            raise JsonlError(f"{path}:{i + 1}: not valid JSON ({e.msg}); fix or remove that line") from e
+                return
+            torn = " (the file ends mid-line: a write that never finished?)" if is_tail else ""
+            raise JsonlError(f"{path}:{i + 1}: not valid JSON ({e.msg}){torn}; fix or remove that line") from None
+        yield i + 1, value
+
+
+def read_jsonl(path: str | Path, repair_tail: bool = False) -> list[dict]:
+    """Read a JSON-lines file of objects.
+
+    A last line without a trailing newline that does not parse is what a crash mid-write leaves: with
+    `repair_tail` it is cut off the file (and returned nowhere); otherwise, and for a corrupt line anywhere
+    else, a line that is not an object, or bytes that are not UTF-8, JsonlError names the file and line.
+    """
+    records = []
+    for line, value in iter_jsonl(path, repair_tail):
+        if not isinstance(value, dict):
+            raise JsonlError(f"{path}:{line}: expected a JSON object, found {type(value).__name__}; one record "
+                             f"per line")
+        records.append(value)
     return records
 
 

@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from baize_exp.errors import UserError
 from baize_exp.io import file_lock
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 CONVERTED_VERSION = "1"  # bump when the conversion below changes, so caches are rebuilt
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model that cannot be loaded, with what to do about it."""
 
 

@@ -50,7 +50,6 @@ measure peak memory on the first steps of the real run.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -300,7 +299,8 @@ def main() -> None:
     """`python -m baize_exp.plan <overrides>`: the same Hydra config as run.py, only the plan stage, no pipeline."""
     import hydra
 
-    from baize_exp.config import ConfigError, register_configs, validate
+    from baize_exp.config import register_configs, validate
+    from baize_exp.errors import exit_on_error
 
     register_configs()
 
@@ -309,12 +309,9 @@ def main() -> None:
     def _plan(cfg: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        try:
+        with exit_on_error("baize_exp.plan"):
             validate(cfg)
-        except ConfigError as e:
-            print(f"baize_exp.plan: {e}", file=sys.stderr)
-            sys.exit(2)
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+            run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
     _plan()
 

@@ -35,8 +35,7 @@ from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, generation_prompt, load_eval_questions, load_seed_file
 from baize_exp.evaluate.answers import adapter_hash
 from baize_exp.io import content_hash, global_rank, read_jsonl, write_jsonl
-from baize_exp.train import dialogs_path, fit, save_adapter
-from baize_exp.train.data import split_dialogs
+from baize_exp.train import fit, save_adapter, training_dialogs
 
 log = logging.getLogger(__name__)
 _STRICT = re.compile(r"^\s*\[?(\d+)\]?(\s*>\s*\[?\d+\]?)+\s*$")
@@ -237,7 +236,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     v1 = run_dir / "train" / "adapter"
     if not (v1 / "adapter_config.json").is_file():
         raise FileNotFoundError(f"sdf: no v1 adapter at {v1}; run the train stage first")
-    train_d, val_d = split_dialogs(read_jsonl(dialogs_path(cfg, run_dir)), cfg.train.val_fraction, cfg.train.seed)
+    _, train_d, val_d, _ = training_dialogs(cfg, run_dir)
     prompts = load_prompts(cfg, train_d)
 
     base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg))

@@ -18,6 +18,7 @@ from baize_exp.data import (
     to_baize_text,
     to_chat_messages,
 )
+from baize_exp.errors import UserError
 from baize_exp.io import JsonlError, JsonlWriter, read_jsonl
 from baize_exp.train.data import IGNORE, collate, split_dialogs, tokenize_dialog
 
@@ -54,11 +55,39 @@ def test_seed_files_of_each_format_dedup(tmp_path, fmt: str) -> None:
     assert sorted(s.question for s in seeds) == ["What is X?", "Why is Y?"]
 
 
-def test_seed_file_errors_name_the_file_and_record(tmp_path) -> None:
-    p = tmp_path / "bad.jsonl"
-    p.write_text('{"question": "ok?"}\n{"text": ""}\n')
-    with pytest.raises(SeedFileError, match=r"bad.jsonl: record 2"):
-        load_seed_file(p)
+# a bad seed file -> what the one-line error must say (file:line and the thing to fix)
+BAD_SEED_FILES = {
+    "empty.jsonl": (b"", r"empty.jsonl: no seeds"),
+    "blank.txt": (b"\n  \n", r"blank.txt: no seeds"),
+    "field.jsonl": (b'{"question": "ok?"}\n\n{"text": ""}\n', r"field.jsonl:3: needs a non-empty string field 'question'"),
+    "list.jsonl": (b'{"question": "ok?"}\n["a"]\n', r"list.jsonl:2: .*found a JSON list"),
+    "torn.jsonl": (b'{"question": "ok?"}\n{"question": "cut', r"torn.jsonl:2: not valid JSON .*ends mid-line"),
+    "nojson.jsonl": (b'{"question": "ok?"}\nquestion: what?\n{"question": "b"}\n', r"nojson.jsonl:2: not valid JSON"),
+    "latin1.jsonl": ('{"question": "ok?"}\n{"question": "caf\u00e9"}\n'.encode("latin-1"),
+                     r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\)"),
+    "latin1.txt": ("one\ntwo\ncaf\u00e9?\n".encode("latin-1"), r"latin1.txt:3: not UTF-8"),
+    "latin1.csv": ("question\ncaf\u00e9?\n".encode("latin-1"), r"latin1.csv:2: not UTF-8"),
+    "nocol.csv": (b"title,body\na,b\n", r"nocol.csv:1: needs a 'question' .*\['title', 'body'\]"),
+    "quote.csv": (b'question\nWhat is a "good" thing?\n"Why do birds, fly?\n"Is it ok?"\nLast one\n',
+                  r"quote.csv:3-4: one CSV record runs over 2 lines"),
+    "unclosed.csv": (b'question\nok\n"unclosed\nmore\n', r"unclosed.csv:3-4: one CSV record runs over 2 lines"),
+    "commas.csv": (b"question\nwhy, though?\n", r"commas.csv:2: more fields than the header"),
+    "x.parquet": (b"", "unsupported seed file type"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_SEED_FILES))
+def test_seed_file_errors_name_the_file_and_line(tmp_path, name: str) -> None:
+    data, message = BAD_SEED_FILES[name]
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(UserError, match=message):
+        load_seed_file(tmp_path / name)
+
+
+def test_a_csv_with_quotes_done_right_loads_every_row(tmp_path) -> None:
+    p = tmp_path / "ok.csv"
+    p.write_text('id,question\n1,"Why do birds, fly?"\n2,"Is a ""quoted"" word ok?"\n3,\n4,Last one\n')
+    assert [s.question for s in load_seed_file(p)] == ["Why do birds, fly?", 'Is a "quoted" word ok?', "Last one"]
     q = tmp_path / "x.parquet"
     q.write_text("")
     with pytest.raises(SeedFileError, match="unsupported"):

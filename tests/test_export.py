@@ -74,7 +74,10 @@ def _export_main(capsys, *args: str) -> tuple[int, str]:
     """The CLI's own main() in-process (a subprocess per error case would cost seconds each)."""
     from baize_exp.export import main
 
-    rc = main(list(args))
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # the one-line error path (errors.exit_on_error)
+        rc = e.code
     return rc, capsys.readouterr().err
 
 

@@ -30,12 +30,14 @@ import openai
 from openai.types.chat import ChatCompletion
 from tqdm.auto import tqdm
 
+from baize_exp.errors import UserError
+
 log = logging.getLogger(__name__)
 FATAL_STATUS = (400, 401, 403, 404)  # the request itself is wrong: no retry, stop the run
 RETRY_STATUS = (408, 409, 429)  # plus every 5xx
 
 
-class ChatError(RuntimeError):
+class ChatError(UserError, RuntimeError):
     """A backend problem that must stop the run (bad key, bad request, missing key, unreachable endpoint)."""
 
 

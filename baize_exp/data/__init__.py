@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from baize_exp.io import read_jsonl
+from baize_exp.errors import UserError
+from baize_exp.io import decode_utf8, iter_jsonl, read_jsonl
 
 DATA_DIR = Path(__file__).resolve().parent
 SEEDS_DIR = DATA_DIR / "seeds"
 EVAL_QUESTIONS = DATA_DIR / "eval_questions.jsonl"
+log = logging.getLogger(__name__)
 
 BAIZE_HEADER = "The conversation between human and AI assistant."
 BAIZE_HUMAN, BAIZE_AI = "[|Human|]", "[|AI|]"
@@ -31,38 +35,71 @@ class Seed:
     question: str
 
 
-class SeedFileError(ValueError):
+class SeedFileError(UserError, ValueError):
     """A seed file that cannot be read, naming the file and the line."""
 
 
+SEED_FIELDS = ("question", "text", "instruction")
+
+
 def load_seed_file(path: str | Path, source: str | None = None) -> list[Seed]:
-    """Seeds from .jsonl (objects with "question" or "text"), .txt (one a line) or .csv ("question" column)."""
+    """Seeds from .jsonl (objects with "question", "text" or "instruction"), .txt (one a line) or .csv (a column
+    of one of those names). Anything that is not a seed file of that kind is a SeedFileError (or JsonlError)
+    naming the file and line: an unreadable file is never half-read into garbled seeds."""
     path = Path(path).expanduser()
     src = source or path.stem
     if not path.is_file():
         raise SeedFileError(f"seed file {path} does not exist")
     seeds: list[Seed] = []
     if path.suffix == ".jsonl":
-        for i, rec in enumerate(read_jsonl(path)):
-            q = rec.get("question") or rec.get("text") or rec.get("instruction")
+        for line, rec in iter_jsonl(path):
+            q = next((rec.get(k) for k in SEED_FIELDS if rec.get(k)), None) if isinstance(rec, dict) else None
             if not isinstance(q, str) or not q.strip():
-                raise SeedFileError(f"{path}: record {i + 1} has no non-empty 'question' (or 'text') field")
-            seeds.append(Seed(str(rec.get("id", f"{src}-{i + 1:05d}")), rec.get("source", src), q.strip()))
+                raise SeedFileError(f"{path}:{line}: needs a non-empty string field 'question' (or 'text', "
+                                    f"'instruction'); found {_keys(rec)}")
+            seeds.append(Seed(str(rec.get("id", f"{src}-{line:05d}")), rec.get("source", src), q.strip()))
     elif path.suffix == ".txt":
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        lines = [ln.strip() for ln in decode_utf8(path, path.read_bytes()).splitlines()]
         seeds = [Seed(f"{src}-{i + 1:05d}", src, q) for i, q in enumerate(x for x in lines if x)]
     elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            col = next((c for c in ("question", "text", "instruction") if c in (reader.fieldnames or [])), None)
-            if col is None:
-                raise SeedFileError(f"{path}: needs a 'question' column, found {reader.fieldnames}")
-            seeds = [Seed(f"{src}-{i + 1:05d}", src, row[col].strip()) for i, row in enumerate(reader)
-                     if row[col] and row[col].strip()]
+        seeds = _csv_seeds(path, src)
     else:
         raise SeedFileError(f"{path}: unsupported seed file type {path.suffix!r} (use .jsonl, .txt or .csv)")
     if not seeds:
-        raise SeedFileError(f"{path}: no seeds in the file")
+        raise SeedFileError(f"{path}: no seeds in the file (it is empty or every entry is blank)")
+    return seeds
+
+
+def _keys(rec: Any) -> str:
+    return f"keys {sorted(rec)}" if isinstance(rec, dict) else f"a JSON {type(rec).__name__}"
+
+
+def _csv_seeds(path: Path, src: str) -> list[Seed]:
+    """A CSV's question column. A record that runs over several physical lines is what an unclosed or stray
+    quote does (the next rows are swallowed into one garbled field), so it stops the load with the line numbers
+    instead of becoming a seed; a seed with a real line break belongs in .jsonl."""
+    text = decode_utf8(path, path.read_bytes())
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    col = next((c for c in SEED_FIELDS if c in (reader.fieldnames or [])), None)
+    if col is None:
+        raise SeedFileError(f"{path}:1: needs a 'question' (or 'text', 'instruction') column in the header, "
+                            f"found {reader.fieldnames or 'no header'}")
+    seeds, blank, start = [], [], reader.line_num
+    for row in reader:
+        first, start = start + 1, reader.line_num
+        if start > first:
+            raise SeedFileError(f"{path}:{first}-{start}: one CSV record runs over {start - first + 1} lines "
+                                f"(an unclosed or stray '\"' in line {first}?); quote a field that holds commas or "
+                                f"quotes as \"...\" with inner quotes doubled (\"\"), or use a .jsonl seed file")
+        if None in row:
+            raise SeedFileError(f"{path}:{first}: more fields than the header has columns (an unquoted comma?)")
+        q = (row.get(col) or "").strip()
+        if q:
+            seeds.append(Seed(f"{src}-{len(seeds) + 1:05d}", src, q))
+        else:
+            blank.append(first)
+    if blank and seeds:
+        log.warning("%s: %d row(s) with an empty %r were skipped (lines %s)", path, len(blank), col, blank[:10])
     return seeds
 
 
@@ -152,6 +189,72 @@ def parse_transcript(text: str, seed: str, min_turns: int = 2, truncated: bool =
     if len(turns) < min_turns:
         return Parsed(None, "too_few_turns", f"{len(turns)} complete turns, need {min_turns}")
     return Parsed(turns)
+
+
+# --- dialog files ------------------------------------------------------------------------------------------
+
+# Why a dialog in a dialogs file is not trained on (the documented set): no turns at all, a turn with no text,
+# a dialog that starts with the AI, two turns of one role in a row, no AI turn to learn from.
+DIALOG_REJECTS = ("empty_dialog", "empty_turn", "ai_first", "role_order", "no_ai_turn")
+
+
+class DialogFileError(UserError, ValueError):
+    """A dialogs file that is not in the dialog format at all, naming the file and line."""
+
+
+def dialog_shape_error(d: Any) -> str | None:
+    """What makes `d` not a dialog record (not an object, no 'turns' list, a turn that is not
+    {'role': 'human'|'ai', 'text': str}), or None. A file with such a record is in another format: an error."""
+    if not isinstance(d, dict):
+        return f"a JSON {type(d).__name__}, not a dialog object"
+    turns = d.get("turns")
+    if not isinstance(turns, list):
+        return f"no 'turns' list (keys {sorted(d)})"
+    for k, t in enumerate(turns, start=1):
+        if not isinstance(t, dict) or not isinstance(t.get("text"), str):
+            return f"turn {k} is not {{'role': ..., 'text': str}}"
+        if t.get("role") not in ("human", "ai"):
+            return f"turn {k} has role {t.get('role')!r}; roles are 'human' and 'ai'"
+    return None
+
+
+def dialog_reject(turns: list[dict]) -> tuple[str, str] | None:
+    """(reason, detail) when a well-formed dialog is not worth training on, else None (see DIALOG_REJECTS).
+    A trailing human turn is fine: training drops it."""
+    if not turns:
+        return "empty_dialog", "no turns"
+    for k, t in enumerate(turns, start=1):
+        if not t["text"].strip():
+            return "empty_turn", f"turn {k} ({t['role']}) has no text"
+    if turns[0]["role"] == "ai":
+        return "ai_first", "the dialog starts with the AI"
+    for k in range(1, len(turns)):
+        if turns[k]["role"] == turns[k - 1]["role"]:
+            return "role_order", f"turns {k} and {k + 1} are both {turns[k]['role']}"
+    if len(turns) < 2:
+        return "no_ai_turn", "a human turn with no answer"
+    return None
+
+
+def load_dialogs(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(dialogs, rejects) of a dialogs.jsonl: a record that is not a dialog stops with DialogFileError (file and
+    line, and the expected shape); a dialog not worth training on becomes a reject {"line", "id", "reason",
+    "detail"} (see `dialog_reject`), never a silent drop."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DialogFileError(f"{path}: no such dialogs file")
+    dialogs, rejects = [], []
+    for line, d in iter_jsonl(path):
+        err = dialog_shape_error(d)
+        if err:
+            raise DialogFileError(f"{path}:{line}: {err}; a dialog is {{\"turns\": [{{\"role\": \"human\"|\"ai\", "
+                                  f"\"text\": str}}, ...]}} (convert ChatML 'user'/'assistant' messages to that)")
+        bad = dialog_reject(d["turns"])
+        if bad:
+            rejects.append({"line": line, "id": d.get("id"), "reason": bad[0], "detail": bad[1]})
+        else:
+            dialogs.append(d if "id" in d else {**d, "id": f"{path.stem}-{line:06d}"})
+    return dialogs, rejects
 
 
 # --- formats -----------------------------------------------------------------------------------------------

@@ -10,28 +10,26 @@ Formats (one JSON object a line):
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from baize_exp.data import to_baize_text, to_chat_messages
-from baize_exp.io import read_jsonl, write_jsonl
+from baize_exp.data import dialog_shape_error, to_baize_text, to_chat_messages
+from baize_exp.errors import UserError, exit_on_error
+from baize_exp.io import iter_jsonl, write_jsonl
 
 FORMATS = ("baize", "chatml")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A dialogs file that cannot be exported, naming the file and the record."""
 
 
 def _checked(path: Path) -> Iterator[tuple[int, dict]]:
-    for i, d in enumerate(read_jsonl(path), start=1):
-        turns = d.get("turns")
-        if not isinstance(turns, list) or not turns or not all(
-                isinstance(t, dict) and t.get("role") in ("human", "ai") and isinstance(t.get("text"), str)
-                for t in turns):
-            raise ExportError(f"{path}: record {i} has no valid 'turns' (a non-empty list of "
-                              f"{{'role': 'human'|'ai', 'text': str}})")
+    for i, (line, d) in enumerate(iter_jsonl(path), start=1):
+        err = dialog_shape_error(d) or ("no turns" if not d["turns"] else None)
+        if err:
+            raise ExportError(f"{path}:{line}: {err}; a dialog is {{'turns': [{{'role': 'human'|'ai', 'text': str}}, "
+                              f"...]}}")
         yield i, d
 
 
@@ -68,11 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="the .jsonl to write")
     ap.add_argument("--system", default=None, help="chatml: a system message put first in every dialog")
     a = ap.parse_args(argv)
-    try:
+    with exit_on_error("baize_exp.data.export"):
         n = export(a.dialogs, a.out, a.format, a.system)
-    except (ExportError, ValueError) as e:
-        print(f"baize_exp.data.export: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"wrote {n} dialogs to {a.out} ({a.format})")
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import torch
 
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
-from baize_exp.data import BAIZE_AI, BAIZE_HEADER, BAIZE_HUMAN, generation_prompt
-from baize_exp.io import content_hash, read_jsonl, write_json, write_jsonl
+from baize_exp.data import BAIZE_AI, BAIZE_HEADER, BAIZE_HUMAN, generation_prompt, load_dialogs
+from baize_exp.errors import UserError
+from baize_exp.io import content_hash, write_json, write_jsonl
 from baize_exp.train.data import IGNORE, DialogDataModule, collate, split_dialogs, tokenize_dialog
 from baize_exp.train.fused_lora import use_fused_lora
 from baize_exp.train.module import LoraLM, measure_matmul_peak, peak_memory_gb
@@ -261,17 +263,33 @@ def load_base_for_training(cfg: Any) -> tuple[torch.nn.Module, Any]:
 def dialogs_path(cfg: Any, run_dir: Path) -> Path:
     p = Path(cfg.train.data).expanduser() if cfg.train.data else run_dir / "collect" / "dialogs.jsonl"
     if not p.is_file():
-        raise FileNotFoundError(f"train: no dialogs at {p}; run the collect stage or set train.data=<dialogs.jsonl>")
+        raise UserError(f"train: no dialogs at {p}; run the collect stage or set train.data=<dialogs.jsonl>")
     return p
+
+
+def training_dialogs(cfg: Any, run_dir: Path) -> tuple[Path, list[dict], list[dict], list[dict]]:
+    """(source file, train dialogs, held-out dialogs, rejects) as the train stage and SDF both see them: the
+    dialogs not worth training on are rejects with a reason, the rest split by dialog id."""
+    src = dialogs_path(cfg, run_dir)
+    dialogs, rejects = load_dialogs(src)
+    if not dialogs:
+        counts = Counter(r["reason"] for r in rejects)
+        raise UserError(f"train: no usable dialog in {src}: {len(rejects)} record(s), all rejected "
+                        f"({', '.join(f'{k}: {v}' for k, v in counts.most_common()) or 'the file is empty'}); "
+                        f"each dialog needs a human turn then an AI turn, alternating, with text in every turn")
+    train_d, val_d = split_dialogs(dialogs, cfg.train.val_fraction, cfg.train.seed)
+    return src, train_d, val_d, rejects
 
 
 def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
     """The pipeline's train stage: base + fresh LoRA → `train/adapter` (v1)."""
     stage_dir = run_dir / "train"
-    src = dialogs_path(cfg, run_dir)
-    dialogs = read_jsonl(src)
-    train_d, val_d = split_dialogs(dialogs, cfg.train.val_fraction, cfg.train.seed)
+    src, train_d, val_d, rejects = training_dialogs(cfg, run_dir)
     write_jsonl(stage_dir / "val_dialogs.jsonl", val_d)  # the held-out dialogs eval scores loss on
+    write_jsonl(stage_dir / "rejected_dialogs.jsonl", rejects)
+    if rejects:
+        log.warning("train: %d dialog(s) of %s are not trained on (%s); see %s", len(rejects), src,
+                    dict(Counter(r["reason"] for r in rejects)), stage_dir / "rejected_dialogs.jsonl")
     model, tok = load_base_for_training(cfg)
     pl.seed_everything(cfg.train.seed, verbose=False)  # the LoRA A init is random: same seed, same start
     peft_model = M.attach_lora(model, cfg.lora)
@@ -281,4 +299,6 @@ def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
                      {"model": cfg.model.name, "lora": to_container(cfg.lora), "train": to_container(cfg.train),
                       "data": str(src), "metrics": metrics}, fmt=cfg.train.format)
     metrics["data"] = str(src)
+    metrics["rejected_dialogs"] = len(rejects)
+    metrics["rejected_by_reason"] = dict(Counter(r["reason"] for r in rejects))
     return metrics

@@ -26,7 +26,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from baize_exp.data import BAIZE_HUMAN, baize_segments, to_chat_messages
+from baize_exp.data import BAIZE_HUMAN, baize_segments, dialog_shape_error, to_chat_messages
+from baize_exp.errors import UserError
 from baize_exp.io import content_hash
 
 log = logging.getLogger(__name__)
@@ -123,15 +124,6 @@ def tokenize_dialog(turns: list[dict], tok: Any, max_length: int, loss_on: str =
     return {"input_ids": ids, "labels": labels}
 
 
-def _check_dialog(d: Any, i: int) -> None:
-    ok = isinstance(d, dict) and isinstance(d.get("turns"), list) and all(
-        isinstance(t, dict) and t.get("role") in ("human", "ai") and isinstance(t.get("text"), str)
-        for t in d["turns"])
-    if not ok:
-        name = d.get("id", i) if isinstance(d, dict) else i
-        raise ValueError(f"dialog {name!r}: needs 'turns': [{{'role': 'human'|'ai', 'text': str}}, ...]")
-
-
 def tokenizer_fingerprint(tok: Any) -> str:
     """A hash of what the tokenizer does (vocab, merges, special tokens, chat template), not where it lives."""
     backend = getattr(tok, "backend_tokenizer", None)
@@ -147,7 +139,8 @@ def encode_dialogs(dialogs: list[dict], tok: Any, max_length: int, loss_on: str 
     The cache key is the tokenizer's content, the format, loss_on, max_length and the dialogs themselves.
     """
     for i, d in enumerate(dialogs):
-        _check_dialog(d, i)
+        if err := dialog_shape_error(d):
+            raise ValueError(f"dialog {d.get('id', i) if isinstance(d, dict) else i!r}: {err}")
     path = None
     if cache is not None:
         key = content_hash(TOKENIZED_VERSION, tokenizer_fingerprint(tok), fmt, loss_on, max_length,
@@ -328,7 +321,8 @@ class DialogDataModule(pl.LightningDataModule):
             log.warning("train: %d dialog(s) whose first exchange exceeds train.max_length=%d were left out: %s",
                         self.dropped, max_length, self.dropped_ids[:10])
         if not self.train_examples:
-            raise ValueError(f"no training example fits train.max_length={max_length} tokens")
+            raise UserError(f"train: no training dialog fits train.max_length={max_length} tokens (all "
+                            f"{len(dropped_train)} have a first exchange longer than that); raise train.max_length")
         # Packed rows are built once (deterministic); their order changes per epoch through the sampler.
         if packing:
             rows = pack_examples([len(x["input_ids"]) for x in self.train_examples], max_length)
