@@ -84,7 +84,10 @@ class ServeConfig:
     max_batch: int = 16  # rows (answers, n counts) decoded together
     max_wait_ms: float = 5.0  # an idle server waits this long after a first request to prefill a burst together
     queue_size: int = 256  # requests waiting for a free row at most; beyond that the server answers 429
-    request_timeout_s: float = 600.0  # the server drops a request not done by then and answers 504
+    # None: no deadline. The run's own server has no other clients, and a deadline would throw away answers that
+    # a busy machine makes slowly; set one only for a server shared with clients that may go away.
+    request_timeout_s: float | None = None
+    max_n: int | None = None  # most answers one request may ask for (n); None = max_batch
     startup_timeout_s: float = 300.0
 
 
@@ -108,8 +111,9 @@ class ChatBackendConfig:
     top_p: float = 0.95
     max_tokens: int = 256
     concurrency: int = 8
-    timeout_s: float = 120.0
+    timeout_s: float | None = 120.0  # per request; None = wait as long as it takes (the run's own local server)
     max_retries: int = 3  # retries after the first attempt (429, 5xx, timeouts, unusable replies)
+    stop_after_failures: int = 16  # this many failed attempts in a row, none succeeding: stop (resumable), 0 = never
     backoff_base_s: float = 1.0  # exponential backoff with jitter: ~base * 2^attempt, capped at backoff_max_s
     backoff_max_s: float = 60.0  # (a 429's Retry-After wins over both)
     requests_per_min: float | None = None  # client-side budgets, shared by all requests (None = unlimited)
@@ -368,7 +372,10 @@ def validate(cfg: DictConfig | Config) -> None:
         _check(p, 0.0 < b.top_p <= 1.0, f"{name}.top_p", b.top_p, "a float in (0, 1]")
         _check(p, b.max_tokens >= 1, f"{name}.max_tokens", b.max_tokens, "an integer >= 1")
         _check(p, b.concurrency >= 1, f"{name}.concurrency", b.concurrency, "an integer >= 1")
-        _check(p, b.timeout_s > 0, f"{name}.timeout_s", b.timeout_s, "a number > 0")
+        _check(p, b.timeout_s is None or b.timeout_s > 0, f"{name}.timeout_s", b.timeout_s,
+               "a number > 0, or null for no deadline")
+        _check(p, b.stop_after_failures >= 0, f"{name}.stop_after_failures", b.stop_after_failures,
+               "an integer >= 0 (0 = never stop early)")
         _check(p, b.max_retries >= 0, f"{name}.max_retries", b.max_retries, "an integer >= 0")
         _check(p, 0 <= b.backoff_base_s <= b.backoff_max_s, f"{name}.backoff_base_s", b.backoff_base_s,
                f"a number in [0, {name}.backoff_max_s]")
@@ -386,8 +393,10 @@ def validate(cfg: DictConfig | Config) -> None:
             _check(p, b.serve.max_batch >= 1, f"{name}.serve.max_batch", b.serve.max_batch, "an integer >= 1")
             _check(p, b.serve.max_wait_ms >= 0, f"{name}.serve.max_wait_ms", b.serve.max_wait_ms, "a number >= 0")
             _check(p, b.serve.queue_size >= 1, f"{name}.serve.queue_size", b.serve.queue_size, "an integer >= 1")
-            _check(p, b.serve.request_timeout_s > 0, f"{name}.serve.request_timeout_s", b.serve.request_timeout_s,
-                   "a number > 0")
+            _check(p, b.serve.request_timeout_s is None or b.serve.request_timeout_s > 0,
+                   f"{name}.serve.request_timeout_s", b.serve.request_timeout_s, "a number > 0, or null for none")
+            _check(p, b.serve.max_n is None or b.serve.max_n >= 1, f"{name}.serve.max_n", b.serve.max_n,
+                   "an integer >= 1, or null for serve.max_batch")
 
     co = c.collect
     _check(p, co.mode in ("transcript", "turns"), "collect.mode", co.mode, "one of transcript, turns")

@@ -24,10 +24,13 @@ How requests are batched (continuous batching over our own decode loop, no HF `g
 
 HTTP: POST /v1/chat/completions (n, temperature, top_p, max_tokens, stop, seed, logprobs/top_logprobs, usage,
 stream=true as server-sent events ending with `data: [DONE]`), GET /v1/models, GET /health. Every reply carries
-an `x-request-id`. At most `queue_size` requests wait for a row; beyond that the answer is 429 with `Retry-After`.
-A request that is not done after `request_timeout_s` (or whose client went away) is dropped from the batch and
-answered 504. SIGTERM/SIGINT stop accepting connections and finish the requests in flight before exiting. Binds
-loopback only unless --allow-remote is given.
+an `x-request-id`. Bad requests are answered as OpenAI does: 400 with a JSON error naming the field (a message
+without content, a stop that is not a string or list of strings, temperature outside [0, 2] or NaN, n above
+`--max-n`), 404 `model_not_found` for a model name the server does not serve. At most `queue_size` requests wait
+for a row; beyond that the answer is 429 with `Retry-After`. A request whose client went away is dropped from the
+batch; there is no deadline unless `--request-timeout-s` sets one (504), because a slow answer on a busy machine
+is still an answer. SIGTERM/SIGINT stop accepting connections and finish the requests in flight before exiting.
+The worker's torch threads follow the free cores (`baize_exp.cpu`). Binds loopback only unless --allow-remote.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from transformers import DynamicCache
 
+from baize_exp import cpu
 from baize_exp.config import ModelConfig, cache_dir
 from baize_exp.models import cut_at_stop
 
@@ -356,6 +360,7 @@ class BatchWorker:
             if not self.engine.rows and len(self.waiting) < self.max_batch:
                 time.sleep(self.max_wait)  # an idle server lets a burst arrive, then prefills it together
             admitted: list[GenRequest] = []
+            cpu.fit_threads()  # this thread does the torch work: it takes the cores free now (re-read every 2 s)
             try:
                 admitted = self._admit()
                 if admitted:
@@ -388,14 +393,24 @@ class BatchWorker:
                               row.logprobs[row.streamed_logprobs:]))
 
 
-def build_app(worker: BatchWorker, api_key: str | None = None, request_timeout_s: float = 600.0) -> FastAPI:
+def build_app(worker: BatchWorker, api_key: str | None = None, request_timeout_s: float | None = None,
+              max_n: int | None = None, aliases: tuple[str, ...] = ()) -> FastAPI:
+    """The HTTP side. `aliases`: other model names answered as the served one (e.g. the conf/model option)."""
     app = FastAPI(title="baize_exp local OpenAI-compatible server")
     engine = worker.engine
     stats = {"requests": 0, "rejected_429": 0, "timeouts": 0}
+    names = {engine.model_name, *aliases}
+    max_n = max_n or worker.max_batch
 
-    def error(status: int, message: str, etype: str = "invalid_request_error", headers: dict | None = None):
-        return JSONResponse(status_code=status, content={"error": {"message": message, "type": etype}},
-                            headers=headers)
+    def error(status: int, message: str, etype: str = "invalid_request_error", headers: dict | None = None,
+              code: str | None = None, param: str | None = None):
+        return JSONResponse(status_code=status, headers=headers,
+                            content={"error": {"message": message, "type": etype, "param": param, "code": code}})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # JSON like every other answer, never plain text
+        log.exception("unhandled error")
+        return error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
     def check_key(request: Request) -> None:
         if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
@@ -426,9 +441,12 @@ def build_app(worker: BatchWorker, api_key: str | None = None, request_timeout_s
             body = await request.json()
         except ValueError:
             return error(400, "body is not valid JSON")
-        req_or_error = _parse(body, engine, worker.max_batch)
-        if isinstance(req_or_error, str):
-            return error(400, req_or_error)
+        if isinstance(body, dict) and body.get("model") is not None and body["model"] not in names:
+            return error(404, f"The model {body['model']!r} does not exist on this server; it serves "
+                              f"{engine.model_name!r}", code="model_not_found", param="model")
+        req_or_error = _parse(body, engine, max_n)
+        if isinstance(req_or_error, tuple):
+            return error(400, req_or_error[1], param=req_or_error[0])
         req = req_or_error
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple] = asyncio.Queue()
@@ -440,7 +458,7 @@ def build_app(worker: BatchWorker, api_key: str | None = None, request_timeout_s
         req.emit = emit
         worker.submit(req)  # QueueFull -> 429
         stats["requests"] += 1
-        deadline = time.monotonic() + request_timeout_s
+        deadline = time.monotonic() + request_timeout_s if request_timeout_s else None
         headers = {"x-request-id": req.id}
         log.debug("request %s: %d prompt tokens, n=%d, max_tokens=%d", req.id, len(req.prompt_ids), req.n,
                   req.max_tokens)
@@ -448,7 +466,7 @@ def build_app(worker: BatchWorker, api_key: str | None = None, request_timeout_s
         async def next_event() -> tuple:
             """The worker's next event; raises TimeoutError past the deadline or when the client has gone."""
             while True:
-                left = deadline - time.monotonic()
+                left = deadline - time.monotonic() if deadline else 1.0
                 if left <= 0:
                     raise TimeoutError(f"not done within the server's request timeout ({request_timeout_s:g}s)")
                 try:
@@ -498,39 +516,61 @@ def _usage(req: GenRequest, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
-def _parse(body: Any, engine: DecodeEngine, max_batch: int) -> GenRequest | str:
-    """A GenRequest from a request body, or the reason it is refused (answered 400)."""
+def _parse(body: Any, engine: DecodeEngine, max_n: int) -> GenRequest | tuple[str, str]:
+    """A GenRequest from a request body, or (field, why it is refused), answered 400 as OpenAI does."""
     if not isinstance(body, dict):
-        return "the body must be a JSON object"
+        return "body", "the body must be a JSON object"
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list"
+        return "messages", "'messages' must be a non-empty list"
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return f"messages[{k}]", f"messages[{k}] must be an object with a 'role'"
+        if not isinstance(m.get("content"), str):
+            return f"messages[{k}].content", f"messages[{k}] needs 'content' as a string"
 
-    def get(key: str, default: Any) -> Any:
-        return body[key] if body.get(key) is not None else default
+    def get(key: str, default: Any, kind: type | tuple) -> Any:
+        value = body.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise TypeError(key)
+        return value
 
-    stop = get("stop", [])
-    stop = [stop] if isinstance(stop, str) else list(stop)
     try:
-        req = GenRequest(
-            prompt_ids=engine.encode_chat(messages),
-            max_tokens=int(get("max_tokens", get("max_completion_tokens", 256))),
-            temperature=float(get("temperature", 1.0)), top_p=float(get("top_p", 1.0)), n=int(get("n", 1)),
-            stop=[str(s) for s in stop], seed=None if body.get("seed") is None else int(body["seed"]),
-            top_logprobs=int(get("top_logprobs", 0)) if body.get("logprobs") else None,
-            stream=bool(body.get("stream")),
-        )
-    except (TypeError, ValueError, KeyError) as e:
-        return f"bad request field: {e}"
-    if req.max_tokens < 1 or req.temperature < 0 or not 0 < req.top_p <= 1:
-        return "max_tokens must be >= 1, temperature >= 0, 0 < top_p <= 1"
-    if not 1 <= req.n <= max_batch:
-        return f"n={req.n}: must be between 1 and this server's max_batch ({max_batch})"
-    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
-        return "top_logprobs must be between 0 and 20"
-    if len(req.prompt_ids) >= engine.max_positions:
-        return f"the prompt has {len(req.prompt_ids)} tokens; this model's context is {engine.max_positions}"
-    return req
+        stop = get("stop", [], (str, list))
+        stop = [stop] if isinstance(stop, str) else stop
+        if not all(isinstance(x, str) for x in stop):
+            raise TypeError("stop")
+        max_tokens = get("max_tokens", get("max_completion_tokens", 256, int), int)
+        temperature = float(get("temperature", 1.0, (int, float)))
+        top_p = float(get("top_p", 1.0, (int, float)))
+        n, seed = get("n", 1, int), get("seed", None, int)
+        logprobs, top_logprobs = get("logprobs", False, bool), get("top_logprobs", 0, int)
+        stream = get("stream", False, bool)
+    except TypeError as e:
+        kinds = {"stop": "a string or a list of strings", "logprobs": "a boolean", "stream": "a boolean",
+                 "temperature": "a number", "top_p": "a number"}
+        return str(e), f"'{e}' must be {kinds.get(str(e), 'an integer')}"
+    if max_tokens < 1:
+        return "max_tokens", f"max_tokens={max_tokens}: must be >= 1"
+    if not 0 <= temperature <= 2:  # NaN fails this too
+        return "temperature", f"temperature={temperature}: must be between 0 and 2"
+    if not 0 < top_p <= 1:
+        return "top_p", f"top_p={top_p}: must be > 0 and <= 1"
+    if not 1 <= n <= max_n:
+        return "n", f"n={n}: must be between 1 and this server's max_n ({max_n}; max_batch by default)"
+    if logprobs and not 0 <= top_logprobs <= 20:
+        return "top_logprobs", "top_logprobs must be between 0 and 20"
+    try:
+        prompt_ids = engine.encode_chat(messages)
+    except Exception as e:  # a template that cannot render these messages (e.g. roles it does not know)
+        return "messages", f"the messages cannot be rendered with the model's chat template: {e}"
+    if len(prompt_ids) >= engine.max_positions:
+        return "messages", (f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is "
+                            f"{engine.max_positions} (context_length_exceeded)")
+    return GenRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
+                      stop=stop, seed=seed, top_logprobs=top_logprobs if logprobs else None, stream=stream)
 
 
 async def _sse(req: GenRequest, model: str, next_event: Callable, body: dict, stats: dict):
@@ -627,7 +667,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-batch", type=int, default=16, help="rows (answers) decoded together at most")
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="an idle server waits this long to gather a burst")
     ap.add_argument("--queue-size", type=int, default=256, help="requests waiting for a row at most; then 429")
-    ap.add_argument("--request-timeout-s", type=float, default=600.0, help="answer 504 and drop a request after this")
+    ap.add_argument("--request-timeout-s", type=float, default=None,
+                    help="answer 504 and drop a request not done after this (default: no deadline)")
+    ap.add_argument("--max-n", type=int, default=None, help="most answers one request may ask for (default: "
+                    "--max-batch)")
     ap.add_argument("--shutdown-timeout-s", type=float, default=60.0,
                     help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     ap.add_argument("--api-key-env", default=None, help="require 'Bearer <value of this env var>'")
@@ -640,8 +683,10 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("max_batch", "queue_size"):
         if getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be >= 1")
-    if args.max_wait_ms < 0 or args.request_timeout_s <= 0:
+    if args.max_wait_ms < 0 or (args.request_timeout_s is not None and args.request_timeout_s <= 0):
         ap.error("--max-wait-ms must be >= 0 and --request-timeout-s > 0")
+    if args.max_n is not None and not args.max_n >= 1:
+        ap.error("--max-n must be >= 1")
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not api_key:
         ap.error(f"--api-key-env {args.api_key_env}: that environment variable is empty")
@@ -649,7 +694,7 @@ def main(argv: list[str] | None = None) -> None:
     net, tok, name = load_for_serving(args.model, args.adapter, Path(args.cache_dir).expanduser())
     worker = BatchWorker(DecodeEngine(net, tok, args.served_name or name), args.max_batch, args.max_wait_ms,
                          args.queue_size)
-    app = build_app(worker, api_key, args.request_timeout_s)
+    app = build_app(worker, api_key, args.request_timeout_s, args.max_n, aliases=(args.model,))
 
     import uvicorn
 

@@ -90,8 +90,57 @@ def test_wrong_key_with_many_in_flight_is_no_retry_storm(server: FaultServer) ->
     with pytest.raises(ChatError, match="refused the API key") as e:
         bad.complete_many([[{"role": "user", "content": f"q{i}"}] for i in range(50)])
     assert "sk-wrong-key-abcdef123456" not in str(e.value)
-    assert server.requests <= 4  # at most what was already in flight
-    assert server.faults["401"] == server.requests
+    assert server.requests == 1  # the first request goes alone; the other 49 were never sent
+    assert server.faults["401"] == 1
+
+
+def test_the_first_request_goes_alone_then_the_rest_fan_out() -> None:
+    with FaultServer(latency_s=0.3) as srv:
+        t0 = time.monotonic()
+        rs = ChatClient(srv.base_url, "k", "m", concurrency=16).complete_many(
+            [[{"role": "user", "content": f"q{i}"}] for i in range(17)])
+        elapsed = time.monotonic() - t0
+        local = ChatClient(srv.base_url, "k", "m", concurrency=16, probe_first=False)
+        t1 = time.monotonic()
+        local.complete_many([[{"role": "user", "content": f"q{i}"}] for i in range(16)])
+        fanned = time.monotonic() - t1
+    assert all(not r.error for r in rs) and 0.55 <= elapsed < 1.2  # one alone, then 16 together: two waves
+    assert fanned < 0.55  # the run's own server: all at once
+
+
+def test_a_400_about_one_request_is_that_requests_error_not_the_runs() -> None:
+    """context_length_exceeded concerns one prompt; any 400 after a success concerns one request; a plain 400
+    before anything succeeded would hit every request (bad model name, bad sampling): that one stops the run."""
+    with FaultServer() as srv:
+        c = ChatClient(srv.base_url, "k", "m", concurrency=4, max_retries=3)
+        rs = c.complete_many([[{"role": "user", "content": "q [[fault:too_long]]"}],
+                              [{"role": "user", "content": "fine"}], [{"role": "user", "content": "q [[fault:400]]"}]])
+        assert [bool(r.error) for r in rs] == [True, False, True] and not any(r.transient for r in rs)
+        assert "maximum context length" in rs[0].error and "http 400" in rs[2].error
+        assert srv.requests == 3  # no retry of a 400
+        with pytest.raises(ChatError, match="HTTP 400"):
+            ChatClient(srv.base_url, "k", "m").complete([{"role": "user", "content": "q [[fault:400]]"}])
+
+
+def test_an_outage_stops_after_a_bounded_number_of_failures() -> None:
+    """Every request failing the same transient way: stop after stop_after_failures attempts, not after every
+    request has spent its retries; what is left comes back as transient errors, with the cause."""
+    from baize_exp.chat.client import ChatOutage
+    from baize_exp.errors import Interrupted
+
+    with FaultServer(default_fault="500") as srv:
+        c = ChatClient(srv.base_url, "k", "m", concurrency=4, max_retries=5, backoff_base_s=0.01,
+                       backoff_max_s=0.02, stop_after_failures=10)
+        rs = c.complete_many([[{"role": "user", "content": f"q{i}"}] for i in range(100)])
+        assert 10 <= srv.requests <= 10 + 4  # the bound, plus what was in flight when it tripped
+    assert all(r.error and r.transient for r in rs)
+    assert sum("endpoint looks down" in r.error for r in rs) >= 90 and "http 500" in rs[-1].error
+    assert issubclass(ChatOutage, Interrupted)
+    with FaultServer(default_fault="500") as srv:  # successes in between keep it going
+        c = ChatClient(srv.base_url, "k", "m", concurrency=1, max_retries=0, stop_after_failures=3)
+        convs = [[{"role": "user", "content": f"q{i} [[fault:okx1]]" if i % 2 else f"q{i}"}] for i in range(12)]
+        rs = c.complete_many(convs)
+        assert srv.requests == 12 and sum(not r.error for r in rs) == 6
 
 
 def test_bad_path_404_is_fatal_and_names_the_model() -> None:

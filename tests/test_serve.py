@@ -5,10 +5,12 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +27,12 @@ CACHE = os.environ.get("BAIZE_CACHE")
 @pytest.fixture(scope="module")
 def tiny_server():
     with LocalServer("tiny", cache_dir=CACHE, max_batch=8) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def tiny_server_max_n_4():
+    with LocalServer("tiny", cache_dir=CACHE, max_batch=8, max_n=4) as s:
         yield s
 
 
@@ -200,7 +208,8 @@ def test_full_queue_answers_429_with_retry_after_and_a_gone_client_frees_its_row
         c = _openai(s, max_retries=0)
         long_stream = c.chat.completions.create(model="ctx", messages=_msgs("long"), max_tokens=1000,
                                                 temperature=0, stream=True)
-        next(iter(long_stream))  # it holds the only row now
+        next(iter(long_stream))
+        _wait_for(lambda: _health(s)["active_rows"] == 1)  # it holds the only row now
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(c.chat.completions.create, model="ctx", messages=_msgs("queued"), max_tokens=3)
             _wait_for(lambda: _health(s)["waiting"] == 1)
@@ -280,11 +289,35 @@ def test_bad_request_stops_with_a_clear_error(tiny_server) -> None:
 @pytest.mark.parametrize(("body", "needle"), [
     ({"max_tokens": 0}, "max_tokens"), ({"n": 99}, "max_batch"), ({"top_p": 0}, "top_p"),
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"), ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages\\[0\\] needs 'content'"), ({"stop": 123}, "'stop' must be a string"),
+    ({"stop": ["ok", 5]}, "'stop' must be"), ({"temperature": 2.5}, "temperature=2.5"),
+    ({"temperature": float("nan")}, "temperature=nan"), ({"temperature": -0.1}, "temperature"),
+    ({"n": 5}, "n=5: .*max_n \\(4"), ({"max_tokens": "ten"}, "'max_tokens' must be an integer"),
+    ({"messages": [{"role": "user", "content": "x" * 9000}]}, "context_length_exceeded"),
 ])
-def test_bad_request_is_a_400_naming_the_field(tiny_server, body: dict, needle: str) -> None:
-    with pytest.raises(openai.BadRequestError, match=needle):
-        _openai(tiny_server, max_retries=0).chat.completions.create(**{"model": "tiny", "messages": _msgs("x"),
-                                                                       **body})
+def test_bad_request_is_a_400_naming_the_field(tiny_server_max_n_4, body: dict, needle: str) -> None:
+    """What OpenAI answers 400 is a 400 with a JSON error here too (never a plain-text 500). Sent as raw JSON: the
+    openai client itself refuses to send some of these (NaN)."""
+    s = tiny_server_max_n_4
+    req = urllib.request.Request(f"{s.base_url}/chat/completions", method="POST",
+                                 data=json.dumps({"model": "tiny", "messages": _msgs("x"), **body}).encode(),
+                                 headers={"Authorization": f"Bearer {s.api_key}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    err = json.loads(e.value.read())["error"]
+    assert e.value.code == 400 and e.value.headers["content-type"] == "application/json"
+    assert re.search(needle, err["message"]) and err["type"] == "invalid_request_error" and err["param"]
+
+
+def test_unknown_model_is_404_model_not_found(tiny_server) -> None:
+    """A misconfigured teacher or judge name is noticed at its first request, not answered by another model."""
+    with pytest.raises(openai.NotFoundError) as e:
+        _openai(tiny_server, max_retries=0).chat.completions.create(model="gpt-4", messages=_msgs("x"))
+    assert e.value.body["code"] == "model_not_found" and "'tiny'" in e.value.body["message"]
+    with pytest.raises(ChatError, match="does not know model 'gpt-4'"):
+        ChatClient(tiny_server.base_url, tiny_server.api_key, "gpt-4").complete(_msgs("x"))
+    ok = _openai(tiny_server).chat.completions.create(model="tiny", messages=_msgs("x"), max_tokens=2)
+    assert ok.choices[0].message.content is not None
 
 
 def test_vllm_configs_point_the_openai_client_at_a_server() -> None:
@@ -322,7 +355,8 @@ def test_serves_an_hf_dir_with_a_lora_adapter(context_model_dir, ctx_server, tmp
         assert [m.id for m in c.models.list().data] == [f"{context_model_dir.name}+adapter"]
         with ThreadPoolExecutor(2) as pool:  # two rows of the same batch through the PEFT-wrapped model
             texts = [f.result().choices[0].message.content
-                     for f in [pool.submit(c.chat.completions.create, model="x", **ask) for _ in range(2)]]
+                     for f in [pool.submit(c.chat.completions.create, model=f"{context_model_dir.name}+adapter",
+                                           **ask) for _ in range(2)]]
     assert texts[0] == texts[1] != plain
 
 

@@ -6,10 +6,17 @@ one gets a 429 with Retry-After, retry counts for the progress bar, and retries 
 unusable (not JSON, no choices). Backoff is exponential with jitter, so a burst of failures does not come back as a
 synchronised burst of retries.
 
-What still fails after `max_retries` is returned per request as a `ChatResult` with `error` set, so a caller records
-it instead of losing it. A request the endpoint refuses as such (400 bad request, 401/403 key, 404 unknown model)
-stops everything at once with `ChatError`: every other request would fail the same way, and retrying only burns
-quota. The API key is held privately and scrubbed from every message.
+Failures come in three kinds:
+- transient (timeouts, 5xx, connection errors, 429 and unusable replies after `max_retries`): returned as a
+  `ChatResult` with `error` set and `transient=True`, so the caller records it and a rerun asks again;
+- about one request (a 400 for a prompt that is too long or refused by a content filter, or any 400 once other
+  requests have succeeded): a `ChatResult` with `transient=False`, a reject for that record only;
+- about every request (401/403 key, 404 model or path, a 400 before anything succeeded: a bad model name or
+  sampling setting): `ChatError`, which stops the run at once, since every other request would fail the same way.
+A remote endpoint gets the first request of a session alone, then the rest fan out, so a wrong key or model costs
+exactly one request. When `stop_after_failures` attempts in a row fail for transient reasons with no success in
+between, the endpoint is down: every request still waiting gets `ChatOutage` (an `Interrupted`, resumable) instead
+of burning its retries. The API key is held privately and scrubbed from every message.
 """
 
 from __future__ import annotations
@@ -30,15 +37,22 @@ import openai
 from openai.types.chat import ChatCompletion
 from tqdm.auto import tqdm
 
-from baize_exp.errors import UserError
+from baize_exp.errors import Interrupted, UserError
 
 log = logging.getLogger(__name__)
-FATAL_STATUS = (400, 401, 403, 404)  # the request itself is wrong: no retry, stop the run
+FATAL_STATUS = (401, 403, 404)  # the key, the model or the path is wrong: no retry, stop the run
 RETRY_STATUS = (408, 409, 429)  # plus every 5xx
+# 400s that concern one request's content (OpenAI's and vLLM's codes and wordings), never the run's settings
+ONE_REQUEST_400 = re.compile(r"context_length_exceeded|maximum context length|string_above_max_length|too long|"
+                             r"content_filter|content_policy|invalid_prompt|prompt is too long", re.IGNORECASE)
 
 
 class ChatError(UserError, RuntimeError):
     """A backend problem that must stop the run (bad key, bad request, missing key, unreachable endpoint)."""
+
+
+class ChatOutage(Interrupted):
+    """The endpoint failed `stop_after_failures` attempts in a row for transient reasons: stop asking, resume later."""
 
 
 @dataclass
@@ -48,6 +62,7 @@ class ChatResult:
     usage: dict[str, int] = field(default_factory=dict)
     logprobs: list[Any] | None = None
     error: str | None = None  # set when the request failed after retries
+    transient: bool = False  # the error may go away on a later try (timeout, 5xx, connection, 429, unusable reply)
     attempts: int = 0  # requests sent for this result (1 + retries)
 
     @property
@@ -130,10 +145,11 @@ class ChatClient:
     """
 
     def __init__(self, base_url: str | None, api_key: str, model: str, *, temperature: float = 0.7,
-                 top_p: float = 1.0, max_tokens: int = 256, concurrency: int = 8, timeout_s: float = 120.0,
-                 max_retries: int = 3, role: str = "teacher", requests_per_min: float | None = None,
-                 tokens_per_min: float | None = None, backoff_base_s: float = 1.0, backoff_max_s: float = 60.0,
-                 prices: dict[str, Any] | None = None):
+                 top_p: float = 1.0, max_tokens: int = 256, concurrency: int = 8,
+                 timeout_s: float | None = 120.0, max_retries: int = 3, role: str = "teacher",
+                 requests_per_min: float | None = None, tokens_per_min: float | None = None,
+                 backoff_base_s: float = 1.0, backoff_max_s: float = 60.0, prices: dict[str, Any] | None = None,
+                 probe_first: bool = True, stop_after_failures: int = 16):
         self.base_url, self._api_key, self.model, self.role = base_url, api_key, model, role
         self.defaults = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         self.concurrency, self.timeout_s, self.max_retries = concurrency, timeout_s, max_retries
@@ -145,12 +161,19 @@ class ChatClient:
         self.usage: Counter[str] = Counter()  # prompt_tokens, completion_tokens (this client's model)
         self._aclient: openai.AsyncOpenAI | None = None
         self._sem: asyncio.Semaphore | None = None
-        self._fatal: ChatError | None = None
+        self._fatal: ChatError | ChatOutage | None = None
+        self.probe_first, self.stop_after_failures = probe_first, stop_after_failures
+        self._probe: asyncio.Event | None = None  # set once the session's first request has an answer
+        self._probing = False
+        self.failures_in_a_row = 0  # transient failed attempts since the last success
+        self._recent_errors: list[str] = []
+        self.succeeded = False  # a request got a reply in this client's life (a later 400 is then per request)
 
     @classmethod
     def from_config(cls, bcfg: Any, base_url: str | None = None, api_key: str | None = None,
-                    role: str = "teacher") -> ChatClient:
-        """Build from a teacher/judge config; the key comes from the environment, never from the config."""
+                    role: str = "teacher", probe_first: bool = True) -> ChatClient:
+        """Build from a teacher/judge config; the key comes from the environment, never from the config.
+        `probe_first=False` for the run's own server, whose key the run made and whose only clients are the run."""
         if api_key is None:
             api_key = os.environ.get(bcfg.api_key_env)
             if not api_key:
@@ -161,7 +184,7 @@ class ChatClient:
                    concurrency=bcfg.concurrency, timeout_s=bcfg.timeout_s, max_retries=bcfg.max_retries, role=role,
                    requests_per_min=bcfg.requests_per_min, tokens_per_min=bcfg.tokens_per_min,
                    backoff_base_s=bcfg.backoff_base_s, backoff_max_s=bcfg.backoff_max_s,
-                   prices=dict(bcfg.prices))
+                   prices=dict(bcfg.prices), probe_first=probe_first, stop_after_failures=bcfg.stop_after_failures)
 
     def __repr__(self) -> str:  # never show the key
         return f"ChatClient(role={self.role!r}, model={self.model!r}, base_url={self.base_url!r})"
@@ -189,6 +212,9 @@ class ChatClient:
                                            max_retries=0)
         self._sem = asyncio.Semaphore(self.concurrency)
         self._fatal = None
+        self._probe, self._probing = asyncio.Event(), False
+        if not self.probe_first:
+            self._probe.set()
         try:
             yield self
         finally:
@@ -196,61 +222,98 @@ class ChatClient:
             self._aclient = self._sem = None
 
     async def acomplete(self, messages: list[dict], **params: Any) -> ChatResult:
-        """One chat completion with limits and retries; raises ChatError on a request the endpoint refuses."""
-        if self._aclient is None or self._sem is None:
+        """One chat completion with limits and retries; raises ChatError on a request the endpoint refuses and
+        ChatOutage once the endpoint looks down (see the module docstring)."""
+        if self._aclient is None or self._sem is None or self._probe is None:
             raise RuntimeError("ChatClient.acomplete needs `async with client.session():`")
         kw = {**self.defaults, **params}
         reserve = estimate_tokens(messages) + (kw.get("max_tokens") or 0) * (kw.get("n") or 1)
         attempts = 0
-        while True:
-            wait: float | None = None
-            async with self._sem:
-                await self.limiter.acquire(reserve)
-                if self._fatal:  # checked after every wait: a request queued behind a fatal one is never sent
-                    raise self._fatal
-                attempts += 1
-                self.requests += 1
-                try:
-                    # `post` is what `chat.completions.create` ends in, minus its walk of the typed params over
-                    # every message (~25% of the client's CPU per request, measured); same errors, same parsing.
-                    resp = await self._aclient.post("/chat/completions", cast_to=ChatCompletion,
-                                                    body={"model": self.model, "messages": messages, **kw})
-                except openai.APIStatusError as e:
-                    self.limiter.settle(reserve, 0)
-                    if e.status_code in FATAL_STATUS:
-                        self._fatal = ChatError(self._fatal_message(e))
-                        raise self._fatal from None
-                    if e.status_code not in RETRY_STATUS and e.status_code < 500:
-                        return ChatResult(error=f"http {e.status_code}: {self._scrub(e.message)}", attempts=attempts)
-                    error, wait = f"http {e.status_code}: {self._scrub(e.message)}", retry_after_s(e.response.headers)
-                    if wait is not None:
-                        self.limiter.pause(wait)  # everyone waits, not just this request
-                except openai.APITimeoutError:
-                    self.limiter.settle(reserve, 0)
-                    error = f"timeout after {self.timeout_s:g}s"
-                except openai.APIConnectionError as e:
-                    self.limiter.settle(reserve, 0)
-                    error = f"connection: {self._scrub(str(e))}"
-                except (openai.APIResponseValidationError, ValueError) as e:  # 200 with a body that is not a reply
-                    self.limiter.settle(reserve, 0)
-                    error = f"malformed reply: {self._scrub(str(e))[:200]}"
-                else:
-                    usage = resp.usage.model_dump() if resp.usage else {}
-                    usage = {k: usage.get(k) or 0 for k in ("prompt_tokens", "completion_tokens")}
-                    self.usage.update(usage)
-                    self.limiter.settle(reserve, usage["prompt_tokens"] + usage["completion_tokens"])
-                    if isinstance(resp, str) or not resp.choices:
-                        error = "malformed reply: not JSON" if isinstance(resp, str) else "reply has no choices"
+        probing = False
+        if not self._probe.is_set():
+            if self._probing:
+                await self._probe.wait()  # the first request goes alone; the rest follow once it has an answer
+            else:
+                self._probing = probing = True
+        try:
+            while True:
+                wait: float | None = None
+                async with self._sem:
+                    await self.limiter.acquire(reserve)
+                    if self._fatal:  # checked after every wait: a request queued behind a fatal one is never sent
+                        raise self._fatal
+                    attempts += 1
+                    self.requests += 1
+                    try:
+                        # `post` is what `chat.completions.create` ends in, minus its walk of the typed params over
+                        # every message (~25% of the client's CPU per request, measured); same errors, same parsing.
+                        resp = await self._aclient.post("/chat/completions", cast_to=ChatCompletion,
+                                                        body={"model": self.model, "messages": messages, **kw})
+                    except openai.APIStatusError as e:
+                        self.limiter.settle(reserve, 0)
+                        error = f"http {e.status_code}: {self._scrub(e.message)}"
+                        if e.status_code in FATAL_STATUS or (e.status_code == 400 and self._fatal_400(e)):
+                            self._fatal = ChatError(self._fatal_message(e))
+                            raise self._fatal from None
+                        if e.status_code not in RETRY_STATUS and e.status_code < 500:
+                            return ChatResult(error=error, attempts=attempts)  # about this request only
+                        wait = retry_after_s(e.response.headers)
+                        if wait is not None:
+                            self.limiter.pause(wait)  # everyone waits, not just this request
+                    except openai.APITimeoutError:
+                        self.limiter.settle(reserve, 0)
+                        error = f"timeout after {self.timeout_s:g}s"
+                    except openai.APIConnectionError as e:
+                        self.limiter.settle(reserve, 0)
+                        error = f"connection: {self._scrub(str(e))}"
+                    except (openai.APIResponseValidationError, ValueError) as e:  # 200 with a body that is no reply
+                        self.limiter.settle(reserve, 0)
+                        error = f"malformed reply: {self._scrub(str(e))[:200]}"
                     else:
-                        return ChatResult(
-                            texts=[c.message.content or "" for c in resp.choices],
-                            finish_reasons=[c.finish_reason or "" for c in resp.choices], usage=usage,
-                            logprobs=[c.logprobs.model_dump() if c.logprobs else None for c in resp.choices],
-                            attempts=attempts)
-            if attempts > self.max_retries:
-                return ChatResult(error=f"{error} (gave up after {attempts} attempts)", attempts=attempts)
-            self.retries += 1
-            await asyncio.sleep(self._backoff_s(attempts, wait))
+                        usage = resp.usage.model_dump() if resp.usage else {}
+                        usage = {k: usage.get(k) or 0 for k in ("prompt_tokens", "completion_tokens")}
+                        self.usage.update(usage)
+                        self.limiter.settle(reserve, usage["prompt_tokens"] + usage["completion_tokens"])
+                        if isinstance(resp, str) or not resp.choices:
+                            error = "malformed reply: not JSON" if isinstance(resp, str) else "reply has no choices"
+                        else:
+                            self.succeeded, self.failures_in_a_row = True, 0
+                            return ChatResult(
+                                texts=[c.message.content or "" for c in resp.choices],
+                                finish_reasons=[c.finish_reason or "" for c in resp.choices], usage=usage,
+                                logprobs=[c.logprobs.model_dump() if c.logprobs else None for c in resp.choices],
+                                attempts=attempts)
+                    self._count_failure(error)
+                if probing:  # a transient failure says nothing about the key: let the others go
+                    self._probe.set()
+                if attempts > self.max_retries:
+                    return ChatResult(error=f"{error} (gave up after {attempts} attempts)", transient=True,
+                                      attempts=attempts)
+                self.retries += 1
+                await asyncio.sleep(self._backoff_s(attempts, wait))
+        finally:
+            if probing:
+                self._probe.set()
+
+    def _count_failure(self, error: str) -> None:
+        """One more transient failure in a row; at `stop_after_failures` the endpoint is taken as down."""
+        self.failures_in_a_row += 1
+        self._recent_errors = (self._recent_errors + [re.sub(r"\d+(\.\d+)?s\b", "Ns", error)[:120]])[-64:]
+        if self.stop_after_failures and self.failures_in_a_row >= self.stop_after_failures and not self._fatal:
+            common = Counter(self._recent_errors[-self.failures_in_a_row:]).most_common(2)
+            what = "; ".join(f"{e} (x{n})" for e, n in common)
+            self._fatal = ChatOutage(
+                f"{self.role} at {self.base_url or 'api.openai.com'}: the last {self.failures_in_a_row} attempts "
+                f"all failed ({what}) with no success in between, so the endpoint looks down or overloaded; "
+                f"stopped early instead of retrying every request (raise {self.role}.stop_after_failures to wait "
+                f"longer)")
+
+    def _fatal_400(self, e: openai.APIStatusError) -> bool:
+        """Whether a 400 would hit every request: not when it names a per-request problem (a prompt too long,
+        a content filter) and not once other requests have succeeded with the same settings."""
+        body = e.body if isinstance(e.body, dict) else {}
+        text = " ".join(str(x) for x in (e.message, body.get("code"), body.get("type"), body.get("message")))
+        return not self.succeeded and not ONE_REQUEST_400.search(text)
 
     def _backoff_s(self, attempt: int, retry_after: float | None) -> float:
         """Exponential backoff with jitter (half fixed, half random); at least what Retry-After asked for."""
@@ -292,6 +355,8 @@ class ChatClient:
         async def one(messages: list[dict]) -> ChatResult:
             try:
                 return await self.acomplete(messages, **params)
+            except ChatOutage as e:  # the caller keeps what finished and records these as failed for now
+                return ChatResult(error=str(e), transient=True)
             finally:
                 bar.update(1)
 

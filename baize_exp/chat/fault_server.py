@@ -12,7 +12,9 @@ requests are in flight:
 KIND is one of `FAULTS`: 429 (with Retry-After), 500, 400, 401, 403, hang (holds the request open for `hang_s`,
 so the client's timeout fires), malformed (200 with a body that is not JSON), empty_choices, wrong_format (a reply
 without [Human]/[AI] markers), role_order (a transcript that starts [AI] [AI]), short (a human turn only), length
-(a transcript cut mid-turn, finish_reason "length"), empty (an empty reply). `default_fault` applies to every
+(a transcript cut mid-turn, finish_reason "length"), empty (an empty reply), too_long (400 with OpenAI's
+`context_length_exceeded` code, as for a prompt over the context), huge (a 1 MB transcript that ignores
+max_tokens, finish_reason "stop"). `default_fault` applies to every
 request without a directive (e.g. "500" for an outage); a wrong API key always gets 401.
 
 A successful reply is a `[Human]`/`[AI]` transcript when the prompt asks for one (it says "transcript"), else one
@@ -48,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 FAULTS = ("ok", "429", "500", "400", "401", "403", "hang", "malformed", "empty_choices", "wrong_format",
-          "role_order", "short", "length", "empty")
+          "role_order", "short", "length", "empty", "too_long", "huge")
 _DIRECTIVE = re.compile(r"\[\[fault:([a-z0-9_]+?)(?:x(\d+))?\]\]")
 _REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 429: "Too Many Requests",
             500: "Internal Server Error"}
@@ -190,6 +192,11 @@ class FaultServer:
         if fault == "hang":
             await asyncio.sleep(self.hang_s)
             fault = "ok"
+        if fault == "too_long":
+            return 400, {}, json.dumps({"error": {
+                "message": "This model's maximum context length is 4096 tokens. However, your messages resulted in "
+                           "250000 tokens.", "type": "invalid_request_error", "param": "messages",
+                "code": "context_length_exceeded"}}).encode()
         if fault in ("400", "401", "403", "500"):
             etype = {"400": "invalid_request_error", "401": "authentication_error", "403": "permission_error",
                      "500": "server_error"}[fault]
@@ -249,6 +256,8 @@ def _completion(req: dict, fault: str, reply: Callable[[dict], str] | None = Non
         finish = "length"
     elif fault == "empty":
         text = ""
+    elif fault == "huge":
+        text = f"[Human] {topic}\n[AI] " + "and on " * 150_000 + "\n[Human] More?\n[AI] Yes."
     choices = [] if fault == "empty_choices" else [
         {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}]
     prompt_tokens, completion_tokens = len(prompt.split()), len(text.split())

@@ -24,12 +24,13 @@ class LocalServer:
     def __init__(self, model: str, adapter: str | None = None, host: str = "127.0.0.1", port: int = 0,
                  max_batch: int = 16, cache_dir: str | Path | None = None, log_path: str | Path | None = None,
                  startup_timeout_s: float = 300.0, served_name: str | None = None, max_wait_ms: float = 5.0,
-                 queue_size: int = 256, request_timeout_s: float = 600.0, shutdown_timeout_s: float = 60.0):
+                 queue_size: int = 256, request_timeout_s: float | None = None, shutdown_timeout_s: float = 60.0,
+                 max_n: int | None = None):
         self.model, self.adapter, self.host, self.port = model, adapter, host, port
         self.max_batch, self.cache_dir, self.startup_timeout_s = max_batch, cache_dir, startup_timeout_s
         self.served_name = served_name
         self.max_wait_ms, self.queue_size, self.request_timeout_s = max_wait_ms, queue_size, request_timeout_s
-        self.shutdown_timeout_s = shutdown_timeout_s
+        self.shutdown_timeout_s, self.max_n = shutdown_timeout_s, max_n
         self.log_path = Path(log_path) if log_path else None
         self.api_key = secrets.token_hex(16)
         self.proc: subprocess.Popen | None = None
@@ -45,8 +46,11 @@ class LocalServer:
         cmd = [sys.executable, "-m", "baize_exp.serve", "--model", self.model, "--host", self.host,
                "--port", str(self.port), "--port-file", str(port_file), "--max-batch", str(self.max_batch),
                "--max-wait-ms", str(self.max_wait_ms), "--queue-size", str(self.queue_size),
-               "--request-timeout-s", str(self.request_timeout_s),
                "--shutdown-timeout-s", str(self.shutdown_timeout_s), "--api-key-env", KEY_ENV]
+        if self.request_timeout_s:
+            cmd += ["--request-timeout-s", str(self.request_timeout_s)]
+        if self.max_n:
+            cmd += ["--max-n", str(self.max_n)]
         if self.adapter:
             cmd += ["--adapter", str(self.adapter)]
         if self.cache_dir:
@@ -113,9 +117,11 @@ class Backends:
                     s.model, s.adapter, s.host, s.port, s.max_batch, self.cache_dir,
                     log_path=self.run_dir / f"serve-{len(self.servers)}.log",
                     startup_timeout_s=s.startup_timeout_s, served_name=bcfg.model, max_wait_ms=s.max_wait_ms,
-                    queue_size=s.queue_size, request_timeout_s=s.request_timeout_s).start()
+                    queue_size=s.queue_size, request_timeout_s=s.request_timeout_s, max_n=s.max_n).start()
             srv = self.servers[key]
-            return ChatClient.from_config(bcfg, base_url=srv.base_url, api_key=srv.api_key, role=role)
+            # the run made this server's key and is its only client: no probe request before the fan-out
+            return ChatClient.from_config(bcfg, base_url=srv.base_url, api_key=srv.api_key, role=role,
+                                          probe_first=False)
         return ChatClient.from_config(bcfg, role=role)
 
     def close(self) -> None:
