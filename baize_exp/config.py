@@ -139,7 +139,8 @@ class CollectConfig:
     ai_system: str = MISSING  # turns mode, the AI's system message; {seed}
     on_truncated: str = "reject"  # a reply cut by the length limit: reject | drop_turn (keep what came before)
     samples_to_log: int = 16  # dialogs in the W&B sample table
-    retry_errors: bool = False  # on rerun, ask again for seeds whose requests failed (api_error rejects)
+    # A longer seed is a `too_long` reject before any request (teacher tokens for a local teacher, else 4 chars each).
+    max_seed_tokens: int = 1024
 
 
 @dataclass
@@ -407,6 +408,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(p, co.on_truncated in ("reject", "drop_turn"), "collect.on_truncated", co.on_truncated,
            "one of reject, drop_turn")
     _check(p, co.samples_to_log >= 0, "collect.samples_to_log", co.samples_to_log, "an integer >= 0")
+    _check(p, co.max_seed_tokens >= 1, "collect.max_seed_tokens", co.max_seed_tokens, "an integer >= 1")
 
     t = c.train
     if t.data is not None:

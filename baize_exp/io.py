@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -139,11 +140,24 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     os.replace(tmp, path)
 
 
+def strict_json(obj: Any) -> Any:
+    """`obj` with NaN and infinities as None: JSON has no such numbers, and other tools' parsers refuse them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
+    """Write strict JSON atomically (temp file + rename); NaN and infinities become null."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    text = json.dumps(strict_json(obj), indent=2, ensure_ascii=False, default=str, allow_nan=False)
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

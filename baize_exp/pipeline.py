@@ -11,13 +11,16 @@ import copy
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from baize_exp import cpu
 from baize_exp.config import ConfigError, cache_dir, to_container, validate
+from baize_exp.errors import Interrupted, UserError, resume_command
 from baize_exp.io import (
     content_hash,
     file_hash,
@@ -41,7 +44,7 @@ STAGE_INPUTS: dict[str, tuple[list[str], list[str]]] = {
 ALWAYS_RERUN = {"plan", "report"}
 NOT_RESULTS = {"shared", "concurrency", "timeout_s", "max_retries", "startup_timeout_s", "port", "host", "max_batch",
                "backoff_base_s", "backoff_max_s", "requests_per_min", "tokens_per_min", "prices", "samples_to_log",
-               "retry_errors", "max_wait_ms", "queue_size", "request_timeout_s"}
+               "stop_after_failures", "max_n", "max_wait_ms", "queue_size", "request_timeout_s"}
 
 
 def _strip(node: Any) -> Any:
@@ -149,20 +152,27 @@ def run_pipeline(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if global_rank() != 0:
         return _run_as_worker(cfg, run_dir, runners, Backends)
+    memo: dict[str, str] = {}
+    try:
+        # Everything that can refuse the command is checked before anything in the run dir is written, so a
+        # refused rerun leaves a finished run as it was (its metrics.json, and Hydra's record of its config).
+        validate(cfg)
+        _preflight(cfg)
+        for stage in cfg.stages:
+            _check_marker(cfg, run_dir, stage, memo)
+    except UserError:
+        _restore_hydra_record(run_dir)
+        raise
+    _keep_hydra_record(run_dir)
     overrides = _overrides()
     metrics_path = run_dir / "metrics.json"
     metrics: dict[str, Any] = read_json(metrics_path) if metrics_path.is_file() else {}
-    metrics["run"] = {"run_dir": str(run_dir), "overrides": overrides, "status": "running", "error": None}
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        _finish_status(metrics_path, metrics, e)
-        raise
-    metrics["run"].update(model=cfg.model.name, lora_r=cfg.lora.r, data=cfg.data.name, stages=list(cfg.stages))
+    metrics["run"] = {"run_dir": str(run_dir), "overrides": overrides, "status": "running", "error": None,
+                      "model": cfg.model.name, "lora_r": cfg.lora.r, "data": cfg.data.name,
+                      "stages": list(cfg.stages)}
 
     wb = _start_wandb(cfg, run_dir, overrides) if cfg.logger.name == "wandb" else None
     backends = Backends(cfg, run_dir, cache_dir(cfg))
-    memo: dict[str, str] = {}
     exit_code = 1
     error: BaseException | None = None
     try:
@@ -170,16 +180,12 @@ def run_pipeline(cfg: DictConfig) -> dict:
             marker = run_dir / stage / "_COMPLETE.json"
             fp = fingerprint(cfg, stage, memo)
             if stage not in ALWAYS_RERUN and marker.is_file():
-                done = read_json(marker)
-                if done.get("fingerprint") == fp:
-                    log.info("stage %s: already complete in %s, skipped", stage, run_dir)
-                    continue
-                raise ConfigError(f"stage {stage} in {run_dir} was completed with a different config "
-                                  f"(fingerprint {done.get('fingerprint')} != {fp}); use a new run dir, or delete "
-                                  f"{run_dir / stage} and the stages after it to redo them")
+                log.info("stage %s: already complete in %s, skipped", stage, run_dir)
+                continue
             log.info("stage %s: start", stage)
             os.environ[WORKER_STAGE_ENV] = stage  # what a re-launched DDP worker process is to join (see below)
             t0 = time.monotonic()
+            cpu.fit_threads(every_s=0)  # the stage's own torch work takes the cores that are free now
             if stage == "collect" and cfg.collect.shared:
                 m = _shared_collect(cfg, run_dir, backends)
             else:
@@ -195,6 +201,9 @@ def run_pipeline(cfg: DictConfig) -> dict:
                 if stage == "eval":
                     evaluate.log_wandb(wb, run_dir / "eval")
         exit_code = 0
+    except Interrupted as e:  # transient: say how to pick up where it stopped
+        error = Interrupted(f"{e}. Nothing finished is lost; resume with: {resume_command(str(run_dir))}")
+        raise error from None
     except BaseException as e:
         error = e
         raise
@@ -207,6 +216,53 @@ def run_pipeline(cfg: DictConfig) -> dict:
                 wb.summary[k] = v
             wb.finish(exit_code=exit_code)  # always finished, so one failed run cannot hang a multirun
     return metrics
+
+
+def _check_marker(cfg: DictConfig, run_dir: Path, stage: str, memo: dict[str, str]) -> None:
+    """A finished stage made with another config is refused rather than mixed with this one's outputs."""
+    marker = run_dir / stage / "_COMPLETE.json"
+    if stage in ALWAYS_RERUN or not marker.is_file():
+        return
+    fp = fingerprint(cfg, stage, memo)
+    done = read_json(marker)
+    if done.get("fingerprint") != fp:
+        raise ConfigError(f"stage {stage} in {run_dir} was completed with a different config "
+                          f"(fingerprint {done.get('fingerprint')} != {fp}); use a new run dir, or delete "
+                          f"{run_dir / stage} and the stages after it to redo them")
+
+
+def _preflight(cfg: DictConfig) -> None:
+    """What the config asks of this machine, checked before any work: a GPU trainer needs a GPU; a hub model
+    needs a hub or a local path."""
+    import torch
+
+    needs_model = any(s in cfg.stages for s in ("train", "sdf", "eval"))
+    if any(s in cfg.stages for s in ("train", "sdf")) and cfg.trainer.accelerator in ("gpu", "cuda") \
+            and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} (trainer=gpu) but no CUDA GPU is visible "
+                        f"here (torch {torch.__version__}); use trainer=cpu on this machine, or run on a GPU machine")
+    m = cfg.model
+    if needs_model and m.source == "hf" and not m.path and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(f"model={m.name} needs model.path=<local HF checkpoint dir>: the hub id {m.hub_id!r} "
+                        f"cannot be downloaded here (HF_HUB_OFFLINE=1)")
+
+
+HYDRA_KEPT = ".hydra_accepted"  # Hydra's record of the last command this run dir accepted
+
+
+def _keep_hydra_record(run_dir: Path) -> None:
+    src = run_dir / ".hydra"
+    if src.is_dir():
+        shutil.rmtree(run_dir / HYDRA_KEPT, ignore_errors=True)
+        shutil.copytree(src, run_dir / HYDRA_KEPT)
+
+
+def _restore_hydra_record(run_dir: Path) -> None:
+    """Hydra rewrote `.hydra/` with the refused command before the pipeline ran: put back the accepted one."""
+    kept = run_dir / HYDRA_KEPT
+    if kept.is_dir():
+        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+        shutil.copytree(kept, run_dir / ".hydra")
 
 
 WORKER_STAGE_ENV = "BAIZE_PIPELINE_STAGE"
@@ -261,7 +317,8 @@ def optimized_value(metrics: dict, name: str) -> float:
 
 
 def _finish_status(metrics_path: Path, metrics: dict, error: BaseException | None) -> None:
-    metrics["run"]["status"] = "failed" if error is not None else "completed"
+    metrics["run"]["status"] = ("completed" if error is None else "interrupted" if isinstance(error, Interrupted)
+                                else "failed")
     metrics["run"]["error"] = None if error is None else f"{type(error).__name__}: {error}"[:2000]
     write_json(metrics_path, metrics)
 

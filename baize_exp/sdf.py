@@ -33,6 +33,7 @@ import torch
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, generation_prompt, load_eval_questions, load_seed_file
+from baize_exp.errors import Interrupted
 from baize_exp.evaluate.answers import adapter_hash
 from baize_exp.io import content_hash, global_rank, read_jsonl, write_jsonl
 from baize_exp.train import fit, save_adapter, training_dialogs
@@ -92,12 +93,17 @@ def _read(res: Any, n: int) -> tuple[list[int] | None, str, int, str | None]:
     return ranking, how, ranked, err
 
 
-def rank_candidates(client: Any, s: Any, prompts: list[str], cands: list[list[str]]) -> list[dict]:
-    """Ask the teacher to rank each prompt's candidates in one request each; records in candidates.jsonl shape."""
+def rank_candidates(client: Any, s: Any, prompts: list[str], cands: list[list[str]],
+                    index: list[int] | None = None) -> list[dict]:
+    """Ask the teacher to rank each prompt's candidates in one request each; records in candidates.jsonl shape.
+    `index`: each prompt's position in the stage's prompt list (its shuffle seed), when ranking a subset again.
+
+    A request that failed for a transient reason is recorded with `failed` (its error) and not sent back with a
+    parser's complaint: there is no reply to correct, and a rerun asks for it again."""
     n = len(cands[0])
     example = " > ".join(str(k) for k in random.Random(0).sample(range(1, n + 1), n))
     records, convs = [], []
-    for i, (p, cs) in enumerate(zip(prompts, cands, strict=True)):
+    for i, p, cs in zip(index or range(len(prompts)), prompts, cands, strict=True):
         order = list(range(n))
         shuffle_seed = s.seed * 100003 + i
         random.Random(shuffle_seed).shuffle(order)  # presentation order: position k shows cs[order[k]]
@@ -111,7 +117,9 @@ def rank_candidates(client: Any, s: Any, prompts: list[str], cands: list[list[st
     for i, (rec, res) in enumerate(zip(records, results, strict=True)):
         rec["judge_reply"] = res.text if not res.error else None
         rec["_rank"], rec["parse"], rec["ranked"], rec["parse_error"] = _read(res, n)
-        if rec["_rank"] is None:
+        if res.error and res.transient:
+            rec["failed"] = res.error
+        elif rec["_rank"] is None:
             retry.append(i)
     if retry:  # tell the teacher what was wrong, once; what still fails is recorded as failed
         again = [convs[i] + [{"role": "assistant", "content": records[i]["judge_reply"] or ""},
@@ -124,6 +132,8 @@ def rank_candidates(client: Any, s: Any, prompts: list[str], cands: list[list[st
             ranking, _, ranked, err = _read(res, n)
             rec.update(_rank=ranking, ranked=ranked, parse="retried" if ranking else "failed",
                        parse_error=None if ranking else err)
+            if res.error and res.transient:
+                rec["failed"] = res.error
     for rec in records:
         r = rec.pop("_rank")
         rec["ranking"] = [rec["order"][k] for k in r] if r else None  # back to candidate indices, best first
@@ -219,8 +229,9 @@ def _finished_candidates(path: Path, key: str) -> list[dict] | None:
 
 
 def _wait_for_candidates(path: Path, key: str, poll_s: float = 2.0) -> list[dict]:
+    """Rank 0's records once every prompt is ranked."""
     t0 = time.monotonic()
-    while (records := _finished_candidates(path, key)) is None:
+    while (records := _finished_candidates(path, key)) is None or any(r.get("failed") for r in records):
         if int(time.monotonic() - t0) % 60 < poll_s:
             log.info("rank %d: waiting for rank 0 to write %s", global_rank(), path)
         time.sleep(poll_s)
@@ -244,17 +255,26 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     cand_path = stage_dir / "candidates.jsonl"
     key = candidates_key(cfg, v1, prompts)
     records = _finished_candidates(cand_path, key)
-    if records is None and global_rank() > 0:  # torchrun/srun: rank 0 samples and ranks, the others wait for it
-        records = _wait_for_candidates(cand_path, key)
+    if global_rank() > 0 and (records is None or any(r.get("failed") for r in records)):
+        records = _wait_for_candidates(cand_path, key)  # torchrun/srun: rank 0 samples and ranks, the others wait
     if records is None:
         torch.manual_seed(s.seed)
         cands = sample_candidates(model, tok, [generation_prompt(p, cfg.train.format, tok) for p in prompts],
                                   s.num_candidates, s.max_new_tokens, s.temperature, s.top_p, s.batch_size,
                                   stop=[BAIZE_HUMAN])
+        if global_rank() == 0:  # the candidates are kept before any ranking request: a crash keeps the samples
+            write_jsonl(cand_path, [{"prompt": p, "candidates": c, "key": key, "failed": "not ranked yet"}
+                                    for p, c in zip(prompts, cands, strict=True)])
         records = [{**r, "key": key} for r in rank_candidates(backends.client("teacher"), s, prompts, cands)]
     else:
-        log.info("sdf: reusing the %d ranked prompts in %s (same v1 adapter, prompts and settings)", len(records),
+        log.info("sdf: reusing the %d sampled prompts in %s (same v1 adapter, prompts and settings)", len(records),
                  cand_path)
+        todo = [i for i, r in enumerate(records) if r.get("failed")]
+        if todo and global_rank() == 0:  # rankings that failed for a transient reason: asked again, only those
+            again = rank_candidates(backends.client("teacher"), s, [records[i]["prompt"] for i in todo],
+                                    [records[i]["candidates"] for i in todo], index=todo)
+            for i, rec in zip(todo, again, strict=True):
+                records[i] = {**rec, "key": key}
     cands = [r["candidates"] for r in records]
 
     chosen = []
@@ -265,6 +285,11 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
                                                         {"role": "ai", "text": rec["candidates"][j]}]}] * w
     if global_rank() == 0:  # before training: a crash there loses none of the teacher's rankings
         write_jsonl(cand_path, records)
+    failed = [r for r in records if r.get("failed")]
+    if failed:
+        raise Interrupted(f"sdf: {len(failed)} of {len(records)} rankings are unfinished: the teacher's requests "
+                          f"failed (last: {failed[-1]['failed']}). The candidates and the {len(records) - len(failed)} "
+                          f"rankings that came back are kept in {cand_path}; a rerun asks only for the missing ones")
     parse = Counter(r["parse"] for r in records)
     metrics: dict[str, Any] = {"prompts": len(prompts), "candidates": len(prompts) * s.num_candidates,
                                "empty_candidates": sum(not c.strip() for cs in cands for c in cs),

@@ -627,15 +627,34 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load_for_serving(model: str, adapter: str | None, cache_dir: Path) -> tuple[torch.nn.Module, Any, str]:
-    """`model` is a conf/model option name, a local HF dir, or a .gguf file."""
+def _model_option(model: str) -> Any:
+    """The conf/model option named `model`, or None."""
     from omegaconf import OmegaConf
+
+    path = CONF_DIR / "model" / f"{model}.yaml"
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)) if path.is_file() else None
+
+
+def tokenizer_for_serving(model: str, cache_dir: Path) -> Any:
+    """The tokenizer the server would use for `model` (see `load_for_serving`), without loading weights."""
+    from transformers import AutoTokenizer
 
     from baize_exp import models as M
 
+    mcfg, p = _model_option(model), Path(model).expanduser()
+    if mcfg is not None:
+        return M.load_tokenizer(mcfg, cache_dir)
+    if p.suffix == ".gguf" and p.is_file():
+        return AutoTokenizer.from_pretrained(M.converted_gguf_dir(p, cache_dir))
+    return AutoTokenizer.from_pretrained(p)
+
+
+def load_for_serving(model: str, adapter: str | None, cache_dir: Path) -> tuple[torch.nn.Module, Any, str]:
+    """`model` is a conf/model option name, a local HF dir, or a .gguf file."""
+    from baize_exp import models as M
+
     p = Path(model).expanduser()
-    if (CONF_DIR / "model" / f"{model}.yaml").is_file():
-        mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml"))
+    if (mcfg := _model_option(model)) is not None:
         net, tok = M.load_model_and_tokenizer(mcfg, cache_dir)
         name = "smollm2-135m-instruct" if mcfg.source == "gguf" else mcfg.name
     elif p.suffix == ".gguf" and p.is_file():

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,11 @@ from conftest import ROOT, compose_cfg
 
 from baize_exp.chat import ChatClient, ChatError
 from baize_exp.chat.fault_server import FaultServer
-from baize_exp.collect import collect
+from baize_exp.collect import collect, dialog_key
 from baize_exp.config import ConfigError, validate
 from baize_exp.data import REJECT_REASONS, Seed
 from baize_exp.data.export import ExportError, export, export_records
+from baize_exp.errors import Interrupted
 from baize_exp.io import read_jsonl
 
 SECRET = "sk-test-collect-0123456789abcdef-never-written"
@@ -40,44 +40,66 @@ def _seeds(faults: list[str]) -> list[Seed]:
     return [Seed(f"s{i:03d}", "test", f"question {i}" + (f" [[fault:{f}]]" if f else "")) for i, f in enumerate(faults)]
 
 
-# fault directive in the seed -> what becomes of it (transcript mode, max_retries=2)
+# fault directive in the seed -> what becomes of it (transcript mode, max_retries=2): a dialog, a reject with its
+# reason (final), or "failed" (transient: kept in failures.jsonl, asked again by every rerun)
 TRANSCRIPT_OUTCOMES = {
     "": "dialog", "429x2": "dialog", "500x1": "dialog", "hangx1": "dialog", "malformedx1": "dialog",
     "empty_choicesx1": "dialog", "wrong_format": "no_transcript", "role_order": "role_order",
-    "short": "too_few_turns", "length": "length", "empty": "empty", "500": "api_error", "malformed": "api_error",
-    "empty_choices": "api_error",
+    "short": "too_few_turns", "length": "length", "empty": "empty", "too_long": "bad_request", "huge": "oversized",
+    "500": "failed", "malformed": "failed", "empty_choices": "failed",
 }
+FAILS_FOREVER = ("500", "malformed", "empty_choices")
 
 
-def test_transcript_mode_every_fault_ends_as_a_dialog_or_a_reject_with_its_reason(tmp_path: Path) -> None:
+def test_transcript_mode_every_fault_ends_as_a_dialog_a_reject_or_a_failure_to_ask_again(tmp_path: Path) -> None:
     cfg = _setup(tmp_path)
     faults = list(TRANSCRIPT_OUTCOMES)
-    seeds = _seeds(faults)
+    seeds = _seeds(faults) + [Seed("long", "test", "Why? " * 1000)]  # 5000 characters: over max_seed_tokens
     out = tmp_path / "collect"
     with FaultServer(latency_s=0.01, api_key=SECRET, retry_after_s=0.05) as srv:
-        m = collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)
+        client = _client(cfg, srv)
+        with pytest.raises(Interrupted, match=r"3 of 17 seeds are unfinished: 3 failed after their retries "
+                                              r"\(last: .*gave up after 3 attempts\)") as e:
+            collect(seeds, client, cfg.collect, cfg.teacher, out)
         first = srv.requests
-        again = collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)
-        assert srv.requests == first and again["requested"] == 0  # an unchanged rerun sends nothing
-    # attempts per seed: 1, or 1 + the injected failures, or 3 (max_retries=2) for a fault that never clears
-    expected = sum(3 if f in ("500", "malformed", "empty_choices") else
-                   1 + int(f.split("x")[1]) if "x" in f else 1 for f in faults)
-    assert first == m["requests"] == expected and m["retries"] == expected - len(faults)
+        assert "14 finished are kept" in str(e.value)
+        with pytest.raises(Interrupted):  # a rerun asks again for the 3 that failed, and only for them
+            collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)
+        asked_again = [b["messages"][0]["content"] for _, b in srv.received[first:]]
+    # attempts per seed: 1, or 1 + the injected failures, or 3 (max_retries=2) for a fault that never clears; the
+    # 400 and the seed over max_seed_tokens: 1 and 0
+    expected = sum(3 if f in FAILS_FOREVER else 1 + int(f.split("x")[1]) if "x" in f else 1 for f in faults)
+    assert first == client.requests == expected and client.retries == expected - len(faults)
+    assert len(asked_again) == 9 and {a.rsplit("[[fault:", 1)[1][:-2] for a in asked_again} == set(FAILS_FOREVER)
 
     dialogs, rejects = read_jsonl(out / "dialogs.jsonl"), read_jsonl(out / "rejects.jsonl")
+    failures = read_jsonl(out / "failures.jsonl")
     outcome = {d["seed"]: "dialog" for d in dialogs} | {r["seed"]: r["reason"] for r in rejects}
-    assert outcome == {s.question: TRANSCRIPT_OUTCOMES[f] for s, f in zip(seeds, faults, strict=True)}
-    assert len(dialogs) + len(rejects) == len(seeds)  # nothing lost, nothing twice
-    assert sum(x["requests"] for x in dialogs + rejects) == first  # every request is accounted to its record
+    outcome |= {f["seed"]: "failed" for f in failures}
+    assert outcome == {s.question: TRANSCRIPT_OUTCOMES[f] for s, f in zip(seeds, faults, strict=False)} | {
+        seeds[-1].question[:4000]: "too_long"}
+    assert len(dialogs) + len(rejects) == len(seeds) - 3  # nothing lost, nothing twice
+    assert len(failures) == 6 and all(f["error"] and f["key"] for f in failures)  # two attempts each, history
+    assert sum(x["requests"] for x in dialogs + rejects + failures) == srv.requests  # every request accounted
     for r in rejects:
         assert r["reason"] in REJECT_REASONS and "raw" in r and r["key"]
-        if r["reason"] not in ("api_error", "empty"):
+        if r["reason"] not in ("empty", "bad_request", "too_long"):
             assert r["raw"]  # the teacher's reply is kept for inspection
+    (huge,) = [r for r in rejects if r["reason"] == "oversized"]
+    assert huge["raw_chars"] > 1_000_000 and len(huge["raw"]) == 4000  # never the whole megabyte
+    assert "maximum context length" in next(r for r in rejects if r["reason"] == "bad_request")["detail"]
+    assert "collect.max_seed_tokens=1024" in next(r for r in rejects if r["reason"] == "too_long")["detail"]
     for d in dialogs:
         assert [t["role"] for t in d["turns"]] == ["human", "ai"] * (len(d["turns"]) // 2)
-    want = Counter(v for v in TRANSCRIPT_OUTCOMES.values() if v != "dialog")
-    assert m["rejects_by_reason"] == m["new_rejects_by_reason"] == dict(want)
-    assert m["dialogs"] == m["new_dialogs"] == 6 and m["rejects"] == len(faults) - 6
+    assert (out / "dialogs.jsonl").stat().st_size + (out / "rejects.jsonl").stat().st_size < 100_000
+
+
+def test_metrics_and_cost_of_a_clean_collection(tmp_path: Path) -> None:
+    cfg = _setup(tmp_path)
+    with FaultServer(api_key=SECRET) as srv:
+        m = collect(_seeds(["", "", "wrong_format"]), _client(cfg, srv), cfg.collect, cfg.teacher, tmp_path / "c")
+    assert m["dialogs"] == m["new_dialogs"] == 2 and m["rejects_by_reason"] == {"no_transcript": 1}
+    assert m["seeds_that_failed_before"] == m["failed_attempts"] == 0
     assert m["completion_tokens"] > 0 and m["cost_usd"] == pytest.approx(
         (m["prompt_tokens"] * 0.5 + m["completion_tokens"] * 1.5) / 1e6)  # gpt-3.5-turbo in conf/teacher/openai
 
@@ -96,11 +118,14 @@ def test_turns_mode_plays_both_roles_turn_by_turn(tmp_path: Path) -> None:
     seeds = _seeds(faults)
     out = tmp_path / "collect"
     with FaultServer(latency_s=0.01, api_key=SECRET, retry_after_s=0.05) as srv:
-        m = collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)
+        client = _client(cfg, srv)
+        with pytest.raises(Interrupted, match="1 of 7 seeds are unfinished"):
+            collect(seeds, client, cfg.collect, cfg.teacher, out)
         n = srv.requests
-        assert collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)["requested"] == 0
-        assert srv.requests == n
         bodies = [b for _, b in srv.received]
+        with pytest.raises(Interrupted, match="1 of 7 seeds are unfinished"):  # asked again: only that seed
+            collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)
+        assert srv.requests - n == 3
     dialogs = {d["seed"]: d for d in read_jsonl(out / "dialogs.jsonl")}
     rejects = {r["seed"]: r for r in read_jsonl(out / "rejects.jsonl")}
     assert set(dialogs) == {s.question for s in seeds[:3]}
@@ -109,11 +134,11 @@ def test_turns_mode_plays_both_roles_turn_by_turn(tmp_path: Path) -> None:
         assert d["turns"][0]["text"] == d["seed"]  # the seed is the human's first turn
     assert dialogs[seeds[2].question]["requests"] == 10  # 5 turns, each 429 once then served
     assert {s: r["reason"] for s, r in rejects.items()} == {
-        seeds[3].question: "length", seeds[4].question: "empty", seeds[5].question: "role_order",
-        seeds[6].question: "api_error"}
+        seeds[3].question: "length", seeds[4].question: "empty", seeds[5].question: "role_order"}
     # 5 requests per full dialog (+5 retries for the 429s); length and empty end the dialog on the first AI turn,
     # role_order on the first human turn (its reply speaks as the AI), 500 after 3 attempts
-    assert n == m["requests"] == 5 * 3 + 5 + 1 + 1 + 2 + 3
+    assert n == client.requests == 5 * 3 + 5 + 1 + 1 + 2 + 3
+    assert [f["seed"] for f in read_jsonl(out / "failures.jsonl")] == [seeds[6].question] * 2
     assert "turn 3 (human)" in rejects[seeds[5].question]["detail"]
     # the AI sees the dialog as chat messages; the human sees it as a transcript in its template
     ai = [b for b in bodies if b["messages"][0]["role"] == "system"]
@@ -151,19 +176,42 @@ def test_changed_sampling_settings_are_new_work(tmp_path: Path) -> None:
     assert len(keys) == len(set(keys)) == 6
 
 
-def test_failed_requests_are_asked_again_only_with_retry_errors(tmp_path: Path) -> None:
+def test_failed_requests_are_asked_again_by_every_rerun_and_their_history_is_kept(tmp_path: Path) -> None:
     seeds = _seeds(["", "500x3", "wrong_format"])  # max_retries=2: the 500 outlasts the first run's 3 attempts
     out = tmp_path / "c"
     with FaultServer(api_key=SECRET) as srv:
         cfg = _setup(tmp_path)
-        collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)
-        assert collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)["requested"] == 0
+        with pytest.raises(Interrupted, match="1 of 3 seeds are unfinished.*http 500"):
+            collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)
         n = srv.requests
-        cfg = _setup(tmp_path, "collect.retry_errors=true")
         m = collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)
         assert srv.requests - n == 1 and m["requested"] == 1  # only the failed one; the parse reject stays
     assert m["dialogs"] == 2 and m["rejects_by_reason"] == {"no_transcript": 1}
+    assert m["seeds_that_failed_before"] == 1 and m["failed_attempts"] == 1
     assert [r["reason"] for r in read_jsonl(out / "rejects.jsonl")] == ["no_transcript"]
+    (f,) = read_jsonl(out / "failures.jsonl")
+    assert f["requests"] == 3 and "http 500" in f["error"]
+    recovered = next(d for d in read_jsonl(out / "dialogs.jsonl") if d["seed"] == seeds[1].question)
+    assert recovered["earlier_failures"] == 1
+
+
+def test_api_error_rejects_of_an_older_collection_are_asked_again(tmp_path: Path) -> None:
+    """Collections made before failures.jsonl kept failed requests as final `api_error` rejects (the sticky
+    failure): they move to the history and are asked again."""
+    seeds = _seeds(["", "wrong_format"])
+    cfg = _setup(tmp_path)
+    out = tmp_path / "c"
+    with FaultServer(api_key=SECRET) as srv:
+        collect(seeds[1:], _client(cfg, srv), cfg.collect, cfg.teacher, out)
+        key = dialog_key(seeds[0], cfg.collect, cfg.teacher)
+        with open(out / "rejects.jsonl", "a") as f:
+            f.write(json.dumps({"seed": seeds[0].question, "source": "test", "key": key, "mode": "transcript",
+                                "reason": "api_error", "detail": "timeout after 300s", "raw": None}) + "\n")
+        n = srv.requests
+        m = collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)
+        assert srv.requests - n == 1 and m["dialogs"] == 1 and m["seeds_that_failed_before"] == 1
+    assert [r["reason"] for r in read_jsonl(out / "rejects.jsonl")] == ["no_transcript"]
+    assert read_jsonl(out / "failures.jsonl")[0]["error"] == "timeout after 300s"
 
 
 def test_refused_key_stops_collection_with_nothing_written(tmp_path: Path) -> None:
@@ -171,7 +219,7 @@ def test_refused_key_stops_collection_with_nothing_written(tmp_path: Path) -> No
     with FaultServer(api_key="sk-the-right-key-123456") as srv:
         with pytest.raises(ChatError, match="refused the API key"):
             collect(_seeds([""] * 40), _client(cfg, srv), cfg.collect, cfg.teacher, tmp_path / "c")
-        assert srv.requests <= cfg.teacher.concurrency
+        assert srv.requests == 1  # the first request alone, then nothing
     assert read_jsonl(tmp_path / "c" / "dialogs.jsonl") == [] == read_jsonl(tmp_path / "c" / "rejects.jsonl")
 
 
@@ -202,11 +250,11 @@ def test_export_to_baize_text_and_chatml(tmp_path: Path) -> None:
                              {"role": "user", "content": "Why is the sky blue?"},
                              {"role": "assistant", "content": "Rayleigh scattering."}]
     src.write_text(src.read_text() + json.dumps({"id": "d2", "turns": [{"role": "robot", "text": "x"}]}) + "\n")
-    with pytest.raises(ExportError, match="record 2"):
+    with pytest.raises(ExportError, match="dialogs.jsonl:2: turn 1 has role 'robot'"):
         export_records(src, "baize")
     r = subprocess.run([sys.executable, "-m", "baize_exp.data.export", str(src), "--format", "chatml", "--out",
                         str(tmp_path / "x.jsonl")], capture_output=True, text=True)
-    assert r.returncode == 2 and "record 2" in r.stderr and not (tmp_path / "x.jsonl").exists()
+    assert r.returncode == 2 and "dialogs.jsonl:2:" in r.stderr and not (tmp_path / "x.jsonl").exists()
 
 
 def _lines(path: Path) -> int:

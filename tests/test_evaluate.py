@@ -316,3 +316,28 @@ def test_judge_cache_reuses_parsed_replies_and_asks_failures_again(tmp_path: Pat
     assert [r["score"] for r in first] == [r["score"] for r in second] == [7, 7, 7, None]
     assert [bool(r.get("cached")) for r in second] == [True, True, True, False]
     assert second[3]["parse"] == "failed" and "error" in second[3]
+
+
+def test_judge_requests_that_failed_are_marked_and_not_sent_back_with_a_parse_error(tmp_path: Path) -> None:
+    """A transient failure is no unparsable reply: it is not 'corrected' with the retry template, is marked
+    `failed`, and is not cached, so the next judging asks it again and only it."""
+    from baize_exp.chat import ChatClient
+    from baize_exp.chat.fault_server import FaultServer
+    from baize_exp.io import KeyedJsonl
+
+    e = compose_cfg([]).eval
+    questions = {f"q{i}": {"question": f"Question {i}?", "category": "generic"} for i in range(3)}
+    answers = [{"question_id": q, "category": "generic", "model": "m", "answer": f"Answer {q}"} for q in questions]
+    answers[1]["answer"] += " [[fault:500x2]]"
+    jobs = J.build_jobs("single", e, questions, answers)
+    with FaultServer(api_key="k", reply=lambda r: "Score: 6") as srv:
+        client = ChatClient(srv.base_url, "k", "judge-model", concurrency=4, max_retries=1, backoff_base_s=0.01,
+                            backoff_max_s=0.02)
+        first = J.run_judge(client, "single", jobs, e.score_retry, cache=KeyedJsonl(tmp_path / "j.jsonl"))
+        n1 = srv.requests
+        second = J.run_judge(client, "single", jobs, e.score_retry, cache=KeyedJsonl(tmp_path / "j.jsonl"))
+        n2 = srv.requests - n1
+    assert n1 == 2 + 2 and n2 == 1  # two served, one failed twice (no retry prompt); then only that one
+    assert [r.get("failed") is not None for r in first] == [False, True, False]
+    assert "judge_reply_retry" not in first[1] and first[1]["score"] is None
+    assert [r["score"] for r in second] == [6, 6, 6] and not any(r.get("failed") for r in second)

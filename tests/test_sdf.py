@@ -181,3 +181,45 @@ def test_shared_prefill_sampling_matches_plain_generation_when_greedy() -> None:
         assert s_ == [p[0], p[0]]
     samples = sdf.sample_candidates(model, tok, prompts[:2], 3, 12, temperature=1.0, top_p=0.95)
     assert all(len(set(c)) > 1 for c in samples)  # sampled rows differ from each other
+
+
+def test_rankings_that_failed_are_asked_again_and_only_they(tmp_path: Path, monkeypatch) -> None:
+    """A ranking request that fails for a transient reason is no final verdict: the stage stops (resumable) with
+    the candidates and the other rankings kept, and a rerun sends exactly the failed requests again."""
+    from baize_exp import train
+    from baize_exp.chat import Backends
+    from baize_exp.chat.fault_server import FaultServer
+    from baize_exp.errors import Interrupted
+
+    dialogs = tmp_path / "dialogs.jsonl"
+    topics = ["tea", "rain [[fault:500x3]]", "maps", "bread", "chess [[fault:500x3]]", "owls", "glass", "kites"]
+    dialogs.write_text("".join(json.dumps({"id": f"d{i}", "turns": [
+        {"role": "human", "text": f"What should I know about {t}?"},
+        {"role": "ai", "text": f"{t.capitalize()} is worth learning about slowly."}]}) + "\n" for i, t in enumerate(topics)))
+    monkeypatch.setenv("BAIZE_TEST_KEY", "k")
+    with FaultServer(api_key="k", reply=lambda r: "2 > 1 > 3") as srv:
+        cfg = compose_cfg(["model=tiny", "logger=none", f"train.data={dialogs}", "trainer.max_epochs=1",
+                           "sdf.num_prompts=null", "sdf.num_candidates=3", "sdf.max_new_tokens=8", "teacher=openai",
+                           f"teacher.base_url={srv.base_url}", "teacher.api_key_env=BAIZE_TEST_KEY",
+                           "teacher.max_retries=2", "teacher.backoff_base_s=0.01", "teacher.backoff_max_s=0.02"])
+        validate(cfg)
+        train.run(cfg, tmp_path)
+        backends = Backends(cfg, tmp_path, Path(os.environ["BAIZE_CACHE"]))
+        try:
+            with pytest.raises(Interrupted, match=r"sdf: (1|2) of 7 rankings are unfinished.*http 500"):
+                sdf.run(cfg, tmp_path, backends)
+            first = [json.loads(x) for x in (tmp_path / "sdf" / "candidates.jsonl").read_text().splitlines()]
+            failed = [r["prompt"] for r in first if r.get("failed")]
+            assert failed and all("[[fault:" in p for p in failed) and len(first) == 7
+            assert not (tmp_path / "sdf" / "adapter").exists()
+            n = srv.requests
+            m = sdf.run(cfg, tmp_path, backends)
+            again = [b for _, b in srv.received[n:]]
+        finally:
+            backends.close()
+    assert len(again) == len(failed)  # only the failed ones, once each (their 4th attempt is served)
+    assert all(any(p in b["messages"][0]["content"] for p in failed) for b in again)
+    recs = [json.loads(x) for x in (tmp_path / "sdf" / "candidates.jsonl").read_text().splitlines()]
+    assert [r["candidates"] for r in recs] == [r["candidates"] for r in first]  # nothing sampled again
+    assert not any(r.get("failed") for r in recs) and m["parse_ok"] == 7
+    assert (tmp_path / "sdf" / "adapter" / "adapter_model.safetensors").is_file()

@@ -3,6 +3,7 @@ checkpoints without the base, logged metrics, LoRA options, and clear errors."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -266,6 +267,13 @@ def test_resume_continues_exactly_and_checkpoints_hold_no_base_weights(tmp_path:
         if a.requires_grad:
             assert torch.allclose(a, b, atol=1e-6), n
     assert out_b["val_loss"] == pytest.approx(out_a["val_loss"], abs=1e-6)
+    # the CSV loss curve of the resumed run holds the steps from before the crash too, as the straight one does
+    curve = {}
+    for run_name in ("a", "b"):
+        with open(tmp_path / run_name / "logs" / "metrics.csv", newline="") as f:
+            curve[run_name] = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r["train/loss"]]
+    assert [s for s, _ in curve["b"]] == [s for s, _ in curve["a"]] == list(range(8))
+    assert [x for _, x in curve["b"]] == pytest.approx([x for _, x in curve["a"]], abs=1e-6)
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:

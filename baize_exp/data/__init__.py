@@ -22,10 +22,14 @@ log = logging.getLogger(__name__)
 BAIZE_HEADER = "The conversation between human and AI assistant."
 BAIZE_HUMAN, BAIZE_AI = "[|Human|]", "[|AI|]"
 
-# Reasons a teacher reply becomes a reject instead of a dialog (the documented set): the request failed after its
-# retries, an empty reply or turn, no [Human]/[AI] markers (unparsable), turns out of order, fewer than
-# collect.min_turns turns, a reply cut by the length limit (finish_reason "length", collect.on_truncated=reject).
-REJECT_REASONS = ("api_error", "empty", "no_transcript", "role_order", "too_few_turns", "length")
+# Reasons a seed becomes a reject instead of a dialog (the documented set; a reject is final): an empty reply or
+# turn, no [Human]/[AI] markers (unparsable), turns out of order, fewer than collect.min_turns turns, a reply cut by
+# the length limit (finish_reason "length", collect.on_truncated=reject), a seed over collect.max_seed_tokens (no
+# request sent), a 400 the endpoint gave for this request alone (e.g. context_length_exceeded), a reply far longer
+# than max_tokens allows (kept only in part). A request that failed for a transient reason is no reject: it is
+# recorded in failures.jsonl and asked again.
+REJECT_REASONS = ("empty", "no_transcript", "role_order", "too_few_turns", "length", "too_long", "bad_request",
+                  "oversized")
 
 
 @dataclass

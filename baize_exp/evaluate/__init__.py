@@ -16,6 +16,7 @@ from typing import Any
 from baize_exp import models as M
 from baize_exp.config import cache_dir
 from baize_exp.data import load_eval_questions
+from baize_exp.errors import Interrupted
 from baize_exp.evaluate.answers import (
     answer_cache_dir,
     chat_identity,
@@ -100,6 +101,10 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     judgments = run_judge(backends.client("judge"), e.judge_mode, jobs, retry, logprobs=e.judge_logprobs,
                           cache=judge_cache)
     write_jsonl(stage_dir / "judgments.jsonl", judgments)
+    failed = [x for x in answers + judgments if x.get("failed")]
+    if failed:  # the answers and the judgments that came back are cached: a rerun sends only these again
+        raise Interrupted(f"eval: {len(failed)} judge or teacher request(s) failed (last: {failed[-1]['failed']}). "
+                          f"Everything that came back is cached; a rerun asks only for the missing ones")
     sent = [j for job, j in zip(jobs, judgments, strict=True) if job["messages"] is not None and not j.get("cached")]
     metrics["judge_requests"] = len(sent) + sum("judge_reply_retry" in j for j in sent)
     metrics["judge_cached"] = sum(bool(j.get("cached")) for j in judgments)

@@ -132,7 +132,8 @@ def teacher_answers(cfg: Any, client: Any, questions: list[dict]) -> tuple[list[
                                        desc="teacher answers", **sampling)
         cache.put_many([(keys[i], {"question_id": questions[i]["question_id"], "answer": r.text})
                         for i, r in zip(todo, results, strict=True) if not r.error])
-        errors = {i: r.error for i, r in zip(todo, results, strict=True) if r.error}
+        errors = {i: r for i, r in zip(todo, results, strict=True) if r.error}
     return [{"question_id": q["question_id"], "category": q["category"], "model": "teacher", "role": "opponent",
-             "answer": (cache.get(k) or {}).get("answer"), "error": errors.get(i), "cached": i not in todo}
+             "answer": (cache.get(k) or {}).get("answer"), "error": errors[i].error if i in errors else None,
+             **({"failed": errors[i].error} if i in errors and errors[i].transient else {}), "cached": i not in todo}
             for i, (q, k) in enumerate(zip(questions, keys, strict=True))], len(todo)

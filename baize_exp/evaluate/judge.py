@@ -191,7 +191,9 @@ def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, log
         rec["judge_reply"], rec["error"] = (None, res.error) if res.error else (res.text, None)
         used_logprobs[i] = _first(res.logprobs)
         ok, err = _interpret(mode, rec, res.text if not res.error else "", used_logprobs[i])
-        if not ok:
+        if res.error and res.transient:
+            rec["failed"] = res.error  # no reply to correct: asked again by a rerun, not told its error
+        elif not ok:
             retry.append((i, err or res.error or "no reply"))
     if retry:
         convs = [jobs[i]["messages"] + [{"role": "assistant", "content": records[i]["judge_reply"] or ""},
@@ -206,6 +208,8 @@ def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, log
             rec["parse"] = "retried" if ok else "failed"
             if not ok:
                 rec["error"] = res.error or err
+            if res.error and res.transient:
+                rec["failed"] = res.error
     if cache is not None:
         cache.put_many([(keys[i], {"judge_reply": records[i]["judge_reply"], "logprobs": used_logprobs[i],
                                    **({"judge_reply_retry": records[i]["judge_reply_retry"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import CSVLogger
 
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
@@ -34,12 +36,46 @@ NOT_TRAINING = {"resume", "checkpoint_every_n_steps", "peak_flops", "sample_ever
                 "sample_max_new_tokens", "cache_tokenized", "data"}
 
 
-def build_logger(cfg: Any, stage_dir: Path, prefix: str) -> list[Any]:
+class ResumedCSVLogger(CSVLogger):
+    """Lightning's CSV logger deletes metrics.csv when it starts. A fit resumed from a checkpoint at step k keeps
+    the rows logged before step k instead, so the loss curve from before a crash is not lost (the steps after k
+    are logged again by the resumed fit)."""
+
+    def __init__(self, save_dir: str, keep_before_step: int | None = None):
+        super().__init__(save_dir=save_dir, name="logs", version="")
+        self._kept: list[dict] = []
+        self._kept_keys: list[str] = []
+        old = Path(self.log_dir) / "metrics.csv"
+        if keep_before_step is not None and old.is_file():
+            with open(old, newline="") as f:
+                reader = csv.DictReader(f)
+                self._kept = [r for r in reader if r.get("step") and int(float(r["step"])) < keep_before_step]
+                self._kept_keys = list(reader.fieldnames or [])
+
+    @property
+    def experiment(self) -> Any:
+        fresh = self._experiment is None
+        exp = super().experiment  # creating the writer deletes the old file
+        if fresh and self._kept:
+            with open(exp.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self._kept_keys)
+                writer.writeheader()
+                writer.writerows(self._kept)
+            exp.metrics_keys = sorted(self._kept_keys)  # new columns are merged into this header
+        return exp
+
+
+def _checkpoint_step(path: str | None) -> int | None:
+    """The optimizer step a checkpoint file was written at (a DeepSpeed checkpoint dir: None)."""
+    if not path or not Path(path).is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
+def build_logger(cfg: Any, stage_dir: Path, prefix: str, resumed_step: int | None = None) -> list[Any]:
     """Loggers for a training stage. The CSV log in the stage dir is always written: it is the run's own loss
     history (the multi-run report plots it) and survives without W&B; W&B is added when the pipeline has a run."""
-    from pytorch_lightning.loggers import CSVLogger
-
-    loggers: list[Any] = [CSVLogger(save_dir=str(stage_dir), name="logs", version="")]
+    loggers: list[Any] = [ResumedCSVLogger(str(stage_dir), keep_before_step=resumed_step)]
     if cfg.logger.name == "wandb":
         import wandb
         from pytorch_lightning.loggers import WandbLogger
@@ -160,7 +196,8 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
         strategy=build_strategy(cfg.strategy, cfg.trainer, cfg.train.batch_size), max_epochs=max_epochs, max_steps=tr.max_steps,
         accumulate_grad_batches=tr.accumulate_grad_batches, gradient_clip_val=tr.gradient_clip_val,
         log_every_n_steps=tr.log_every_n_steps, enable_progress_bar=tr.enable_progress_bar,
-        logger=build_logger(cfg, stage_dir, prefix), enable_checkpointing=t.checkpoint_every_n_steps > 0,
+        logger=build_logger(cfg, stage_dir, prefix, _checkpoint_step(ckpt_path)),
+        enable_checkpointing=t.checkpoint_every_n_steps > 0,
         callbacks=cbs, enable_model_summary=False, default_root_dir=str(stage_dir), num_sanity_val_steps=0,
         limit_val_batches=1.0 if dm.val_set else 0,
         use_distributed_sampler=False,  # our batch sampler shards by rank itself and can resume mid-epoch
