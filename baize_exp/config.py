@@ -512,7 +512,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(p, lg.mode in ("offline", "online", "disabled"), "logger.mode", lg.mode, "one of offline, online, disabled")
 
     if p:
-        raise ConfigError("invalid config:\n" + "\n".join(p))
+        raise ConfigError("invalid config: " + "; ".join(x.strip() for x in p))  # one line, every problem
 
 
 def to_container(cfg: DictConfig) -> dict:
