@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from baize_exp import cpu
 from baize_exp.errors import UserError
 from baize_exp.io import file_lock
 
@@ -216,6 +217,7 @@ def generate_texts(model: torch.nn.Module, tok: Any, prompts: list[str], max_new
     outs: list[list[str]] = []
     try:
         for i in range(0, len(prompts), batch_size):
+            cpu.fit_threads()  # long generation on a shared machine: take the cores that are free, no more
             enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
                                       pad_token_id=tok.pad_token_id)

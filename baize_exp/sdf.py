@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from baize_exp import cpu
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, generation_prompt, load_eval_questions, load_seed_file
@@ -154,6 +155,7 @@ def sample_candidates(model: torch.nn.Module, tok: Any, prompts: list[str], n: i
     outs: list[list[str]] = []
     try:
         for i in range(0, len(prompts), batch_size):
+            cpu.fit_threads()
             enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             ids, mask = enc.input_ids, enc.attention_mask
             # the cache covers all but the last prompt token, which generate feeds to make the first new token

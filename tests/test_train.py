@@ -31,6 +31,13 @@ FAST = ["model=tiny", "logger=none", "trainer.enable_progress_bar=false", "train
         "train.checkpoint_every_n_steps=0"]
 
 
+@pytest.fixture(autouse=True)
+def _fixed_threads(monkeypatch) -> None:
+    """These tests compare runs bit for bit; a thread count that follows the machine's load (baize_exp.cpu) could
+    change the order of float sums between two runs of one test."""
+    monkeypatch.setenv("BAIZE_THREADS", str(torch.get_num_threads()))
+
+
 def dialogs(n: int, seed: int = 0) -> list[dict]:
     """Varied short dialogs (1-3 exchanges) with words that differ between human and AI turns."""
     words = ["apple", "river", "stone", "cloud", "green", "quick", "seven", "table", "music", "light"]

@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
+from baize_exp import cpu
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_AI, BAIZE_HEADER, BAIZE_HUMAN, generation_prompt, load_dialogs
@@ -124,6 +125,14 @@ def _resume_path(cfg: Any, ckpt_dir: Path) -> str | None:
     return str(Path(r).expanduser())
 
 
+class FitThreads(pl.Callback):
+    """Training takes the cores that are free, re-read as it goes: a job that starts beside it later gets its
+    share instead of two pools spinning against each other (baize_exp.cpu)."""
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        cpu.fit_threads(every_s=5.0)
+
+
 class SampleCallback(pl.Callback):
     """Every N optimizer steps, greedy answers to fixed prompts: a W&B table and `<stage>/samples.jsonl`."""
 
@@ -180,7 +189,7 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
                     min_lr_ratio=t.min_lr_ratio, peak_flops=peak,
                     fingerprint=_fingerprint(cfg, lr, max_epochs, prefix, train_dialogs))
     ckpt_dir = stage_dir / "checkpoints"
-    cbs: list[pl.Callback] = list(callbacks or [])
+    cbs: list[pl.Callback] = [*(callbacks or []), FitThreads()]
     if t.checkpoint_every_n_steps > 0:
         from pytorch_lightning.callbacks import ModelCheckpoint
 
