@@ -375,6 +375,8 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
         # seeds whose requests failed (transient) on some attempt before they got their dialog or reject
         "seeds_that_failed_before": len(recovered),
         "failed_attempts": sum(len(history[k]) for k in recovered),
+        "last_failure": max((f for k in recovered for f in history[k]), key=lambda f: f.get("time", 0))["error"]
+        if recovered else None,
         "requests": client.requests, "retries": client.retries,
         "prompt_tokens": client.usage["prompt_tokens"], "completion_tokens": client.usage["completion_tokens"],
         "usage_by_model": by_model, "cost_usd": None if None in costs else sum(costs),

@@ -190,8 +190,8 @@ def _value_columns(records: list[RunRecord]) -> list[str]:
 
 def _cell(r: RunRecord, col: str) -> str:
     v = r.values.get(col)
-    if col.endswith("_judge") and v is not None:
-        if isinstance(v, float) and math.isnan(v):  # nothing judged (every reply unparsable): say so, not "nan"
+    if col.endswith("_judge") and (v is not None or r.values.get(f"{col}_n") is not None):
+        if v is None or isinstance(v, float) and math.isnan(v):  # nothing judged (every reply unparsable): say so
             return f"- n={r.values.get(f'{col}_n')}"
         ci = r.values.get(f"{col}_ci")
         ci_s = f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
