@@ -160,8 +160,12 @@ def run_pipeline(cfg: DictConfig) -> dict:
         _preflight(cfg)
         for stage in cfg.stages:
             _check_marker(cfg, run_dir, stage, memo)
-    except UserError:
-        _restore_hydra_record(run_dir)
+    except UserError as e:
+        if (run_dir / "metrics.json").is_file():
+            _restore_hydra_record(run_dir)  # an existing run: left exactly as it was
+        else:  # a new run dir (a sweep's job): its record says why it did not run
+            _finish_status(run_dir / "metrics.json", {"run": {"run_dir": str(run_dir), "overrides": _overrides(),
+                                                              "status": "failed", "error": None}}, e)
         raise
     _keep_hydra_record(run_dir)
     overrides = _overrides()
