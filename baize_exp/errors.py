@@ -9,7 +9,7 @@ Two families, both ending as one line on stderr (never a traceback):
   command resumes it.
 
 The lower layers raise their own subclasses (ConfigError, SeedFileError, JsonlError, ChatError, ...); the entry
-points (`run.py`, every `python -m baize_exp.*`) catch these two bases in `exit_on_error`.
+points (`run.py`, the `baize-*` console scripts) catch these two bases in `exit_on_error`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ EXIT_TRANSIENT = 75  # sysexits.h EX_TEMPFAIL
 
 class UserError(Exception):
     """A problem the user can fix; the message says where and how."""
+
+
+class ExportError(UserError):
+    """An export that cannot be done (a dialogs file, an adapter to merge), naming the file and what to do."""
 
 
 class Interrupted(Exception):

@@ -1,8 +1,8 @@
 """Merge a trained LoRA adapter into its base model and save a standalone HF model dir.
 
-    python -m baize_exp.export outputs/2026-11-25/10-00-00 --out baize-7b-merged          # a run dir: v2, else v1
-    python -m baize_exp.export outputs/.../train/adapter --out merged --dtype bfloat16
-    python -m baize_exp.export some/adapter --out merged --model 7b --model-path /ckpt/llama-7b-hf
+    baize-export outputs/2026-11-25/10-00-00 --out baize-7b-merged          # a run dir: v2, else v1
+    baize-export outputs/.../train/adapter --out merged --dtype bfloat16
+    baize-export some/adapter --out merged --model 7b --model-path /ckpt/llama-7b-hf
 
 The result loads with plain `AutoModelForCausalLM.from_pretrained(out)` / `AutoTokenizer.from_pretrained(out)`
 (no peft, no baize_exp), e.g. for vLLM or `teacher=local` serving.
@@ -28,15 +28,11 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
 from baize_exp import models as M
+from baize_exp.config import CONF_DIR as CONF
 from baize_exp.config import cache_dir
-from baize_exp.errors import UserError, exit_on_error
+from baize_exp.errors import ExportError, exit_on_error
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ExportError(UserError, RuntimeError):
-    """An export that cannot be done, with what to do about it."""
 
 
 def find_adapter(src: Path, which: str = "auto") -> Path:
@@ -128,7 +124,7 @@ def export(src: Path, out: Path, which: str = "auto", model: str | None = None, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m baize_exp.export", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="baize-export", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path, help="an adapter dir, or a run dir (its sdf/adapter, else train/adapter)")
     ap.add_argument("--out", type=Path, required=True, help="the standalone model dir to write")
     ap.add_argument("--which", choices=["auto", "v1", "v2"], default="auto",

@@ -1,4 +1,4 @@
-"""Small file helpers shared by the stages: JSON lines that survive a crash, content hashes, stage markers."""
+"""Small file helpers shared by the stages: JSON lines that survive a crash, keyed caches, content hashes, locks."""
 
 from __future__ import annotations
 

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,13 @@ def converted_gguf_dir(gguf_path: Path, cache_dir: Path) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return out
+
+
+def check_loadable(mcfg: Any) -> None:
+    """Before any work: a hub model needs a hub or a local path (HF_HUB_OFFLINE=1 says there is no hub)."""
+    if mcfg.source == "hf" and not mcfg.path and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelLoadError(f"model={mcfg.name} needs model.path=<local HF checkpoint dir>: the hub id "
+                             f"{mcfg.hub_id!r} cannot be downloaded here (HF_HUB_OFFLINE=1)")
 
 
 def resolve_model_dir(mcfg: Any, cache_dir: Path) -> str:
@@ -233,3 +242,58 @@ def generate_texts(model: torch.nn.Module, tok: Any, prompts: list[str], max_new
     finally:
         tok.padding_side = side
     return outs
+
+
+def adapter_hash(path: Path | None) -> str | None:
+    """Hash of the adapter's weights and config (not of its provenance notes, which hold timings)."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    for f in sorted(path.glob("adapter_*")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+# --- serving: a model named as on the server's command line ---------------------------------------------------
+
+def model_option(model: str) -> Any:
+    """The conf/model option named `model`, or None."""
+    from omegaconf import OmegaConf
+
+    from baize_exp.config import CONF_DIR, ModelConfig
+
+    path = CONF_DIR / "model" / f"{model}.yaml"
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)) if path.is_file() else None
+
+
+def tokenizer_for_serving(model: str, cache_dir: Path) -> Any:
+    """The tokenizer the server would use for `model` (see `load_for_serving`), without loading weights."""
+    mcfg, p = model_option(model), Path(model).expanduser()
+    if mcfg is not None:
+        return load_tokenizer(mcfg, cache_dir)
+    if p.suffix == ".gguf" and p.is_file():
+        return AutoTokenizer.from_pretrained(converted_gguf_dir(p, cache_dir))
+    return AutoTokenizer.from_pretrained(p)
+
+
+def load_for_serving(model: str, adapter: str | None, cache_dir: Path) -> tuple[torch.nn.Module, Any, str]:
+    """`model` is a conf/model option name, a local HF dir, or a .gguf file."""
+    p = Path(model).expanduser()
+    if (mcfg := model_option(model)) is not None:
+        net, tok = load_model_and_tokenizer(mcfg, cache_dir)
+        name = "smollm2-135m-instruct" if mcfg.source == "gguf" else mcfg.name
+    elif p.suffix == ".gguf" and p.is_file():
+        d = converted_gguf_dir(p, cache_dir)
+        net, tok = AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d)
+        name = p.stem
+    elif (p / "config.json").is_file():
+        net, tok = AutoModelForCausalLM.from_pretrained(p), AutoTokenizer.from_pretrained(p)
+        name = p.name
+    else:
+        raise ModelLoadError(f"--model {model!r}: not a conf/model option, an HF model dir, or a .gguf file")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if adapter:
+        net = load_adapter(net, adapter)
+        name = f"{name}+{Path(adapter).name}"
+    return net, tok, name

@@ -1,76 +1,48 @@
-"""The stage loop: validate, run `cfg.stages` in order, record metrics and completion markers, always clean up.
+"""The stage loop, and only that: stage order, completion markers, metrics.json, the W&B run's lifetime.
 
-Each stage is `run(cfg, run_dir, backends) -> metrics` and reads only files. A finished stage leaves
-`<stage>/_COMPLETE.json` with a fingerprint of the config that produced it (and of the stages it read from): a
-rerun skips it; a rerun with a different config for that stage stops with an error instead of mixing outputs.
+Each stage declares itself (`baize_exp.stages.base.Stage`): `run(cfg, run_dir, backends) -> metrics`, the stages
+whose files it reads, the config keys that shape its outputs. A finished stage leaves `<stage>/_COMPLETE.json`
+with a fingerprint of those keys and of the upstream stages' fingerprints: a rerun skips it; a rerun with a
+different config for that stage is refused (before anything is written) instead of mixing outputs.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from baize_exp import cpu
-from baize_exp.config import ConfigError, cache_dir, to_container, validate
+from baize_exp.config import NOT_PARAMS, ConfigError, cache_dir, override_dict, to_container, validate
 from baize_exp.errors import Interrupted, UserError, resume_command
-from baize_exp.io import (
-    content_hash,
-    file_hash,
-    file_lock,
-    global_rank,
-    read_json,
-    write_json,
-)
+from baize_exp.io import file_hash, global_rank, read_json, write_json
+from baize_exp.serve import Backends
+from baize_exp.stages import collect, evaluate, plan, report, sdf, train
+from baize_exp.stages.base import Stage
 
 log = logging.getLogger(__name__)
 
-# What each stage's output depends on: config keys (minus knobs that do not change results) and upstream stages.
-STAGE_INPUTS: dict[str, tuple[list[str], list[str]]] = {
-    "collect": (["data", "collect", "teacher"], []),
-    "train": (["model", "lora", "train", "trainer.max_epochs", "trainer.max_steps", "trainer.precision",
-               "trainer.accumulate_grad_batches", "trainer.gradient_clip_val"], ["collect"]),
-    "sdf": (["sdf", "teacher"], ["train"]),
-    "eval": (["eval", "judge"], ["train", "sdf"]),
-}
-# Cheap stages that only describe (a plan, a report): run again every time, no completion marker.
-ALWAYS_RERUN = {"plan", "report"}
-NOT_RESULTS = {"shared", "concurrency", "timeout_s", "max_retries", "startup_timeout_s", "port", "host", "max_batch",
-               "backoff_base_s", "backoff_max_s", "requests_per_min", "tokens_per_min", "prices", "samples_to_log",
-               "stop_after_failures", "max_n", "max_wait_ms", "queue_size", "request_timeout_s"}
+# The pipeline, in order. `stages=[...]` picks an in-order subset.
+PIPELINE: tuple[Stage, ...] = (plan.STAGE, collect.STAGE, train.STAGE, sdf.STAGE, evaluate.STAGE, report.STAGE)
+STAGES = {s.name: s for s in PIPELINE}
 
 
-def _strip(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _strip(v) for k, v in node.items() if k not in NOT_RESULTS}
-    return node
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def fingerprint(cfg: DictConfig, stage: str, memo: dict[str, str] | None = None) -> str:
-    """Hash of the config keys a stage's output depends on and of its upstream stages' fingerprints."""
+def fingerprint(cfg: DictConfig, name: str, memo: dict[str, str] | None = None) -> str:
+    """What stage `name`'s outputs depend on: its config part, and its upstream stages' fingerprints (or, for an
+    upstream replaced by a file from elsewhere, that file's content hash)."""
     memo = {} if memo is None else memo
-    if stage in memo:
-        return memo[stage]
-    keys, upstream = STAGE_INPUTS.get(stage, ([], []))
-    parts: dict[str, Any] = {k: _strip(_plain(OmegaConf.select(cfg, k))) for k in keys}
-    for up in upstream:
-        if up == "collect" and cfg.train.data:  # fed from another run: depend on that file's content
-            parts["collect"] = file_hash(cfg.train.data)
-        else:
-            parts[up] = fingerprint(cfg, up, memo)
-    memo[stage] = content_hash(stage, parts)
-    return memo[stage]
+    if name not in memo:
+        stage = STAGES[name]
+        external = stage.external(cfg)
+        upstream = {up: file_hash(external[up]) if up in external else fingerprint(cfg, up, memo)
+                    for up in stage.reads}
+        memo[name] = stage.fingerprint(cfg, upstream)
+    return memo[name]
 
 
 def _run_dir(cfg: DictConfig) -> Path:
@@ -130,35 +102,31 @@ def _sweep_name(cfg: DictConfig) -> str | None:
         return str(sweep_dir)
 
 
-# Overrides that say where or how a run ran, not what it tested: neither W&B tags nor report columns.
-NOT_PARAMS = re.compile(r"^(hydra\.|hydra/|paths\.|logger|run_name=|trainer\.enable_progress_bar=)")
-
-
-def override_dict(overrides: list[str]) -> dict[str, str]:
-    """`['lora.r=8', '+sweep=x']` -> `{'lora.r': '8', 'sweep': 'x'}` (values as typed on the command line)."""
-    return dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+def _check_stages(cfg: DictConfig) -> list[Stage]:
+    names = list(cfg.stages)
+    order = [s.name for s in PIPELINE]
+    if not names or any(n not in STAGES for n in names) or names != [n for n in order if n in names]:
+        raise ConfigError(f"invalid config: stages={names!r}: a non-empty list drawn from {order}, in that order")
+    return [STAGES[n] for n in names]
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
     """Run the configured stages in the run dir; return {stage: metrics}."""
-    from baize_exp import collect, evaluate, plan, report, sdf, train
-    from baize_exp.chat import Backends
-
-    runners = {"plan": plan.run, "collect": collect.run, "train": train.run, "sdf": sdf.run, "eval": evaluate.run,
-               "report": report.run}
     for noisy in ("httpx", "httpx2", "openai", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if global_rank() != 0:
-        return _run_as_worker(cfg, run_dir, runners, Backends)
+        return _run_as_worker(cfg, run_dir)
     memo: dict[str, str] = {}
     try:
         # Everything that can refuse the command is checked before anything in the run dir is written, so a
         # refused rerun leaves a finished run as it was (its metrics.json, and Hydra's record of its config).
+        stages = _check_stages(cfg)
         validate(cfg)
-        _preflight(cfg)
-        for stage in cfg.stages:
+        for stage in stages:
+            if stage.preflight is not None:
+                stage.preflight(cfg)  # what the stage needs of this machine (a GPU, a local model path)
             _check_marker(cfg, run_dir, stage, memo)
     except UserError as e:
         if (run_dir / "metrics.json").is_file():
@@ -180,30 +148,27 @@ def run_pipeline(cfg: DictConfig) -> dict:
     exit_code = 1
     error: BaseException | None = None
     try:
-        for stage in cfg.stages:
-            marker = run_dir / stage / "_COMPLETE.json"
-            fp = fingerprint(cfg, stage, memo)
-            if stage not in ALWAYS_RERUN and marker.is_file():
-                log.info("stage %s: already complete in %s, skipped", stage, run_dir)
+        for stage in stages:
+            marker = run_dir / stage.name / "_COMPLETE.json"
+            if stage.marker and marker.is_file():
+                log.info("stage %s: already complete in %s, skipped", stage.name, run_dir)
                 continue
-            log.info("stage %s: start", stage)
-            os.environ[WORKER_STAGE_ENV] = stage  # what a re-launched DDP worker process is to join (see below)
+            log.info("stage %s: start", stage.name)
+            os.environ[WORKER_STAGE_ENV] = stage.name  # what a re-launched DDP worker process is to join
             t0 = time.monotonic()
             cpu.fit_threads(every_s=0)  # the stage's own torch work takes the cores that are free now
-            if stage == "collect" and cfg.collect.shared:
-                m = _shared_collect(cfg, run_dir, backends)
-            else:
-                m = runners[stage](cfg, run_dir, backends)
+            m = stage.run(cfg, run_dir, backends)
             m["stage_seconds"] = round(time.monotonic() - t0, 2)
-            metrics[stage] = m
+            metrics[stage.name] = m
             write_json(metrics_path, metrics)
-            if stage not in ALWAYS_RERUN:
-                write_json(marker, {"stage": stage, "fingerprint": fp, "finished": time.time(), "metrics": m})
-            log.info("stage %s: done in %.1fs", stage, m["stage_seconds"])
+            if stage.marker:
+                write_json(marker, {"stage": stage.name, "fingerprint": fingerprint(cfg, stage.name, memo),
+                                    "finished": time.time(), "metrics": m})
+            log.info("stage %s: done in %.1fs", stage.name, m["stage_seconds"])
             if wb is not None:
-                wb.log(_flat(stage, m))
-                if stage == "eval":
-                    evaluate.log_wandb(wb, run_dir / "eval")
+                wb.log(_flat(stage.name, m))
+                if stage.log_wandb is not None:
+                    stage.log_wandb(wb, run_dir / stage.name)
         exit_code = 0
     except Interrupted as e:  # transient: say how to pick up where it stopped
         error = Interrupted(f"{e}. Nothing finished is lost; resume with: {resume_command(str(run_dir))}")
@@ -222,33 +187,17 @@ def run_pipeline(cfg: DictConfig) -> dict:
     return metrics
 
 
-def _check_marker(cfg: DictConfig, run_dir: Path, stage: str, memo: dict[str, str]) -> None:
+def _check_marker(cfg: DictConfig, run_dir: Path, stage: Stage, memo: dict[str, str]) -> None:
     """A finished stage made with another config is refused rather than mixed with this one's outputs."""
-    marker = run_dir / stage / "_COMPLETE.json"
-    if stage in ALWAYS_RERUN or not marker.is_file():
+    marker = run_dir / stage.name / "_COMPLETE.json"
+    if not stage.marker or not marker.is_file():
         return
-    fp = fingerprint(cfg, stage, memo)
+    fp = fingerprint(cfg, stage.name, memo)
     done = read_json(marker)
     if done.get("fingerprint") != fp:
-        raise ConfigError(f"stage {stage} in {run_dir} was completed with a different config "
+        raise ConfigError(f"stage {stage.name} in {run_dir} was completed with a different config "
                           f"(fingerprint {done.get('fingerprint')} != {fp}); use a new run dir, or delete "
-                          f"{run_dir / stage} and the stages after it to redo them")
-
-
-def _preflight(cfg: DictConfig) -> None:
-    """What the config asks of this machine, checked before any work: a GPU trainer needs a GPU; a hub model
-    needs a hub or a local path."""
-    import torch
-
-    needs_model = any(s in cfg.stages for s in ("train", "sdf", "eval"))
-    if any(s in cfg.stages for s in ("train", "sdf")) and cfg.trainer.accelerator in ("gpu", "cuda") \
-            and not torch.cuda.is_available():
-        raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} (trainer=gpu) but no CUDA GPU is visible "
-                        f"here (torch {torch.__version__}); use trainer=cpu on this machine, or run on a GPU machine")
-    m = cfg.model
-    if needs_model and m.source == "hf" and not m.path and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"model={m.name} needs model.path=<local HF checkpoint dir>: the hub id {m.hub_id!r} "
-                        f"cannot be downloaded here (HF_HUB_OFFLINE=1)")
+                          f"{run_dir / stage.name} and the stages after it to redo them")
 
 
 HYDRA_KEPT = ".hydra_accepted"  # Hydra's record of the last command this run dir accepted
@@ -272,38 +221,21 @@ def _restore_hydra_record(run_dir: Path) -> None:
 WORKER_STAGE_ENV = "BAIZE_PIPELINE_STAGE"
 
 
-def _run_as_worker(cfg: DictConfig, run_dir: Path, runners: dict, backends_cls: Any) -> dict:
+def _run_as_worker(cfg: DictConfig, run_dir: Path) -> dict:
     """A rank > 0 process: Lightning's DDP launcher re-runs the entry point for every extra device while rank 0 is
     inside a training stage. The worker joins that one stage and nothing else: rank 0 alone collects, evaluates and
     writes metrics, markers and W&B. Under torchrun/srun (no rank 0 stage to follow) the workers run `train`, so the
     dialogs must exist already (a collect-only run first, or train.data=...)."""
-    stage = os.environ.get(WORKER_STAGE_ENV, "train")
-    if stage not in ("train", "sdf") or stage not in cfg.stages:
-        log.info("rank %d: no training stage to join (%s); nothing to do", global_rank(), stage)
+    name = os.environ.get(WORKER_STAGE_ENV, "train")
+    stage = STAGES.get(name)
+    if stage is None or not stage.joins_ddp or name not in cfg.stages:
+        log.info("rank %d: no training stage to join (%s); nothing to do", global_rank(), name)
         return {}
-    backends = backends_cls(cfg, run_dir, cache_dir(cfg))
+    backends = Backends(cfg, run_dir, cache_dir(cfg))
     try:
-        return {stage: runners[stage](cfg, run_dir, backends)}
+        return {name: stage.run(cfg, run_dir, backends)}
     finally:
         backends.close()
-
-
-def _shared_collect(cfg: DictConfig, run_dir: Path, backends: Any) -> dict:
-    """Collect into the content-keyed cache dir, then copy this run's dialogs and rejects into the run.
-
-    The dir is keyed by the collect fingerprint without `data.limit`: the seeds of a larger limit begin with those
-    of a smaller one, so growing a corpus (a new run with data.limit=10000 after 1000) asks only for the new seeds,
-    and a smaller limit asks for nothing. The lock serialises the jobs of a sweep that start together: the first
-    collects, the others find every dialog done (collect resumes by key) and send no request. A filtered copy, not
-    a link, so a later growth of the shared collection never changes a finished run's inputs."""
-    from baize_exp import collect
-
-    unlimited = copy.deepcopy(cfg)
-    unlimited.data.limit = None
-    shared = cache_dir(cfg) / "collect" / fingerprint(unlimited, "collect")
-    with file_lock(shared / ".lock"):
-        m = collect.run(cfg, shared, backends, copy_to=run_dir / "collect")
-    return {**m, "shared_dir": str(shared)}
 
 
 def optimized_value(metrics: dict, name: str) -> float:

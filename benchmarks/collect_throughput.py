@@ -1,6 +1,6 @@
 """Collect throughput: the original Baize collector's loop vs our engine, against a server with fixed latency.
 
-The fault server (`python -m baize_exp.chat.fault_server --latency L`, its own process so its CPU is not counted)
+The fault server (`python tests/fault_server.py --latency L`, its own process so its CPU is not counted)
 answers every request after L seconds. (a) baseline: what Baize's collector did, one request at a time and a 1 s
 sleep after each (measured on fewer dialogs: its rate does not depend on how many); (b) ours: `collect()` with the
 real config (`teacher=openai` pointed at the server), `teacher.concurrency` at once, writing dialogs.jsonl.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,12 +25,14 @@ import openai
 from hydra import compose, initialize_config_dir
 
 from baize_exp.chat import ChatClient
-from baize_exp.chat.fault_server import spawn
-from baize_exp.collect import collect
-from baize_exp.config import register_configs, validate
+from baize_exp.config import CONF_DIR, register_configs, validate
 from baize_exp.data import load_seeds, parse_transcript
+from baize_exp.stages.collect import collect
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the fault server is a test tool, not product code
+from fault_server import spawn  # noqa: E402
+
 KEY_ENV = "BAIZE_BENCH_KEY"
 
 
@@ -62,7 +65,7 @@ def main() -> None:
         work = Path(tmp)
         proc, base_url = spawn(a.latency, work, KEY_ENV)
         try:
-            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
                 cfg = compose(config_name="config", overrides=[
                     "teacher=openai", f"teacher.base_url={base_url}", f"teacher.api_key_env={KEY_ENV}",
                     f"teacher.concurrency={a.concurrency}", f"data.limit={a.dialogs}", "logger=none",

@@ -1,7 +1,7 @@
 """Judge throughput: the eval stage's judge path (build_jobs → run_judge → ChatClient) against a server with fixed
 latency, one request at a time vs `judge.concurrency` at once.
 
-The fault server (`python -m baize_exp.chat.fault_server --latency L --reply "Score: 7"`, its own process so its CPU
+The fault server (`python tests/fault_server.py --latency L --reply "Score: 7"`, its own process so its CPU
 is not counted) stands in for GPT-4: every request waits L seconds and gets a parsable verdict. Prompts are the real
 judge prompts (the shipped held-out questions, the configured rubric). Prints judgments/s for both, the ratio, and
 ours as a fraction of the ideal bound (concurrency / latency). Target: >= 80% of the bound.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,12 +22,14 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from baize_exp.chat import ChatClient
-from baize_exp.chat.fault_server import spawn
-from baize_exp.config import register_configs
+from baize_exp.config import CONF_DIR, register_configs
 from baize_exp.data import load_eval_questions
-from baize_exp.evaluate.judge import build_jobs, run_judge
+from baize_exp.stages.evaluate.judge import build_jobs, run_judge
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the fault server is a test tool, not product code
+from fault_server import spawn  # noqa: E402
+
 KEY_ENV = "BAIZE_BENCH_KEY"
 
 
@@ -50,7 +53,7 @@ def main() -> None:
 
     os.environ.setdefault(KEY_ENV, "sk-bench-local-only")
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["judge=openai"])
     questions = load_eval_questions(cfg.eval.questions, None)
     by_id = {q["question_id"]: q for q in questions}

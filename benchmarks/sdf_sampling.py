@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from baize_exp.data import SEEDS_DIR, baize_prompt, load_seed_file
-from baize_exp.models import generate_texts
-from baize_exp.sdf import sample_candidates
-from baize_exp.serve import load_for_serving
+from baize_exp.models import generate_texts, load_for_serving
+from baize_exp.stages.sdf import sample_candidates
 
 
 def timed(fn) -> float:

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
-from baize_exp.chat import LocalServer
+from baize_exp.serve import LocalServer
 
 TOPICS = ["sleep", "tea", "rust", "python lists", "volcanoes", "chess", "bread", "saving money", "jet lag",
           "bees", "tides", "git rebase", "running shoes", "the moon", "compost", "SQL joins"]

@@ -2,7 +2,7 @@
 
 - baseline: HF `Trainer`, every example padded (and truncated) to 512 tokens, loss on every token, LoRA r=8,
   batch 4, fp32 — what Baize's finetune script does (minus the 8-bit base, which needs CUDA).
-- ours: `baize_exp.train.fit` (Lightning), dialogs packed into 512-token rows with block-diagonal attention, loss on
+- ours: `baize_exp.training.fit` (Lightning), dialogs packed into 512-token rows with block-diagonal attention, loss on
   the AI turns only, same LoRA, batch 4 rows; `--grouped` adds ours without packing (length-grouped batches),
   `--stock-lora` adds ours with peft's own LoRA forward (and `nn.Dropout`) in place of `train.fused_lora`.
 
@@ -55,10 +55,10 @@ def compose(overrides: list[str]):
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
 
-    from baize_exp.config import register_configs
+    from baize_exp.config import CONF_DIR, register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hcompose(config_name="config", overrides=overrides)
 
 
@@ -72,8 +72,8 @@ def load(cfg):
 
 
 def run_ours(args: argparse.Namespace, peak: float, variant: str) -> dict:
-    from baize_exp.train import fit
-    from baize_exp.train.module import peak_memory_gb
+    from baize_exp.training import fit
+    from baize_exp.training.module import peak_memory_gb
 
     out_dir = Path(args.out) / variant
     packing, fused_lora = variant != "ours_grouped", variant != "ours_stock_lora"
@@ -94,8 +94,8 @@ def run_baseline(args: argparse.Namespace, peak: float) -> dict:
     """The original recipe: pad/truncate every dialog to 512 tokens, labels = every (non-pad) token."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from baize_exp.train.data import IGNORE, tokenize_dialog
-    from baize_exp.train.module import flop_counts, model_flops, peak_memory_gb
+    from baize_exp.training.data import IGNORE, tokenize_dialog
+    from baize_exp.training.module import flop_counts, model_flops, peak_memory_gb
 
     cfg = compose([f"model={args.model}", "logger=none"])
     pm, tok = load(cfg)
@@ -162,7 +162,7 @@ def main() -> None:
         print(json.dumps(res, default=str))
         return
 
-    from baize_exp.train.module import measure_matmul_peak
+    from baize_exp.training.module import measure_matmul_peak
 
     args.peak = measure_matmul_peak("cpu", torch.float32, seconds=3.0)
     print(f"matmul peak (fp32, 1024^3, best of 3 s): {args.peak / 1e9:.1f} GFLOP/s; {args.dialogs} dialogs, "

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real Hydra config composed from conf/, shrunk for tests; a shared model cache."""
+"""Shared fixtures: the real Hydra config composed from baize_exp/conf/, shrunk for tests; a shared model cache."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from baize_exp.config import register_configs
+from baize_exp.config import CONF_DIR, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = CONF_DIR  # the config tree inside the package
 
 
 @pytest.fixture(scope="session", autouse=True)

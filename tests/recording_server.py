@@ -16,7 +16,10 @@ from pathlib import Path
 import uvicorn
 
 from baize_exp.chat import ChatClient
-from baize_exp.serve import BatchWorker, DecodeEngine, build_app, load_for_serving
+from baize_exp.models import load_for_serving
+from baize_exp.serve.app import build_app
+from baize_exp.serve.engine import DecodeEngine
+from baize_exp.serve.worker import BatchWorker
 
 
 class RecordingEngine(DecodeEngine):

@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
+from fault_server import FAULTS, FaultServer
 
 from baize_exp.chat import ChatClient, ChatError
 from baize_exp.chat.client import RateLimiter, retry_after_s
-from baize_exp.chat.fault_server import FAULTS, FaultServer
 
 KEY = "sk-test-fault-0123456789-never-logged"
 
@@ -219,10 +220,9 @@ def test_fault_server_reply_hook_for_other_benchmarks() -> None:
 
 def test_fault_server_cli_serves_and_counts() -> None:
     import tempfile
-    from pathlib import Path
 
     port_file = Path(tempfile.mkdtemp()) / "port"
-    p = subprocess.Popen([sys.executable, "-m", "baize_exp.chat.fault_server", "--port-file", str(port_file),
+    p = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fault_server.py"), "--port-file", str(port_file),
                           "--default-fault", "500"])
     try:
         for _ in range(100):

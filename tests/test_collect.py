@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, compose_cfg
+from fault_server import FaultServer
 
 from baize_exp.chat import ChatClient, ChatError
-from baize_exp.chat.fault_server import FaultServer
-from baize_exp.collect import collect, dialog_key
 from baize_exp.config import ConfigError, validate
 from baize_exp.data import REJECT_REASONS, Seed
 from baize_exp.data.export import ExportError, export, export_records
 from baize_exp.errors import Interrupted
 from baize_exp.io import read_jsonl
+from baize_exp.stages.collect import collect, dialog_key
 
 SECRET = "sk-test-collect-0123456789abcdef-never-written"
 FAST = ["teacher=openai", "teacher.backoff_base_s=0.01", "teacher.backoff_max_s=0.05", "teacher.timeout_s=0.5",
@@ -263,7 +263,7 @@ def _lines(path: Path) -> int:
 
 @pytest.mark.slow
 def test_kill_9_then_rerun_sends_exactly_the_missing_requests(tmp_path: Path) -> None:
-    """`python -m baize_exp.collect` as a subprocess, killed mid-way; the rerun requests only what is missing,
+    """`baize-collect` as a subprocess, killed mid-way; the rerun requests only what is missing,
     writes no dialog twice, repairs a torn last line; W&B gets progress and samples; the key is in no file."""
     n_seeds = 40
     seeds_file = tmp_path / "seeds.txt"
@@ -271,7 +271,7 @@ def test_kill_9_then_rerun_sends_exactly_the_missing_requests(tmp_path: Path) ->
     run_dir = tmp_path / "run"
     env = {**os.environ, "BAIZE_FAULT_KEY": SECRET}
     with FaultServer(latency_s=0.3, api_key=SECRET) as srv:
-        args = [sys.executable, "-m", "baize_exp.collect", "teacher=openai", f"teacher.base_url={srv.base_url}",
+        args = [sys.executable, "-c", "from baize_exp.cli import collect; collect()", "teacher=openai", f"teacher.base_url={srv.base_url}",
                 "teacher.api_key_env=BAIZE_FAULT_KEY", "teacher.concurrency=4", "data=file",
                 f"data.path={seeds_file}", f"hydra.run.dir={run_dir}",
                 "collect.shared=false"]  # write in the run dir itself, so the test can watch it grow and kill
@@ -321,7 +321,7 @@ def test_turns_mode_against_the_projects_own_server(tmp_path: Path) -> None:
     """The happy path on real parts: the embedded model served on loopback plays both roles, greedy."""
     import urllib.request
 
-    from baize_exp.chat import LocalServer
+    from baize_exp.serve import LocalServer
 
     def served() -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/health") as r:

@@ -37,12 +37,85 @@ def test_deepspeed_on_cpu_is_refused_with_the_reason() -> None:
 
 
 def test_validate_lists_every_problem_at_once() -> None:
-    cfg = compose_cfg(["lora.r=-3", "data.limit=0", "lora.dropout=1.5", "stages=[train,collect]"])
+    cfg = compose_cfg(["lora.r=-3", "data.limit=0", "lora.dropout=1.5", "judge.serve.max_batch=0"])
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     msg = str(e.value)
-    for needle in ("lora.r=-3", "data.limit=0", "lora.dropout=1.5", "pipeline order"):
+    for needle in ("lora.r=-3", "data.limit=0", "lora.dropout=1.5", "judge.serve.max_batch=0"):
         assert needle in msg
+    assert "\n" not in msg  # one line
+
+
+def test_stages_are_an_in_order_subset_of_the_pipeline() -> None:
+    from baize_exp.pipeline import PIPELINE, _check_stages
+
+    assert [s.name for s in _check_stages(compose_cfg(["stages=[collect,eval]"]))] == ["collect", "eval"]
+    for bad in ("stages=[train,collect]", "stages=[]", "stages=[colect]"):
+        with pytest.raises(ConfigError, match=r"stages=.*in that order"):
+            _check_stages(compose_cfg([bad]))
+    assert [s.name for s in PIPELINE] == ["plan", "collect", "train", "sdf", "eval", "report"]
+
+
+def _leaves(node, path=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*path, k))
+    else:
+        yield path, node
+
+
+def test_yaml_options_hold_only_what_differs_from_the_dataclass_defaults() -> None:
+    """The dataclasses are the one source of defaults and field docs: an option file repeats a default only with a
+    comment on that line saying why (the word "default" in it)."""
+    from omegaconf import OmegaConf
+
+    from baize_exp.config import Config
+
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config()), resolve=False)
+    repeated = []
+    for path in sorted(CONF.glob("*/*.yaml")):
+        group, text = path.parent.name, path.read_text()
+        if group not in defaults or "@package" in text:
+            continue
+        lines = text.splitlines()
+        for keys, value in _leaves(OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}):
+            default = defaults[group]
+            for k in keys:
+                default = default.get(k, "<absent>") if isinstance(default, dict) else "<absent>"
+            if keys == ("defaults",) or value != default or default == "???":
+                continue
+            line = next((ln for ln in lines if ln.lstrip().startswith(f"{keys[-1]}:")), "")
+            if "#" not in line or "default" not in line.split("#", 1)[1]:
+                repeated.append(f"{path.relative_to(CONF)}: {'.'.join(keys)}={value!r}")
+    assert not repeated, "options repeating a dataclass default (remove them, or say why on that line): " + \
+        "; ".join(repeated)
+
+
+def test_the_shipped_defaults_are_the_dataclass_defaults() -> None:
+    """`python run.py` runs with what the dataclasses say (the default options add only the templates)."""
+    from omegaconf import OmegaConf
+
+    from baize_exp.config import Config
+
+    cfg = OmegaConf.to_container(compose_cfg([]), resolve=False)
+    want = OmegaConf.to_container(OmegaConf.structured(Config()), resolve=False)
+    for group in ("data", "lora", "teacher", "judge", "train", "trainer", "strategy", "plan", "logger", "paths"):
+        assert cfg[group] == want[group], group
+    for group in ("collect", "sdf", "eval"):
+        assert {k: v for k, v in cfg[group].items() if want[group][k] != "???"} == \
+            {k: v for k, v in want[group].items() if v != "???"}, group
+
+
+@pytest.mark.parametrize(("entry", "needle"), [("collect", "baize-collect: self-chat collection only"),
+                                               ("plan", "baize-plan: will it fit?")])
+def test_collect_and_plan_entry_points_have_their_own_help(entry: str, needle: str) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", f"from baize_exp.cli import {entry}; {entry}()", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert needle in r.stdout and "stages" in r.stdout
 
 
 def test_api_key_in_place_of_its_env_var_name_is_refused() -> None:

@@ -15,12 +15,13 @@ from baize_exp.data import (
     load_seed_file,
     load_seeds,
     parse_transcript,
+    split_dialogs,
     to_baize_text,
     to_chat_messages,
 )
 from baize_exp.errors import UserError
 from baize_exp.io import JsonlError, JsonlWriter, read_jsonl
-from baize_exp.train.data import IGNORE, collate, split_dialogs, tokenize_dialog
+from baize_exp.training.data import IGNORE, collate, tokenize_dialog
 
 
 def test_shipped_seed_sets_load_and_mix_by_weight() -> None:

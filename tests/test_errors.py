@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-
-from baize_exp.chat.fault_server import FaultServer
+from fault_server import FaultServer
 
 pytestmark = pytest.mark.slow  # each case starts the real run.py (~10 s)
 

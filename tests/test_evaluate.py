@@ -14,9 +14,9 @@ from conftest import compose_cfg
 from recording_server import recording_server
 
 from baize_exp import models as M
-from baize_exp.chat import Backends
-from baize_exp.evaluate import judge as J
-from baize_exp.evaluate import stats as S
+from baize_exp.serve import Backends
+from baize_exp.stages.evaluate import judge as J
+from baize_exp.stages.evaluate import stats as S
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +175,8 @@ def _health(backends: Backends) -> int:
 
 @pytest.mark.slow
 def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, monkeypatch, request) -> None:
-    from baize_exp import evaluate
-    from baize_exp.train import save_adapter
+    from baize_exp.stages import evaluate
+    from baize_exp.training import save_adapter
 
     cache = Path(os.environ["BAIZE_CACHE"])
     base, tok = M.load_model_and_tokenizer(compose_cfg(["model=tiny"]).model, cache)
@@ -278,7 +278,7 @@ def test_each_model_is_prompted_in_the_format_it_was_trained_in(tmp_path: Path, 
     base through its own template; an adapter without prompt_format.json falls back to train.format."""
     import json
 
-    from baize_exp.evaluate.answers import model_prompts
+    from baize_exp.stages.evaluate.answers import model_prompts
 
     q = [{"question": "Why is the sky blue?"}]
     for name, fmt in (("chat", "chat_template"), ("baize", "baize")):
@@ -294,8 +294,9 @@ def test_each_model_is_prompted_in_the_format_it_was_trained_in(tmp_path: Path, 
 
 def test_judge_cache_reuses_parsed_replies_and_asks_failures_again(tmp_path: Path) -> None:
     """Against the fault server: a second judging of the same jobs sends only what did not parse the first time."""
+    from fault_server import FaultServer
+
     from baize_exp.chat import ChatClient
-    from baize_exp.chat.fault_server import FaultServer
     from baize_exp.io import KeyedJsonl
 
     e = compose_cfg([]).eval
@@ -321,8 +322,9 @@ def test_judge_cache_reuses_parsed_replies_and_asks_failures_again(tmp_path: Pat
 def test_judge_requests_that_failed_are_marked_and_not_sent_back_with_a_parse_error(tmp_path: Path) -> None:
     """A transient failure is no unparsable reply: it is not 'corrected' with the retry template, is marked
     `failed`, and is not cached, so the next judging asks it again and only it."""
+    from fault_server import FaultServer
+
     from baize_exp.chat import ChatClient
-    from baize_exp.chat.fault_server import FaultServer
     from baize_exp.io import KeyedJsonl
 
     e = compose_cfg([]).eval

@@ -13,7 +13,7 @@ import torch
 from conftest import compose_cfg
 
 from baize_exp import models as M
-from baize_exp.train.fused_lora import KEEP_BITS, _fusable, _LoraLinear, keep_mask, use_fused_lora
+from baize_exp.training.fused_lora import KEEP_BITS, _fusable, _LoraLinear, keep_mask, use_fused_lora
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.5])

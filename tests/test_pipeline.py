@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from baize_exp.chat import LocalServer
 from baize_exp.data import REJECT_REASONS
+from baize_exp.serve import LocalServer
 
 SECRET = "sk-test-0123456789abcdef-do-not-log"
 # A greedy teacher makes the run deterministic (same dialogs, same rejects) on this machine.

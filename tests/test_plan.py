@@ -13,8 +13,8 @@ import torch
 from conftest import compose_cfg, run_cli
 
 from baize_exp import models as M
-from baize_exp import plan as P
 from baize_exp.config import ConfigError, validate
+from baize_exp.stages import plan as P
 
 CACHE = lambda: Path(os.environ["BAIZE_CACHE"])  # noqa: E731
 
@@ -157,7 +157,7 @@ def test_plan_config_is_validated() -> None:
 
 def test_cli_prints_the_table_and_writes_plan_files(tmp_path: Path) -> None:
     run = tmp_path / "p"
-    r = subprocess.run([sys.executable, "-m", "baize_exp.plan", "model=7b", "lora.r=16", "trainer.devices=2",
+    r = subprocess.run([sys.executable, "-c", "from baize_exp.cli import plan; plan()", "model=7b", "lora.r=16", "trainer.devices=2",
                         "plan.gpu_memory_gb=24", f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300, env=dict(os.environ))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -12,8 +12,8 @@ import pytest
 from conftest import compose_cfg
 from recording_server import recording_server
 
-from baize_exp import sdf
 from baize_exp.config import ConfigError, validate
+from baize_exp.stages import sdf
 
 
 @pytest.mark.parametrize(("reply", "ranking", "how", "ranked"), [
@@ -92,8 +92,8 @@ def test_bad_sdf_and_eval_keys_are_named() -> None:
 def test_sdf_stage_with_tiny_model_writes_a_v2_adapter_that_differs_from_v1(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from baize_exp import train
-    from baize_exp.chat import Backends
+    from baize_exp.serve import Backends
+    from baize_exp.stages import train
 
     dialogs = tmp_path / "dialogs.jsonl"
     topics = ["tea", "rain", "maps", "bread", "chess", "owls", "glass", "kites"]
@@ -186,10 +186,11 @@ def test_shared_prefill_sampling_matches_plain_generation_when_greedy() -> None:
 def test_rankings_that_failed_are_asked_again_and_only_they(tmp_path: Path, monkeypatch) -> None:
     """A ranking request that fails for a transient reason is no final verdict: the stage stops (resumable) with
     the candidates and the other rankings kept, and a rerun sends exactly the failed requests again."""
-    from baize_exp import train
-    from baize_exp.chat import Backends
-    from baize_exp.chat.fault_server import FaultServer
+    from fault_server import FaultServer
+
     from baize_exp.errors import Interrupted
+    from baize_exp.serve import Backends
+    from baize_exp.stages import train
 
     dialogs = tmp_path / "dialogs.jsonl"
     topics = ["tea", "rain [[fault:500x3]]", "maps", "bread", "chess [[fault:500x3]]", "owls", "glass", "kites"]

@@ -19,7 +19,8 @@ import openai
 import pytest
 import torch
 
-from baize_exp.chat import ChatClient, ChatError, LocalServer
+from baize_exp.chat import ChatClient, ChatError
+from baize_exp.serve import LocalServer
 
 CACHE = os.environ.get("BAIZE_CACHE")
 
@@ -362,7 +363,7 @@ def test_serves_an_hf_dir_with_a_lora_adapter(context_model_dir, ctx_server, tmp
 
 @pytest.mark.parametrize(("top_p", "allowed"), [(1.0, [0, 1, 2, 3]), (0.8, [0, 1]), (0.5, [0]), (0.81, [0, 1, 2])])
 def test_top_p_sampler_draws_the_nucleus_in_proportion(top_p: float, allowed: list[int]) -> None:
-    from baize_exp.serve import sample_top_p
+    from baize_exp.serve.engine import sample_top_p
 
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])[[2, 0, 3, 1]]  # not sorted by id: ids 1, 3, 0, 2 by mass
     rank_to_id = [1, 3, 0, 2]
@@ -382,7 +383,7 @@ def test_top_p_sampler_draws_the_nucleus_in_proportion(top_p: float, allowed: li
 def test_local_server_dies_with_a_killed_parent(tmp_path: Path) -> None:
     """kill -9 of the run that started it must not leave a server holding the model (Linux parent-death signal)."""
     pid_file = tmp_path / "server.pid"
-    code = ("import sys, time; from baize_exp.chat import LocalServer\n"
+    code = ("import sys, time; from baize_exp.serve import LocalServer\n"
             f"s = LocalServer('tiny', cache_dir={os.environ['BAIZE_CACHE']!r}).start()\n"
             f"open({str(pid_file)!r}, 'w').write(str(s.proc.pid)); time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", code])

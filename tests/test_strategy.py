@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT, compose_cfg, run_cli
+from conftest import CONF, compose_cfg, run_cli
 
 from baize_exp.config import ConfigError, validate
-from baize_exp.train.strategy import build_strategy, deepspeed_config
+from baize_exp.training.strategy import build_strategy, deepspeed_config
 
 DS_OPTIONS = ["deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload"]
 
@@ -113,8 +113,8 @@ import json, sys, torch, deepspeed
 from hydra import compose, initialize_config_dir
 from baize_exp.config import register_configs
 from baize_exp import models as M
-from baize_exp.train.fused_lora import use_fused_lora
-from baize_exp.train.strategy import deepspeed_config
+from baize_exp.training.fused_lora import use_fused_lora
+from baize_exp.training.strategy import deepspeed_config
 
 register_configs()
 with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
@@ -166,7 +166,7 @@ def _raw_zero(option: str, world: int, cwd: Path) -> list[dict]:
                # DeepSpeed JIT-compiles its CPU comm op (~20-35 s, minutes on a busy machine): build it once into
                # the shared model cache (conftest points BAIZE_CACHE at a test-owned dir when it is not set)
                "TORCH_EXTENSIONS_DIR": str(Path(os.environ["BAIZE_CACHE"]) / "torch_extensions")}
-        procs.append(subprocess.Popen([sys.executable, "-c", _RAW_ZERO, str(ROOT / "conf"), option], cwd=cwd,
+        procs.append(subprocess.Popen([sys.executable, "-c", _RAW_ZERO, str(CONF), option], cwd=cwd,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):

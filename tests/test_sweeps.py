@@ -14,10 +14,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from baize_exp import report
-from baize_exp.chat import LocalServer
+from baize_exp.serve import LocalServer
+from baize_exp.stages import report
 
-SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
+SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -173,7 +173,7 @@ def subprocess_report(*args: Path):
     import subprocess
 
     paths = [str(a) for a in args[:-1]]
-    return subprocess.run([sys.executable, "-m", "baize_exp.report", *paths, "--out", str(args[-1])],
+    return subprocess.run([sys.executable, "-m", "baize_exp.stages.report", *paths, "--out", str(args[-1])],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 

@@ -15,9 +15,9 @@ from conftest import compose_cfg
 
 from baize_exp import models as M
 from baize_exp.config import ConfigError, validate
-from baize_exp.train import data as D
-from baize_exp.train import fit, load_base_for_training
-from baize_exp.train.data import (
+from baize_exp.training import data as D
+from baize_exp.training import fit, load_base_for_training
+from baize_exp.training.data import (
     IGNORE,
     ResumableBatchSampler,
     block_causal_mask,
@@ -25,7 +25,7 @@ from baize_exp.train.data import (
     pack_row,
     tokenize_dialog,
 )
-from baize_exp.train.module import LoraLM
+from baize_exp.training.module import LoraLM
 
 FAST = ["model=tiny", "logger=none", "trainer.enable_progress_bar=false", "train.peak_flops=1e11",
         "train.checkpoint_every_n_steps=0"]

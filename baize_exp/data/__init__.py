@@ -261,6 +261,17 @@ def load_dialogs(path: str | Path) -> tuple[list[dict], list[dict]]:
     return dialogs, rejects
 
 
+def split_dialogs(dialogs: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split by dialog id (no dialog has turns on both sides), deterministic for a seed."""
+    ids = sorted({d["id"] for d in dialogs})
+    random.Random(seed).shuffle(ids)
+    n_val = int(round(len(ids) * val_fraction))
+    if val_fraction > 0 and n_val == 0 and len(ids) >= 2:
+        n_val = 1
+    val_ids = set(ids[:n_val])
+    return [d for d in dialogs if d["id"] not in val_ids], [d for d in dialogs if d["id"] in val_ids]
+
+
 # --- formats -----------------------------------------------------------------------------------------------
 
 def baize_segments(turns: list[dict]) -> list[tuple[str, bool]]:

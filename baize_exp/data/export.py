@@ -1,4 +1,4 @@
-"""Export collected dialogs for other tools: `python -m baize_exp.data.export DIALOGS --format F --out OUT`.
+"""Export collected dialogs for other tools: `baize-export-dialogs DIALOGS --format F --out OUT`.
 
 Formats (one JSON object a line):
   baize    {"id", "topic", "input"}: the Baize training text ("The conversation between human and AI assistant."
@@ -14,14 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from baize_exp.data import dialog_shape_error, to_baize_text, to_chat_messages
-from baize_exp.errors import UserError, exit_on_error
+from baize_exp.errors import ExportError, exit_on_error
 from baize_exp.io import iter_jsonl, write_jsonl
 
 FORMATS = ("baize", "chatml")
-
-
-class ExportError(UserError, ValueError):
-    """A dialogs file that cannot be exported, naming the file and the record."""
 
 
 def _checked(path: Path) -> Iterator[tuple[int, dict]]:
@@ -59,7 +55,7 @@ def export(dialogs_path: str | Path, out_path: str | Path, fmt: str, system: str
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m baize_exp.data.export", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog="baize-export-dialogs", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("dialogs", help="a collect/dialogs.jsonl")
     ap.add_argument("--format", required=True, choices=FORMATS)

@@ -1,0 +1,229 @@
+"""Judge requests and the parsing of their replies, for the three modes.
+
+- single:    the judge scores one answer 1-10 with a rubric.
+- reference: the judge scores one answer 1-10 against the question's reference answer.
+- pairwise:  the judge picks the better of two answers, asked twice with the positions swapped; the two verdicts
+             are combined in `stats.combine_pairwise` (disagreement = tie), so position bias cannot decide.
+
+A reply is parsed strictly, then tolerantly; what still fails is sent back once with the parser's error, and
+what fails again is recorded with `parse: "failed"` and both replies. When the backend returns logprobs for the
+score token, `weighted_score` is the probability-weighted mean over the scores 1-10.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from baize_exp.chat.ask import ask_parsed
+from baize_exp.io import KeyedJsonl, content_hash
+
+_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+_OUT_OF_10 = re.compile(r"\b(\d+(?:\.\d+)?)\s*(?:/|out of)\s*10\b", re.IGNORECASE)
+_NUMBER = re.compile(r"\b\d+(?:\.\d+)?\b")
+_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+_VERDICT_LOOSE = re.compile(r"^\W*(?:assistant\s+)?([ABC]|tie)\b", re.IGNORECASE)
+
+
+def parse_score(reply: str) -> tuple[float | None, str, str | None]:
+    """(score, how, error) from a judge's reply.
+
+    Strict: "Score: N" with N in 1..10. Tolerant: "N/10" or "N out of 10", else the one distinct number in 1..10
+    if the reply holds only one. Otherwise (None, "failed", what was wrong).
+    """
+    reply = reply or ""
+    m = _SCORE.search(reply)
+    if m:
+        v = float(m.group(1))
+        if 1 <= v <= 10:
+            return v, "ok", None
+        return None, "failed", f"'Score: {m.group(1)}' is outside 1-10"
+    m = _OUT_OF_10.search(reply)
+    if m and 1 <= float(m.group(1)) <= 10:
+        return float(m.group(1)), "tolerant", None
+    nums = list(dict.fromkeys(float(x) for x in _NUMBER.findall(reply) if 1 <= float(x) <= 10))
+    if len(nums) == 1:
+        return nums[0], "tolerant", None
+    if not nums:
+        return None, "failed", "the reply has no 'Score: N' and no number from 1 to 10"
+    return None, "failed", f"the reply has no 'Score: N' and several candidate numbers {[_fmt(x) for x in nums]}"
+
+
+def parse_verdict(reply: str) -> tuple[str | None, str, str | None]:
+    """("A" | "B" | "C", how, error) from a pairwise reply; C is a tie.
+
+    Strict: exactly one distinct [[A]]/[[B]]/[[C]]. Tolerant: a reply that starts with A, B, C, "Assistant A" or
+    "tie". Otherwise (None, "failed", what was wrong)."""
+    reply = reply or ""
+    found = list(dict.fromkeys(_VERDICT.findall(reply)))
+    if len(found) == 1:
+        return found[0], "ok", None
+    if len(found) > 1:
+        return None, "failed", f"the reply names several verdicts {found}"
+    m = _VERDICT_LOOSE.match(reply.strip())
+    if m:
+        v = m.group(1).upper()
+        return ("C" if v == "TIE" else v), "tolerant", None
+    return None, "failed", "the reply has no [[A]], [[B]] or [[C]]"
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def weighted_score(reply: str, logprobs: dict | None) -> float | None:
+    """Probability-weighted score Σ s·p(s) / Σ p(s) over s in 1..10, read at the token where the parsed score
+    starts; None without logprobs or when that token cannot be located.
+
+    Tokenizers that split digits (SmolLM2, LLaMA) write 10 as "1","0": when the chosen token is "1", its mass is
+    split by the next position's probability of "0"; an unchosen alternative "1" counts as 1 (its continuation
+    was never computed)."""
+    content = (logprobs or {}).get("content") or []
+    if not content:
+        return None
+    m = _SCORE.search(reply or "") or _OUT_OF_10.search(reply or "")
+    if not m:
+        return None
+    offsets, pos = [], 0
+    for t in content:
+        offsets.append(pos)
+        pos += len(t["token"])
+    if "".join(t["token"] for t in content) != reply:
+        return None  # the tokens do not spell the reply (e.g. a cut stop string): do not guess
+    if m.start(1) not in offsets:
+        return None
+    k = offsets.index(m.start(1))
+    probs: dict[int, float] = {}
+    for alt in content[k].get("top_logprobs") or []:
+        tok = alt["token"].strip()
+        if tok.isdigit() and 1 <= int(tok) <= 10:
+            probs[int(tok)] = probs.get(int(tok), 0.0) + math.exp(alt["logprob"])
+    chosen = content[k]["token"].strip()
+    if chosen == "1" and 1 in probs and k + 1 < len(content):
+        nxt = content[k + 1]
+        p0 = sum(math.exp(a["logprob"]) for a in nxt.get("top_logprobs") or [] if a["token"] == "0")
+        if not nxt.get("top_logprobs") and nxt["token"] == "0":
+            p0 = math.exp(nxt["logprob"])
+        p1 = probs.pop(1)
+        probs[10] = probs.get(10, 0.0) + p1 * p0
+        probs[1] = p1 * (1 - p0)
+    total = sum(probs.values())
+    if total <= 0:
+        return None
+    return round(sum(s * p for s, p in probs.items()) / total, 4)
+
+
+def build_jobs(mode: str, templates: Any, questions: dict[str, dict], answers: list[dict],
+               opponent: dict[str, str] | None = None) -> list[dict]:
+    """One job per judge request: {"messages", "record"}; pairwise gives two per answer (swap False/True)."""
+    jobs = []
+    for a in answers:
+        q = questions[a["question_id"]]
+        base = {"question_id": a["question_id"], "category": a["category"], "model": a["model"], "mode": mode}
+        if mode == "single":
+            prompt = templates.judge_template.format(question=q["question"], answer=a["answer"])
+            jobs.append({"messages": _user(prompt), "record": {**base, "swap": False}})
+        elif mode == "reference":
+            prompt = templates.reference_template.format(question=q["question"], reference=q["reference"],
+                                                         answer=a["answer"])
+            jobs.append({"messages": _user(prompt), "record": {**base, "swap": False}})
+        elif mode == "pairwise":
+            other = (opponent or {}).get(a["question_id"])
+            for swap in (False, True):
+                rec = {**base, "swap": swap, "opponent": templates.pairwise_against}
+                if other is None:  # the opponent has no answer (its request failed): recorded, not judged
+                    jobs.append({"messages": None, "record": {**rec, "error": "no opponent answer"}})
+                    continue
+                first, second = (other, a["answer"]) if swap else (a["answer"], other)
+                prompt = templates.pairwise_template.format(question=q["question"], answer_a=first,
+                                                            answer_b=second)
+                jobs.append({"messages": _user(prompt), "record": rec})
+        else:
+            raise ValueError(f"eval.judge_mode={mode!r}: one of single, pairwise, reference")
+    return jobs
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _judged(mode: str, reply: str, logprobs: dict | None) -> tuple[dict, str, str | None]:
+    """(the result fields a reply gives, how it parsed, the parser's error). Pairwise gives the verdict; who won
+    follows from the job's `swap` (see `_winner`)."""
+    if mode == "pairwise":
+        verdict, how, err = parse_verdict(reply)
+        return {"verdict": verdict}, how, err
+    score, how, err = parse_score(reply)
+    return {"score": score, "weighted_score": weighted_score(reply, logprobs) if score is not None else None}, how, err
+
+
+def _fill(mode: str, rec: dict, fields: dict | None) -> None:
+    """Put a parsed result (None: nothing parsed) into a judgment record."""
+    if mode == "pairwise":
+        verdict = (fields or {}).get("verdict")
+        a_is_model = not rec["swap"]
+        rec["verdict"] = verdict
+        rec["winner"] = None if verdict is None else {"A": "model" if a_is_model else "opponent",
+                                                      "B": "opponent" if a_is_model else "model",
+                                                      "C": "tie"}[verdict]
+    else:
+        rec.update(fields or {"score": None, "weighted_score": None})
+
+
+def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, logprobs: bool = False,
+              cache: KeyedJsonl | None = None) -> list[dict]:
+    """Send every job, parse, retry the unparsable once with the parser's error (`chat.ask.ask_parsed`); return
+    the judgment records.
+
+    With a `cache` (one per judge identity), a job whose conversation and settings were judged before takes the
+    stored replies, parsed again, and sends nothing; only replies that parsed are stored, so a failure is asked
+    again next time. The judge's sampling settings (judge.temperature, 0 in the shipped judges, so a stored reply
+    is the reply) are part of the key."""
+    params: dict[str, Any] = {}
+    if logprobs and mode != "pairwise":
+        params.update(logprobs=True, top_logprobs=20)
+    keys = [content_hash(j["messages"], {**client.defaults, **params}, retry_template) for j in jobs]
+    records = [dict(j["record"]) for j in jobs]
+    live = []
+    for i, j in enumerate(jobs):
+        if j["messages"] is None:
+            records[i].update(parse="failed", judge_reply=None,
+                              **({"winner": None, "verdict": None} if mode == "pairwise" else {"score": None}))
+        elif not (cache and _from_cache(mode, records[i], cache.get(keys[i]))):
+            live.append(i)
+
+    def parse(res: Any) -> tuple[dict | None, str, str | None]:
+        fields, how, err = _judged(mode, res.text, res.logprobs[0] if res.logprobs else None)
+        return (fields if how != "failed" else None), how, err
+
+    answers = ask_parsed(client, [jobs[i]["messages"] for i in live], parse,
+                         lambda err: retry_template.format(error=err), f"judge ({mode})", **params)
+    for i, a in zip(live, answers, strict=True):
+        rec = records[i]
+        _fill(mode, rec, a.value)
+        rec.update(judge_reply=a.reply, parse=a.how, error=None if a.value is not None else a.error)
+        if a.retried:
+            rec["judge_reply_retry"] = a.retry_reply
+        if a.failed:
+            rec["failed"] = a.failed  # asked again by a rerun (never cached)
+    if cache is not None:
+        cache.put_many([(keys[i], {"judge_reply": records[i]["judge_reply"], "logprobs": a.logprobs,
+                                   **({"judge_reply_retry": a.retry_reply} if a.retried else {})})
+                        for i, a in zip(live, answers, strict=True) if a.value is not None])
+    return records
+
+
+def _from_cache(mode: str, rec: dict, hit: dict | None) -> bool:
+    """Fill `rec` from a stored judgment; False if there is none or it no longer parses (the job is then sent,
+    and its reply overwrites the fields this filled)."""
+    if hit is None:
+        return False
+    reply = hit.get("judge_reply_retry", hit["judge_reply"])
+    fields, how, _ = _judged(mode, reply or "", hit.get("logprobs"))
+    if how == "failed":
+        return False
+    _fill(mode, rec, fields)
+    rec.update(parse="retried" if "judge_reply_retry" in hit else how, judge_reply=hit["judge_reply"], error=None,
+               cached=True, **({"judge_reply_retry": hit["judge_reply_retry"]} if "judge_reply_retry" in hit else {}))
+    return True

@@ -1,0 +1,307 @@
+"""Stage 3 — Self-Distillation with Feedback (Baize v2).
+
+The v1 model samples `sdf.num_candidates` answers per prompt in batches; the teacher ranks each prompt's
+candidates in one request (shown in a shuffled order whose seed and permutation are recorded, so position bias
+cannot favour v1's first sample); one more LoRA pass from the v1 adapter on the preferred answers gives the v2
+adapter.
+
+Ranking replies are parsed strictly ("3 > 1 > 2 > 4"), then tolerantly (numbers in order of first mention), then
+from the logprobs of the first candidate number (teachers too small to write a ranking); what still fails is sent
+back once with the parser's error, and a second failure is recorded (`parse: "failed"`), never dropped.
+
+Selection (`sdf.select`):
+- best:     the top-ranked non-empty candidate, once.
+- weighted: every candidate repeated (n - 1 - rank) times, i.e. Borda weights n-1, ..., 1, 0 (best first). Since the
+            training loss is a sum over examples, one epoch over the repeats has the same expected gradient as a
+            loss weighted by Borda score, without a weighted-loss path in the trainer. The worst candidate gets
+            weight 0, as do candidates the teacher did not place (a partial, tolerant ranking) and empty ones.
+            One epoch sees n(n-1)/2 examples per prompt against best's one: compare at equal steps, not epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from baize_exp import cpu
+from baize_exp import models as M
+from baize_exp.chat.ask import ask_parsed
+from baize_exp.config import cache_dir, to_container
+from baize_exp.data import BAIZE_HUMAN, generation_prompt, load_eval_questions, load_seed_file
+from baize_exp.errors import Interrupted, UserError
+from baize_exp.io import content_hash, global_rank, read_jsonl, write_jsonl
+from baize_exp.stages.base import BACKEND_KNOBS, Stage, training_dialogs
+from baize_exp.training import check_machine, fit, save_adapter
+
+log = logging.getLogger(__name__)
+_STRICT = re.compile(r"^\s*\[?(\d+)\]?(\s*>\s*\[?\d+\]?)+\s*$")
+
+
+def parse_ranking(reply: str, n: int) -> tuple[list[int] | None, str, int, str | None]:
+    """(ranking, how, ranked, error): 0-based shown positions best first, from a reply like "3 > 1 > 2 > 4".
+
+    Strict: a line that is exactly numbers separated by ">" naming each of 1..n once (ranked = n). Tolerant: the
+    distinct in-range numbers in order of first mention (ranked = how many), the rest appended in shown order.
+    Otherwise (None, "failed", 0, what was wrong)."""
+    reply = reply or ""
+    strict_error = None
+    for line in reply.splitlines():
+        if _STRICT.match(line):
+            nums = [int(x) for x in re.findall(r"\d+", line)]
+            if sorted(nums) == list(range(1, n + 1)):
+                return [x - 1 for x in nums], "ok", n, None
+            strict_error = f"the ranking {line.strip()!r} must name each of 1..{n} exactly once"
+    seen: list[int] = []
+    for x in re.findall(r"\d+", reply):
+        k = int(x)
+        if 1 <= k <= n and k - 1 not in seen:
+            seen.append(k - 1)
+    if seen:
+        return seen + [k for k in range(n) if k not in seen], "tolerant", len(seen), None
+    return None, "failed", 0, strict_error or f"the reply names none of the answer numbers 1..{n}"
+
+
+def ranking_from_logprobs(logprobs: dict | None, n: int) -> list[int] | None:
+    """Fallback for teachers that will not write a ranking (small local models): at the first generated position
+    whose top alternatives include candidate numbers, order those numbers by probability."""
+    for pos in (logprobs or {}).get("content") or []:
+        probs: dict[int, float] = {}
+        for alt in pos.get("top_logprobs") or []:
+            tok = alt["token"].strip()
+            if tok.isdigit() and 1 <= int(tok) <= n:
+                probs[int(tok) - 1] = max(probs.get(int(tok) - 1, float("-inf")), alt["logprob"])
+        if probs:
+            best = sorted(probs, key=lambda k: -probs[k])
+            return best + [k for k in range(n) if k not in best]
+    return None
+
+
+def _ranking_parser(n: int) -> Any:
+    """A reply's ranking: strict, then tolerant, then from the logprobs of the first candidate number (which counts
+    the whole ranking as given). Value: (ranking as shown positions, how many were ranked)."""
+    def parse(res: Any) -> tuple[tuple[list[int], int] | None, str, str | None]:
+        ranking, how, ranked, err = parse_ranking(res.text, n)
+        if ranking is None:
+            lp = ranking_from_logprobs(res.logprobs[0] if res.logprobs else None, n)
+            if lp is not None:
+                return (lp, n), "logprobs", None
+            return None, how, err
+        return (ranking, ranked), how, None
+
+    return parse
+
+
+def rank_candidates(client: Any, s: Any, prompts: list[str], cands: list[list[str]],
+                    index: list[int] | None = None) -> list[dict]:
+    """Ask the teacher to rank each prompt's candidates in one request each; records in candidates.jsonl shape.
+    `index`: each prompt's position in the stage's prompt list (its shuffle seed), when ranking a subset again.
+
+    A request that failed for a transient reason is recorded with `failed` (its error) and not sent back with a
+    parser's complaint: there is no reply to correct, and a rerun asks for it again."""
+    n = len(cands[0])
+    example = " > ".join(str(k) for k in random.Random(0).sample(range(1, n + 1), n))
+    records, convs = [], []
+    for i, p, cs in zip(index or range(len(prompts)), prompts, cands, strict=True):
+        order = list(range(n))
+        shuffle_seed = s.seed * 100003 + i
+        random.Random(shuffle_seed).shuffle(order)  # presentation order: position k shows cs[order[k]]
+        shown = "\n\n".join(f"Answer {k + 1}: {cs[j]}" for k, j in enumerate(order))
+        convs.append([{"role": "user", "content": s.rank_template.format(n=n, prompt=p, candidates=shown,
+                                                                         example=example)}])
+        records.append({"prompt": p, "candidates": cs, "order": order, "shuffle_seed": shuffle_seed})
+    params = dict(temperature=0.0, max_tokens=s.rank_max_tokens, logprobs=True, top_logprobs=20)
+    answers = ask_parsed(client, convs, _ranking_parser(n),
+                         lambda err: s.retry_template.format(error=err, n=n, example=example), "sdf ranking",
+                         **params)
+    for rec, a in zip(records, answers, strict=True):
+        shown, ranked = a.value or (None, 0)
+        rec.update(judge_reply=a.reply, parse=a.how, ranked=ranked, parse_error=None if shown else a.error,
+                   ranking=[rec["order"][k] for k in shown] if shown else None)  # candidate indices, best first
+        if a.retried:
+            rec["judge_reply_retry"] = a.retry_reply
+        if a.failed:
+            rec["failed"] = a.failed
+    return records
+
+
+@torch.no_grad()
+def sample_candidates(model: torch.nn.Module, tok: Any, prompts: list[str], n: int, max_new_tokens: int,
+                      temperature: float, top_p: float, batch_size: int = 8, stop: list[str] | None = None
+                      ) -> list[list[str]]:
+    """`n` sampled answers per prompt, `batch_size` prompts per `generate` (left padding, KV cache).
+
+    Unlike `generate(num_return_sequences=n)`, which runs the prompt through the model n times, each prompt is
+    run once and its KV cache repeated n times: prompts (the Baize header + question, ~100 tokens) outweigh short
+    answers, so this is most of the sampling cost saved. Greedy output equals `models.generate_texts`'s."""
+    model.eval()
+    side, tok.padding_side = tok.padding_side, "left"
+    outs: list[list[str]] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            cpu.fit_threads()
+            enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            ids, mask = enc.input_ids, enc.attention_mask
+            # the cache covers all but the last prompt token, which generate feeds to make the first new token
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            past = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                         use_cache=True).past_key_values
+            past.batch_repeat_interleave(n)
+            kw: dict[str, Any] = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            if temperature <= 0:
+                kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            seqs = model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                                  past_key_values=past, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                  **kw)[:, ids.shape[1]:]
+            texts = tok.batch_decode(seqs, skip_special_tokens=True)
+            outs += [[M.cut_at_stop(t, stop or [])[0].strip() for t in texts[j:j + n]] for j in range(0, len(texts), n)]
+    finally:
+        tok.padding_side = side
+    return outs
+
+
+def candidate_weights(rec: dict, select: str) -> list[int]:
+    """How many times each candidate is trained on (see the module docstring)."""
+    n = len(rec["candidates"])
+    w = [0] * n
+    if rec["ranking"] is None:
+        return w
+    nonempty = [j for j in rec["ranking"] if rec["candidates"][j].strip()]
+    if select == "best":
+        if nonempty:
+            w[nonempty[0]] = 1
+        return w
+    for rank, j in enumerate(rec["ranking"][: rec["ranked"]]):
+        if rec["candidates"][j].strip():
+            w[j] = n - 1 - rank
+    return w
+
+
+def load_prompts(cfg: Any, train_dialogs: list[dict]) -> list[str]:
+    """SDF prompts: a file's, or the first human turn of each training dialog (held-out dialogs stay unseen).
+    Eval questions are refused: evaluation must stay on questions no stage trained on."""
+    s = cfg.sdf
+    if s.prompts:
+        prompts = list(dict.fromkeys(x.question for x in load_seed_file(s.prompts)))
+    else:
+        prompts = list(dict.fromkeys(d["turns"][0]["text"] for d in train_dialogs if d["turns"]))
+    leaked = {q["question"].strip() for q in load_eval_questions(cfg.eval.questions)} & {p.strip() for p in prompts}
+    if leaked:
+        raise ValueError(f"sdf: {len(leaked)} prompt(s) are eval questions (e.g. {sorted(leaked)[0][:80]!r}); "
+                         f"remove them from {s.prompts or 'the dialogs'} so evaluation stays held out")
+    return prompts[: s.num_prompts] if s.num_prompts else prompts
+
+
+# sdf keys that act after the candidates are ranked: changing them reuses the ranked candidates
+AFTER_RANKING = ("enabled", "select", "lr", "max_epochs")
+
+
+def candidates_key(cfg: Any, v1: Path, prompts: list[str]) -> str:
+    """What the ranked candidates depend on: the v1 adapter's weights, the model, the prompts, the sampling and
+    ranking settings, and the teacher."""
+    s = {k: v for k, v in to_container(cfg.sdf).items() if k not in AFTER_RANKING}
+    t = cfg.teacher
+    return content_hash(M.adapter_hash(v1), to_container(cfg.model), cfg.train.format, s, prompts,
+                        [t.backend, t.model, t.temperature, t.top_p])
+
+
+def _finished_candidates(path: Path, key: str) -> list[dict] | None:
+    """The records of an earlier attempt of this stage (a crash in training, a rerun of a DDP worker), if they were
+    made with the same key; None if there are none or they belong to other settings."""
+    if not path.is_file():
+        return None
+    records = read_jsonl(path)
+    return records if records and all(r.get("key") == key for r in records) else None
+
+
+def _wait_for_candidates(path: Path, key: str, poll_s: float = 2.0) -> list[dict]:
+    """Rank 0's records once every prompt is ranked."""
+    t0 = time.monotonic()
+    while (records := _finished_candidates(path, key)) is None or any(r.get("failed") for r in records):
+        if int(time.monotonic() - t0) % 60 < poll_s:
+            log.info("rank %d: waiting for rank 0 to write %s", global_rank(), path)
+        time.sleep(poll_s)
+    return records
+
+
+def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
+    """The pipeline's sdf stage: v1 adapter → candidates.jsonl → v2 adapter."""
+    s = cfg.sdf
+    if not s.enabled:
+        return {"skipped": True}
+    stage_dir = run_dir / "sdf"
+    v1 = run_dir / "train" / "adapter"
+    if not (v1 / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"sdf: no v1 adapter at {v1}; run the train stage first")
+    _, train_d, val_d, _ = training_dialogs(cfg, run_dir)
+    prompts = load_prompts(cfg, train_d)
+
+    base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg))
+    model = M.load_adapter(base, v1, trainable=True)
+    cand_path = stage_dir / "candidates.jsonl"
+    key = candidates_key(cfg, v1, prompts)
+    records = _finished_candidates(cand_path, key)
+    if global_rank() > 0 and (records is None or any(r.get("failed") for r in records)):
+        records = _wait_for_candidates(cand_path, key)  # torchrun/srun: rank 0 samples and ranks, the others wait
+    if records is None:
+        torch.manual_seed(s.seed)
+        cands = sample_candidates(model, tok, [generation_prompt(p, cfg.train.format, tok) for p in prompts],
+                                  s.num_candidates, s.max_new_tokens, s.temperature, s.top_p, s.batch_size,
+                                  stop=[BAIZE_HUMAN])
+        if global_rank() == 0:  # the candidates are kept before any ranking request: a crash keeps the samples
+            write_jsonl(cand_path, [{"prompt": p, "candidates": c, "key": key, "failed": "not ranked yet"}
+                                    for p, c in zip(prompts, cands, strict=True)])
+        records = [{**r, "key": key} for r in rank_candidates(backends.client("teacher"), s, prompts, cands)]
+    else:
+        log.info("sdf: reusing the %d sampled prompts in %s (same v1 adapter, prompts and settings)", len(records),
+                 cand_path)
+        todo = [i for i, r in enumerate(records) if r.get("failed")]
+        if todo and global_rank() == 0:  # rankings that failed for a transient reason: asked again, only those
+            again = rank_candidates(backends.client("teacher"), s, [records[i]["prompt"] for i in todo],
+                                    [records[i]["candidates"] for i in todo], index=todo)
+            for i, rec in zip(todo, again, strict=True):
+                records[i] = {**rec, "key": key}
+    cands = [r["candidates"] for r in records]
+
+    chosen = []
+    for i, rec in enumerate(records):
+        rec["weights"] = candidate_weights(rec, s.select)
+        for j, w in enumerate(rec["weights"]):
+            chosen += [{"id": f"sdf-{i}-{j}", "turns": [{"role": "human", "text": rec["prompt"]},
+                                                        {"role": "ai", "text": rec["candidates"][j]}]}] * w
+    if global_rank() == 0:  # before training: a crash there loses none of the teacher's rankings
+        write_jsonl(cand_path, records)
+    failed = [r for r in records if r.get("failed")]
+    if failed:
+        raise Interrupted(f"sdf: {len(failed)} of {len(records)} rankings are unfinished: the teacher's requests "
+                          f"failed (last: {failed[-1]['failed']}). The candidates and the {len(records) - len(failed)} "
+                          f"rankings that came back are kept in {cand_path}; a rerun asks only for the missing ones")
+    parse = Counter(r["parse"] for r in records)
+    metrics: dict[str, Any] = {"prompts": len(prompts), "candidates": len(prompts) * s.num_candidates,
+                               "empty_candidates": sum(not c.strip() for cs in cands for c in cs),
+                               **{f"parse_{k}": parse[k] for k in ("ok", "tolerant", "logprobs", "retried", "failed")},
+                               "select": s.select, "selected_examples": len(chosen),
+                               "prompts_used": sum(any(r["weights"]) for r in records)}
+    if not chosen:
+        raise UserError(f"sdf: no candidate was selected: every ranking was unparsable or every candidate empty "
+                        f"(see {cand_path}); a stronger teacher ranks reliably, a larger sdf.max_new_tokens gives "
+                        f"longer candidates")
+    metrics.update(fit(model, tok, chosen, val_d, cfg, stage_dir, s.lr, s.max_epochs, prefix="sdf/"))
+    if metrics["rank"] == 0:  # under DDP every rank gets here; one writes the adapter (as train.run does)
+        save_adapter(model, tok, stage_dir / "adapter", {"model": cfg.model.name, "from": str(v1),
+                                                        "sdf": to_container(s), "metrics": metrics},
+                     fmt=cfg.train.format)
+    return metrics
+
+
+STAGE = Stage(
+    "sdf", run, reads=("train",), shapes=("sdf", "teacher"), ignores=BACKEND_KNOBS,
+    writes=("sdf/candidates.jsonl", "sdf/adapter", "sdf/checkpoints", "sdf/logs"), joins_ddp=True,
+    preflight=check_machine,
+)

@@ -1,0 +1,55 @@
+"""Stage 2 — LoRA tuning of the base on the collected dialogs (v1). The training core is `baize_exp.training`."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+from baize_exp import models as M
+from baize_exp.config import to_container
+from baize_exp.io import write_jsonl
+from baize_exp.stages.base import Stage, training_dialogs
+from baize_exp.training import NOT_TRAINING, check_machine, fit, load_base_for_training, save_adapter
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
+    """The pipeline's train stage: base + fresh LoRA → `train/adapter` (v1)."""
+    stage_dir = run_dir / "train"
+    src, train_d, val_d, rejects = training_dialogs(cfg, run_dir)
+    write_jsonl(stage_dir / "val_dialogs.jsonl", val_d)  # the held-out dialogs eval scores loss on
+    write_jsonl(stage_dir / "rejected_dialogs.jsonl", rejects)
+    if rejects:
+        log.warning("train: %d dialog(s) of %s are not trained on (%s); see %s", len(rejects), src,
+                    dict(Counter(r["reason"] for r in rejects)), stage_dir / "rejected_dialogs.jsonl")
+    model, tok = load_base_for_training(cfg)
+    pl.seed_everything(cfg.train.seed, verbose=False)  # the LoRA A init is random: same seed, same start
+    peft_model = M.attach_lora(model, cfg.lora)
+    metrics = fit(peft_model, tok, train_d, val_d, cfg, stage_dir, cfg.train.lr, cfg.trainer.max_epochs)
+    if metrics["rank"] == 0:  # under DDP every rank gets here; one writes the adapter
+        save_adapter(peft_model, tok, stage_dir / "adapter",
+                     {"model": cfg.model.name, "lora": to_container(cfg.lora), "train": to_container(cfg.train),
+                      "data": str(src), "metrics": metrics}, fmt=cfg.train.format)
+    metrics["data"] = str(src)
+    metrics["rejected_dialogs"] = len(rejects)
+    metrics["rejected_by_reason"] = dict(Counter(r["reason"] for r in rejects))
+    return metrics
+
+
+STAGE = Stage(
+    "train", run, reads=("collect",),
+    shapes=("model", "lora", "train", "trainer.max_epochs", "trainer.max_steps", "trainer.precision",
+            "trainer.accumulate_grad_batches", "trainer.gradient_clip_val"),
+    ignores=NOT_TRAINING,  # the same keys a checkpoint stays resumable across
+    writes=("train/adapter", "train/checkpoints", "train/logs", "train/val_dialogs.jsonl",
+            "train/rejected_dialogs.jsonl"),
+    # dialogs from another run (train.data) stand in for this run's collect stage: their content is hashed
+    external=lambda cfg: {"collect": cfg.train.data} if cfg.train.data else {},
+    joins_ddp=True,
+    preflight=check_machine,
+)

@@ -1,0 +1,321 @@
+"""LoRA tuning with Lightning + PEFT: the training core the train and SDF stages share, and held-out loss for eval.
+
+`fit` trains a PEFT model's LoRA weights on dialogs (packing, loss on AI turns, resumable checkpoints of the
+trainable weights only, MFU and throughput figures, CSV + W&B logs); `save_adapter` writes an adapter folder that
+describes itself; `heldout_loss` scores AI turns. The pieces: `data` (tokenize, pack, batch), `module` (the
+LightningModule), `fused_lora` (the CPU LoRA layer), `strategy` (DDP / DeepSpeed ZeRO).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+
+from baize_exp import cpu
+from baize_exp import models as M
+from baize_exp.config import cache_dir, to_container
+from baize_exp.data import BAIZE_AI, BAIZE_HEADER, BAIZE_HUMAN, generation_prompt
+from baize_exp.errors import UserError
+from baize_exp.io import content_hash, write_json
+from baize_exp.training.data import IGNORE, DialogDataModule, collate, tokenize_dialog
+from baize_exp.training.fused_lora import use_fused_lora
+from baize_exp.training.module import LoraLM, measure_matmul_peak, peak_memory_gb
+from baize_exp.training.strategy import build_strategy
+
+log = logging.getLogger(__name__)
+PROMPT_FORMAT = {"format": "baize", "header": BAIZE_HEADER, "human": BAIZE_HUMAN, "ai": BAIZE_AI,
+                 "stop": [BAIZE_HUMAN]}
+CHAT_TEMPLATE_FORMAT = {"format": "chat_template", "note": "prompts through the saved tokenizer's chat template"}
+# train keys that change neither the weights nor the data order: a checkpoint stays resumable across them, and the
+# train stage's fingerprint leaves them out too (the dialogs themselves are hashed, not train.data's path)
+NOT_TRAINING = frozenset({"resume", "checkpoint_every_n_steps", "peak_flops", "sample_every_n_steps",
+                          "sample_prompts", "sample_max_new_tokens", "cache_tokenized", "data"})
+
+
+class ResumedCSVLogger(CSVLogger):
+    """Lightning's CSV logger deletes metrics.csv when it starts. A fit resumed from a checkpoint at step k keeps
+    the rows logged before step k instead, so the loss curve from before a crash is not lost (the steps after k
+    are logged again by the resumed fit)."""
+
+    def __init__(self, save_dir: str, keep_before_step: int | None = None):
+        super().__init__(save_dir=save_dir, name="logs", version="")
+        self._kept: list[dict] = []
+        self._kept_keys: list[str] = []
+        old = Path(self.log_dir) / "metrics.csv"
+        if keep_before_step is not None and old.is_file():
+            with open(old, newline="") as f:
+                reader = csv.DictReader(f)
+                self._kept = [r for r in reader if r.get("step") and int(float(r["step"])) < keep_before_step]
+                self._kept_keys = list(reader.fieldnames or [])
+
+    @property
+    def experiment(self) -> Any:
+        fresh = self._experiment is None
+        exp = super().experiment  # creating the writer deletes the old file
+        if fresh and self._kept:
+            with open(exp.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self._kept_keys)
+                writer.writeheader()
+                writer.writerows(self._kept)
+            exp.metrics_keys = sorted(self._kept_keys)  # new columns are merged into this header
+        return exp
+
+
+def _checkpoint_step(path: str | None) -> int | None:
+    """The optimizer step a checkpoint file was written at (a DeepSpeed checkpoint dir: None)."""
+    if not path or not Path(path).is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
+def build_logger(cfg: Any, stage_dir: Path, prefix: str, resumed_step: int | None = None) -> list[Any]:
+    """Loggers for a training stage. The CSV log in the stage dir is always written: it is the run's own loss
+    history (the multi-run report plots it) and survives without W&B; W&B is added when the pipeline has a run."""
+    loggers: list[Any] = [ResumedCSVLogger(str(stage_dir), keep_before_step=resumed_step)]
+    if cfg.logger.name == "wandb":
+        import wandb
+        from pytorch_lightning.loggers import WandbLogger
+
+        # The pipeline owns the W&B run; Lightning logs into it (one run per pipeline run).
+        if wandb.run is not None:
+            loggers.append(WandbLogger(experiment=wandb.run))
+    return loggers
+
+
+def check_machine(cfg: Any) -> None:
+    """Before any work: what training asks of this machine (a GPU trainer needs a GPU), and a loadable model."""
+    M.check_loadable(cfg.model)
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} (trainer=gpu) but no CUDA GPU is visible "
+                        f"here (torch {torch.__version__}); use trainer=cpu on this machine, or run on a GPU machine")
+
+
+def _device(cfg: Any) -> torch.device:
+    acc = cfg.trainer.accelerator
+    return torch.device("cuda" if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _peak_flops(cfg: Any) -> float:
+    """The per-device peak MFU is measured against: configured, or a matmul probe in the training dtype."""
+    if cfg.train.peak_flops:
+        return float(cfg.train.peak_flops)
+    dev = _device(cfg)
+    prec = str(cfg.trainer.precision)
+    dtype = torch.float32
+    if dev.type == "cuda" and prec.startswith("bf16"):
+        dtype = torch.bfloat16
+    elif dev.type == "cuda" and prec.startswith("16"):
+        dtype = torch.float16
+    return measure_matmul_peak(dev, dtype)
+
+
+def _fingerprint(cfg: Any, lr: float, max_epochs: int, prefix: str, train_dialogs: list[dict]) -> str:
+    """What a checkpoint's weights and data order depend on; resuming from another config is refused."""
+    t = {k: v for k, v in to_container(cfg.train).items() if k not in NOT_TRAINING}
+    tr = cfg.trainer
+    return content_hash(to_container(cfg.model), to_container(cfg.lora), t, lr, max_epochs, prefix,
+                        tr.max_steps, tr.accumulate_grad_batches, tr.gradient_clip_val, str(tr.precision),
+                        [d["turns"] for d in train_dialogs])
+
+
+def _resume_path(cfg: Any, ckpt_dir: Path) -> str | None:
+    r = cfg.train.resume
+    if r == "never":
+        return None
+    if r == "auto":
+        last = ckpt_dir / "last.ckpt"
+        return str(last) if last.is_file() else None
+    return str(Path(r).expanduser())
+
+
+class FitThreads(pl.Callback):
+    """Training takes the cores that are free, re-read as it goes: a job that starts beside it later gets its
+    share instead of two pools spinning against each other (baize_exp.cpu)."""
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        cpu.fit_threads(every_s=5.0)
+
+
+class SampleCallback(pl.Callback):
+    """Every N optimizer steps, greedy answers to fixed prompts: a W&B table and `<stage>/samples.jsonl`."""
+
+    def __init__(self, tok: Any, prompts: list[str], every: int, max_new_tokens: int, fmt: str, out: Path,
+                 prefix: str = ""):
+        self.tok, self.every, self.max_new_tokens, self.out, self.prefix = tok, every, max_new_tokens, out, prefix
+        self.prompts = [generation_prompt(p, fmt, tok) for p in prompts]
+        self.stop: list[str] = [] if fmt == "chat_template" else [BAIZE_HUMAN]
+        self.questions = list(prompts)
+        self._last = -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every or step == self._last or not trainer.is_global_zero:
+            return
+        self._last = step
+        model = pl_module.model
+        was_training = model.training
+        try:  # greedy decoding draws no random numbers, so training's RNG stream is untouched
+            texts = M.generate_texts(model, self.tok, self.prompts, self.max_new_tokens, stop=self.stop)
+        finally:
+            model.train(was_training)
+        rows = [[step, q, t[0]] for q, t in zip(self.questions, texts, strict=True)]
+        with open(self.out, "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps({"step": r[0], "prompt": r[1], "sample": r[2]}) + "\n")
+        for lg in trainer.loggers:
+            if hasattr(lg, "log_table"):  # W&B
+                lg.log_table(key=f"{self.prefix}train/samples", columns=["step", "prompt", "sample"], data=rows)
+
+
+def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_dialogs: list[dict], cfg: Any,
+        stage_dir: Path, lr: float, max_epochs: int, prefix: str = "",
+        callbacks: list[pl.Callback] | None = None) -> dict:
+    """Train the LoRA weights of `peft_model` in place with Lightning; return metrics.
+
+    Checkpoints (trainable weights + optimizer/scheduler/loop/RNG state) go to `<stage_dir>/checkpoints`;
+    with `train.resume=auto` a rerun continues from `last.ckpt` exactly where the interrupted run was.
+    """
+    t, tr = cfg.train, cfg.trainer
+    peak = _peak_flops(cfg)  # before seeding: the probe must not shift the seeded RNG stream
+    pl.seed_everything(t.seed, workers=True, verbose=False)
+    dm = DialogDataModule(train_dialogs, val_dialogs, tok, t.max_length, t.batch_size, t.loss_on, t.seed,
+                          fmt=t.format, packing=t.packing, cache=cache_dir(cfg) if t.cache_tokenized else None)
+    if t.gradient_checkpointing:
+        # non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads trick needed)
+        if hasattr(peft_model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            peft_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.fused_lora:
+        use_fused_lora(peft_model)
+    module = LoraLM(peft_model, lr=lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, log_prefix=prefix,
+                    min_lr_ratio=t.min_lr_ratio, peak_flops=peak,
+                    fingerprint=_fingerprint(cfg, lr, max_epochs, prefix, train_dialogs))
+    ckpt_dir = stage_dir / "checkpoints"
+    cbs: list[pl.Callback] = [*(callbacks or []), FitThreads()]
+    if t.checkpoint_every_n_steps > 0:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        cbs.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step}", save_top_k=0, save_last=True,
+                                   every_n_train_steps=t.checkpoint_every_n_steps, auto_insert_metric_name=False))
+    if t.sample_every_n_steps > 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        cbs.append(SampleCallback(tok, list(t.sample_prompts), t.sample_every_n_steps, t.sample_max_new_tokens,
+                                  t.format, stage_dir / f"{prefix.strip('/') or 'train'}_samples.jsonl", prefix))
+    ckpt_path = _resume_path(cfg, ckpt_dir)
+    trainer = pl.Trainer(
+        accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, precision=tr.precision,
+        strategy=build_strategy(cfg.strategy, cfg.trainer, cfg.train.batch_size), max_epochs=max_epochs, max_steps=tr.max_steps,
+        accumulate_grad_batches=tr.accumulate_grad_batches, gradient_clip_val=tr.gradient_clip_val,
+        log_every_n_steps=tr.log_every_n_steps, enable_progress_bar=tr.enable_progress_bar,
+        logger=build_logger(cfg, stage_dir, prefix, _checkpoint_step(ckpt_path)),
+        enable_checkpointing=t.checkpoint_every_n_steps > 0,
+        callbacks=cbs, enable_model_summary=False, default_root_dir=str(stage_dir), num_sanity_val_steps=0,
+        limit_val_batches=1.0 if dm.val_set else 0,
+        use_distributed_sampler=False,  # our batch sampler shards by rank itself and can resume mid-epoch
+    )
+    peft_model.train()  # from_pretrained leaves eval mode, which would switch LoRA dropout off
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        # Lightning cannot see that our batch sampler resumes mid-epoch (LoraLM.on_train_start moves it)
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    elapsed = time.perf_counter() - t0
+    m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    total, trainable = M.count_parameters(peft_model)
+    world = trainer.world_size
+    out = {
+        "train_dialogs": len(dm.train_examples), "val_dialogs": len(dm.val_set), "dropped_too_long": dm.dropped,
+        "train_rows": len(dm.train_set), "steps": trainer.global_step, "epochs": trainer.current_epoch,
+        "seconds": round(elapsed, 2), "resumed_from": ckpt_path, "world_size": world,
+        # this process's work over the whole fit (setup and validation included); per-step rates are logged
+        "tokens_per_s": round(world * module.run_tokens / elapsed, 1),
+        "supervised_tokens_per_s": round(world * module.run_supervised / elapsed, 1),
+        "params_total": total, "params_trainable": trainable, "peak_flops": peak,
+        "peak_mem_gb": round(peak_memory_gb(module.device), 3),
+        "train_loss": m.get(f"{prefix}train/loss"),
+    }
+    out["loop_seconds"] = round(module.train_seconds, 2)  # the training loop alone
+    if module.train_seconds:
+        out["mfu"] = round(module.run_flops / module.train_seconds / peak, 4)
+    if f"{prefix}val/loss" in m:
+        out["val_loss"] = m[f"{prefix}val/loss"]
+        out["val_ppl"] = math.exp(min(out["val_loss"], 50))
+    # what each rank did: a DDP run can be checked rank by rank (equal batch counts, disjoint shards)
+    write_json(stage_dir / f"{prefix.strip('/') or 'train'}_rank{trainer.global_rank}.json",
+               {"rank": trainer.global_rank, "world_size": world, "batches_trained": module.batches_trained,
+                "tokens_seen": module.tokens_seen, "supervised_seen": module.supervised_seen,
+                "last_losses": module.step_losses[-5:]})
+    out["rank"] = trainer.global_rank
+    return out
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, tok: Any, dialogs: list[dict], max_length: int,
+                 batch_size: int = 4, fmt: str = "baize") -> dict:
+    """Per-token loss and perplexity on AI turns of held-out dialogs."""
+    model.eval()
+    enc = [x for x in (tokenize_dialog(d["turns"], tok, max_length, "ai", fmt) for d in dialogs) if x]
+    total, n = 0.0, 0
+    for i in range(0, len(enc), batch_size):
+        b = collate(enc[i:i + batch_size], tok.pad_token_id)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        tgt = b["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                 ignore_index=IGNORE, reduction="sum")
+        total += float(loss)
+        n += int((tgt != IGNORE).sum())
+    if n == 0:
+        return {"heldout_loss": None, "heldout_ppl": None, "heldout_tokens": 0}
+    return {"heldout_loss": total / n, "heldout_ppl": math.exp(min(total / n, 50)), "heldout_tokens": n}
+
+
+def save_adapter(peft_model: Any, tok: Any, out: Path, extra: dict, fmt: str = "baize") -> None:
+    """An adapter folder that describes itself: peft weights + config, tokenizer, prompt format, provenance."""
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    fmt_doc = CHAT_TEMPLATE_FORMAT if fmt == "chat_template" else PROMPT_FORMAT
+    (out / "prompt_format.json").write_text(json.dumps(fmt_doc, indent=2))
+    (out / "baize_exp.json").write_text(json.dumps(extra, indent=2, default=str))
+
+
+def load_base_for_training(cfg: Any) -> tuple[torch.nn.Module, Any]:
+    """The base model (optionally 8/4-bit through bitsandbytes on CUDA) and its tokenizer."""
+    q = cfg.train.quantize_base
+    if q == "none":
+        return M.load_model_and_tokenizer(cfg.model, cache_dir(cfg))
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"train.quantize_base={q}: bitsandbytes quantization needs a CUDA GPU and none is "
+                           f"visible; use train.quantize_base=none on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"train.quantize_base={q} needs bitsandbytes: pip install bitsandbytes") from e
+    if cfg.model.source == "tiny":
+        raise ValueError(f"train.quantize_base={q}: model=tiny is built in memory; quantize a real checkpoint")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    qc = (BitsAndBytesConfig(load_in_8bit=True) if q == "8bit" else
+          BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16))
+    tok = M.load_tokenizer(cfg.model, cache_dir(cfg))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    model = AutoModelForCausalLM.from_pretrained(M.resolve_model_dir(cfg.model, cache_dir(cfg)),
+                                                 quantization_config=qc, device_map={"": local_rank})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+

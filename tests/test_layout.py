@@ -1,0 +1,91 @@
+"""The import graph of baize_exp (module level and inside functions alike): no cycle, no arrow from a lower layer
+up to a stage or the pipeline, no stage into another stage, and the package ships what a non-editable install
+needs."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import baize_exp
+
+PKG = Path(baize_exp.__file__).parent
+LOWER = ("baize_exp.io", "baize_exp.errors", "baize_exp.config", "baize_exp.cpu", "baize_exp.models",
+         "baize_exp.chat", "baize_exp.data", "baize_exp.serve", "baize_exp.training", "baize_exp.export")
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every baize_exp module `path` imports, anywhere in the file (`from baize_exp.x import y` counts x.y when
+    that is a module)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("baize_exp")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("baize_exp"):
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                found.add(sub if sub in MODULES else node.module)
+    return found
+
+
+MODULES = {_module(p): p for p in PKG.rglob("*.py") if "conf" not in p.relative_to(PKG).parts}
+GRAPH = {m: {i for i in _imports(p) if i != m} for m, p in MODULES.items()}
+
+
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def test_no_import_cycle() -> None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(GRAPH.get(m, ())):
+            # a package's __init__ importing its own submodules is how packages re-export; not a cycle
+            if _within(n, m) and n != m:
+                continue
+            if state.get(n) == 1:
+                pytest.fail("import cycle: " + " -> ".join([*path[path.index(n):], n]))
+            if n in GRAPH and state.get(n) is None:
+                visit(n, [*path, n])
+        state[m] = 2
+
+    for m in sorted(GRAPH):
+        if state.get(m) is None:
+            visit(m, [m])
+
+
+def test_lower_layers_never_import_a_stage_the_pipeline_or_an_entry_point() -> None:
+    bad = [f"{m} -> {n}" for m, deps in GRAPH.items() if any(_within(m, low) for low in LOWER)
+           for n in deps if any(_within(n, up) for up in ("baize_exp.stages", "baize_exp.pipeline", "baize_exp.cli"))]
+    assert not bad, bad
+
+
+def test_no_stage_imports_another_stage_or_the_pipeline() -> None:
+    bad = []
+    for m, deps in GRAPH.items():
+        if not _within(m, "baize_exp.stages") or m in ("baize_exp.stages", "baize_exp.stages.base"):
+            continue
+        own = ".".join(m.split(".")[:3])  # baize_exp.stages.<stage>
+        for n in deps:
+            if _within(n, "baize_exp.pipeline") or _within(n, "baize_exp.cli") or _within(n, "baize_exp.stages") and not (_within(n, own) or n == "baize_exp.stages.base"):
+                bad.append(f"{m} -> {n}")
+    assert not bad, bad
+
+
+def test_only_the_entry_points_import_the_pipeline() -> None:
+    users = {m for m, deps in GRAPH.items() if "baize_exp.pipeline" in deps}
+    assert users <= {"baize_exp.cli"}, users
+
+
+def test_the_test_servers_are_not_product_code() -> None:
+    assert not list(PKG.rglob("fault_server.py"))
+    assert not [m for m, p in MODULES.items() if "fault" in p.read_text().lower() and "FaultServer" in p.read_text()]
