@@ -82,6 +82,7 @@ class FaultServer:
         self.reply = reply
         self.requests = 0  # chat completion requests received, every attempt counted
         self.received: list[tuple[str, dict | None]] = []  # (fault applied, request body)
+        self.arrivals: list[float] = []  # time.monotonic() of each chat request's arrival
         self.faults: Counter[str] = Counter()
         self._attempts: Counter[str] = Counter()  # per exact request body, for [[fault:KINDxN]]
         self._lock = threading.Lock()
@@ -186,6 +187,7 @@ class FaultServer:
         with self._lock:
             self.requests += 1
             self.received.append((fault, req))
+            self.arrivals.append(time.monotonic())
             self.faults[fault] += 1
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
