@@ -86,9 +86,22 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (SmolLM2, tiny; not LLaMA-1)
     seed: int = 0  # init seed of the random tiny model
+    # The frozen base's weights: auto follows trainer.precision (bf16 for bf16-*, fp16 for 16-mixed, else fp32), so
+    # a 7B base holds ~13.5 GiB in bf16, not 27 in fp32. LoRA weights stay fp32 (peft keeps adapters in fp32).
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16
+    # The frozen base through bitsandbytes, QLoRA-style (CUDA only): 8bit (LLM.int8) | 4bit (nf4, double quant)
+    quantization: str = "none"  # none | 8bit | 4bit
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(self.source in ("gguf", "tiny", "hf"), f"{key}.source", self.source, "one of gguf, tiny, hf")
+        p.check(self.dtype in ("auto", "fp32", "bf16", "fp16"), f"{key}.dtype", self.dtype,
+                "one of auto, fp32, bf16, fp16")
+        p.check(self.dtype != "fp16" or c.trainer.accelerator in ("gpu", "cuda"), f"{key}.dtype", self.dtype,
+                "fp32 or bf16 on CPU (fp16 kernels need a GPU)")
+        p.check(self.quantization in ("none", "8bit", "4bit"), f"{key}.quantization", self.quantization,
+                "one of none, 8bit, 4bit")
+        p.check(self.quantization == "none" or c.trainer.accelerator in ("gpu", "cuda"), f"{key}.quantization",
+                self.quantization, "none on CPU (bitsandbytes 8/4-bit bases need CUDA); use trainer=gpu")
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "vocab_size"):
             p.check(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "an integer >= 1")
@@ -119,8 +132,8 @@ class LoraConfig:
         p.check(0.0 <= self.dropout < 1.0, f"{key}.dropout", self.dropout, "a float in [0, 1)")
         p.check(len(self.target_modules) > 0, f"{key}.target_modules", list(self.target_modules), "a non-empty list")
         p.check(self.bias in ("none", "all", "lora_only"), f"{key}.bias", self.bias, "one of none, all, lora_only")
-        p.check(not (self.use_dora and c.train.quantize_base != "none"), f"{key}.use_dora", self.use_dora,
-                "false with train.quantize_base (use DoRA on an unquantized base)")
+        p.check(not (self.use_dora and c.model.quantization != "none"), f"{key}.use_dora", self.use_dora,
+                "false with model.quantization (use DoRA on an unquantized base)")
 
 
 @dataclass
@@ -275,7 +288,6 @@ class TrainConfig:
     cache_tokenized: bool = True  # tokenized dialogs cached under <cache_dir>/tokenized, keyed by tokenizer+settings
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     fused_lora: bool = True  # on CPU, each LoRA layer as one autograd function (training/fused_lora.py); same maths
-    quantize_base: str = "none"  # none | 8bit | 4bit (bitsandbytes, CUDA only; the frozen base only)
     resume: str = "auto"  # auto (continue from <stage>/checkpoints/last.ckpt if there) | never | <path.ckpt>
     checkpoint_every_n_steps: int = 50  # optimizer steps between checkpoints (0 = only at the end); LoRA + state
     peak_flops: float | None = None  # per-device peak for MFU; null = measured with a matmul probe at start
@@ -298,10 +310,6 @@ class TrainConfig:
         p.check(self.warmup_steps >= 0, f"{key}.warmup_steps", self.warmup_steps, "an integer >= 0")
         p.check(0.0 <= self.min_lr_ratio <= 1.0, f"{key}.min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
         p.check(0.0 <= self.val_fraction < 1.0, f"{key}.val_fraction", self.val_fraction, "a float in [0, 1)")
-        p.check(self.quantize_base in ("none", "8bit", "4bit"), f"{key}.quantize_base", self.quantize_base,
-                "one of none, 8bit, 4bit")
-        p.check(self.quantize_base == "none" or c.trainer.accelerator in ("gpu", "cuda"), f"{key}.quantize_base",
-                self.quantize_base, "none on CPU (bitsandbytes 8/4-bit bases need CUDA); use trainer=gpu")
         p.check(self.resume in ("auto", "never") or Path(self.resume).expanduser().is_file(), f"{key}.resume",
                 self.resume, "auto, never, or an existing .ckpt file")
         p.check(self.checkpoint_every_n_steps >= 0, f"{key}.checkpoint_every_n_steps",

@@ -146,8 +146,27 @@ def architecture(mcfg: Any) -> PretrainedConfig:
     )
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def base_dtype(mcfg: Any, precision: str = "32-true") -> torch.dtype:
+    """The dtype the frozen base is held in: `model.dtype`, or for `auto` what the trainer's precision computes in
+    (bf16 for bf16-mixed/bf16-true, fp16 for 16-mixed, else fp32). The planner counts the same bytes."""
+    if mcfg.dtype != "auto":
+        return DTYPES[mcfg.dtype]
+    p = str(precision)
+    return torch.bfloat16 if p.startswith("bf16") else torch.float16 if p.startswith("16") else torch.float32
+
+
+def student_device(accelerator: str) -> torch.device:
+    """Where the student (base + adapter) runs: where the trainer runs (this process's GPU under DDP)."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def load_model(mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load the base causal LM described by a `model` config."""
+    """Load the base causal LM described by a `model` config, in `dtype`."""
     if mcfg.source == "tiny":
         config = architecture(mcfg)
         # Same seed, same weights: runs of the tiny model are comparable and reproducible.
@@ -165,9 +184,10 @@ def load_model(mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32) -
     return model
 
 
-def load_model_and_tokenizer(mcfg: Any, cache_dir: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+def load_model_and_tokenizer(mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32
+                              ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     tok = load_tokenizer(mcfg, cache_dir)
-    model = load_model(mcfg, cache_dir)
+    model = load_model(mcfg, cache_dir, dtype)
     model.generation_config.pad_token_id = tok.pad_token_id
     if mcfg.source == "tiny":
         model.generation_config.eos_token_id = tok.eos_token_id
@@ -208,6 +228,10 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """`text` cut before the earliest stop string; whether one was found."""
     hits = [k for k in (text.find(s) for s in stop if s) if k >= 0]
@@ -228,6 +252,7 @@ def generate_texts(model: torch.nn.Module, tok: Any, prompts: list[str], max_new
         for i in range(0, len(prompts), batch_size):
             cpu.fit_threads()  # long generation on a shared machine: take the cores that are free, no more
             enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(_device_of(model))  # the inputs go where the model is (a GPU student, a sample callback)
             kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
                                       pad_token_id=tok.pad_token_id)
             if temperature > 0:

@@ -190,3 +190,21 @@ def test_embedded_model_numbers_match_the_real_converted_model() -> None:
     sh = P.model_shape(cfg.model, cfg.lora)
     real = M.attach_lora(M.load_model(cfg.model, CACHE()), cfg.lora)
     assert (sh.total, sh.trainable) == M.count_parameters(real)
+
+
+@pytest.mark.parametrize("option", ["tiny", "smollm2_135m"])
+@pytest.mark.parametrize(("precision", "dtype"), [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16)])
+def test_planned_weight_bytes_are_the_loaded_models_bytes(option: str, precision: str, dtype: torch.dtype) -> None:
+    """The planner counts the base as the trainer loads it: model.dtype=auto follows the precision, so the plan's
+    weight bytes are the loaded model's parameter bytes, byte for byte."""
+    cfg = compose_cfg([f"model={option}", f"trainer.precision={precision}"])
+    assert M.base_dtype(cfg.model, precision) == dtype
+    loaded = M.load_model(cfg.model, Path(os.environ["BAIZE_CACHE"]), M.base_dtype(cfg.model, precision))
+    loaded_bytes = sum(p.numel() * p.element_size() for p in loaded.parameters())
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    assert P.base_weight_bytes(P.model_shape(cfg.model, cfg.lora), cfg.model, precision) == loaded_bytes
+    # an explicit model.dtype wins in every row, for the trainer and the planner alike
+    fixed = compose_cfg([f"model={option}", "model.dtype=fp32"])
+    assert M.base_dtype(fixed.model, "bf16-mixed") == torch.float32
+    assert P.base_weight_bytes(P.model_shape(fixed.model, fixed.lora), fixed.model, "bf16-mixed") == \
+        sum(p.numel() * 4 for p in loaded.parameters())

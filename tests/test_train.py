@@ -15,6 +15,7 @@ from conftest import compose_cfg
 
 from baize_exp import models as M
 from baize_exp.config import ConfigError, validate
+from baize_exp.errors import UserError
 from baize_exp.training import data as D
 from baize_exp.training import fit, load_base_for_training
 from baize_exp.training.data import (
@@ -369,13 +370,30 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path) -> None:
 
 def test_quantized_base_and_bad_train_keys_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
-        validate(compose_cfg(["train.quantize_base=8bit", "train.format=jinja", "train.resume=/no/such.ckpt",
-                              "train.checkpoint_every_n_steps=-1", "trainer.precision=16-mixed"]))
+        validate(compose_cfg(["model.quantization=8bit", "train.format=jinja", "train.resume=/no/such.ckpt",
+                              "train.checkpoint_every_n_steps=-1", "trainer.precision=16-mixed", "model.dtype=fp16"]))
     msg = str(e.value)
-    for key in ("train.quantize_base='8bit'", "train.format='jinja'", "train.resume='/no/such.ckpt'",
-                "train.checkpoint_every_n_steps=-1", "trainer.precision='16-mixed'"):
+    for key in ("model.quantization='8bit'", "train.format='jinja'", "train.resume='/no/such.ckpt'",
+                "train.checkpoint_every_n_steps=-1", "trainer.precision='16-mixed'", "model.dtype='fp16'"):
         assert key in msg
     if not torch.cuda.is_available():  # past validate (e.g. a GPU config on a CPU box): the load says why
-        cfg = tiny_cfg(tmp_path, "train.quantize_base=4bit")
-        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        cfg = tiny_cfg(tmp_path, "model.quantization=4bit")
+        with pytest.raises(UserError, match="needs a CUDA GPU"):
             load_base_for_training(cfg)
+
+
+def test_resume_auto_finds_a_deepspeed_checkpoint_directory(tmp_path: Path) -> None:
+    """Under DeepSpeed Lightning writes last.ckpt as a directory of per-rank shards: resume=auto must take it (it
+    used to check is_file() and silently start over), and the CSV log keeps the rows before its step."""
+    from baize_exp.training import _checkpoint_step, _resume_path
+
+    cfg = tiny_cfg(tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"
+    assert _resume_path(cfg, ckpt_dir) is None
+    shard = ckpt_dir / "last.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt"
+    shard.parent.mkdir(parents=True)
+    torch.save({"global_step": 7, "module": {}}, shard)
+    assert _resume_path(cfg, ckpt_dir) == str(ckpt_dir / "last.ckpt")
+    assert _checkpoint_step(str(ckpt_dir / "last.ckpt")) == 7
+    (ckpt_dir / "other").mkdir()
+    assert _resume_path(tiny_cfg(tmp_path, "train.resume=never"), ckpt_dir) is None

@@ -12,7 +12,8 @@ from the formulas below, for `trainer.devices × trainer.num_nodes` GPUs of `pla
 Formulas (bytes; N = frozen base params, T = trainable LoRA params, D = GPUs in total, G = GPUs per node):
 
 - weights: base N × {4 (32-true), 2 (bf16/16-mixed: the frozen base is held in the compute dtype, as DeepSpeed does
-  when bf16/fp16 is on, and as the trainer should load it), 1 (int8: LLM.int8 decoder-layer linears), 0.516 (nf4:
+  when bf16/fp16 is on, and as the trainer loads it: `model.dtype=auto`; an explicit `model.dtype` wins in every
+  row), 1 (int8: LLM.int8 decoder-layer linears), 0.516 (nf4:
   4 bits + 0.127 bits of double-quantized block constants, QLoRA)}; embeddings, norms and lm_head of a quantized
   base stay in 2 bytes. LoRA weights T × 4 (fp32 master), or T × 2 under DeepSpeed half precision, whose fp32
   master copy is counted as optimizer state.
@@ -62,9 +63,9 @@ from baize_exp.stages.base import Stage
 GIB = 1024**3
 STRATEGIES = ("auto/ddp", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "int8 base", "nf4 base")
-# bytes per frozen base parameter inside decoder-layer linears, and elsewhere (embeddings, norms, lm_head)
-_BASE_BYTES = {"32-true": (4.0, 4.0), "bf16-mixed": (2.0, 2.0), "16-mixed": (2.0, 2.0),
-               "int8 base": (1.0, 2.0), "nf4 base": (0.5 + 0.127 / 8, 2.0)}
+# bytes per frozen base parameter inside decoder-layer linears, and elsewhere (embeddings, norms, lm_head), for a
+# bitsandbytes base; the float rows take the dtype the trainer loads (base_bytes_per_param)
+_BASE_BYTES = {"int8 base": (1.0, 2.0), "nf4 base": (0.5 + 0.127 / 8, 2.0)}
 
 
 @dataclass
@@ -147,15 +148,30 @@ def activation_bytes(sh: ModelShape, seq: int, batch: int, precision: str, flash
             "full": sh.layers * layer + logits, "ckpt": kept_hidden + layer + logits}
 
 
-def memory_row(sh: ModelShape, strategy: str, precision: str, world: int, per_node: int, act: dict[str, float],
-               overhead_gb: float, gpu_gb: float) -> dict:
+def base_bytes_per_param(mcfg: Any, precision: str) -> tuple[float, float]:
+    """Bytes per frozen base parameter (decoder-layer linears, the rest) for a precision row: the dtype the trainer
+    loads the base in (`models.base_dtype`: model.dtype, or the precision's), or a bitsandbytes format."""
+    if precision in _BASE_BYTES:
+        return _BASE_BYTES[precision]
+    size = float(M.base_dtype(mcfg, precision).itemsize)
+    return size, size
+
+
+def base_weight_bytes(sh: ModelShape, mcfg: Any, precision: str) -> float:
+    """The frozen base's weights in bytes, as the trainer holds them for `precision`."""
+    linear_b, other_b = base_bytes_per_param(mcfg, precision)
+    return sh.frozen_linear * linear_b + sh.frozen_other * other_b
+
+
+def memory_row(sh: ModelShape, mcfg: Any, strategy: str, precision: str, world: int, per_node: int,
+               act: dict[str, float], overhead_gb: float, gpu_gb: float) -> dict:
     """Bytes per GPU (and per node's CPU, for offload) of one strategy × precision; see the module doc."""
     row: dict[str, Any] = {"strategy": strategy, "precision": precision}
     quantized = precision.endswith("base")
     if quantized and strategy.startswith("deepspeed_stage_3"):
         return {**row, "note": "n/a: ZeRO-3 does not shard a bitsandbytes base here"}
-    linear_b, other_b = _BASE_BYTES[precision]
-    base = sh.frozen_linear * linear_b + sh.frozen_other * other_b
+    linear_b, other_b = base_bytes_per_param(mcfg, precision)
+    base = base_weight_bytes(sh, mcfg, precision)
     ds_half = strategy.startswith("deepspeed") and precision in ("bf16-mixed", "16-mixed")
     w_t, g_t, o_t = (2.0, 2.0, 12.0) if ds_half else (4.0, 4.0, 8.0)
     T = sh.trainable
@@ -207,7 +223,8 @@ def make_plan(cfg: Any) -> dict:
     for strategy in STRATEGIES:
         for precision in PRECISIONS:
             act = activation_bytes(sh, seq, batch, precision, p.flash_attention, cfg.lora.r, cfg.lora.dropout)
-            rows.append(memory_row(sh, strategy, precision, world, per_node, act, p.overhead_gb, p.gpu_memory_gb))
+            rows.append(memory_row(sh, cfg.model, strategy, precision, world, per_node, act, p.overhead_gb,
+                                   p.gpu_memory_gb))
     chosen = ("auto/ddp" if cfg.strategy.name in ("auto", "ddp") else
               f"deepspeed_stage_{cfg.strategy.stage}" + ("_offload" if cfg.strategy.offload_parameters else ""))
     return {

@@ -38,7 +38,7 @@ from baize_exp.data import BAIZE_HUMAN, generation_prompt, load_eval_questions, 
 from baize_exp.errors import Interrupted, UserError
 from baize_exp.io import content_hash, global_rank, read_jsonl, write_jsonl
 from baize_exp.stages.base import BACKEND_KNOBS, Stage, training_dialogs
-from baize_exp.training import check_machine, fit, save_adapter
+from baize_exp.training import check_machine, fit, save_adapter, trainable_state
 
 log = logging.getLogger(__name__)
 _STRICT = re.compile(r"^\s*\[?(\d+)\]?(\s*>\s*\[?\d+\]?)+\s*$")
@@ -147,7 +147,8 @@ def sample_candidates(model: torch.nn.Module, tok: Any, prompts: list[str], n: i
         for i in range(0, len(prompts), batch_size):
             cpu.fit_threads()
             enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            ids, mask = enc.input_ids, enc.attention_mask
+            dev = next(model.parameters()).device
+            ids, mask = enc.input_ids.to(dev), enc.attention_mask.to(dev)
             # the cache covers all but the last prompt token, which generate feeds to make the first new token
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             past = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
@@ -242,7 +243,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     _, train_d, val_d, _ = training_dialogs(cfg, run_dir)
     prompts = load_prompts(cfg, train_d)
 
-    base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg))
+    base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg), M.base_dtype(cfg.model, cfg.trainer.precision))
     model = M.load_adapter(base, v1, trainable=True)
     cand_path = stage_dir / "candidates.jsonl"
     key = candidates_key(cfg, v1, prompts)
@@ -250,6 +251,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     if global_rank() > 0 and (records is None or any(r.get("failed") for r in records)):
         records = _wait_for_candidates(cand_path, key)  # torchrun/srun: rank 0 samples and ranks, the others wait
     if records is None:
+        model.to(M.student_device(cfg.trainer.accelerator))  # v1 samples where training runs
         torch.manual_seed(s.seed)
         cands = sample_candidates(model, tok, [generation_prompt(p, cfg.train.format, tok) for p in prompts],
                                   s.num_candidates, s.max_new_tokens, s.temperature, s.top_p, s.batch_size,
@@ -293,10 +295,11 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
                         f"(see {cand_path}); a stronger teacher ranks reliably, a larger sdf.max_new_tokens gives "
                         f"longer candidates")
     metrics.update(fit(model, tok, chosen, val_d, cfg, stage_dir, s.lr, s.max_epochs, prefix="sdf/"))
+    weights = trainable_state(model)  # every rank: under ZeRO-3 this gathers the shards
     if metrics["rank"] == 0:  # under DDP every rank gets here; one writes the adapter (as train.run does)
         save_adapter(model, tok, stage_dir / "adapter", {"model": cfg.model.name, "from": str(v1),
                                                         "sdf": to_container(s), "metrics": metrics},
-                     fmt=cfg.train.format)
+                     fmt=cfg.train.format, state_dict=weights)
     return metrics
 
 

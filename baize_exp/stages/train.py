@@ -13,7 +13,14 @@ from baize_exp import models as M
 from baize_exp.config import to_container
 from baize_exp.io import write_jsonl
 from baize_exp.stages.base import Stage, training_dialogs
-from baize_exp.training import NOT_TRAINING, check_machine, fit, load_base_for_training, save_adapter
+from baize_exp.training import (
+    NOT_TRAINING,
+    check_machine,
+    fit,
+    load_base_for_training,
+    save_adapter,
+    trainable_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +38,11 @@ def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
     pl.seed_everything(cfg.train.seed, verbose=False)  # the LoRA A init is random: same seed, same start
     peft_model = M.attach_lora(model, cfg.lora)
     metrics = fit(peft_model, tok, train_d, val_d, cfg, stage_dir, cfg.train.lr, cfg.trainer.max_epochs)
+    weights = trainable_state(peft_model)  # every rank: under ZeRO-3 this gathers the shards
     if metrics["rank"] == 0:  # under DDP every rank gets here; one writes the adapter
         save_adapter(peft_model, tok, stage_dir / "adapter",
                      {"model": cfg.model.name, "lora": to_container(cfg.lora), "train": to_container(cfg.train),
-                      "data": str(src), "metrics": metrics}, fmt=cfg.train.format)
+                      "data": str(src), "metrics": metrics}, fmt=cfg.train.format, state_dict=weights)
     metrics["data"] = str(src)
     metrics["rejected_dialogs"] = len(rejects)
     metrics["rejected_by_reason"] = dict(Counter(r["reason"] for r in rejects))

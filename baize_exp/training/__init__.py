@@ -73,10 +73,17 @@ class ResumedCSVLogger(CSVLogger):
 
 
 def _checkpoint_step(path: str | None) -> int | None:
-    """The optimizer step a checkpoint file was written at (a DeepSpeed checkpoint dir: None)."""
-    if not path or not Path(path).is_file():
+    """The optimizer step a checkpoint was written at: a Lightning file, or the client state in a DeepSpeed
+    checkpoint dir (Lightning writes `last.ckpt/` there, with the loop state in its model-states file)."""
+    if not path:
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
+    p = Path(path)
+    if p.is_dir():
+        states = sorted(p.glob("*/*model_states.pt")) or sorted(p.glob("*model_states.pt"))
+        if not states:
+            return None
+        p = states[0]
+    return int(torch.load(p, map_location="cpu", weights_only=False).get("global_step", 0)) if p.is_file() else None
 
 
 def build_logger(cfg: Any, stage_dir: Path, prefix: str, resumed_step: int | None = None) -> list[Any]:
@@ -134,8 +141,8 @@ def _resume_path(cfg: Any, ckpt_dir: Path) -> str | None:
     if r == "never":
         return None
     if r == "auto":
-        last = ckpt_dir / "last.ckpt"
-        return str(last) if last.is_file() else None
+        last = ckpt_dir / "last.ckpt"  # a file, or under DeepSpeed a directory of per-rank shards
+        return str(last) if last.is_file() or (last.is_dir() and any(last.iterdir())) else None
     return str(Path(r).expanduser())
 
 
@@ -268,8 +275,9 @@ def heldout_loss(model: torch.nn.Module, tok: Any, dialogs: list[dict], max_leng
     model.eval()
     enc = [x for x in (tokenize_dialog(d["turns"], tok, max_length, "ai", fmt) for d in dialogs) if x]
     total, n = 0.0, 0
+    device = next(model.parameters()).device  # the batch goes where the model is (a GPU student)
     for i in range(0, len(enc), batch_size):
-        b = collate(enc[i:i + batch_size], tok.pad_token_id)
+        b = {k: v.to(device) for k, v in collate(enc[i:i + batch_size], tok.pad_token_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
         tgt = b["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
@@ -281,10 +289,26 @@ def heldout_loss(model: torch.nn.Module, tok: Any, dialogs: list[dict], max_leng
     return {"heldout_loss": total / n, "heldout_ppl": math.exp(min(total / n, 50)), "heldout_tokens": n}
 
 
-def save_adapter(peft_model: Any, tok: Any, out: Path, extra: dict, fmt: str = "baize") -> None:
-    """An adapter folder that describes itself: peft weights + config, tokenizer, prompt format, provenance."""
+def trainable_state(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) weights as whole tensors on the CPU. Under DeepSpeed ZeRO-3 each rank holds only a
+    shard of every parameter, and `save_pretrained` would write those empty or partial tensors: they are gathered
+    first, which is a collective, so every rank must call this."""
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    partitioned = [p for _, p in named if hasattr(p, "ds_id")]
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+            return {n: p.detach().to("cpu", copy=True) for n, p in named}
+    return {n: p.detach().to("cpu", copy=True) for n, p in named}
+
+
+def save_adapter(peft_model: Any, tok: Any, out: Path, extra: dict, fmt: str = "baize",
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """An adapter folder that describes itself: peft weights + config, tokenizer, prompt format, provenance.
+    `state_dict`: the weights to write (`trainable_state`, gathered under ZeRO-3), else the model's own."""
     out.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(out))
+    peft_model.save_pretrained(str(out), state_dict=state_dict)
     tok.save_pretrained(str(out))
     fmt_doc = CHAT_TEMPLATE_FORMAT if fmt == "chat_template" else PROMPT_FORMAT
     (out / "prompt_format.json").write_text(json.dumps(fmt_doc, indent=2))
@@ -292,19 +316,20 @@ def save_adapter(peft_model: Any, tok: Any, out: Path, extra: dict, fmt: str = "
 
 
 def load_base_for_training(cfg: Any) -> tuple[torch.nn.Module, Any]:
-    """The base model (optionally 8/4-bit through bitsandbytes on CUDA) and its tokenizer."""
-    q = cfg.train.quantize_base
+    """The base model and its tokenizer: in `model.dtype` (auto: the trainer precision's), or 8/4-bit through
+    bitsandbytes on CUDA (`model.quantization`, QLoRA-style)."""
+    q = cfg.model.quantization
     if q == "none":
-        return M.load_model_and_tokenizer(cfg.model, cache_dir(cfg))
+        return M.load_model_and_tokenizer(cfg.model, cache_dir(cfg), M.base_dtype(cfg.model, cfg.trainer.precision))
     if not torch.cuda.is_available():
-        raise RuntimeError(f"train.quantize_base={q}: bitsandbytes quantization needs a CUDA GPU and none is "
-                           f"visible; use train.quantize_base=none on CPU")
+        raise UserError(f"model.quantization={q}: bitsandbytes quantization needs a CUDA GPU and none is visible; "
+                        f"use model.quantization=none on CPU")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
-        raise RuntimeError(f"train.quantize_base={q} needs bitsandbytes: pip install bitsandbytes") from e
+        raise UserError(f"model.quantization={q} needs bitsandbytes: pip install bitsandbytes") from e
     if cfg.model.source == "tiny":
-        raise ValueError(f"train.quantize_base={q}: model=tiny is built in memory; quantize a real checkpoint")
+        raise UserError(f"model.quantization={q}: model=tiny is built in memory; quantize a real checkpoint")
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

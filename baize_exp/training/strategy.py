@@ -18,6 +18,8 @@ launches the local ranks itself), so the same config runs on one CPU, one GPU or
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 # Precision names Lightning uses → which DeepSpeed half-precision section they turn on.
@@ -63,6 +65,41 @@ def deepspeed_config(scfg: Any, tcfg: Any, micro_batch_size: int) -> dict[str, A
     return cfg
 
 
+@contextlib.contextmanager
+def frozen_weights_left_out(engine: Any) -> Iterator[None]:
+    """While it is open, `engine.save_checkpoint` writes no frozen weight. DeepSpeed's own
+    `exclude_frozen_parameters` walks `named_parameters()`, which names a tied weight once, so the other name of a
+    tied embedding (SmolLM2's lm_head) stayed in every checkpoint: a whole embedding matrix beside a few MB of LoRA."""
+    frozen = {n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    original = engine.module_state_dict
+
+    def trainable_only(*args: Any, **kwargs: Any) -> dict:
+        sd = original(*args, **kwargs)
+        for name in [k for k in sd if k in frozen]:
+            del sd[name]
+        return sd
+
+    engine.module_state_dict = trainable_only
+    try:
+        yield
+    finally:
+        engine.module_state_dict = original
+
+
+def _lora_deepspeed_strategy() -> type:
+    from pytorch_lightning.strategies import DeepSpeedStrategy
+
+    class LoraDeepSpeedStrategy(DeepSpeedStrategy):
+        """Lightning's DeepSpeed strategy whose checkpoints hold only what trains (see `frozen_weights_left_out`);
+        loading accepts the missing frozen weights (LoraLM.strict_loading is False)."""
+
+        def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
+            with frozen_weights_left_out(self.deepspeed_engine):
+                super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    return LoraDeepSpeedStrategy
+
+
 def build_strategy(scfg: Any, tcfg: Any = None, micro_batch_size: int = 1) -> Any:
     """The Lightning strategy for a `strategy` config (and, for DeepSpeed, the `trainer` config and batch size)."""
     if scfg.name == "auto":
@@ -74,13 +111,13 @@ def build_strategy(scfg: Any, tcfg: Any = None, micro_batch_size: int = 1) -> An
         # search for unused parameters (that search costs a graph traversal per step).
         return DDPStrategy(find_unused_parameters=bool(scfg.find_unused_parameters))
     if scfg.name == "deepspeed":
-        from pytorch_lightning.strategies import DeepSpeedStrategy
-
         if tcfg is None:
             raise ValueError("build_strategy(strategy.name=deepspeed) needs the trainer config for precision, "
                              "clipping and accumulation")
         config = deepspeed_config(scfg, tcfg, micro_batch_size)
         # Lightning sets accumulation from Trainer(accumulate_grad_batches=...) and refuses it in the dict.
         config.pop("gradient_accumulation_steps")
-        return DeepSpeedStrategy(config=config)
+        # checkpoints hold what trains (LoRA weights, optimizer, loop state), never the frozen base: a 7B base
+        # would put ~13-27 GB into every checkpoint for a few MB of adapter
+        return _lora_deepspeed_strategy()(config=config, exclude_frozen_parameters=True)
     raise ValueError(f"strategy.name={scfg.name!r}: unknown (auto, ddp, deepspeed)")

@@ -63,11 +63,12 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
 
         def load(spec=spec, loaded=loaded) -> Any:
             if not loaded:
-                base = M.load_model(cfg.model, cache_dir(cfg))
+                base = M.load_model(cfg.model, cache_dir(cfg), M.base_dtype(cfg.model, cfg.trainer.precision))
                 base.generation_config.pad_token_id = tok.pad_token_id
                 if cfg.model.source == "tiny":
                     base.generation_config.eos_token_id = tok.eos_token_id
-                loaded.append(M.load_adapter(base, spec.adapter) if spec.adapter else base)
+                model = M.load_adapter(base, spec.adapter) if spec.adapter else base
+                loaded.append(model.to(M.student_device(cfg.trainer.accelerator)))  # where training runs
             return loaded[0]
 
         got, generated = local_answers(cfg, spec, questions, tok, load)
