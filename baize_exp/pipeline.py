@@ -221,21 +221,48 @@ def _restore_hydra_record(run_dir: Path) -> None:
 WORKER_STAGE_ENV = "BAIZE_PIPELINE_STAGE"
 
 
-def _run_as_worker(cfg: DictConfig, run_dir: Path) -> dict:
-    """A rank > 0 process: Lightning's DDP launcher re-runs the entry point for every extra device while rank 0 is
-    inside a training stage. The worker joins that one stage and nothing else: rank 0 alone collects, evaluates and
-    writes metrics, markers and W&B. Under torchrun/srun (no rank 0 stage to follow) the workers run `train`, so the
-    dialogs must exist already (a collect-only run first, or train.data=...)."""
-    name = os.environ.get(WORKER_STAGE_ENV, "train")
-    stage = STAGES.get(name)
-    if stage is None or not stage.joins_ddp or name not in cfg.stages:
-        log.info("rank %d: no training stage to join (%s); nothing to do", global_rank(), name)
+def _run_as_worker(cfg: DictConfig, run_dir: Path, poll_s: float = 2.0) -> dict:
+    """A rank > 0 process. Rank 0 alone collects, judges and writes metrics, markers and W&B; the workers join the
+    stages that declare `joins_ddp` (train and sdf fit together, sdf and eval share out generation):
+
+    - Lightning's DDP launcher re-runs the entry point for every extra device while rank 0 is inside a training
+      stage (it says which in WORKER_STAGE_ENV): the worker joins that one stage.
+    - Under torchrun/srun every rank starts the pipeline: a worker runs each joining stage in order, once rank 0
+      has finished the stages it reads (their completion markers), so it trains on rank 0's dialogs and samples
+      from rank 0's adapter."""
+    named = os.environ.get(WORKER_STAGE_ENV)
+    if named:
+        todo = [STAGES[named]] if named in STAGES and STAGES[named].joins_ddp and named in cfg.stages else []
+    else:
+        todo = [s for s in PIPELINE if s.joins_ddp and s.name in cfg.stages]
+    if not todo:
+        log.info("rank %d: no stage to join (%s); nothing to do", global_rank(), named)
         return {}
     backends = Backends(cfg, run_dir, cache_dir(cfg))
+    out = {}
     try:
-        return {name: stage.run(cfg, run_dir, backends)}
+        for stage in todo:
+            if not named:
+                _wait_for_upstream(cfg, run_dir, stage, poll_s)
+            out[stage.name] = stage.run(cfg, run_dir, backends)
+        return out
     finally:
         backends.close()
+
+
+def _wait_for_upstream(cfg: DictConfig, run_dir: Path, stage: Stage, poll_s: float) -> None:
+    """Until rank 0 has completed every stage of this run that `stage` reads (transitively)."""
+    needed, frontier = set(), list(stage.reads)
+    while frontier:
+        up = frontier.pop()
+        if up in cfg.stages and up not in stage.external(cfg) and up not in needed:
+            needed.add(up)
+            frontier += list(STAGES[up].reads)
+    t0 = time.monotonic()
+    while missing := [u for u in needed if not (run_dir / u / "_COMPLETE.json").is_file()]:
+        if int(time.monotonic() - t0) % 60 < poll_s:
+            log.info("rank %d: stage %s waits for rank 0 to finish %s", global_rank(), stage.name, missing)
+        time.sleep(poll_s)
 
 
 def optimized_value(metrics: dict, name: str) -> float:

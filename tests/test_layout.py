@@ -13,7 +13,8 @@ import baize_exp
 
 PKG = Path(baize_exp.__file__).parent
 LOWER = ("baize_exp.io", "baize_exp.errors", "baize_exp.config", "baize_exp.cpu", "baize_exp.models",
-         "baize_exp.chat", "baize_exp.data", "baize_exp.serve", "baize_exp.training", "baize_exp.export")
+         "baize_exp.chat", "baize_exp.data", "baize_exp.serve", "baize_exp.training", "baize_exp.export",
+         "baize_exp.generate")
 
 
 def _module(path: Path) -> str:

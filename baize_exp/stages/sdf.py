@@ -36,6 +36,7 @@ from baize_exp.chat.ask import ask_parsed
 from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, generation_prompt, load_eval_questions, load_seed_file
 from baize_exp.errors import Interrupted, UserError
+from baize_exp.generate import batch_seed, rank_and_world, sharded_map
 from baize_exp.io import content_hash, global_rank, read_jsonl, write_jsonl
 from baize_exp.stages.base import BACKEND_KNOBS, Stage, training_dialogs
 from baize_exp.training import check_machine, fit, save_adapter, trainable_state
@@ -131,40 +132,49 @@ def rank_candidates(client: Any, s: Any, prompts: list[str], cands: list[list[st
     return records
 
 
-@torch.no_grad()
 def sample_candidates(model: torch.nn.Module, tok: Any, prompts: list[str], n: int, max_new_tokens: int,
-                      temperature: float, top_p: float, batch_size: int = 8, stop: list[str] | None = None
-                      ) -> list[list[str]]:
+                      temperature: float, top_p: float, batch_size: int = 8, stop: list[str] | None = None,
+                      seed: int = 0, shard_dir: Path | None = None, key: str = "candidates") -> list[list[str]] | None:
     """`n` sampled answers per prompt, `batch_size` prompts per `generate` (left padding, KV cache).
 
     Unlike `generate(num_return_sequences=n)`, which runs the prompt through the model n times, each prompt is
     run once and its KV cache repeated n times: prompts (the Baize header + question, ~100 tokens) outweigh short
-    answers, so this is most of the sampling cost saved. Greedy output equals `models.generate_texts`'s."""
+    answers, so this is most of the sampling cost saved. Greedy output equals `models.generate_texts`'s.
+
+    Each batch samples from the torch RNG seeded for that batch alone (`generate.batch_seed`), so with `shard_dir`
+    the batches are dealt over the ranks of a multi-process launch (`generate.sharded_map`, `key` names the work)
+    and rank 0 gets exactly the candidates one process makes; the other ranks get None."""
     model.eval()
     side, tok.padding_side = tok.padding_side, "left"
-    outs: list[list[str]] = []
+
+    @torch.no_grad()
+    def one_batch(batch: list[str], index: int) -> list[list[str]]:
+        cpu.fit_threads()
+        torch.manual_seed(batch_seed(seed, index))
+        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        dev = next(model.parameters()).device
+        ids, mask = enc.input_ids.to(dev), enc.attention_mask.to(dev)
+        # the cache covers all but the last prompt token, which generate feeds to make the first new token
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        past = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                     use_cache=True).past_key_values
+        past.batch_repeat_interleave(n)
+        kw: dict[str, Any] = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        if temperature <= 0:
+            kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        seqs = model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                              past_key_values=past, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                              **kw)[:, ids.shape[1]:]
+        texts = tok.batch_decode(seqs, skip_special_tokens=True)
+        return [[M.cut_at_stop(t, stop or [])[0].strip() for t in texts[j:j + n]] for j in range(0, len(texts), n)]
+
     try:
-        for i in range(0, len(prompts), batch_size):
-            cpu.fit_threads()
-            enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            dev = next(model.parameters()).device
-            ids, mask = enc.input_ids.to(dev), enc.attention_mask.to(dev)
-            # the cache covers all but the last prompt token, which generate feeds to make the first new token
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            past = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
-                         use_cache=True).past_key_values
-            past.batch_repeat_interleave(n)
-            kw: dict[str, Any] = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-            if temperature <= 0:
-                kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-            seqs = model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
-                                  past_key_values=past, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                  **kw)[:, ids.shape[1]:]
-            texts = tok.batch_decode(seqs, skip_special_tokens=True)
-            outs += [[M.cut_at_stop(t, stop or [])[0].strip() for t in texts[j:j + n]] for j in range(0, len(texts), n)]
+        if shard_dir is not None:
+            return sharded_map(prompts, batch_size, one_batch, shard_dir, key)
+        return [c for b, i in enumerate(range(0, len(prompts), batch_size))
+                for c in one_batch(prompts[i:i + batch_size], b)]
     finally:
         tok.padding_side = side
-    return outs
 
 
 def candidate_weights(rec: dict, select: str) -> list[int]:
@@ -248,14 +258,21 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     cand_path = stage_dir / "candidates.jsonl"
     key = candidates_key(cfg, v1, prompts)
     records = _finished_candidates(cand_path, key)
-    if global_rank() > 0 and (records is None or any(r.get("failed") for r in records)):
-        records = _wait_for_candidates(cand_path, key)  # torchrun/srun: rank 0 samples and ranks, the others wait
-    if records is None:
+    _, world = rank_and_world()
+    shards = stage_dir / "shards" if world > 1 else None  # torchrun/srun: every rank samples its share
+
+    def sample() -> list[list[str]] | None:
         model.to(M.student_device(cfg.trainer.accelerator))  # v1 samples where training runs
-        torch.manual_seed(s.seed)
-        cands = sample_candidates(model, tok, [generation_prompt(p, cfg.train.format, tok) for p in prompts],
-                                  s.num_candidates, s.max_new_tokens, s.temperature, s.top_p, s.batch_size,
-                                  stop=[BAIZE_HUMAN])
+        return sample_candidates(model, tok, [generation_prompt(p, cfg.train.format, tok) for p in prompts],
+                                 s.num_candidates, s.max_new_tokens, s.temperature, s.top_p, s.batch_size,
+                                 stop=[BAIZE_HUMAN], seed=s.seed, shard_dir=shards, key=key)
+
+    if global_rank() > 0 and (records is None or any(r.get("failed") for r in records)):
+        if records is None:
+            sample()  # its share of the batches; rank 0 gathers them, ranks, and writes the candidates
+        records = _wait_for_candidates(cand_path, key)
+    if records is None:
+        cands = sample()
         if global_rank() == 0:  # the candidates are kept before any ranking request: a crash keeps the samples
             write_jsonl(cand_path, [{"prompt": p, "candidates": c, "key": key, "failed": "not ranked yet"}
                                     for p, c in zip(prompts, cands, strict=True)])

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 
 from baize_exp import models as M
 from baize_exp.config import to_container
-from baize_exp.io import write_jsonl
+from baize_exp.io import global_rank, write_jsonl
 from baize_exp.stages.base import Stage, training_dialogs
 from baize_exp.training import (
     NOT_TRAINING,
@@ -29,8 +29,9 @@ def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
     """The pipeline's train stage: base + fresh LoRA → `train/adapter` (v1)."""
     stage_dir = run_dir / "train"
     src, train_d, val_d, rejects = training_dialogs(cfg, run_dir)
-    write_jsonl(stage_dir / "val_dialogs.jsonl", val_d)  # the held-out dialogs eval scores loss on
-    write_jsonl(stage_dir / "rejected_dialogs.jsonl", rejects)
+    if global_rank() == 0:  # under torchrun every rank gets here with the same split; one writes it
+        write_jsonl(stage_dir / "val_dialogs.jsonl", val_d)  # the held-out dialogs eval scores loss on
+        write_jsonl(stage_dir / "rejected_dialogs.jsonl", rejects)
     if rejects:
         log.warning("train: %d dialog(s) of %s are not trained on (%s); see %s", len(rejects), src,
                     dict(Counter(r["reason"] for r in rejects)), stage_dir / "rejected_dialogs.jsonl")

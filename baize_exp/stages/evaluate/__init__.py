@@ -17,6 +17,7 @@ from baize_exp import models as M
 from baize_exp.config import cache_dir
 from baize_exp.data import load_eval_questions
 from baize_exp.errors import Interrupted
+from baize_exp.generate import rank_and_world
 from baize_exp.io import KeyedJsonl, read_jsonl, write_jsonl
 from baize_exp.stages.base import BACKEND_KNOBS, Stage
 from baize_exp.stages.evaluate.answers import (
@@ -57,6 +58,8 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
         log.warning("eval: no held-out dialogs in %s; held-out loss is not computed", val_path)
 
     tok = M.load_tokenizer(cfg.model, cache_dir(cfg))
+    rank, world = rank_and_world()
+    shards = stage_dir / "shards" if world > 1 else None  # torchrun/srun: every rank answers its share
     answers: list[dict] = []
     for spec in specs:
         loaded: list[Any] = []
@@ -71,7 +74,10 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
                 loaded.append(model.to(M.student_device(cfg.trainer.accelerator)))  # where training runs
             return loaded[0]
 
-        got, generated = local_answers(cfg, spec, questions, tok, load)
+        got, generated = local_answers(cfg, spec, questions, tok, load, shards)
+        if rank > 0:  # its share is written; rank 0 gathers, scores held-out loss and judges
+            loaded.clear()
+            continue
         answers += got
         metrics["answers_generated"] += generated
         metrics["answers_cached"] += len(got) - generated
@@ -82,6 +88,8 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
             metrics[f"{spec.name}/heldout_tokens"] = hl["heldout_tokens"]
         loaded.clear()
 
+    if rank > 0:
+        return {"rank": rank, "answers_generated": metrics["answers_generated"]}
     opponent: dict[str, str] | None = None
     judged = answers
     if e.judge_mode == "pairwise":
@@ -156,6 +164,6 @@ def log_wandb(wb: Any, stage_dir: Path) -> None:
 STAGE = Stage(
     "eval", run, reads=("train", "sdf"), shapes=("eval", "judge"), ignores=BACKEND_KNOBS,
     writes=("eval/answers.jsonl", "eval/judgments.jsonl", "eval/scores.csv", "eval/scores.png"),
-    log_wandb=log_wandb,
+    log_wandb=log_wandb, joins_ddp=True,  # under torchrun/srun the other ranks generate their share of answers
     preflight=lambda cfg: M.check_loadable(cfg.model),
 )

@@ -17,6 +17,7 @@ from typing import Any
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, generation_prompt
+from baize_exp.generate import sharded_map
 from baize_exp.io import KeyedJsonl, content_hash
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,12 @@ def model_prompts(tok: Any, questions: list[dict], adapter: Path | None, use_cha
     return [generation_prompt(q["question"], fmt, tok) for q in questions]
 
 
-def local_answers(cfg: Any, spec: ModelSpec, questions: list[dict], tok: Any, load: Any) -> tuple[list[dict], int]:
+def local_answers(cfg: Any, spec: ModelSpec, questions: list[dict], tok: Any, load: Any,
+                  shard_dir: Path | None = None) -> tuple[list[dict], int]:
     """Answers of one local model, generated in batches for the questions the cache lacks; (answers, generated).
 
-    `load()` returns the model and is only called when something must be generated."""
+    `load()` returns the model and is only called when something must be generated. With `shard_dir` (a
+    multi-process launch) each rank generates its share of the batches; the ranks other than 0 get no answers."""
     e = cfg.eval
     sampling = {"max_new_tokens": e.max_new_tokens, "temperature": 0.0, "stop": [BAIZE_HUMAN]}
     model_key = content_hash("local", to_container(cfg.model), M.adapter_hash(spec.adapter))
@@ -95,9 +98,22 @@ def local_answers(cfg: Any, spec: ModelSpec, questions: list[dict], tok: Any, lo
     keys = [content_hash(p, sampling) for p in prompts]
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
     if todo:
-        texts = M.generate_texts(load(), tok, [prompts[i] for i in todo], e.max_new_tokens, stop=[BAIZE_HUMAN],
-                                 batch_size=e.batch_size)
-        cache.put_many([(keys[i], {"question_id": questions[i]["question_id"], "answer": t[0]})
+        model = load()
+
+        def one_batch(batch: list[str], index: int) -> list[str]:
+            return [t[0] for t in M.generate_texts(model, tok, batch, e.max_new_tokens, stop=[BAIZE_HUMAN],
+                                                   batch_size=len(batch))]
+
+        # greedy, batch by batch: under torchrun/srun the batches are dealt over the ranks and rank 0 gathers them
+        if shard_dir is None:
+            texts = [t for b, i in enumerate(range(0, len(todo), e.batch_size))
+                     for t in one_batch([prompts[j] for j in todo[i:i + e.batch_size]], b)]
+        else:
+            texts = sharded_map([prompts[i] for i in todo], e.batch_size, one_batch, shard_dir,
+                                content_hash(model_key, [keys[i] for i in todo]))
+            if texts is None:  # another rank's share is done; rank 0 writes the cache and judges
+                return [], len(todo)
+        cache.put_many([(keys[i], {"question_id": questions[i]["question_id"], "answer": t})
                         for i, t in zip(todo, texts, strict=True)])
     log.info("eval: %s: %d answers generated, %d from the cache", spec.name, len(todo), len(keys) - len(todo))
     return [{"question_id": q["question_id"], "category": q["category"], "model": spec.name,
