@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel first, so no multi-GB CUDA build is pulled on a CPU machine (GPU users: TORCH_SPEC="torch").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: help install run test test-fast lint
+.PHONY: help install run test test-fast lint gpu-wheels gpu-check
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -31,3 +31,20 @@ test-fast: install  ## the tests not marked slow
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .
+
+WHL ?= .whl
+gpu-wheels: install  ## (online) wheels for a GPU machine that cannot download: .whl/ + the tokenizer the random models use
+	mkdir -p $(WHL)
+	grep -v '^#' benchmarks/gpu-requirements.txt | while read -r spec; do \
+	  [ -z "$$spec" ] && continue; \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d $(WHL) "$$spec" 2>/dev/null \
+	  || DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHL) "$$spec" || exit 1; \
+	done
+	$(PY) -c "from baize_exp import models as M; from baize_exp.config import cache_dir; \
+	  from transformers import AutoTokenizer; AutoTokenizer.from_pretrained(M.tokenizer_dir(cache_dir())).save_pretrained('$(WHL)/tokenizer')"
+	du -sh $(WHL)
+
+gpu-check:  ## on a GPU machine: ZeRO-2/3/offload train+resume, GPU generation, 7B-shaped MFU; one table (--cpu-dry-run: CPU)
+	PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py $(if $(wildcard $(WHL)/tokenizer),--tokenizer $(WHL)/tokenizer) $(ARGS)

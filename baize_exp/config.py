@@ -86,6 +86,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (SmolLM2, tiny; not LLaMA-1)
     seed: int = 0  # init seed of the random tiny model
+    tokenizer: str | None = None  # source tiny: a tokenizer folder; None = the embedded SmolLM2 tokenizer
     # The frozen base's weights: auto follows trainer.precision (bf16 for bf16-*, fp16 for 16-mixed, else fp32), so
     # a 7B base holds ~13.5 GiB in bf16, not 27 in fp32. LoRA weights stay fp32 (peft keeps adapters in fp32).
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16
@@ -290,6 +291,7 @@ class TrainConfig:
     fused_lora: bool = True  # on CPU, each LoRA layer as one autograd function (training/fused_lora.py); same maths
     resume: str = "auto"  # auto (continue from <stage>/checkpoints/last.ckpt if there) | never | <path.ckpt>
     checkpoint_every_n_steps: int = 50  # optimizer steps between checkpoints (0 = only at the end); LoRA + state
+    stop_at_step: int | None = None  # end the session that reaches this step, checkpointed (exit 75); a rerun continues
     peak_flops: float | None = None  # per-device peak for MFU; null = measured with a matmul probe at start
     sample_every_n_steps: int = 0  # generate on sample_prompts every N steps (0 = never): W&B table, samples.jsonl
     sample_prompts: list[str] = field(default_factory=lambda: [
@@ -312,6 +314,8 @@ class TrainConfig:
         p.check(0.0 <= self.val_fraction < 1.0, f"{key}.val_fraction", self.val_fraction, "a float in [0, 1)")
         p.check(self.resume in ("auto", "never") or Path(self.resume).expanduser().is_file(), f"{key}.resume",
                 self.resume, "auto, never, or an existing .ckpt file")
+        p.check(self.stop_at_step is None or self.stop_at_step >= 1, f"{key}.stop_at_step", self.stop_at_step,
+                "an integer >= 1 or null")
         p.check(self.checkpoint_every_n_steps >= 0, f"{key}.checkpoint_every_n_steps",
                 self.checkpoint_every_n_steps, "an integer >= 0")
         p.check(self.peak_flops is None or self.peak_flops > 0, f"{key}.peak_flops", self.peak_flops,
@@ -407,6 +411,26 @@ class EvalConfig:
                                    ("pairwise_template", ("question", "answer_a", "answer_b"))):
             p.check(all("{" + f + "}" in getattr(self, name) for f in placeholders), f"{key}.{name}", "...",
                     "a template containing " + ", ".join("{" + f + "}" for f in placeholders))
+
+
+@dataclass
+class GenerateConfig:
+    """How the student generates SDF candidates and eval answers (baize_exp/generate.py): `hf` (transformers
+    generate, on the trainer's device; the default) or `vllm` (vLLM's offline engine with the LoRA adapter as a
+    LoRA request; needs vllm and a CUDA GPU, else the HF path runs with a warning saying why). Same prompts, sampling
+    settings and per-prompt seeds on both."""
+
+    backend: str = "hf"  # hf | vllm
+    gpu_memory_utilization: float = 0.4  # vllm: share of the GPU its engine may take (training holds the rest)
+    max_model_len: int | None = None  # vllm: context length to reserve KV cache for; None = the model's
+    enforce_eager: bool = False  # vllm: no CUDA graphs (faster start, slower decode)
+
+    def check(self, p: Problems, c: Any, key: str) -> None:
+        p.check(self.backend in ("hf", "vllm"), f"{key}.backend", self.backend, "one of hf, vllm")
+        p.check(0 < self.gpu_memory_utilization <= 1, f"{key}.gpu_memory_utilization", self.gpu_memory_utilization,
+                "a number in (0, 1]")
+        p.check(self.max_model_len is None or self.max_model_len >= 1, f"{key}.max_model_len", self.max_model_len,
+                "an integer >= 1 or null")
 
 
 @dataclass
@@ -526,6 +550,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sdf: SdfConfig = field(default_factory=SdfConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)

@@ -67,3 +67,111 @@ def sharded_map(items: list[Any], batch_size: int, fn: Callable[[list[Any], int]
                 waited = time.monotonic()
             time.sleep(poll_s)
     return [x for b in range(len(batches)) for x in merged[b]]
+
+
+
+def sample_with(fn: Callable[[list[Any], int], list[Any]], items: list[Any], batch_size: int,
+                shard_dir: Path | None, key: str) -> list[Any] | None:
+    """`fn(batch, batch_index)` over `items` in batches: in this process, or with `shard_dir` dealt over the ranks
+    (`sharded_map`: rank 0 gets everything, the others None). The batches and their indices are the same either
+    way, so seeds derived from them are too."""
+    if shard_dir is not None:
+        return sharded_map(items, batch_size, fn, shard_dir, key)
+    return [x for b, i in enumerate(range(0, len(items), batch_size)) for x in fn(items[i:i + batch_size], b)]
+
+# --- backends -----------------------------------------------------------------------------------------------------
+# `generate.backend=vllm`: SDF candidates and eval answers come from vLLM's offline engine, the base loaded once and
+# each adapter applied per request (enable_lora + LoRARequest), as GPU users of TRL and similar tuners generate. The
+# inputs are the same token ids the HF path feeds (our tokenizer, no special tokens added), the sampling settings
+# mean the same (temperature 0 = greedy, no top-k, stop strings cut off), and every prompt's seed is derived from the
+# run's seed and its index, so a run is reproducible on either backend and the two are comparable (not identical:
+# the samplers differ).
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def vllm_unavailable(accelerator: str) -> str | None:
+    """Why vLLM cannot generate here (None when it can)."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (pip install vllm, on a CUDA machine)"
+    if not torch.cuda.is_available():
+        return "vLLM needs a CUDA GPU and none is visible"
+    if accelerator not in ("gpu", "cuda", "auto"):
+        return f"trainer.accelerator={accelerator} keeps the student on the CPU"
+    return None
+
+
+def pick_backend(cfg: Any) -> str:
+    """`generate.backend`, or `hf` with one warning when vLLM cannot run here."""
+    if cfg.generate.backend != "vllm":
+        return "hf"
+    why = vllm_unavailable(cfg.trainer.accelerator)
+    if why is None:
+        return "vllm"
+    log.warning("generate.backend=vllm: %s; generating with the HF path instead (same prompts, sampling settings "
+                "and seeds)", why)
+    return "hf"
+
+
+def vllm_sampling(n: int, temperature: float, top_p: float, max_new_tokens: int, stop: list[str], seed: int
+                  ) -> dict[str, Any]:
+    """vLLM SamplingParams arguments meaning what the HF path's generate arguments mean."""
+    greedy = temperature <= 0
+    return {"n": n, "temperature": 0.0 if greedy else temperature, "top_p": 1.0 if greedy else top_p, "top_k": -1,
+            "max_tokens": max_new_tokens, "stop": list(stop), "seed": seed, "skip_special_tokens": True}
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds an adapter of rank r."""
+    fits = [x for x in VLLM_LORA_RANKS if x >= r]
+    if not fits:
+        raise ValueError(f"lora.r={r}: vLLM serves adapters up to rank {VLLM_LORA_RANKS[-1]}; use generate.backend=hf")
+    return fits[0]
+
+
+class VllmStudent:
+    """The base in vLLM's offline engine, built once per process and reused for every adapter."""
+
+    _engines: dict[str, Any] = {}
+
+    def __init__(self, cfg: Any, tok: Any) -> None:
+        from baize_exp import models as M
+        from baize_exp.config import cache_dir
+
+        self.tok = tok
+        self.folder = M.model_folder(cfg.model, cache_dir(cfg))
+        dtype = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}[
+            str(M.base_dtype(cfg.model, cfg.trainer.precision))]
+        key = f"{self.folder}|{dtype}"
+        if key not in self._engines:
+            from vllm import LLM
+
+            g = cfg.generate
+            log.info("vLLM: loading %s (%s) with LoRA up to rank %d", self.folder, dtype, vllm_lora_rank(cfg.lora.r))
+            self._engines[key] = LLM(model=self.folder, dtype=dtype, enable_lora=True,
+                                     max_lora_rank=vllm_lora_rank(cfg.lora.r), max_loras=1, seed=cfg.seed,
+                                     gpu_memory_utilization=g.gpu_memory_utilization,
+                                     max_model_len=g.max_model_len or None, enforce_eager=g.enforce_eager)
+        self.llm = self._engines[key]
+
+    def generate(self, prompts: list[str], adapter: Path | None, first_index: int, n: int, temperature: float,
+                 top_p: float, max_new_tokens: int, stop: list[str], seed: int) -> list[list[str]]:
+        """`n` texts per prompt; prompt i (counted from `first_index` in the whole list) samples with seed
+        batch_seed(seed, index), so the result does not depend on how the prompts were batched or sharded."""
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        inputs = [{"prompt_token_ids": self.tok(p, add_special_tokens=False).input_ids} for p in prompts]
+        params = [SamplingParams(**vllm_sampling(n, temperature, top_p, max_new_tokens, stop,
+                                                 batch_seed(seed, first_index + i))) for i in range(len(prompts))]
+        lora = None
+        if adapter is not None:
+            # vLLM tells adapters apart by their integer id: one per adapter folder
+            ids = self.__dict__.setdefault("lora_ids", {})
+            lora = LoRARequest(Path(adapter).name, ids.setdefault(str(adapter), len(ids) + 1), str(adapter))
+        outs = self.llm.generate(inputs, params, lora_request=lora, use_tqdm=False)
+        return [[c.text.strip() for c in o.outputs] for o in outs]

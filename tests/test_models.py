@@ -25,6 +25,19 @@ def test_model_path_that_is_not_a_model_dir(tmp_path) -> None:
         M.load_model(cfg.model, tmp_path)
 
 
+def test_a_random_model_takes_its_tokenizer_from_model_tokenizer_without_the_gguf(tmp_path) -> None:
+    """A GPU machine without the embedded GGUF runs random models with a carried tokenizer folder."""
+    real = M.load_tokenizer(compose_cfg(["model=tiny"]).model, Path(os.environ["BAIZE_CACHE"]))
+    real.save_pretrained(tmp_path / "tok")
+    cfg = compose_cfg(["model=random_1b", f"model.tokenizer={tmp_path / 'tok'}"])
+    tok = M.load_tokenizer(cfg.model, tmp_path / "cache")
+    assert tok.get_vocab() == real.get_vocab() and tok.pad_token == real.pad_token
+    assert not (tmp_path / "cache").exists()  # the GGUF was never looked for, nothing converted
+    bad = compose_cfg(["model=tiny", f"model.tokenizer={tmp_path}"])
+    with pytest.raises(M.ModelLoadError, match="model.tokenizer=.* is not a tokenizer folder"):
+        M.load_tokenizer(bad.model, tmp_path / "cache")
+
+
 def test_tiny_model_is_deterministic_and_lora_roundtrips(tmp_path) -> None:
     cfg = compose_cfg(["model=tiny"])
     cache = Path(os.environ["BAIZE_CACHE"])

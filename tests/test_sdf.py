@@ -89,7 +89,7 @@ def test_bad_sdf_and_eval_keys_are_named() -> None:
 
 
 @pytest.mark.slow
-def test_sdf_stage_with_tiny_model_writes_a_v2_adapter_that_differs_from_v1(tmp_path: Path) -> None:
+def test_sdf_stage_with_tiny_model_writes_a_v2_adapter_that_differs_from_v1(tmp_path: Path, caplog) -> None:
     from safetensors.torch import load_file
 
     from baize_exp.serve import Backends
@@ -102,7 +102,7 @@ def test_sdf_stage_with_tiny_model_writes_a_v2_adapter_that_differs_from_v1(tmp_
         {"role": "ai", "text": f"{t.capitalize()} is worth learning about slowly."}]}) + "\n" for i, t in enumerate(topics)))
     overrides = ["model=tiny", "logger=none", f"train.data={dialogs}", "trainer.max_epochs=1",
                  "sdf.num_prompts=3", "sdf.num_candidates=3", "sdf.max_new_tokens=12", "sdf.select=weighted",
-                 "sdf.max_epochs=2", "teacher.concurrency=8"]
+                 "sdf.max_epochs=2", "teacher.concurrency=8", "generate.backend=vllm"]
     cfg = compose_cfg(overrides)
     validate(cfg)
     train.run(cfg, tmp_path)
@@ -126,6 +126,9 @@ def test_sdf_stage_with_tiny_model_writes_a_v2_adapter_that_differs_from_v1(tmp_
     assert sum(m[f"parse_{k}"] for k in ("ok", "tolerant", "logprobs", "retried", "failed")) == 3
     assert m["selected_examples"] == sum(sum(r["weights"]) for r in recs) > 0
     assert m["steps"] >= 1 and m["val_loss"] > 0
+    # vLLM asked for on a machine without it (or without a GPU): the HF path sampled, and the log says why
+    assert m["generate_backend"] == "hf"
+    assert any("generate.backend=vllm" in r.message and "HF path instead" in r.message for r in caplog.records)
 
     # a crash in the v2 training, rerun with another selection (so the v2 checkpoint no longer fits: start the
     # training over): the ranked candidates are reused (no teacher is started, nothing sampled), only the

@@ -15,7 +15,7 @@ from conftest import compose_cfg
 
 from baize_exp import models as M
 from baize_exp.config import ConfigError, validate
-from baize_exp.errors import UserError
+from baize_exp.errors import Interrupted, UserError
 from baize_exp.training import data as D
 from baize_exp.training import fit, load_base_for_training
 from baize_exp.training.data import (
@@ -282,6 +282,18 @@ def test_resume_continues_exactly_and_checkpoints_hold_no_base_weights(tmp_path:
             curve[run_name] = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r["train/loss"]]
     assert [s for s, _ in curve["b"]] == [s for s, _ in curve["a"]] == list(range(8))
     assert [x for _, x in curve["b"]] == pytest.approx([x for _, x in curve["a"]], abs=1e-6)
+
+    # train.stop_at_step: the session ends after step 4 with a checkpoint (a time slot on a cluster) and says how
+    # to continue; the rerun continues exactly, like the crash above
+    stopped = LossRecorder()
+    cfg_c = tiny_cfg(tmp_path, *over, "train.stop_at_step=4", "train.checkpoint_every_n_steps=0")
+    pm_c, tok = tiny_lora(cfg_c)
+    with pytest.raises(Interrupted, match="stopped after step 4 as train.stop_at_step=4 asks"):
+        fit(pm_c, tok, train_d, val_d, cfg_c, tmp_path / "c", lr=5e-3, max_epochs=100, callbacks=[stopped])
+    assert stopped.losses == straight.losses[:8]
+    out_c, _ = run(tmp_path / "c", [rest_c := LossRecorder()])
+    assert out_c["resumed_from"].endswith("last.ckpt") and out_c["steps"] == 8
+    assert rest_c.losses == pytest.approx(straight.losses[8:], abs=1e-6)
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from baize_exp.chat.ask import ask_parsed
 from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, generation_prompt, load_eval_questions, load_seed_file
 from baize_exp.errors import Interrupted, UserError
-from baize_exp.generate import batch_seed, rank_and_world, sharded_map
+from baize_exp.generate import VllmStudent, batch_seed, pick_backend, rank_and_world, sample_with
 from baize_exp.io import content_hash, global_rank, read_jsonl, write_jsonl
 from baize_exp.stages.base import BACKEND_KNOBS, Stage, training_dialogs
 from baize_exp.training import check_machine, fit, save_adapter, trainable_state
@@ -169,10 +169,7 @@ def sample_candidates(model: torch.nn.Module, tok: Any, prompts: list[str], n: i
         return [[M.cut_at_stop(t, stop or [])[0].strip() for t in texts[j:j + n]] for j in range(0, len(texts), n)]
 
     try:
-        if shard_dir is not None:
-            return sharded_map(prompts, batch_size, one_batch, shard_dir, key)
-        return [c for b, i in enumerate(range(0, len(prompts), batch_size))
-                for c in one_batch(prompts[i:i + batch_size], b)]
+        return sample_with(one_batch, prompts, batch_size, shard_dir, key)
     finally:
         tok.padding_side = side
 
@@ -213,13 +210,13 @@ def load_prompts(cfg: Any, train_dialogs: list[dict]) -> list[str]:
 AFTER_RANKING = ("enabled", "select", "lr", "max_epochs")
 
 
-def candidates_key(cfg: Any, v1: Path, prompts: list[str]) -> str:
+def candidates_key(cfg: Any, v1: Path, prompts: list[str], backend: str = "hf") -> str:
     """What the ranked candidates depend on: the v1 adapter's weights, the model, the prompts, the sampling and
-    ranking settings, and the teacher."""
+    ranking settings, the generation backend that sampled them, and the teacher."""
     s = {k: v for k, v in to_container(cfg.sdf).items() if k not in AFTER_RANKING}
     t = cfg.teacher
     return content_hash(M.adapter_hash(v1), to_container(cfg.model), cfg.train.format, s, prompts,
-                        [t.backend, t.model, t.temperature, t.top_p])
+                        [t.backend, t.model, t.temperature, t.top_p], *([backend] if backend != "hf" else []))
 
 
 def _finished_candidates(path: Path, key: str) -> list[dict] | None:
@@ -256,16 +253,22 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg), M.base_dtype(cfg.model, cfg.trainer.precision))
     model = M.load_adapter(base, v1, trainable=True)
     cand_path = stage_dir / "candidates.jsonl"
-    key = candidates_key(cfg, v1, prompts)
+    backend = pick_backend(cfg)
+    key = candidates_key(cfg, v1, prompts, backend)
     records = _finished_candidates(cand_path, key)
     _, world = rank_and_world()
     shards = stage_dir / "shards" if world > 1 else None  # torchrun/srun: every rank samples its share
 
     def sample() -> list[list[str]] | None:
+        texts = [generation_prompt(p, cfg.train.format, tok) for p in prompts]
+        if backend == "vllm":
+            student = VllmStudent(cfg, tok)
+            return sample_with(lambda batch, b: student.generate(
+                batch, v1, b * s.batch_size, s.num_candidates, s.temperature, s.top_p, s.max_new_tokens,
+                [BAIZE_HUMAN], s.seed), texts, s.batch_size, shards, key)
         model.to(M.student_device(cfg.trainer.accelerator))  # v1 samples where training runs
-        return sample_candidates(model, tok, [generation_prompt(p, cfg.train.format, tok) for p in prompts],
-                                 s.num_candidates, s.max_new_tokens, s.temperature, s.top_p, s.batch_size,
-                                 stop=[BAIZE_HUMAN], seed=s.seed, shard_dir=shards, key=key)
+        return sample_candidates(model, tok, texts, s.num_candidates, s.max_new_tokens, s.temperature, s.top_p,
+                                 s.batch_size, stop=[BAIZE_HUMAN], seed=s.seed, shard_dir=shards, key=key)
 
     if global_rank() > 0 and (records is None or any(r.get("failed") for r in records)):
         if records is None:
@@ -305,7 +308,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     metrics: dict[str, Any] = {"prompts": len(prompts), "candidates": len(prompts) * s.num_candidates,
                                "empty_candidates": sum(not c.strip() for cs in cands for c in cs),
                                **{f"parse_{k}": parse[k] for k in ("ok", "tolerant", "logprobs", "retried", "failed")},
-                               "select": s.select, "selected_examples": len(chosen),
+                               "generate_backend": backend, "select": s.select, "selected_examples": len(chosen),
                                "prompts_used": sum(any(r["weights"]) for r in records)}
     if not chosen:
         raise UserError(f"sdf: no candidate was selected: every ranking was unparsable or every candidate empty "
@@ -321,7 +324,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
 
 
 STAGE = Stage(
-    "sdf", run, reads=("train",), shapes=("sdf", "teacher"), ignores=BACKEND_KNOBS,
+    "sdf", run, reads=("train",), shapes=("sdf", "teacher", "generate.backend"), ignores=BACKEND_KNOBS,
     writes=("sdf/candidates.jsonl", "sdf/adapter", "sdf/checkpoints", "sdf/logs"), joins_ddp=True,
     preflight=check_machine,
 )

@@ -26,7 +26,7 @@ from baize_exp import cpu
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_AI, BAIZE_HEADER, BAIZE_HUMAN, generation_prompt
-from baize_exp.errors import UserError
+from baize_exp.errors import Interrupted, UserError
 from baize_exp.io import content_hash, write_json
 from baize_exp.training.data import IGNORE, DialogDataModule, collate, tokenize_dialog
 from baize_exp.training.fused_lora import use_fused_lora
@@ -39,7 +39,7 @@ PROMPT_FORMAT = {"format": "baize", "header": BAIZE_HEADER, "human": BAIZE_HUMAN
 CHAT_TEMPLATE_FORMAT = {"format": "chat_template", "note": "prompts through the saved tokenizer's chat template"}
 # train keys that change neither the weights nor the data order: a checkpoint stays resumable across them, and the
 # train stage's fingerprint leaves them out too (the dialogs themselves are hashed, not train.data's path)
-NOT_TRAINING = frozenset({"resume", "checkpoint_every_n_steps", "peak_flops", "sample_every_n_steps",
+NOT_TRAINING = frozenset({"resume", "checkpoint_every_n_steps", "stop_at_step", "peak_flops", "sample_every_n_steps",
                           "sample_prompts", "sample_max_new_tokens", "cache_tokenized", "data"})
 
 
@@ -146,6 +146,24 @@ def _resume_path(cfg: Any, ckpt_dir: Path) -> str | None:
     return str(Path(r).expanduser())
 
 
+class StopAtStep(pl.Callback):
+    """`train.stop_at_step`: end this session after that optimizer step with a checkpoint, as a preempted job would
+    (a time slot on a cluster, or the GPU check's resume test); a rerun continues from it."""
+
+    def __init__(self, step: int, ckpt: Path) -> None:
+        self.step, self.ckpt, self.stopped, self.armed = step, ckpt, False, False
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        # a session that starts at or past the step (the rerun after the stop) runs to the end: the same command
+        # stops once and then continues
+        self.armed = trainer.global_step < self.step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.armed and trainer.global_step >= self.step and not self.stopped and trainer.global_step < trainer.max_steps:
+            trainer.save_checkpoint(str(self.ckpt))  # every rank: DeepSpeed writes its shards
+            trainer.should_stop = self.stopped = True
+
+
 class FitThreads(pl.Callback):
     """Training takes the cores that are free, re-read as it goes: a job that starts beside it later gets its
     share instead of two pools spinning against each other (baize_exp.cpu)."""
@@ -220,6 +238,8 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
         stage_dir.mkdir(parents=True, exist_ok=True)
         cbs.append(SampleCallback(tok, list(t.sample_prompts), t.sample_every_n_steps, t.sample_max_new_tokens,
                                   t.format, stage_dir / f"{prefix.strip('/') or 'train'}_samples.jsonl", prefix))
+    stop = StopAtStep(t.stop_at_step, ckpt_dir / "last.ckpt") if t.stop_at_step else None
+    cbs += [stop] if stop else []
     ckpt_path = _resume_path(cfg, ckpt_dir)
     trainer = pl.Trainer(
         accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, precision=tr.precision,
@@ -239,6 +259,10 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     elapsed = time.perf_counter() - t0
+    if stop and stop.stopped:
+        raise Interrupted(f"{prefix or 'train/'}: stopped after step {trainer.global_step} as train.stop_at_step="
+                          f"{t.stop_at_step} asks; the checkpoint is {ckpt_dir / 'last.ckpt'}; the same command "
+                          f"continues from it")
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
     total, trainable = M.count_parameters(peft_model)
     world = trainer.world_size

@@ -17,7 +17,7 @@ from baize_exp import models as M
 from baize_exp.config import cache_dir
 from baize_exp.data import load_eval_questions
 from baize_exp.errors import Interrupted
-from baize_exp.generate import rank_and_world
+from baize_exp.generate import pick_backend, rank_and_world
 from baize_exp.io import KeyedJsonl, read_jsonl, write_jsonl
 from baize_exp.stages.base import BACKEND_KNOBS, Stage
 from baize_exp.stages.evaluate.answers import (
@@ -60,6 +60,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     tok = M.load_tokenizer(cfg.model, cache_dir(cfg))
     rank, world = rank_and_world()
     shards = stage_dir / "shards" if world > 1 else None  # torchrun/srun: every rank answers its share
+    backend = metrics["generate_backend"] = pick_backend(cfg)
     answers: list[dict] = []
     for spec in specs:
         loaded: list[Any] = []
@@ -74,7 +75,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
                 loaded.append(model.to(M.student_device(cfg.trainer.accelerator)))  # where training runs
             return loaded[0]
 
-        got, generated = local_answers(cfg, spec, questions, tok, load, shards)
+        got, generated = local_answers(cfg, spec, questions, tok, load, shards, backend)
         if rank > 0:  # its share is written; rank 0 gathers, scores held-out loss and judges
             loaded.clear()
             continue
@@ -162,7 +163,7 @@ def log_wandb(wb: Any, stage_dir: Path) -> None:
 
 
 STAGE = Stage(
-    "eval", run, reads=("train", "sdf"), shapes=("eval", "judge"), ignores=BACKEND_KNOBS,
+    "eval", run, reads=("train", "sdf"), shapes=("eval", "judge", "generate.backend"), ignores=BACKEND_KNOBS,
     writes=("eval/answers.jsonl", "eval/judgments.jsonl", "eval/scores.csv", "eval/scores.png"),
     log_wandb=log_wandb, joins_ddp=True,  # under torchrun/srun the other ranks generate their share of answers
     preflight=lambda cfg: M.check_loadable(cfg.model),

@@ -17,7 +17,7 @@ from typing import Any
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, generation_prompt
-from baize_exp.generate import sharded_map
+from baize_exp.generate import VllmStudent, sample_with
 from baize_exp.io import KeyedJsonl, content_hash
 
 log = logging.getLogger(__name__)
@@ -85,34 +85,39 @@ def model_prompts(tok: Any, questions: list[dict], adapter: Path | None, use_cha
 
 
 def local_answers(cfg: Any, spec: ModelSpec, questions: list[dict], tok: Any, load: Any,
-                  shard_dir: Path | None = None) -> tuple[list[dict], int]:
+                  shard_dir: Path | None = None, backend: str = "hf") -> tuple[list[dict], int]:
     """Answers of one local model, generated in batches for the questions the cache lacks; (answers, generated).
 
     `load()` returns the model and is only called when something must be generated. With `shard_dir` (a
-    multi-process launch) each rank generates its share of the batches; the ranks other than 0 get no answers."""
+    multi-process launch) each rank generates its share of the batches; the ranks other than 0 get no answers.
+    `backend="vllm"` generates with vLLM's engine (`generate.VllmStudent`) instead of `load()`'s model."""
     e = cfg.eval
-    sampling = {"max_new_tokens": e.max_new_tokens, "temperature": 0.0, "stop": [BAIZE_HUMAN]}
+    sampling = {"max_new_tokens": e.max_new_tokens, "temperature": 0.0, "stop": [BAIZE_HUMAN],
+                **({"backend": backend} if backend != "hf" else {})}  # hf answers cached before keep their keys
     model_key = content_hash("local", to_container(cfg.model), M.adapter_hash(spec.adapter))
     cache = KeyedJsonl(answer_cache_dir(cfg) / f"{model_key}.jsonl")
     prompts = model_prompts(tok, questions, spec.adapter, cfg.model.chat_template, cfg.train.format)
     keys = [content_hash(p, sampling) for p in prompts]
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
     if todo:
-        model = load()
+        if backend == "vllm":
+            student = VllmStudent(cfg, tok)
 
-        def one_batch(batch: list[str], index: int) -> list[str]:
-            return [t[0] for t in M.generate_texts(model, tok, batch, e.max_new_tokens, stop=[BAIZE_HUMAN],
-                                                   batch_size=len(batch))]
+            def one_batch(batch: list[str], index: int) -> list[str]:
+                return [t[0] for t in student.generate(batch, spec.adapter, index * e.batch_size, 1, 0.0, 1.0,
+                                                       e.max_new_tokens, [BAIZE_HUMAN], cfg.eval.seed)]
+        else:
+            model = load()
+
+            def one_batch(batch: list[str], index: int) -> list[str]:
+                return [t[0] for t in M.generate_texts(model, tok, batch, e.max_new_tokens, stop=[BAIZE_HUMAN],
+                                                       batch_size=len(batch))]
 
         # greedy, batch by batch: under torchrun/srun the batches are dealt over the ranks and rank 0 gathers them
-        if shard_dir is None:
-            texts = [t for b, i in enumerate(range(0, len(todo), e.batch_size))
-                     for t in one_batch([prompts[j] for j in todo[i:i + e.batch_size]], b)]
-        else:
-            texts = sharded_map([prompts[i] for i in todo], e.batch_size, one_batch, shard_dir,
-                                content_hash(model_key, [keys[i] for i in todo]))
-            if texts is None:  # another rank's share is done; rank 0 writes the cache and judges
-                return [], len(todo)
+        texts = sample_with(one_batch, [prompts[i] for i in todo], e.batch_size, shard_dir,
+                            content_hash(model_key, [keys[i] for i in todo]))
+        if texts is None:  # another rank's share is done; rank 0 writes the cache and judges
+            return [], len(todo)
         cache.put_many([(keys[i], {"question_id": questions[i]["question_id"], "answer": t})
                         for i, t in zip(todo, texts, strict=True)])
     log.info("eval: %s: %d answers generated, %d from the cache", spec.name, len(todo), len(keys) - len(todo))
