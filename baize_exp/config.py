@@ -24,6 +24,7 @@ from baize_exp.errors import UserError
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 CONFIG_PATH = "pkg://baize_exp.conf"  # how Hydra's entry points find it
 SOURCES = ("quora", "stackoverflow", "medical", "alpaca")
+MIXABLE = (*SOURCES, "hf")  # hf: data.hf, any dataset
 DEFAULT_CACHE_DIR = "~/.cache/baize_exp"
 
 
@@ -36,33 +37,62 @@ class Problems(list):
 
 
 @dataclass
+class HfDataConfig:
+    """data=hf: any dataset `datasets.load_dataset` reads (baize_exp/data/sources.py)."""
+
+    path: str | None = None  # a local file or folder (json, jsonl, csv, parquet), or a hub id where a hub is reachable
+    name: str | None = None  # the dataset's config name, if it has several
+    split: str = "train"
+
+
+@dataclass
 class DataConfig:
-    """Where the seed questions for self-chat come from (baize_exp.data.load_seeds)."""
+    """Where the seed questions for self-chat come from (baize_exp.data.load_seeds). A source reads its real
+    release from `data.path` (one source) or `data.paths.<source>` (a mixture) with the loader for its layout
+    (baize_exp/data/sources.py); without one it is the shipped 200-question sample written in its style."""
 
     name: str = "mixed"
-    # Shipped seed sets to draw from (Quora-, StackOverflow-, medical- and Alpaca-style), as the paper's corpus
-    # mixes its sources.
+    # Sources to draw from: quora, stackoverflow, medical, alpaca (the paper's four), and hf (data.hf).
     sources: list[str] = field(default_factory=lambda: list(SOURCES))
-    # source -> weight. All four keys exist so `data.mix={quora:3,medical:1}` overrides in place (a typed config
+    # source -> weight. Every key exists so `data.mix={quora:3,medical:1}` overrides in place (a typed config
     # cannot take new keys); only the sources in `sources` are drawn from.
-    mix: dict[str, float] = field(default_factory=lambda: {s: 1.0 for s in SOURCES})
-    path: str | None = None  # data=file: a .jsonl / .txt / .csv of seed questions
+    mix: dict[str, float] = field(default_factory=lambda: {s: 1.0 for s in MIXABLE})
+    path: str | None = None  # the real file/folder of a one-source group (data=quora ...), or data=file's seeds
+    # a mixture's real files by source (data.paths.quora=...); null = that source's shipped sample
+    paths: dict[str, str | None] = field(default_factory=lambda: {s: None for s in SOURCES})
+    stackoverflow_body: bool = False  # stackoverflow: the title and the body's first paragraph, not the title alone
+    hf: HfDataConfig = field(default_factory=HfDataConfig)
     limit: int | None = 16  # seeds to use: 16 make a CPU run of a few minutes; null = all
-    seed: int = 0  # shuffling seed for the sample
+    seed: int = 0  # sampling and shuffling seed
+    # data=hf: the column with the question, or a format over columns: "{title}\n{body}" (last: the name would
+    # hide dataclasses.field from the lines above)
+    field: str | None = None
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(self.limit is None or self.limit >= 1, f"{key}.limit", self.limit,
                 "an integer >= 1, or null for all seeds")
-        p.check(all(s in SOURCES for s in self.sources), f"{key}.sources", list(self.sources),
-                f"drawn from {list(SOURCES)}")
-        p.check(all(k in SOURCES and v >= 0 for k, v in self.mix.items()), f"{key}.mix", dict(self.mix),
-                f"weights >= 0 keyed by {list(SOURCES)}")
-        p.check(self.name == "file" or any(self.mix.get(s, 1.0) > 0 for s in self.sources), f"{key}.mix",
+        p.check(all(s in MIXABLE for s in self.sources), f"{key}.sources", list(self.sources),
+                f"drawn from {list(MIXABLE)}")
+        p.check(all(k in MIXABLE and v >= 0 for k, v in self.mix.items()), f"{key}.mix", dict(self.mix),
+                f"weights >= 0 keyed by {list(MIXABLE)}")
+        p.check(self.name in ("file", "hf") or any(self.mix.get(s, 1.0) > 0 for s in self.sources), f"{key}.mix",
                 dict(self.mix), "a weight > 0 for at least one source in data.sources")
         if self.name == "file":
             p.check(bool(self.path), f"{key}.path", self.path, "data=file needs data.path=<seeds .jsonl|.txt|.csv>")
             if self.path:
                 p.check(Path(self.path).expanduser().is_file(), f"{key}.path", self.path, "an existing file")
+        elif self.path:
+            p.check(len(self.sources) == 1, f"{key}.path", self.path,
+                    "for a one-source group (data=quora|stackoverflow|medical|alpaca); a mixture takes "
+                    "data.paths.<source>=...")
+            p.check(Path(self.path).expanduser().exists(), f"{key}.path", self.path, "an existing file or folder")
+        for src, path in self.paths.items():
+            p.check(src in SOURCES, f"{key}.paths", src, f"keyed by {list(SOURCES)}")
+            if path:
+                p.check(Path(path).expanduser().exists(), f"{key}.paths.{src}", path, "an existing file or folder")
+        if self.name == "hf" or "hf" in self.sources:
+            p.check(bool(self.hf.path), f"{key}.hf.path", self.hf.path,
+                    "a local dataset file/folder or a hub id (data=hf data.hf.path=...)")
 
 
 @dataclass
@@ -233,6 +263,24 @@ def _judge_defaults() -> ChatBackendConfig:
 
 
 @dataclass
+class QualityConfig:
+    """Dialog quality filters applied to the teacher's parsed dialogs (baize_exp/data/quality.py); each failure is a
+    reject with its reason. The teacher's dialogs stay in the collection, so changed thresholds need no request."""
+
+    enabled: bool = True
+    copy_overlap: float = 0.5  # template_copy: share of the template example's word 3-grams the dialog reproduces
+    repeat_lines: int = 3  # repetitive: the same sentence (>= 4 words) this many times
+    near_duplicate: float = 0.8  # near_duplicate: estimated Jaccard of word 5-grams with an earlier kept dialog
+    echo_overlap: float = 0.8  # echo: share of an AI turn's word 3-grams copied from the human turn before it
+
+    def check(self, p: Problems, c: Any, key: str) -> None:
+        for name in ("copy_overlap", "near_duplicate", "echo_overlap"):
+            v = getattr(self, name)
+            p.check(0 < v <= 1, f"{key}.{name}", v, "a share in (0, 1]")
+        p.check(self.repeat_lines >= 2, f"{key}.repeat_lines", self.repeat_lines, "an integer >= 2")
+
+
+@dataclass
 class CollectConfig:
     """Self-chat collection (baize_exp.stages.collect): the teacher writes dialogs from seed questions.
 
@@ -255,8 +303,10 @@ class CollectConfig:
     samples_to_log: int = 16  # dialogs in the W&B sample table
     # A longer seed is a `too_long` reject before any request (teacher tokens for a local teacher, else 4 chars each).
     max_seed_tokens: int = 1024
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
     def check(self, p: Problems, c: Any, key: str) -> None:
+        self.quality.check(p, c, f"{key}.quality")
         p.check(self.mode in ("transcript", "turns"), f"{key}.mode", self.mode, "one of transcript, turns")
         p.check(self.min_turns >= 2, f"{key}.min_turns", self.min_turns, "an integer >= 2")
         p.check("{seed}" in self.template, f"{key}.template", "...", "a template containing {seed}")

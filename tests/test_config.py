@@ -11,7 +11,8 @@ GROUP_OPTIONS = sorted(
     (p.parent.name, p.stem) for p in CONF.glob("*/*.yaml")
     if p.parent.name not in ("hydra", "sweep", "hparams_search")  # these set hydra.*: tests/test_sweeps.py
 )
-NEEDS = {("data", "file"): [f"data.path={CONF / 'config.yaml'}"]}  # any existing file satisfies validate
+NEEDS = {("data", "file"): [f"data.path={CONF / 'config.yaml'}"],  # any existing file satisfies validate
+         ("data", "hf"): [f"data.hf.path={CONF / 'config.yaml'}"]}
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])

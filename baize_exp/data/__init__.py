@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from baize_exp.errors import UserError
-from baize_exp.io import decode_utf8, iter_jsonl, read_jsonl
+from baize_exp.io import content_hash, decode_utf8, iter_jsonl, read_jsonl
 
 DATA_DIR = Path(__file__).resolve().parent
 SEEDS_DIR = DATA_DIR / "seeds"
@@ -107,12 +107,37 @@ def _csv_seeds(path: Path, src: str) -> list[Seed]:
     return seeds
 
 
+def source_path(dcfg: Any, source: str) -> str | None:
+    """The real file or folder `source` is read from: data.paths.<source>, or data.path for a one-source group."""
+    paths = getattr(dcfg, "paths", None) or {}
+    return paths.get(source) or (dcfg.path if list(dcfg.sources) == [source] else None)
+
+
+def _sampled_pool(source: str, path: str | None, dcfg: Any) -> list[Seed]:
+    from baize_exp.data import sources
+
+    questions = sources.sample(sources.load_source(source, path, dcfg), dcfg.limit, dcfg.seed)
+    if not questions:
+        raise SeedFileError(f"data: no questions read from {path or dcfg.hf.path} ({source})")
+    # ids from the text: the same question keeps its id whatever else is sampled
+    return [Seed(f"{source}-{content_hash(q)[:10]}", source, q) for q in questions]
+
+
 def load_seeds(dcfg: Any) -> list[Seed]:
-    """The seeds a `data` config selects: deduplicated, mixed by weight, shuffled with `data.seed`, limited."""
+    """The seeds a `data` config selects: deduplicated, mixed by weight, shuffled with `data.seed`, limited.
+
+    A source read from its real release is sampled as it streams (`sources.sample`: seeded, bounded memory, in a
+    seeded order whose first n are the sample of n, so a larger data.limit only adds seeds)."""
     if dcfg.name == "file":
         pools = {"file": load_seed_file(dcfg.path)}
     else:
-        pools = {s: load_seed_file(SEEDS_DIR / f"{s}.jsonl", s) for s in dcfg.sources}
+        names = list(dcfg.sources) + (["hf"] if dcfg.name == "hf" and "hf" not in dcfg.sources else [])
+        pools = {}
+        for s in names:
+            path = source_path(dcfg, s)
+            pools[s] = (_sampled_pool(s, path, dcfg) if s == "hf" or path else
+                        load_seed_file(SEEDS_DIR / f"{s}.jsonl", s))
+    sampled = {s for s in pools if s == "hf" or (s != "file" and source_path(dcfg, s))}
     rng = random.Random(dcfg.seed)
     seen: set[str] = set()
     for name in pools:  # dedup by normalised text, across sources too
@@ -122,7 +147,8 @@ def load_seeds(dcfg: Any) -> list[Seed]:
             if k not in seen:
                 seen.add(k)
                 uniq.append(s)
-        rng.shuffle(uniq)
+        if name not in sampled:  # a sampled pool is in its seeded order already (a shuffle would break prefixes)
+            rng.shuffle(uniq)
         pools[name] = uniq
     weights = {n: float(dcfg.mix.get(n, 1.0)) for n in pools}
     total = sum(len(p) for p in pools.values())

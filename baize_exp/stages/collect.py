@@ -32,11 +32,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from omegaconf import open_dict
 from tqdm.auto import tqdm
 
 from baize_exp.chat.client import ChatClient, ChatOutage, ChatResult
 from baize_exp.config import cache_dir
 from baize_exp.data import Seed, load_seeds, parse_transcript, to_baize_text
+from baize_exp.data.quality import QualityFilter
 from baize_exp.errors import Interrupted, UserError
 from baize_exp.io import JsonlWriter, content_hash, file_lock, read_jsonl, write_jsonl
 from baize_exp.models import tokenizer_for_serving
@@ -310,8 +312,10 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
     """Collect a dialog for every seed that has no dialog or reject yet in `out_dir`; return the stage metrics.
     Raises Interrupted (after writing everything that finished) when seeds are left whose requests failed.
 
-    `copy_to`: also write these seeds' dialogs and rejects there (a run's copy of a shared collection, which may
-    hold the dialogs of a larger data.limit too). `tokenizer`: the teacher's, to measure seeds in its tokens."""
+    `out_dir` keeps what the teacher wrote (every parsed dialog); `copy_to` gets these seeds' dialogs that pass
+    the quality filters (`collect.quality`), and the rejects with those that did not (a run's copy of a shared
+    collection, which may hold the dialogs of a larger data.limit too); without it `out_dir` keeps only the
+    dialogs that pass. `tokenizer`: the teacher's, to measure seeds in its tokens."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dialogs_path, rejects_path = out_dir / "dialogs.jsonl", out_dir / "rejects.jsonl"
     old_dialogs = read_jsonl(dialogs_path, repair_tail=True)
@@ -362,10 +366,18 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
         raise Interrupted(
             f"collect: {len(unfinished)} of {len(wanted)} seeds are unfinished: {why}. The {len(finished)} finished "
             f"are kept in {out_dir}; the unfinished ones are asked again by a rerun")
+    teacher_dialogs = len(all_dialogs)
+    all_dialogs, quality_rejects = filter_quality(all_dialogs, keys, ccfg)
+    all_rejects += quality_rejects
     if copy_to is not None:
+        copy_to.mkdir(parents=True, exist_ok=True)
         write_jsonl(copy_to / "dialogs.jsonl", all_dialogs)
         write_jsonl(copy_to / "rejects.jsonl", all_rejects)
         write_jsonl(copy_to / "failures.jsonl", [f for k in wanted for f in history.get(k, [])])
+    elif quality_rejects:  # in place: the dialogs that failed a filter move to the rejects, whole
+        gone = {r["key"] for r in quality_rejects}
+        write_jsonl(dialogs_path, [d for d in old_dialogs + new_dialogs if d["key"] not in gone])
+        write_jsonl(rejects_path, read_jsonl(rejects_path) + quality_rejects)
     by_model = client.usage_report()
     costs = [m["cost_usd"] for m in by_model.values()]
     n_ok = len(new_dialogs)
@@ -373,7 +385,8 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
     metrics = {
         "seeds": len(seeds), "requested": len(todo), "new_dialogs": n_ok,
         "new_rejects": sum(progress.rejects.values()), "new_rejects_by_reason": dict(progress.rejects),
-        "dialogs": len(all_dialogs), "rejects": len(all_rejects),
+        "dialogs": len(all_dialogs), "rejects": len(all_rejects), "teacher_dialogs": teacher_dialogs,
+        "quality_rejects": dict(Counter(r["reason"] for r in quality_rejects)),
         "rejects_by_reason": dict(Counter(r["reason"] for r in all_rejects)),
         # seeds whose requests failed (transient) on some attempt before they got their dialog or reject
         "seeds_that_failed_before": len(recovered),
@@ -403,7 +416,27 @@ ADVICE = {
     "too_long": "shorten the seeds, or raise collect.max_seed_tokens",
     "bad_request": "read the endpoint's message in rejects.jsonl (a prompt it refuses)",
     "oversized": "the endpoint ignores max_tokens: check teacher.base_url / the server",
+    "template_copy": "the teacher copies the template's example: a stronger teacher, or collect.mode=turns",
+    "repetitive": "the teacher loops: a stronger teacher, or a lower teacher.temperature",
+    "near_duplicate": "the teacher writes the same dialog for different seeds: a stronger teacher",
+    "echo": "the AI turns repeat the human's: a stronger teacher",
 }
+
+
+def filter_quality(dialogs: list[dict], keys: list[str], ccfg: Any) -> tuple[list[dict], list[dict]]:
+    """(kept, rejects): the quality filters over the teacher's dialogs in seed order, so which of two near
+    duplicates is kept does not depend on which answer came back first. A reject keeps the whole dialog."""
+    order = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    qf = QualityFilter.from_config(ccfg.quality, ccfg.template if ccfg.mode == "transcript" else "")
+    kept, rejects = [], []
+    for d in sorted(dialogs, key=lambda d: order.get(d["key"], len(order))):
+        why = qf.check(d["turns"])
+        if why is None:
+            kept.append(d)
+        else:
+            rejects.append({"seed": d["seed"], "source": d["source"], "key": d["key"], "mode": d["mode"],
+                            "reason": why[0], "detail": why[1], "dialog": d})
+    return kept, rejects
 
 
 def no_usable_dialog(metrics: dict, rejects_path: Path) -> UserError:
@@ -437,12 +470,14 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     if cfg.collect.shared:
         unlimited = copy.deepcopy(cfg)
         unlimited.data.limit = None
+        with open_dict(unlimited.collect):  # the filters act on what was collected: new thresholds ask nothing
+            del unlimited.collect["quality"]
         shared = cache_dir(cfg) / "collect" / STAGE.fingerprint(unlimited, {})
         with file_lock(shared / ".lock"):
             metrics = collect(seeds, client, cfg.collect, cfg.teacher, shared, copy_to=out, tokenizer=tokenizer)
         metrics["shared_dir"] = str(shared)
-    else:
-        metrics = collect(seeds, client, cfg.collect, cfg.teacher, out, tokenizer=tokenizer)
+    else:  # the teacher's dialogs in the run, the filtered ones beside them
+        metrics = collect(seeds, client, cfg.collect, cfg.teacher, out / "teacher", copy_to=out, tokenizer=tokenizer)
     if metrics["dialogs"] == 0:
         raise no_usable_dialog(metrics, out / "rejects.jsonl")
     return metrics

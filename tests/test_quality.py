@@ -1,0 +1,96 @@
+"""Dialog quality filters: each on dialogs it must reject and on dialogs it must keep."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import compose_cfg
+
+from baize_exp.data.quality import QualityFilter, template_example
+
+
+def turns(*texts: str) -> list[dict]:
+    return [{"role": "human" if i % 2 == 0 else "ai", "text": t} for i, t in enumerate(texts)]
+
+
+@pytest.fixture
+def qf() -> QualityFilter:
+    cfg = compose_cfg([])
+    return QualityFilter.from_config(cfg.collect.quality, cfg.collect.template)
+
+
+# What the embedded teacher (SmolLM2-135M) wrote for the seed "Is Wilson disease inherited, and what is the chance
+# of passing it to a child?" in the default run: the template's basil example, with its instruction echoed.
+WILSON_COPY = turns(
+    "How do you keep basil alive indoors?",
+    "Give it at least six hours of sun, water when the top of the soil is dry, and pinch off flower buds.",
+    "Why do you pinch the buds?",
+    "Flowering makes the plant put its energy into seeds, and the leaves turn bitter.\n\nNow write a new transcript "
+    "with at least two [Human] lines and two [AI] lines, in which a human asks an AI assistant about: Is Wilson "
+    "disease inherited, and what is the chance of passing it to a child?")
+
+GOOD = turns(
+    "Is Wilson disease inherited, and what is the chance of passing it to a child?",
+    "Yes. It is autosomal recessive: a child is affected only with two faulty copies of the ATP7B gene.",
+    "So if I carry one copy?",
+    "If your partner is not a carrier, your children cannot have the disease, though half may be carriers.")
+
+
+def test_the_example_is_read_from_the_template(qf: QualityFilter) -> None:
+    example = template_example(compose_cfg([]).collect.template)
+    assert example.startswith("How do I keep basil alive indoors?") and "{seed}" not in example
+    assert example.count("\n") == 3  # four turns
+
+
+def test_template_copies_are_rejected_and_real_dialogs_kept(qf: QualityFilter) -> None:
+    assert qf.check(WILSON_COPY)[0] == "template_copy"
+    assert qf.copy_score(WILSON_COPY) > 0.8
+    assert qf.check(GOOD) is None
+    # a real dialog about basil shares words with the example but does not reproduce it
+    basil = turns("How often should I water basil on a windowsill?",
+                  "Water when the top inch of soil feels dry; in summer that can be every other day.",
+                  "Does it need fertiliser?", "A weak liquid feed every few weeks is plenty for potted basil.")
+    assert qf.copy_score(basil) < 0.2 and qf.check(basil) is None
+
+
+def test_a_dialog_that_loops_is_rejected(qf: QualityFilter) -> None:
+    loop = turns("What is a monad?", "A monad is a way to chain computations. " * 3 + "That is all.",
+                 "Anything else?", "No.")
+    reason, detail = qf.check(loop)
+    assert reason == "repetitive" and "3 times" in detail
+    twice = turns("What is a monad?", "A monad is a way to chain computations. Really, a monad is a way to chain "
+                  "computations.", "Ok.", "Glad to help with that today.")
+    assert qf.check(twice) is None  # said twice (a summary) is still a dialog
+
+
+def test_echoing_and_empty_ai_turns_are_rejected(qf: QualityFilter) -> None:
+    echo = turns("How do I reverse a list in Python quickly?", "How do I reverse a list in Python quickly?",
+                 "Please answer.", "Use reversed() or slicing with [::-1].")
+    assert qf.check(echo) == ("echo", "AI turn 2 is empty or 100% copied from the human turn before it")
+    short = turns("Can you say yes?", "yes", "And more?", "More words about the question here, fully new.")
+    assert qf.check(short)[0] == "echo"
+    quoting = turns("How do I reverse a list in Python?",
+                    "To reverse a list in Python, call its reverse() method or take a reversed slice.",
+                    "Thanks", "You're welcome.")
+    assert qf.check(quoting) is None  # restating part of the question is how answers start
+
+
+def test_near_duplicates_of_a_kept_dialog_are_rejected_exact_or_nearly(qf: QualityFilter) -> None:
+    assert qf.check(GOOD) is None
+    assert qf.check(GOOD)[0] == "near_duplicate"  # exact
+    near = [dict(t) for t in GOOD]
+    near[3]["text"] = near[3]["text"].replace("cannot", "can't")  # one word changed
+    reason, detail = qf.check(near)
+    assert reason == "near_duplicate" and "kept dialog #1" in detail
+    other = turns("What causes Wilson disease?", "A mutation in ATP7B stops the liver moving copper into bile.",
+                  "What are the signs?", "Liver disease, tremor, and Kayser-Fleischer rings in the eyes.")
+    assert qf.check(other) is None  # same topic, another dialog
+
+
+def test_filters_can_be_switched_off_and_thresholds_are_checked() -> None:
+    cfg = compose_cfg(["collect.quality.enabled=false"])
+    qf = QualityFilter.from_config(cfg.collect.quality, cfg.collect.template)
+    assert qf.check(WILSON_COPY) is None and qf.check(WILSON_COPY) is None
+    from baize_exp.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"collect.quality.copy_overlap=1.5.*collect.quality.repeat_lines=1"):
+        validate(compose_cfg(["collect.quality.copy_overlap=1.5", "collect.quality.repeat_lines=1"]))
