@@ -325,6 +325,10 @@ class TrainConfig:
     """LoRA tuning on dialogs (baize_exp.stages.train; the core is baize_exp.training)."""
 
     data: str | None = None  # dialogs.jsonl from another run; None = this run's collect/dialogs.jsonl
+    # instruction data mixed into training (the original recipe mixed Alpaca in): alpaca_data.json or a .jsonl of
+    # instruction/input/output records, each a one-exchange dialog; never in the held-out split
+    extra_data: str | None = None
+    extra_data_limit: int | None = None  # a seeded sample of that many records; None = all
     format: str = "baize"  # baize | chat_template (the tokenizer's template; labels on the assistant's tokens)
     loss_on: str = "ai"  # ai | all (all = the original recipe: the human's lines are targets too)
     max_length: int = 512  # tokens per dialog (whole exchanges past it are dropped) and per packed row

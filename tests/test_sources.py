@@ -127,9 +127,50 @@ def test_each_loader_through_run_py_collects_a_dialog_per_question(tmp_path: Pat
 
     run_dir = tmp_path / "run"
     with FaultServer() as srv:
-        r = run_cli("stages=[collect]", f"data={group}", f"data.path={FIX / path}", "data.limit=null",
+        r = run_cli("stages=[collect,report]", f"data={group}", f"data.path={FIX / path}", "data.limit=null",
                     "teacher=openai", f"teacher.base_url={srv.base_url}", "teacher.api_key_env=BAIZE_FAULT_KEY",
                     "logger=none", f"hydra.run.dir={run_dir}", env={"BAIZE_FAULT_KEY": "k"}, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     dialogs = read_jsonl(run_dir / "collect" / "dialogs.jsonl")
     assert {d["seed"] for d in dialogs} == expected and {d["source"] for d in dialogs} == {group}
+    card = json.loads((run_dir / "collect" / "data_card.json").read_text())
+    assert card["seeds"] == len(expected) and card["sources"] == {group: {"seeds": len(expected),
+                                                                          "dialogs": len(dialogs)}}
+    assert card["turns_per_dialog"]["n"] == len(dialogs) and card["turns_per_dialog"]["min"] >= 2
+    assert card["seed_length"]["max"] >= card["seed_length"]["median"] >= card["seed_length"]["min"] > 0
+    assert card["duplicates_removed"] == {"seeds": 0, "dialogs": 0} and card["length_unit"] == "words"
+    assert "## Data card (collect)" in (run_dir / "report.md").read_text()  # the report shows it
+
+
+def test_fastchat_question_files_load_as_eval_questions(caplog) -> None:
+    from baize_exp.data import load_eval_questions
+
+    mt = load_eval_questions(FIX / "mt_bench_question.jsonl")
+    assert [q["question_id"] for q in mt] == ["81", "111", "121"]
+    assert mt[1]["question"].startswith("The vertices of a triangle") and mt[1]["reference"] == "3"
+    assert "reference" not in mt[0] and mt[2]["category"] == "coding"
+    assert "2 later turns of multi-turn questions are not asked" in caplog.text  # said, not silently dropped
+    vicuna = load_eval_questions(FIX / "vicuna_question.jsonl", limit=1)
+    assert vicuna == [{"question_id": "1", "text": "How can I improve my time management skills?",
+                       "category": "generic", "question": "How can I improve my time management skills?"}]
+
+
+def test_alpaca_as_training_data_joins_the_train_split_only(tmp_path: Path) -> None:
+    from baize_exp.stages.base import training_dialogs
+
+    dialogs = tmp_path / "dialogs.jsonl"
+    dialogs.write_text("".join(json.dumps({"id": f"d{i}", "turns": [
+        {"role": "human", "text": f"Question {i}?"}, {"role": "ai", "text": f"Answer {i}."}]}) + "\n" for i in range(10)))
+    extra = tmp_path / "alpaca_data.json"
+    records = json.loads((FIX / "alpaca_data.json").read_text()) + [{"instruction": "Say hi.", "input": "", "output": ""}]
+    extra.write_text(json.dumps(records))
+    cfg = compose_cfg([f"train.data={dialogs}", f"train.extra_data={extra}", "train.val_fraction=0.2"])
+    _, train_d, val_d, rejects = training_dialogs(cfg, tmp_path)
+    alpaca = [d for d in train_d if d.get("source") == "alpaca"]
+    assert len(alpaca) == 4 and not [d for d in val_d if d.get("source") == "alpaca"]
+    translate = next(d for d in alpaca if d["turns"][0]["text"].startswith("Translate"))
+    assert translate["turns"] == [{"role": "human", "text": "Translate the sentence into French.\n\nThe library opens at nine."},
+                                  {"role": "ai", "text": "La bibliothèque ouvre à neuf heures."}]
+    assert [r["reason"] for r in rejects] == ["no_output"]  # recorded, not dropped
+    cfg = compose_cfg([f"train.data={dialogs}", f"train.extra_data={extra}", "train.extra_data_limit=2"])
+    assert sum(d.get("source") == "alpaca" for d in training_dialogs(cfg, tmp_path)[1]) == 2

@@ -123,11 +123,12 @@ def _sampled_pool(source: str, path: str | None, dcfg: Any) -> list[Seed]:
     return [Seed(f"{source}-{content_hash(q)[:10]}", source, q) for q in questions]
 
 
-def load_seeds(dcfg: Any) -> list[Seed]:
+def load_seeds(dcfg: Any, stats: dict | None = None) -> list[Seed]:
     """The seeds a `data` config selects: deduplicated, mixed by weight, shuffled with `data.seed`, limited.
 
     A source read from its real release is sampled as it streams (`sources.sample`: seeded, bounded memory, in a
-    seeded order whose first n are the sample of n, so a larger data.limit only adds seeds)."""
+    seeded order whose first n are the sample of n, so a larger data.limit only adds seeds). `stats` gets
+    "duplicate_seeds": how many seeds were dropped as repeats of another."""
     if dcfg.name == "file":
         pools = {"file": load_seed_file(dcfg.path)}
     else:
@@ -140,6 +141,7 @@ def load_seeds(dcfg: Any) -> list[Seed]:
     sampled = {s for s in pools if s == "hf" or (s != "file" and source_path(dcfg, s))}
     rng = random.Random(dcfg.seed)
     seen: set[str] = set()
+    duplicates = 0
     for name in pools:  # dedup by normalised text, across sources too
         uniq = []
         for s in pools[name]:
@@ -147,9 +149,13 @@ def load_seeds(dcfg: Any) -> list[Seed]:
             if k not in seen:
                 seen.add(k)
                 uniq.append(s)
+            else:
+                duplicates += 1
         if name not in sampled:  # a sampled pool is in its seeded order already (a shuffle would break prefixes)
             rng.shuffle(uniq)
         pools[name] = uniq
+    if stats is not None:
+        stats["duplicate_seeds"] = duplicates
     weights = {n: float(dcfg.mix.get(n, 1.0)) for n in pools}
     total = sum(len(p) for p in pools.values())
     want = min(dcfg.limit or total, total)
@@ -343,13 +349,33 @@ def to_chat_messages(turns: list[dict]) -> list[dict]:
 
 
 def load_eval_questions(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
-    """The held-out questions: {"question_id", "category", "question", "reference"?}."""
-    recs = read_jsonl(path or EVAL_QUESTIONS)
+    """The held-out questions: {"question_id", "category", "question", "reference"?}.
+
+    Also reads the question files of FastChat's MT-bench and Vicuna-80 sets ({"question_id", "category",
+    "turns": [...], "reference": [...]?}, or the older "text"): the first turn is asked (the eval is single-turn;
+    how many later turns were left out is logged), with the first reference answer."""
+    where = path or EVAL_QUESTIONS
+    recs = read_jsonl(where)
+    later_turns = 0
     for i, r in enumerate(recs):
-        if "question" not in r:
-            raise SeedFileError(f"{path or EVAL_QUESTIONS}: record {i + 1} has no 'question'")
-        r.setdefault("question_id", f"q{i + 1:03d}")
+        if not isinstance(r, dict):
+            raise SeedFileError(f"{where}:{i + 1}: a JSON {type(r).__name__}, expected an object with 'question'")
+        if "question" not in r and isinstance(r.get("turns"), list) and r["turns"]:
+            r["question"], later_turns = r["turns"][0], later_turns + len(r["turns"]) - 1
+        elif "question" not in r and isinstance(r.get("text"), str):
+            r["question"] = r["text"]
+        if not isinstance(r.get("question"), str) or not r["question"].strip():
+            raise SeedFileError(f"{where}:{i + 1}: needs a non-empty 'question' (or FastChat's 'turns' / 'text'); "
+                                f"found {_keys(r)}")
+        if isinstance(r.get("reference"), list):
+            r["reference"] = r["reference"][0] if r["reference"] else None
+        if r.get("reference") is None:
+            r.pop("reference", None)
+        r["question_id"] = str(r.get("question_id", f"q{i + 1:03d}"))
         r.setdefault("category", "general")
+    if later_turns:
+        log.warning("%s: %d later turns of multi-turn questions are not asked (the eval asks each question's "
+                    "first turn)", where, later_turns)
     if limit:
         # Spread the limit over categories so a small eval still covers several kinds of question.
         by_cat: dict[str, list[dict]] = {}

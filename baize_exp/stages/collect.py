@@ -38,9 +38,10 @@ from tqdm.auto import tqdm
 from baize_exp.chat.client import ChatClient, ChatOutage, ChatResult
 from baize_exp.config import cache_dir
 from baize_exp.data import Seed, load_seeds, parse_transcript, to_baize_text
+from baize_exp.data.card import card_markdown, data_card
 from baize_exp.data.quality import QualityFilter
 from baize_exp.errors import Interrupted, UserError
-from baize_exp.io import JsonlWriter, content_hash, file_lock, read_jsonl, write_jsonl
+from baize_exp.io import JsonlWriter, content_hash, file_lock, read_jsonl, write_json, write_jsonl
 from baize_exp.models import tokenizer_for_serving
 from baize_exp.stages.base import BACKEND_KNOBS, Stage
 
@@ -464,7 +465,8 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     serialises the jobs of a sweep that start together: the first collects, the others find every dialog done
     (collect resumes by key) and send no request. A filtered copy, not a link, so a later growth of the shared
     collection never changes a finished run's inputs."""
-    seeds = load_seeds(cfg.data)
+    seed_stats: dict = {}
+    seeds = load_seeds(cfg.data, seed_stats)
     client, tokenizer = backends.client("teacher"), teacher_tokenizer(cfg)
     out = run_dir / "collect"
     if cfg.collect.shared:
@@ -478,6 +480,11 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
         metrics["shared_dir"] = str(shared)
     else:  # the teacher's dialogs in the run, the filtered ones beside them
         metrics = collect(seeds, client, cfg.collect, cfg.teacher, out / "teacher", copy_to=out, tokenizer=tokenizer)
+    card = data_card(seeds, read_jsonl(out / "dialogs.jsonl"), read_jsonl(out / "rejects.jsonl"), metrics,
+                     tokenizer, seed_stats.get("duplicate_seeds", 0))
+    write_json(out / "data_card.json", card)
+    (out / "data_card.md").write_text(card_markdown(card))
+    metrics["duplicate_seeds"] = card["duplicates_removed"]["seeds"]
     if metrics["dialogs"] == 0:
         raise no_usable_dialog(metrics, out / "rejects.jsonl")
     return metrics
@@ -486,6 +493,6 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
 STAGE = Stage(
     "collect", run, shapes=("data", "collect", "teacher"),
     ignores=BACKEND_KNOBS | {"shared", "samples_to_log"},
-    writes=("collect/dialogs.jsonl", "collect/rejects.jsonl", "collect/failures.jsonl"),
+    writes=("collect/dialogs.jsonl", "collect/rejects.jsonl", "collect/failures.jsonl", "collect/data_card.json"),
 )
 

@@ -60,6 +60,9 @@ def render(run_dir: Path) -> str:
                          f"{float(r['ci_high']):.2f}] | {r['parse_failures']} | "
                          f"{_fmt(ev.get(f'{m}/heldout_loss', '-'))} | {_fmt(ev.get(f'{m}/heldout_ppl', '-'))} |")
         lines += ["", "![scores per category](eval/scores.png)", ""]
+    card = run_dir / "collect" / "data_card.md"
+    if card.is_file():
+        lines += [card.read_text(), ""]
     for stage in ("collect", "train", "sdf", "eval"):
         if stage not in metrics:
             continue

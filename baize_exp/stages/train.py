@@ -47,6 +47,7 @@ def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
     metrics["data"] = str(src)
     metrics["rejected_dialogs"] = len(rejects)
     metrics["rejected_by_reason"] = dict(Counter(r["reason"] for r in rejects))
+    metrics["dialogs_by_source"] = dict(Counter(d.get("source", "collected") for d in train_d))
     return metrics
 
 
