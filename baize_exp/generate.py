@@ -137,6 +137,7 @@ class VllmStudent:
     """The base in vLLM's offline engine, built once per process and reused for every adapter."""
 
     _engines: dict[str, Any] = {}
+    _lora_ids: dict[str, int] = {}
 
     def __init__(self, cfg: Any, tok: Any) -> None:
         from baize_exp import models as M
@@ -170,8 +171,9 @@ class VllmStudent:
                                                  batch_seed(seed, first_index + i))) for i in range(len(prompts))]
         lora = None
         if adapter is not None:
-            # vLLM tells adapters apart by their integer id: one per adapter folder
-            ids = self.__dict__.setdefault("lora_ids", {})
+            # vLLM tells adapters apart by their integer id (and caches them by it): one per adapter folder,
+            # process-wide, as the engines are
+            ids = VllmStudent._lora_ids
             lora = LoRARequest(Path(adapter).name, ids.setdefault(str(adapter), len(ids) + 1), str(adapter))
         outs = self.llm.generate(inputs, params, lora_request=lora, use_tqdm=False)
         return [[c.text.strip() for c in o.outputs] for o in outs]

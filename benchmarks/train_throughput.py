@@ -178,7 +178,8 @@ def run_trl(args: argparse.Namespace, peak: float) -> dict:
     targs = SFTConfig(output_dir=str(Path(args.out) / "trl"), per_device_train_batch_size=4, num_train_epochs=1,
                       learning_rate=2e-4, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
                       dataloader_num_workers=0, disable_tqdm=True, seed=0, packing=True, max_length=512,
-                      dataset_num_proc=None)
+                      dataset_num_proc=None, gradient_checkpointing=False, bf16=False, fp16=False)
+    # (TRL defaults to gradient checkpointing and bf16 autocast: ours runs fp32 without checkpointing on CPU)
     pm.train()
     trainer = SFTTrainer(model=pm, args=targs, train_dataset=data, processing_class=tok, callbacks=[timer])
     packed_rows = len(trainer.train_dataset)

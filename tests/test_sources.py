@@ -26,6 +26,10 @@ SO_TITLES = {"How to convert a Decimal to a Double in C#?", "How do I calculate 
 MEDQUAD = {"What is (are) Adult Acute Lymphoblastic Leukemia ?", "Who is at risk for Adult Acute Lymphoblastic "
            "Leukemia? ?", "Is Wilson disease inherited ?", "What are the treatments for Wilson disease ?"}
 
+ALPACA = {"Give three tips for staying healthy.", "Translate the sentence into French.\n\nThe library opens at nine.",
+          "Summarize the paragraph in one sentence.\n\nHoneybees communicate the location of food with a waggle "
+          "dance. The angle of the dance shows the direction relative to the sun, and its length shows the distance."}
+
 
 def test_quora_pairs_give_each_question_once() -> None:
     got = list(S.quora(FIX / "quora_duplicate_questions.tsv"))
@@ -120,7 +124,7 @@ def test_a_mixture_of_real_sources_keeps_each_seed_source_and_the_weights() -> N
 
 @pytest.mark.parametrize(("group", "path", "expected"), [
     ("quora", "quora_duplicate_questions.tsv", QUORA), ("stackoverflow", "Posts.xml", SO_TITLES),
-    ("medical", "medquad", MEDQUAD)])
+    ("medical", "medquad", MEDQUAD), ("alpaca", "alpaca_data.json", ALPACA)])
 def test_each_loader_through_run_py_collects_a_dialog_per_question(tmp_path: Path, group: str, path: str,
                                                                     expected: set[str]) -> None:
     from conftest import run_cli

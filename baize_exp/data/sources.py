@@ -140,11 +140,14 @@ def stackoverflow(path: Path, with_body: bool = False) -> Iterator[str]:
                 yield _so_seed(row[cols["title"]], row.get(cols.get("body", "")), with_body)
         return
     try:
-        for _, el in ET.iterparse(path, events=("end",)):
-            if el.tag == "row":
+        root = None
+        for event, el in ET.iterparse(path, events=("start", "end")):
+            if root is None:
+                root = el  # <posts>: it keeps every row it has seen unless emptied
+            if event == "end" and el.tag == "row":
                 if el.get("PostTypeId") == "1" and el.get("Title"):
                     yield _so_seed(el.get("Title", ""), el.get("Body"), with_body)
-                el.clear()  # the dump is tens of GB: never keep what was read
+                root.clear()  # the dump is tens of GB: never keep what was read, nor the emptied rows
     except ET.ParseError as e:
         raise SourceError(f"{path}: not a StackOverflow Posts.xml ({e}); a .csv questions table also works") from e
 
