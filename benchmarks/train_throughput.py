@@ -83,6 +83,20 @@ def load(cfg):
     return M.attach_lora(model, cfg.lora), tok
 
 
+def loop_timer():
+    """A Trainer callback timing the training loop alone (as ours reports `loop_seconds`)."""
+    from transformers import TrainerCallback
+
+    class LoopTimer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            self.seconds = time.perf_counter() - self.t0
+
+    return LoopTimer()
+
+
 def run_ours(args: argparse.Namespace, peak: float, variant: str) -> dict:
     from baize_exp.training import fit
     from baize_exp.training.module import peak_memory_gb
@@ -104,7 +118,7 @@ def run_ours(args: argparse.Namespace, peak: float, variant: str) -> dict:
 
 def run_baseline(args: argparse.Namespace, peak: float) -> dict:
     """The original recipe: pad/truncate every dialog to 512 tokens, labels = every (non-pad) token."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from baize_exp.training.data import IGNORE, tokenize_dialog
     from baize_exp.training.module import flop_counts, model_flops, peak_memory_gb
@@ -130,14 +144,7 @@ def run_baseline(args: argparse.Namespace, peak: float) -> dict:
         def __getitem__(self, i: int) -> dict:
             return {k: torch.tensor(v) for k, v in rows[i].items()}
 
-    class LoopTimer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            self.seconds = time.perf_counter() - self.t0
-
-    timer = LoopTimer()
+    timer = loop_timer()
     targs = TrainingArguments(output_dir=str(Path(args.out) / "baseline"), per_device_train_batch_size=4,
                               num_train_epochs=1, learning_rate=2e-4, logging_steps=10**6, save_strategy="no",
                               report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
@@ -152,7 +159,6 @@ def run_baseline(args: argparse.Namespace, peak: float) -> dict:
 def run_trl(args: argparse.Namespace, peak: float) -> dict:
     """TRL's SFTTrainer: packing (bfd, padding-free), assistant-only loss through `assistant_masks` = our labels."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from baize_exp.training.data import IGNORE, tokenize_dialog
@@ -167,14 +173,7 @@ def run_trl(args: argparse.Namespace, peak: float) -> dict:
     ai = sum(1 for t in rows for x in t["labels"][1:] if x != IGNORE)
     sq = sum(len(t["input_ids"]) ** 2 for t in rows)  # padding-free: attention stays within each dialog
 
-    class LoopTimer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            self.seconds = time.perf_counter() - self.t0
-
-    timer = LoopTimer()
+    timer = loop_timer()
     targs = SFTConfig(output_dir=str(Path(args.out) / "trl"), per_device_train_batch_size=4, num_train_epochs=1,
                       learning_rate=2e-4, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
                       dataloader_num_workers=0, disable_tqdm=True, seed=0, packing=True, max_length=512,
