@@ -69,10 +69,13 @@ def main() -> None:
     for name, key, thr in checks:
         hit = [r for r in rows if r[key] >= thr]
         print(f"{name:<15} {thr:>9} {len(hit):>8} {len(hit) / max(1, n):>6.1%}  {quantiles([r[key] for r in rows])}")
+    survive = [r for r in rows if all(r[key] < thr for _, key, thr in checks)]
+    print(f"kept with these thresholds: {len(survive)} of {n} ({len(survive) / max(1, n):.0%}); any filter removes "
+          f"{n - len(survive)}")
     by_reason: dict[str, int] = {}
     for r in rejects:
         by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
-    print("rejects by first reason:", json.dumps(by_reason))
+    print("rejects by first reason, as the collection was filtered:", json.dumps(by_reason))
     for name, key, thr in checks:
         hit = [r for r in rows if r[key] >= thr][:2]
         for r in hit:

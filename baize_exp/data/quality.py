@@ -42,10 +42,10 @@ class QualityFilter:
     """The checks, with their thresholds; `check` returns (reason, detail) or None for a dialog worth keeping."""
 
     example: str = ""  # the template's example dialog
-    copy_overlap: float = 0.5  # share of the example's word 3-grams the dialog reproduces
+    copy_overlap: float = 0.3  # share of the example's word 3-grams the dialog reproduces
     repeat_lines: int = 3  # the same line (>= 4 words) this many times
     near_duplicate: float = 0.8  # estimated Jaccard of word 5-gram sets with an earlier dialog
-    echo_overlap: float = 0.8  # share of an AI turn's word 3-grams taken from the human turn before it
+    echo_overlap: float = 0.7  # share of an AI turn's word 3-grams taken from the human turn before it
     sketch: int = 64  # bottom-k sketch size for near duplicates
     enabled: bool = True
     _example_grams: set = field(default_factory=set, repr=False)
