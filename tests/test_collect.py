@@ -275,7 +275,8 @@ def test_kill_9_then_rerun_sends_exactly_the_missing_requests(tmp_path: Path) ->
                 "teacher.api_key_env=BAIZE_FAULT_KEY", "teacher.concurrency=4", "data=file",
                 f"data.path={seeds_file}", f"hydra.run.dir={run_dir}",
                 "collect.shared=false"]  # write in the run dir itself, so the test can watch it grow and kill
-        dialogs = run_dir / "collect" / "dialogs.jsonl"
+        store = run_dir / "collect" / "teacher"  # the teacher's dialogs as they come; the filtered ones beside
+        dialogs = store / "dialogs.jsonl"
         with open(tmp_path / "first.log", "wb") as log:
             p = subprocess.Popen([*args, "logger=none"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
             deadline = time.monotonic() + 180
@@ -284,8 +285,7 @@ def test_kill_9_then_rerun_sends_exactly_the_missing_requests(tmp_path: Path) ->
             p.kill()  # SIGKILL: no cleanup of any kind
             p.wait()
         assert p.returncode == -9, (tmp_path / "first.log").read_text()[-3000:]
-        done = {r["seed"] for r in read_jsonl(dialogs)} | {
-            r["seed"] for r in read_jsonl(run_dir / "collect" / "rejects.jsonl")}
+        done = {r["seed"] for r in read_jsonl(dialogs)} | {r["seed"] for r in read_jsonl(store / "rejects.jsonl")}
         assert 8 <= len(done) < n_seeds
         with open(dialogs, "ab") as f:  # what a kill during a write leaves behind
             f.write(b'{"id": "torn-rec')
@@ -302,8 +302,10 @@ def test_kill_9_then_rerun_sends_exactly_the_missing_requests(tmp_path: Path) ->
         r = subprocess.run([*args, "logger=none"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         assert r.returncode == 0 and srv.requests == before  # unchanged rerun: zero requests
 
-    recs = read_jsonl(dialogs) + read_jsonl(run_dir / "collect" / "rejects.jsonl")
+    recs = read_jsonl(dialogs) + read_jsonl(store / "rejects.jsonl")
     assert len(recs) == n_seeds and len({x["key"] for x in recs}) == n_seeds  # none lost, none twice
+    out = read_jsonl(run_dir / "collect" / "dialogs.jsonl") + read_jsonl(run_dir / "collect" / "rejects.jsonl")
+    assert sorted(x["key"] for x in out) == sorted(x["key"] for x in recs)  # filtered: every seed still accounted for
     assert b"torn-rec" not in dialogs.read_bytes()
     metrics = json.loads((run_dir / "metrics.json").read_text())["collect"]
     assert metrics["requested"] == n_seeds - len(done) and metrics["dialogs"] + metrics["rejects"] == n_seeds
