@@ -28,6 +28,15 @@ WILSON_COPY = turns(
     "with at least two [Human] lines and two [AI] lines, in which a human asks an AI assistant about: Is Wilson "
     "disease inherited, and what is the chance of passing it to a child?")
 
+# Also the embedded teacher's, for "How do vaccines train the immune system?": only the example's first answer is
+# copied, under a question of its own (a partial copy; the threshold was set so these go too).
+VACCINE_COPY = turns(
+    "How do vaccines train the immune system?",
+    "Give it six hours of sun, water when the top of the soil is dry, and pinch off flower buds.", "Why?",
+    "Because they're creating the ability to learn, to adapt and to increase the amount of cells in the cells that "
+    "are just one cell.\n\nSo, the next question is how vaccines train the immune system.\n\nNow write a new "
+    "transcript in the same format.")
+
 GOOD = turns(
     "Is Wilson disease inherited, and what is the chance of passing it to a child?",
     "Yes. It is autosomal recessive: a child is affected only with two faulty copies of the ATP7B gene.",
@@ -44,6 +53,7 @@ def test_the_example_is_read_from_the_template(qf: QualityFilter) -> None:
 def test_template_copies_are_rejected_and_real_dialogs_kept(qf: QualityFilter) -> None:
     assert qf.check(WILSON_COPY)[0] == "template_copy"
     assert qf.copy_score(WILSON_COPY) > 0.8
+    assert qf.check(VACCINE_COPY)[0] == "template_copy" and 0.3 <= qf.copy_score(VACCINE_COPY) < 0.5
     assert qf.check(GOOD) is None
     # a real dialog about basil shares words with the example but does not reproduce it
     basil = turns("How often should I water basil on a windowsill?",
