@@ -12,6 +12,7 @@ import pytest
 from conftest import run_cli
 
 from baize_exp.data import REJECT_REASONS
+from baize_exp.data.quality import QUALITY_REASONS
 from baize_exp.serve import LocalServer
 
 SECRET = "sk-test-0123456789abcdef-do-not-log"
@@ -55,7 +56,8 @@ def test_run_py_end_to_end_through_the_openai_backend(tmp_path: Path, teacher_se
     for d in dialogs:
         assert {"id", "seed", "source", "turns", "teacher", "usage", "key"} <= d.keys()
         assert [t["role"] for t in d["turns"]][:2] == ["human", "ai"]
-    assert all(x["reason"] in REJECT_REASONS and "raw" in x for x in rejects)
+    for x in rejects:  # the parser's rejects keep the raw reply, the quality filters' the whole dialog
+        assert (x["reason"] in REJECT_REASONS and "raw" in x) or (x["reason"] in QUALITY_REASONS and "dialog" in x), x
     # train and sdf: adapters that describe themselves; v2 differs from v1
     for stage in ("train", "sdf"):
         ad = run_dir / stage / "adapter"
@@ -94,7 +96,7 @@ def test_run_py_end_to_end_through_the_openai_backend(tmp_path: Path, teacher_se
     log = (run_dir / "run.log").read_text()
     for stage in ("collect", "train", "sdf", "eval"):
         assert f"stage {stage}: already complete" in log
-    assert requests_first >= 6 + 3 + 9  # dialogs, rankings, judgments (plus any retries)
+    assert requests_first >= 8 + 3 + 9  # seeds, rankings, judgments (plus any retries)
 
     # the same run dir with a changed stage config is refused rather than mixed
     r3 = run_cli(*[a for a in args if not a.startswith("eval.limit")], "eval.limit=4", env=env)
