@@ -145,8 +145,7 @@ class VllmStudent:
 
         self.tok = tok
         self.folder = M.model_folder(cfg.model, cache_dir(cfg))
-        dtype = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}[
-            str(M.base_dtype(cfg.model, cfg.trainer.precision))]
+        dtype = str(M.base_dtype(cfg.model, cfg.trainer.precision)).removeprefix("torch.")  # float32, bfloat16, ...
         key = f"{self.folder}|{dtype}"
         if key not in self._engines:
             from vllm import LLM

@@ -129,6 +129,7 @@ def load_seeds(dcfg: Any, stats: dict | None = None) -> list[Seed]:
     A source read from its real release is sampled as it streams (`sources.sample`: seeded, bounded memory, in a
     seeded order whose first n are the sample of n, so a larger data.limit only adds seeds). `stats` gets
     "duplicate_seeds": how many seeds were dropped as repeats of another."""
+    sampled: set[str] = set()  # pools already in a seeded order (sources.sample)
     if dcfg.name == "file":
         pools = {"file": load_seed_file(dcfg.path)}
     else:
@@ -136,9 +137,11 @@ def load_seeds(dcfg: Any, stats: dict | None = None) -> list[Seed]:
         pools = {}
         for s in names:
             path = source_path(dcfg, s)
-            pools[s] = (_sampled_pool(s, path, dcfg) if s == "hf" or path else
-                        load_seed_file(SEEDS_DIR / f"{s}.jsonl", s))
-    sampled = {s for s in pools if s == "hf" or (s != "file" and source_path(dcfg, s))}
+            if s == "hf" or path:
+                pools[s] = _sampled_pool(s, path, dcfg)
+                sampled.add(s)
+            else:
+                pools[s] = load_seed_file(SEEDS_DIR / f"{s}.jsonl", s)
     rng = random.Random(dcfg.seed)
     seen: set[str] = set()
     duplicates = 0

@@ -98,28 +98,27 @@ class QualityFilter:
         return worst, at
 
     def _sketch(self, turns: list[dict]) -> list[int]:
-        hashes = {int.from_bytes(hashlib.blake2b(" ".join(g).encode(), digest_size=8).digest(), "big")
-                  for g in ngrams(_dialog_text(turns), 5)}
-        if not hashes:  # very short dialogs: their normalised text stands in
-            hashes = {int.from_bytes(hashlib.blake2b(" ".join(words(_dialog_text(turns))).encode(),
-                                                     digest_size=8).digest(), "big")}
-        return sorted(hashes)[:self.sketch]
+        """The bottom-k hashes of the dialog's word 5-grams (of its whole text when it has none)."""
+        text = _dialog_text(turns)
+        grams = [" ".join(g) for g in ngrams(text, 5)] or [" ".join(words(text))]
+        return sorted({int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "big")
+                       for g in grams})[:self.sketch]
 
-    def duplicate_of(self, turns: list[dict]) -> tuple[int, float]:
+    def duplicate_of(self, turns: list[dict], sketch: list[int] | None = None) -> tuple[int, float]:
         """The earlier dialog (its number among those added) most like this one, with the estimated Jaccard."""
-        sk = self._sketch(turns)
+        mine = set(sketch if sketch is not None else self._sketch(turns))
         best, score = -1, 0.0
-        for j in {j for h in sk for j in self._index.get(h, ())}:
-            other = self._sketches[j]
-            union = sorted(set(sk) | set(other))[:self.sketch]  # bottom-k of the union
-            est = sum(1 for h in union if h in set(sk) and h in set(other)) / len(union)
+        for j in {j for h in mine for j in self._index.get(h, ())}:
+            other = set(self._sketches[j])
+            union = sorted(mine | other)[:self.sketch]  # bottom-k of the union
+            est = sum(1 for h in union if h in mine and h in other) / len(union)
             if est > score:
                 best, score = j, est
         return best, score
 
-    def add(self, turns: list[dict]) -> None:
+    def add(self, turns: list[dict], sketch: list[int] | None = None) -> None:
         """Remember a kept dialog (later ones are checked against it)."""
-        sk = self._sketch(turns)
+        sk = sketch if sketch is not None else self._sketch(turns)
         for h in sk:
             self._index.setdefault(h, set()).add(len(self._sketches))
         self._sketches.append(sk)
@@ -137,8 +136,9 @@ class QualityFilter:
         echo, at = self.echo_score(turns)
         if echo >= self.echo_overlap:
             return "echo", f"AI turn {at} is empty or {echo:.0%} copied from the human turn before it"
-        j, dup = self.duplicate_of(turns)
+        sketch = self._sketch(turns)
+        j, dup = self.duplicate_of(turns, sketch)
         if dup >= self.near_duplicate:
             return "near_duplicate", f"~{dup:.0%} the same word 5-grams as kept dialog #{j + 1}"
-        self.add(turns)
+        self.add(turns, sketch)
         return None
