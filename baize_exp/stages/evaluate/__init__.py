@@ -28,7 +28,8 @@ from baize_exp.stages.evaluate.answers import (
     teacher_answers,
 )
 from baize_exp.stages.evaluate.judge import build_jobs, parse_score, parse_verdict, run_judge, weighted_score
-from baize_exp.stages.evaluate.stats import bootstrap_ci, plot_scores, score_table, write_scores_csv
+from baize_exp.stages.evaluate.plots import plot_scores
+from baize_exp.stages.evaluate.stats import bootstrap_ci, score_table, write_scores_csv
 from baize_exp.stages.evaluate.wandb_log import log_wandb
 from baize_exp.training import heldout_loss
 
