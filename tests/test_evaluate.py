@@ -30,23 +30,47 @@ def tiny_judge():
 
 @pytest.mark.parametrize(("reply", "score", "how"), [
     ("Score: 7", 7.0, "ok"), ("**Score:** 9\nGood answer.", 9.0, "ok"), ("score=10", 10.0, "ok"),
-    ("I'd give it 8/10.", 8.0, "tolerant"), ("6 out of 10", 6.0, "tolerant"), ("8", 8.0, "tolerant"),
-    ("Score: 11", None, "failed"), ("On a scale of 1 to 10 this is a 7", None, "failed"),
-    ("great answer", None, "failed"), ("", None, "failed"),
+    ("Score: 8/10", 8.0, "ok"), ("Score: 3. Later: score: 3", 3.0, "ok"),
+    # strict by default: what the rubric did not ask for is not a score
+    ("I'd give it 8/10.", None, "failed"), ("8", None, "failed"), ("The answer is: 10.", None, "failed"),
+    ("Score: 3, no, Score: 8", None, "failed"), ("Score: 11", None, "failed"),
+    ("On a scale of 1 to 10 this is a 7", None, "failed"), ("great answer", None, "failed"), ("", None, "failed"),
 ])
-def test_parse_score(reply: str, score: float | None, how: str) -> None:
+def test_parse_score_is_strict_by_default(reply: str, score: float | None, how: str) -> None:
     got, got_how, err = J.parse_score(reply)
     assert (got, got_how) == (score, how)
     assert (err is None) == (score is not None)
 
 
-@pytest.mark.parametrize(("reply", "verdict", "how"), [
-    ("[[A]]", "A", "ok"), ("After thought, [[B]] is better.", "B", "ok"), ("[[C]]", "C", "ok"),
-    ("B", "B", "tolerant"), ("Assistant A is more helpful", "A", "tolerant"), ("Tie.", "C", "tolerant"),
-    ("[[A]] or maybe [[B]]", None, "failed"), ("Both are fine", None, "failed"),
+@pytest.mark.parametrize(("reply", "score", "how"), [
+    ("Score: 7", 7.0, "ok"), ("I'd give it 8/10.", 8.0, "tolerant"), ("6 out of 10", 6.0, "tolerant"),
+    ("8", 8.0, "tolerant"), ("The answer is: 10.", 10.0, "tolerant"), ("Score: 11", None, "failed"),
+    ("On a scale of 1 to 10 this is a 7", None, "failed"),
 ])
-def test_parse_verdict(reply: str, verdict: str | None, how: str) -> None:
-    assert J.parse_verdict(reply)[:2] == (verdict, how)
+def test_parse_score_tolerant_fallback(reply: str, score: float | None, how: str) -> None:
+    assert J.parse_score(reply, ["tolerant"])[:2] == (score, how)
+
+
+def test_logprob_fallback_reads_the_judges_choice_of_score() -> None:
+    # the reply never states a score, but at its second token the judge put most mass on 6 and 7
+    content = [_lp("Well", -0.1, {"Well": -0.1, "I": -2.5}), _lp(" 7", -0.7, {" 7": -0.7, " 6": -1.2, " a": -3.0}),
+               _lp(".", -0.1, {".": -0.1})]
+    reply = "Well 7."
+    assert J.parse_score(reply, [], {"content": content})[:2] == (None, "failed")
+    got, how, _ = J.parse_score(reply, ["logprob"], {"content": content})
+    p7, p6 = np.exp(-0.7), np.exp(-1.2)
+    assert how == "logprob" and got == pytest.approx((7 * p7 + 6 * p6) / (p7 + p6), abs=1e-4)
+    assert J.parse_score(reply, ["logprob"], None)[:2] == (None, "failed")  # no logprobs: nothing to read
+
+
+@pytest.mark.parametrize(("reply", "verdict", "how", "fallbacks"), [
+    ("[[A]]", "A", "ok", []), ("After thought, [[B]] is better.", "B", "ok", []), ("[[C]]", "C", "ok", []),
+    ("B", None, "failed", []), ("B", "B", "tolerant", ["tolerant"]),
+    ("Assistant A is more helpful", "A", "tolerant", ["tolerant"]), ("Tie.", "C", "tolerant", ["tolerant"]),
+    ("[[A]] or maybe [[B]]", None, "failed", ["tolerant"]), ("Both are fine", None, "failed", ["tolerant"]),
+])
+def test_parse_verdict(reply: str, verdict: str | None, how: str, fallbacks: list[str]) -> None:
+    assert J.parse_verdict(reply, fallbacks)[:2] == (verdict, how)
 
 
 def _lp(token: str, logprob: float, alts: dict[str, float]) -> dict:
@@ -305,7 +329,7 @@ def test_judge_cache_reuses_parsed_replies_and_asks_failures_again(tmp_path: Pat
     jobs = J.build_jobs("single", e, questions, answers)
     unreadable = {"Answer q3"}  # the judge never gives this one a score
     with FaultServer(api_key="k", reply=lambda r: "no idea" if any(
-            u in m["content"] for m in r["messages"] for u in unreadable) else "Rating: [[7]]") as srv:
+            u in m["content"] for m in r["messages"] for u in unreadable) else "Score: 7") as srv:
         client = ChatClient(srv.base_url, "k", "judge-model", concurrency=4, max_retries=0)
         cache = KeyedJsonl(tmp_path / "judgments.jsonl")
         first = J.run_judge(client, "single", jobs, e.score_retry, cache=cache)

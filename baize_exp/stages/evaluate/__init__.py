@@ -18,20 +18,41 @@ from baize_exp.config import cache_dir
 from baize_exp.data import load_eval_questions
 from baize_exp.errors import Interrupted
 from baize_exp.generate import pick_backend, rank_and_world
-from baize_exp.io import KeyedJsonl, read_jsonl, write_jsonl
+from baize_exp.io import KeyedJsonl, read_jsonl, write_json, write_jsonl
 from baize_exp.stages.base import BACKEND_KNOBS, Stage
 from baize_exp.stages.evaluate.answers import (
     answer_cache_dir,
     chat_identity,
     local_answers,
+    model_prompts,
     resolve_models,
     teacher_answers,
 )
 from baize_exp.stages.evaluate.judge import build_jobs, parse_score, parse_verdict, run_judge, weighted_score
+from baize_exp.stages.evaluate.likelihood import heldout_items, per_item, reference_items, summarize
 from baize_exp.stages.evaluate.plots import plot_scores
-from baize_exp.stages.evaluate.stats import bootstrap_ci, score_table, write_scores_csv
+from baize_exp.stages.evaluate.reliability import (
+    CANNOT_DISCRIMINATE,
+    check_answers,
+    check_items,
+    check_records,
+    check_summary,
+    lc_win_rate,
+    pairwise_lengths,
+    parse_shares,
+    position_agreement,
+    self_consistency,
+)
+from baize_exp.stages.evaluate.stats import (
+    PAIRED_COLUMNS,
+    bootstrap_ci,
+    outcomes,
+    paired_bootstrap,
+    score_table,
+    write_csv_rows,
+    write_scores_csv,
+)
 from baize_exp.stages.evaluate.wandb_log import log_wandb
-from baize_exp.training import heldout_loss
 
 __all__ = ["STAGE", "run", "log_wandb", "parse_score", "parse_verdict", "weighted_score", "bootstrap_ci", "score_table"]
 log = logging.getLogger(__name__)
@@ -64,6 +85,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     shards = stage_dir / "shards" if world > 1 else None  # torchrun/srun: every rank answers its share
     backend = metrics["generate_backend"] = pick_backend(cfg)
     answers: list[dict] = []
+    items: list[dict] = []  # per held-out dialog and per reference answer, for paired comparisons
     for spec in specs:
         loaded: list[Any] = []
 
@@ -84,11 +106,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
         answers += got
         metrics["answers_generated"] += generated
         metrics["answers_cached"] += len(got) - generated
-        if val_dialogs:
-            hl = heldout_loss(load(), tok, val_dialogs, cfg.train.max_length, fmt=cfg.train.format)
-            metrics[f"{spec.name}/heldout_loss"] = hl["heldout_loss"]
-            metrics[f"{spec.name}/heldout_ppl"] = hl["heldout_ppl"]
-            metrics[f"{spec.name}/heldout_tokens"] = hl["heldout_tokens"]
+        items += _likelihoods(cfg, spec, load, tok, questions, val_dialogs, metrics)
         loaded.clear()
 
     if rank > 0:
@@ -107,24 +125,45 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
         opponent = {a["question_id"]: a["answer"] for a in opp if a.get("answer") is not None}
         judged = [a for a in answers if a["model"] not in (e.pairwise_against, "teacher")]
     write_jsonl(stage_dir / "answers.jsonl", answers)
+    write_jsonl(stage_dir / "items.jsonl", items)
 
-    jobs = build_jobs(e.judge_mode, e, {q["question_id"]: q for q in questions}, judged, opponent)
+    qmap = {q["question_id"]: q for q in questions}
+    jobs = build_jobs(e.judge_mode, e, qmap, judged, opponent, e.judge_repeats)
+    check_jobs = _judge_check_jobs(e, qmap)
     retry = e.verdict_retry if e.judge_mode == "pairwise" else e.score_retry
     judge_cache = KeyedJsonl(answer_cache_dir(cfg) / "judgments" / f"{chat_identity(cfg.judge)}.jsonl")
-    judgments = run_judge(backends.client("judge"), e.judge_mode, jobs, retry, logprobs=e.judge_logprobs,
-                          cache=judge_cache)
+    # the models' judgments and the judge check in one batch of requests: the client keeps them all in flight
+    everything = run_judge(backends.client("judge"), e.judge_mode, jobs + check_jobs, retry,
+                           logprobs=e.judge_logprobs, cache=judge_cache, fallbacks=tuple(e.judge_fallbacks))
+    judgments, check_judgments = everything[:len(jobs)], everything[len(jobs):]
     write_jsonl(stage_dir / "judgments.jsonl", judgments)
-    failed = [x for x in answers + judgments if x.get("failed")]
+    failed = [x for x in answers + everything if x.get("failed")]
     if failed:  # the answers and the judgments that came back are cached: a rerun sends only these again
         raise Interrupted(f"eval: {len(failed)} judge or teacher request(s) failed (last: {failed[-1]['failed']}). "
                           f"Everything that came back is cached; a rerun asks only for the missing ones")
-    sent = [j for job, j in zip(jobs, judgments, strict=True) if job["messages"] is not None and not j.get("cached")]
+    sent = [j for job, j in zip(jobs + check_jobs, everything, strict=True)
+            if job["messages"] is not None and not j.get("cached")]
     metrics["judge_requests"] = len(sent) + sum("judge_reply_retry" in j for j in sent)
-    metrics["judge_cached"] = sum(bool(j.get("cached")) for j in judgments)
-    for how in ("ok", "tolerant", "retried", "failed"):
+    metrics["judge_cached"] = sum(bool(j.get("cached")) for j in everything)
+    for how in ("ok", "tolerant", "logprob", "retried", "failed"):
         metrics[f"judge_parse_{how}"] = sum(j["parse"] == how for j in judgments)
 
+    reliability = _reliability(e, judgments, check_judgments, answers, opponent, stage_dir)
+    check = reliability.get("judge_check")
+    note = CANNOT_DISCRIMINATE if check is not None and not check["discriminates"] else ""
+    if check is not None:
+        metrics.update({"judge_check/accuracy": check["accuracy"], "judge_check/ci": [check["ci_low"],
+                        check["ci_high"]], "judge_check/n": check["n"], "judge_check/discriminates":
+                        check["discriminates"]})
     rows = score_table(judgments, e.bootstrap, e.seed)
+    for model, lc in reliability.get("lc_win_rate", {}).items():
+        rows.append({"model": model, "category": "all", "mode": "pairwise_lc", "n": lc["n"], "mean": round(lc["lc"], 4),
+                     "ci_low": round(lc["ci_low"], 4), "ci_high": round(lc["ci_high"], 4), "parse_failures": 0})
+        metrics[f"{model}/lc_win_rate"] = lc["lc"]
+    for model, pa in reliability.get("position_agreement", {}).items():
+        metrics[f"{model}/position_agreement"] = pa["agreement"]
+    for r in rows:
+        r["note"] = note
     write_scores_csv(rows, stage_dir / "scores.csv")
     plot_scores(rows, stage_dir / "scores.png", e.judge_mode)
     for mode in dict.fromkeys(r["mode"] for r in rows if r["mode"] != e.judge_mode):
@@ -136,12 +175,112 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
             metrics[f"{key}/judge_ci"] = [r["ci_low"], r["ci_high"]]
             metrics[f"{key}/judge_n"] = r["n"]
             metrics[f"{key}/parse_failures"] = r["parse_failures"]
+
+    paired = paired_rows([s.name for s in specs], judgments, items, e.judge_mode, e.bootstrap, e.seed, note)
+    write_csv_rows(paired, stage_dir / "paired.csv", PAIRED_COLUMNS)
+    for p in paired:
+        key = f"paired/{p['comparison']}/{p['metric']}"
+        metrics[f"{key}/diff"], metrics[f"{key}/ci"] = p["diff"], [p["ci_low"], p["ci_high"]]
+        metrics[f"{key}/verdict"] = p["verdict"]
     return metrics
+
+
+def _likelihoods(cfg: Any, spec: Any, load: Any, tok: Any, questions: list[dict], val_dialogs: list[dict],
+                 metrics: dict) -> list[dict]:
+    """One model's per-item held-out loss and reference log-likelihood (items.jsonl), and their totals."""
+    e, out = cfg.eval, []
+    if val_dialogs:
+        held = heldout_items(load(), tok, val_dialogs, cfg.train.max_length, fmt=cfg.train.format)
+        total = summarize(held)
+        metrics[f"{spec.name}/heldout_loss"] = total["loss"]
+        metrics[f"{spec.name}/heldout_ppl"] = total["ppl"]
+        metrics[f"{spec.name}/heldout_tokens"] = total["tokens"]
+        out += [{"model": spec.name, "kind": "heldout", **h} for h in held]
+    if e.reference_loglik and any(q.get("reference") for q in questions):
+        prompts = model_prompts(tok, questions, spec.adapter, cfg.model.chat_template, cfg.train.format)
+        ref = reference_items(load(), tok, questions, prompts, cfg.train.max_length)
+        total = summarize(ref)
+        metrics[f"{spec.name}/ref_loglik"] = None if total["loss"] is None else -total["loss"]
+        out += [{"model": spec.name, "kind": "ref_loglik", **r} for r in ref]
+    return out
+
+
+def _judge_check_jobs(e: Any, qmap: dict[str, dict]) -> list[dict]:
+    """The judge check's requests: known-order pairs from questions with a reference (the whole question file,
+    not only the `eval.limit` asked, so the check's n does not shrink with a small eval)."""
+    if e.judge_check <= 0:
+        return []
+    items = check_items(load_eval_questions(e.questions, None), e.judge_check, e.seed)
+    if not items:
+        log.warning("eval: no question in %s has a reference answer; the judge check is skipped",
+                    e.questions or "the shipped set")
+        return []
+    cmap = {**qmap, **{i["question_id"]: i for i in items}}
+    good, opponents = check_answers(items)
+    if e.judge_mode != "pairwise":
+        jobs = build_jobs(e.judge_mode, e, cmap, good)
+    else:
+        first = {a["question_id"]: a for a in good if a["model"] == "check/good"}
+        jobs = [job for how, opp in opponents.items()
+                for job in build_jobs("pairwise", e, cmap, [{**first[q], "model": f"check/{how}"} for q in opp], opp)]
+    for j in jobs:
+        j["record"]["check"] = True
+    return jobs
+
+
+def _reliability(e: Any, judgments: list[dict], check_judgments: list[dict], answers: list[dict],
+                 opponent: dict[str, str] | None, stage_dir: Path) -> dict:
+    """reliability.json and judge_check.jsonl: what the judge check, position agreement, self-consistency,
+    parse shares and the length-controlled win rate say about this run's judge."""
+    out: dict[str, Any] = {"parse_shares": parse_shares(judgments)}
+    if check_judgments:
+        if e.judge_mode == "pairwise":
+            for j in check_judgments:
+                j["degradation"] = j["model"].split("/", 1)[1]
+        records = check_records(e.judge_mode, check_judgments)
+        write_jsonl(stage_dir / "judge_check.jsonl", records)
+        out["judge_check"] = check_summary(records)
+        c = out["judge_check"]
+        log.info("eval: judge check: %d of %d known-order pairs right (%.0f%% [%.0f%%, %.0f%%]); %s", c["correct"],
+                 c["n"], 100 * c["accuracy"], 100 * c["ci_low"], 100 * c["ci_high"],
+                 "the judge discriminates" if c["discriminates"] else f"{CANNOT_DISCRIMINATE}: judge-based results "
+                 "of this run are not evidence")
+    if e.judge_mode == "pairwise":
+        out["position_agreement"] = position_agreement(judgments)
+        mine = {(a["model"], a["question_id"]): a["answer"] for a in answers if a.get("answer") is not None}
+        out["lc_win_rate"] = {m: lc_win_rate(rows, seed=e.seed)
+                              for m, rows in pairwise_lengths(judgments, mine, opponent or {}).items()}
+    if e.judge_repeats > 1:
+        out["self_consistency"] = self_consistency(judgments)
+    write_json(stage_dir / "reliability.json", out)
+    return out
+
+
+def paired_rows(models: list[str], judgments: list[dict], items: list[dict], judge_mode: str, n_boot: int,
+                seed: int, judge_note: str = "") -> list[dict]:
+    """paired.csv: each model against the one before it in eval.models, per metric: the judge's value per
+    question (score, or the pairwise win value), held-out loss per dialog, reference log-likelihood per question."""
+    judge = {}
+    for o in outcomes(judgments):
+        if o["mode"] == judge_mode and o["value"] is not None:
+            judge.setdefault(o["model"], {})[o["question_id"]] = o["value"]
+    by_kind = {kind: {m: per_item([i for i in items if i["model"] == m and i["kind"] == kind], kind)
+                      for m in models} for kind in ("heldout", "ref_loglik")}
+    metrics = [(f"judge_{judge_mode}", judge, True, judge_note), ("heldout_loss", by_kind["heldout"], False, ""),
+               ("ref_loglik", by_kind["ref_loglik"], True, "")]
+    rows = []
+    for a, b in zip(models[1:], models[:-1], strict=False):
+        for name, values, higher, note in metrics:
+            if values.get(a) and values.get(b):
+                r = paired_bootstrap(values[a], values[b], higher, n_boot, seed)
+                rows.append({"comparison": f"{a} vs {b}", "a": a, "b": b, "metric": name, **r, "note": note})
+    return rows
 
 
 STAGE = Stage(
     "eval", run, reads=("train", "sdf"), shapes=("eval", "judge", "generate.backend"), ignores=BACKEND_KNOBS,
-    writes=("eval/answers.jsonl", "eval/judgments.jsonl", "eval/scores.csv", "eval/scores.png"),
+    writes=("eval/answers.jsonl", "eval/judgments.jsonl", "eval/scores.csv", "eval/scores.png", "eval/items.jsonl",
+            "eval/paired.csv", "eval/reliability.json"),
     log_wandb=log_wandb, joins_ddp=True,  # under torchrun/srun the other ranks generate their share of answers
     preflight=lambda cfg: M.check_loadable(cfg.model),
 )

@@ -5,9 +5,13 @@
 - pairwise:  the judge picks the better of two answers, asked twice with the positions swapped; the two verdicts
              are combined in `stats.combine_pairwise` (disagreement = tie), so position bias cannot decide.
 
-A reply is parsed strictly, then tolerantly; what still fails is sent back once with the parser's error, and
-what fails again is recorded with `parse: "failed"` and both replies. When the backend returns logprobs for the
-score token, `weighted_score` is the probability-weighted mean over the scores 1-10.
+A reply is parsed strictly, in the rubric's stated form ("Score: N", "[[A]]"): a weak judge's "The answer is: 10."
+is not a score. `eval.judge_fallbacks` adds readers after the strict one: `tolerant` ("8/10", a lone number, a
+reply starting with "A") and `logprob` (scores only: the probability-weighted score at the first reply position
+where the judge put most of its mass on 1-10). What no reader accepts is sent back once with the parser's error,
+and what fails again is recorded with `parse: "failed"` and both replies; `parse` says which reader decided, and
+the stage reports each one's share. When the backend returns logprobs for the score token, `weighted_score` is the
+probability-weighted mean over the scores 1-10.
 """
 
 from __future__ import annotations
@@ -19,53 +23,81 @@ from typing import Any
 from baize_exp.chat.ask import ask_parsed
 from baize_exp.io import KeyedJsonl, content_hash
 
-_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+# "Score: 7", "**Score:** 7", "score = 7": the form every shipped rubric asks for
+_SCORE = re.compile(r"\bscore\s*\**\s*[:=]\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 _OUT_OF_10 = re.compile(r"\b(\d+(?:\.\d+)?)\s*(?:/|out of)\s*10\b", re.IGNORECASE)
 _NUMBER = re.compile(r"\b\d+(?:\.\d+)?\b")
 _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 _VERDICT_LOOSE = re.compile(r"^\W*(?:assistant\s+)?([ABC]|tie)\b", re.IGNORECASE)
 
 
-def parse_score(reply: str) -> tuple[float | None, str, str | None]:
+FALLBACKS = ("tolerant", "logprob")
+
+
+def parse_score(reply: str, fallbacks: tuple[str, ...] | list[str] = (), logprobs: dict | None = None
+                ) -> tuple[float | None, str, str | None]:
     """(score, how, error) from a judge's reply.
 
-    Strict: "Score: N" with N in 1..10. Tolerant: "N/10" or "N out of 10", else the one distinct number in 1..10
-    if the reply holds only one. Otherwise (None, "failed", what was wrong).
-    """
+    Strict ("ok"): "Score: N" with N in 1..10, one distinct value. With "tolerant" in `fallbacks`: "N/10" or
+    "N out of 10", else the one distinct number in 1..10 if the reply holds only one. With "logprob": the
+    probability-weighted score where the reply's logprobs show the judge choosing a score (`logprob_score`).
+    Otherwise (None, "failed", what was wrong)."""
     reply = reply or ""
-    m = _SCORE.search(reply)
-    if m:
-        v = float(m.group(1))
-        if 1 <= v <= 10:
-            return v, "ok", None
-        return None, "failed", f"'Score: {m.group(1)}' is outside 1-10"
-    m = _OUT_OF_10.search(reply)
-    if m and 1 <= float(m.group(1)) <= 10:
-        return float(m.group(1)), "tolerant", None
-    nums = list(dict.fromkeys(float(x) for x in _NUMBER.findall(reply) if 1 <= float(x) <= 10))
-    if len(nums) == 1:
-        return nums[0], "tolerant", None
-    if not nums:
-        return None, "failed", "the reply has no 'Score: N' and no number from 1 to 10"
-    return None, "failed", f"the reply has no 'Score: N' and several candidate numbers {[_fmt(x) for x in nums]}"
+    found = list(dict.fromkeys(float(x) for x in _SCORE.findall(reply)))
+    if len(found) == 1:
+        if 1 <= found[0] <= 10:
+            return found[0], "ok", None
+        error = f"'Score: {_fmt(found[0])}' is outside 1-10"
+    elif len(found) > 1:
+        error = f"the reply states several scores {[_fmt(x) for x in found]}"
+    else:
+        error = "the reply has no 'Score: N'"
+    if "tolerant" in fallbacks and not found:
+        m = _OUT_OF_10.search(reply)
+        if m and 1 <= float(m.group(1)) <= 10:
+            return float(m.group(1)), "tolerant", None
+        nums = list(dict.fromkeys(float(x) for x in _NUMBER.findall(reply) if 1 <= float(x) <= 10))
+        if len(nums) == 1:
+            return nums[0], "tolerant", None
+        error += (" and no number from 1 to 10" if not nums
+                  else f" and several candidate numbers {[_fmt(x) for x in nums]}")
+    if "logprob" in fallbacks:
+        v = logprob_score(logprobs)
+        if v is not None:
+            return v, "logprob", None
+    return None, "failed", error
 
 
-def parse_verdict(reply: str) -> tuple[str | None, str, str | None]:
+def parse_verdict(reply: str, fallbacks: tuple[str, ...] | list[str] = ()) -> tuple[str | None, str, str | None]:
     """("A" | "B" | "C", how, error) from a pairwise reply; C is a tie.
 
-    Strict: exactly one distinct [[A]]/[[B]]/[[C]]. Tolerant: a reply that starts with A, B, C, "Assistant A" or
-    "tie". Otherwise (None, "failed", what was wrong)."""
+    Strict ("ok"): exactly one distinct [[A]]/[[B]]/[[C]]. With "tolerant" in `fallbacks`: a reply that starts
+    with A, B, C, "Assistant A" or "tie". Otherwise (None, "failed", what was wrong)."""
     reply = reply or ""
     found = list(dict.fromkeys(_VERDICT.findall(reply)))
     if len(found) == 1:
         return found[0], "ok", None
     if len(found) > 1:
         return None, "failed", f"the reply names several verdicts {found}"
-    m = _VERDICT_LOOSE.match(reply.strip())
-    if m:
-        v = m.group(1).upper()
-        return ("C" if v == "TIE" else v), "tolerant", None
+    if "tolerant" in fallbacks:
+        m = _VERDICT_LOOSE.match(reply.strip())
+        if m:
+            v = m.group(1).upper()
+            return ("C" if v == "TIE" else v), "tolerant", None
     return None, "failed", "the reply has no [[A]], [[B]] or [[C]]"
+
+
+def logprob_score(logprobs: dict | None, min_mass: float = 0.5) -> float | None:
+    """The probability-weighted score over 1..10 at the first reply position whose shown alternatives put at
+    least `min_mass` of their probability on score tokens; None without logprobs or such a position. A fallback
+    for replies that never state a score: it reads what the judge was about to say, not what it said."""
+    for t in (logprobs or {}).get("content") or []:
+        alts = t.get("top_logprobs") or [{"token": t["token"], "logprob": t["logprob"]}]
+        mass = {a["token"].strip(): math.exp(a["logprob"]) for a in alts}
+        digits = {int(k): p for k, p in mass.items() if k.isdigit() and 1 <= int(k) <= 10}
+        if digits and sum(digits.values()) >= min_mass * sum(mass.values()):
+            return round(sum(s * p for s, p in digits.items()) / sum(digits.values()), 4)
+    return None
 
 
 def _fmt(x: float) -> str:
@@ -115,8 +147,14 @@ def weighted_score(reply: str, logprobs: dict | None) -> float | None:
 
 
 def build_jobs(mode: str, templates: Any, questions: dict[str, dict], answers: list[dict],
-               opponent: dict[str, str] | None = None) -> list[dict]:
-    """One job per judge request: {"messages", "record"}; pairwise gives two per answer (swap False/True)."""
+               opponent: dict[str, str] | None = None, repeats: int = 1) -> list[dict]:
+    """One job per judge request: {"messages", "record"}; pairwise gives two per answer (swap False/True).
+    single/reference with `repeats` > 1 ask the same question that many times (`record["repeat"]`), which is
+    what self-consistency is measured on."""
+    if repeats > 1 and mode != "pairwise":
+        once = build_jobs(mode, templates, questions, answers, opponent)
+        return [{"messages": j["messages"], "record": {**j["record"], "repeat": r}} for j in once
+                for r in range(repeats)]
     jobs = []
     for a in answers:
         q = questions[a["question_id"]]
@@ -148,13 +186,14 @@ def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def _judged(mode: str, reply: str, logprobs: dict | None) -> tuple[dict, str, str | None]:
+def _judged(mode: str, reply: str, logprobs: dict | None, fallbacks: tuple[str, ...] = ()
+            ) -> tuple[dict, str, str | None]:
     """(the result fields a reply gives, how it parsed, the parser's error). Pairwise gives the verdict; who won
     follows from the job's `swap` (see `_winner`)."""
     if mode == "pairwise":
-        verdict, how, err = parse_verdict(reply)
+        verdict, how, err = parse_verdict(reply, fallbacks)
         return {"verdict": verdict}, how, err
-    score, how, err = parse_score(reply)
+    score, how, err = parse_score(reply, fallbacks, logprobs)
     return {"score": score, "weighted_score": weighted_score(reply, logprobs) if score is not None else None}, how, err
 
 
@@ -172,29 +211,32 @@ def _fill(mode: str, rec: dict, fields: dict | None) -> None:
 
 
 def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, logprobs: bool = False,
-              cache: KeyedJsonl | None = None) -> list[dict]:
+              cache: KeyedJsonl | None = None, fallbacks: tuple[str, ...] | list[str] = ()) -> list[dict]:
     """Send every job, parse, retry the unparsable once with the parser's error (`chat.ask.ask_parsed`); return
     the judgment records.
 
     With a `cache` (one per judge identity), a job whose conversation and settings were judged before takes the
     stored replies, parsed again, and sends nothing; only replies that parsed are stored, so a failure is asked
     again next time. The judge's sampling settings (judge.temperature, 0 in the shipped judges, so a stored reply
-    is the reply) are part of the key."""
+    is the reply) are part of the key; so is a repeat's index (`build_jobs(repeats=)`), so each repeat is its own
+    request. `fallbacks`: the readers tried after the strict one (see the module docstring)."""
+    fallbacks = tuple(fallbacks)
     params: dict[str, Any] = {}
-    if logprobs and mode != "pairwise":
+    if (logprobs or "logprob" in fallbacks) and mode != "pairwise":
         params.update(logprobs=True, top_logprobs=20)
-    keys = [content_hash(j["messages"], {**client.defaults, **params}, retry_template) for j in jobs]
+    keys = [content_hash(j["messages"], {**client.defaults, **params}, retry_template,
+                         *([j["record"]["repeat"]] if j["record"].get("repeat") else [])) for j in jobs]
     records = [dict(j["record"]) for j in jobs]
     live = []
     for i, j in enumerate(jobs):
         if j["messages"] is None:
             records[i].update(parse="failed", judge_reply=None,
                               **({"winner": None, "verdict": None} if mode == "pairwise" else {"score": None}))
-        elif not (cache and _from_cache(mode, records[i], cache.get(keys[i]))):
+        elif not (cache and _from_cache(mode, records[i], cache.get(keys[i]), fallbacks)):
             live.append(i)
 
     def parse(res: Any) -> tuple[dict | None, str, str | None]:
-        fields, how, err = _judged(mode, res.text, res.logprobs[0] if res.logprobs else None)
+        fields, how, err = _judged(mode, res.text, res.logprobs[0] if res.logprobs else None, fallbacks)
         return (fields if how != "failed" else None), how, err
 
     answers = ask_parsed(client, [jobs[i]["messages"] for i in live], parse,
@@ -214,13 +256,13 @@ def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, log
     return records
 
 
-def _from_cache(mode: str, rec: dict, hit: dict | None) -> bool:
+def _from_cache(mode: str, rec: dict, hit: dict | None, fallbacks: tuple[str, ...] = ()) -> bool:
     """Fill `rec` from a stored judgment; False if there is none or it no longer parses (the job is then sent,
     and its reply overwrites the fields this filled)."""
     if hit is None:
         return False
     reply = hit.get("judge_reply_retry", hit["judge_reply"])
-    fields, how, _ = _judged(mode, reply or "", hit.get("logprobs"))
+    fields, how, _ = _judged(mode, reply or "", hit.get("logprobs"), fallbacks)
     if how == "failed":
         return False
     _fill(mode, rec, fields)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCORES_COLUMNS = ["model", "category", "mode", "n", "mean", "ci_low", "ci_high", "parse_failures"]
+SCORES_COLUMNS = ["model", "category", "mode", "n", "mean", "ci_low", "ci_high", "parse_failures", "note"]
 # pairwise outcome of the evaluated model against the opponent, as a value whose mean is a win rate
 PAIRWISE_VALUE = {"model": 1.0, "tie": 0.5, "opponent": 0.0}
 
@@ -39,23 +39,32 @@ def combine_pairwise(first: str | None, second: str | None) -> str | None:
 
 
 def outcomes(judgments: list[dict]) -> list[dict]:
-    """One value per (model, question, mode) from judgment records: `score` for single/reference, the win value
-    of the two pairwise orders combined, and `<mode>_weighted` from the probability-weighted score where the judge
-    returned logprobs. `value` None marks a parse failure."""
+    """One value per (model, question, mode) from judgment records: `score` for single/reference (the mean over
+    `eval.judge_repeats` repeats that parsed), the win value of the two pairwise orders combined, and
+    `<mode>_weighted` from the probability-weighted score where the judge returned logprobs. `value` None marks
+    a parse failure. Each outcome keeps its `question_id`, so two models can be paired on it."""
     out: list[dict] = []
     pairs: dict[tuple, dict[bool, dict]] = {}
+    singles: dict[tuple, list[dict]] = {}
     for j in judgments:
+        key = (j["model"], j["question_id"])
         if j["mode"] == "pairwise":
-            pairs.setdefault((j["model"], j["question_id"]), {})[bool(j["swap"])] = j
-            continue
-        out.append({"model": j["model"], "category": j["category"], "mode": j["mode"], "value": j["score"]})
-        if j.get("weighted_score") is not None:
-            out.append({"model": j["model"], "category": j["category"], "mode": f"{j['mode']}_weighted",
-                        "value": j["weighted_score"]})
-    for (model, _), both in pairs.items():
+            pairs.setdefault(key, {})[bool(j["swap"])] = j
+        else:
+            singles.setdefault((*key, j["mode"]), []).append(j)
+    for (model, qid, mode), reps in singles.items():
+        cat = reps[0]["category"]
+        scores = [r["score"] for r in reps if r.get("score") is not None]
+        out.append({"model": model, "question_id": qid, "category": cat, "mode": mode,
+                    "value": float(np.mean(scores)) if scores else None})
+        weighted = [r["weighted_score"] for r in reps if r.get("weighted_score") is not None]
+        if weighted:
+            out.append({"model": model, "question_id": qid, "category": cat, "mode": f"{mode}_weighted",
+                        "value": float(np.mean(weighted))})
+    for (model, qid), both in pairs.items():
         w = combine_pairwise(*(both.get(s, {}).get("winner") for s in (False, True)))
         cat = next(iter(both.values()))["category"]
-        out.append({"model": model, "category": cat, "mode": "pairwise",
+        out.append({"model": model, "question_id": qid, "category": cat, "mode": "pairwise",
                     "value": None if w is None else PAIRWISE_VALUE[w]})
     return out
 
@@ -81,7 +90,7 @@ def score_table(judgments: list[dict], n_boot: int, seed: int) -> list[dict]:
 
 def write_scores_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SCORES_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=SCORES_COLUMNS, restval="")
         w.writeheader()
         w.writerows(rows)
 

@@ -1,0 +1,82 @@
+"""Judge-free signals, per item so two models can be compared on the same items (paired):
+
+- held-out loss: per held-out teacher dialog, the summed log-probability of its AI turns (the training labels);
+  the stage's `heldout_loss` is the token-weighted mean over dialogs, as before.
+- reference log-likelihood: per eval question, the log-probability of the shipped reference answer after the
+  prompt the model answers (its own format), per token. A 135M judge may not tell two models apart; this does not
+  need one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from baize_exp.training.data import IGNORE, collate, tokenize_dialog
+
+
+@torch.no_grad()
+def item_logprobs(model: torch.nn.Module, encoded: list[dict], pad_id: int, batch_size: int = 4
+                  ) -> list[tuple[float, int]]:
+    """(sum of the labelled tokens' log-probabilities, number of labelled tokens) per encoded item
+    ({"input_ids", "labels"}, labels IGNORE where not scored)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[tuple[float, int]] = []
+    for i in range(0, len(encoded), batch_size):
+        b = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], pad_id).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        tgt = b["labels"][:, 1:]
+        logp = torch.log_softmax(logits, dim=-1)
+        keep = tgt != IGNORE
+        tok_lp = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+        out += [(float(s), int(n)) for s, n in zip(tok_lp.sum(1).tolist(), keep.sum(1).tolist(), strict=True)]
+    return out
+
+
+def heldout_items(model: torch.nn.Module, tok: Any, dialogs: list[dict], max_length: int, fmt: str = "baize",
+                  batch_size: int = 4) -> list[dict]:
+    """Per held-out dialog: {"item_id", "tokens", "logprob_sum"} over its AI turns (dialogs with none that fit
+    `max_length` are left out, as training leaves them out)."""
+    enc, ids = [], []
+    for k, d in enumerate(dialogs):
+        e = tokenize_dialog(d["turns"], tok, max_length, "ai", fmt)
+        if e:
+            enc.append(e)
+            ids.append(str(d.get("id") or d.get("key") or k))
+    return [{"item_id": i, "tokens": n, "logprob_sum": s}
+            for i, (s, n) in zip(ids, item_logprobs(model, enc, tok.pad_token_id, batch_size), strict=True) if n]
+
+
+def reference_items(model: torch.nn.Module, tok: Any, questions: list[dict], prompts: list[str],
+                    max_length: int = 1024, batch_size: int = 4) -> list[dict]:
+    """Per question with a reference: {"item_id", "tokens", "logprob_sum"} of the reference's tokens after the
+    model's prompt (ids as generation sees them: no special tokens added), cut to `max_length` in all."""
+    enc, ids = [], []
+    for q, p in zip(questions, prompts, strict=True):
+        if not q.get("reference"):
+            continue
+        p_ids = tok(p, add_special_tokens=False)["input_ids"]
+        r_ids = tok(q["reference"], add_special_tokens=False)["input_ids"][:max(1, max_length - len(p_ids))]
+        enc.append({"input_ids": p_ids + r_ids, "labels": [IGNORE] * len(p_ids) + r_ids})
+        ids.append(q["question_id"])
+    return [{"item_id": i, "tokens": n, "logprob_sum": s}
+            for i, (s, n) in zip(ids, item_logprobs(model, enc, tok.pad_token_id, batch_size), strict=True) if n]
+
+
+def summarize(items: list[dict]) -> dict:
+    """Token-weighted loss and perplexity over items (the held-out figures the stage always reported)."""
+    n = sum(i["tokens"] for i in items)
+    if n == 0:
+        return {"loss": None, "ppl": None, "tokens": 0}
+    loss = -sum(i["logprob_sum"] for i in items) / n
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n}
+
+
+def per_item(items: list[dict], kind: str) -> dict[str, float]:
+    """{item_id: value} for paired comparisons: held-out loss per token (lower is better), reference
+    log-likelihood per token (higher is better)."""
+    sign = -1.0 if kind == "heldout" else 1.0
+    return {i["item_id"]: sign * i["logprob_sum"] / i["tokens"] for i in items if i["tokens"]}
