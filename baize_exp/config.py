@@ -437,6 +437,16 @@ class EvalConfig:
     judge_mode: str = "single"  # single | pairwise | reference
     pairwise_against: str = "teacher"  # teacher | reference | a name in eval.models
     judge_logprobs: bool = True  # ask for score-token logprobs (probability-weighted score where returned)
+    # Readers tried after the strict one ("Score: N", "[[A]]"): tolerant ("8/10", a lone number, "A ..."),
+    # logprob (scores: the judge's probability-weighted choice of score). Each one's share is reported.
+    judge_fallbacks: list[str] = field(default_factory=list)
+    judge_repeats: int = 1  # single/reference: judge each answer this often (self-consistency; needs temperature > 0)
+    # Judge check: this many questions with a reference, each against 3 degraded copies of its reference (known
+    # order); 0 = off. Accuracy near chance marks every judge-based result "judge cannot discriminate".
+    judge_check: int = 8
+    # Paired comparisons (eval/paired.csv): each model against the one before it in eval.models (v1 vs base,
+    # v2 vs v1), on judge values per question, held-out loss per dialog, reference log-likelihood per question.
+    reference_loglik: bool = True  # per-token log-likelihood of the reference answers under each model
     bootstrap: int = 1000
     seed: int = 0
     judge_template: str = MISSING  # single: {question} {answer}
@@ -463,6 +473,10 @@ class EvalConfig:
         p.check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
         p.check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
         p.check(self.bootstrap >= 100, f"{key}.bootstrap", self.bootstrap, "an integer >= 100")
+        p.check(all(f in ("tolerant", "logprob") for f in self.judge_fallbacks), f"{key}.judge_fallbacks",
+                list(self.judge_fallbacks), "a list of: tolerant, logprob (empty = strict only)")
+        p.check(self.judge_repeats >= 1, f"{key}.judge_repeats", self.judge_repeats, "an integer >= 1")
+        p.check(self.judge_check >= 0, f"{key}.judge_check", self.judge_check, "an integer >= 0 (0 = off)")
         for name, placeholders in (("judge_template", ("question", "answer")),
                                    ("reference_template", ("question", "reference", "answer")),
                                    ("pairwise_template", ("question", "answer_a", "answer_b"))):
