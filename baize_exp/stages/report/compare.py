@@ -1,0 +1,144 @@
+"""The cross-run report: a table of runs, charts of the chosen metrics, and paired comparisons of each run's final
+model against a baseline run's on the same items."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from baize_exp.stages.evaluate.stats import PAIRED_COLUMNS, write_csv_rows
+from baize_exp.stages.report import charts
+from baize_exp.stages.report.page import Block, Heading, Image, Table, Text, to_html, to_markdown
+from baize_exp.stages.report.paired import cross_run_rows, judge_discriminates
+from baize_exp.stages.report.runs import (
+    RunRecord,
+    is_sweep,
+    load_runs,
+    loss_history,
+    run_labels,
+    swept_params,
+    table_rows,
+    write_csv,
+)
+from baize_exp.stages.report.single import WARNING, paired_blocks
+
+DEFAULT_METRICS = ["final_heldout_loss", "final_judge"]
+
+
+def plot(records: list[RunRecord], out_dir: Path, metrics: list[str]) -> list[Image]:
+    """Loss curves of every run, then each metric against each swept parameter (a sweep) or one point per run
+    (runs given by hand). A run without a finite value is left out of that chart and the caption says so; a
+    metric no run has draws nothing."""
+    params, _ = swept_params(records)
+    labels = dict(zip((id(r) for r in records), run_labels(records, params), strict=True))
+    images: list[Image] = []
+    curves = {labels[id(r)]: loss_history(r.path) for r in records}
+    if png := charts.loss_curves({k: v for k, v in curves.items() if v}, out_dir / "loss_curves.png",
+                                 "Loss curves per run"):
+        images.append(Image(png, "loss curves"))
+    done = [r for r in records if r.status == "completed"]
+    per_param = is_sweep(records, params) and bool(params)
+    for metric in metrics:
+        have = [r for r in done if charts.finite(r.values.get(metric))]
+        missing = [labels[id(r)] for r in done if r not in have]
+        cap = f"left out, no value for {metric}: {', '.join(missing)}" if missing else ""
+        if not have:
+            continue
+        ys = [float(r.values[metric]) for r in have]
+        cis = [r.values.get(f"{metric}_ci") for r in have] if metric.endswith("_judge") else None
+        if per_param:
+            for p in params:
+                png = charts.metric_vs_param([r.overrides.get(p, "-") for r in have], ys, cis, p, metric,
+                                             out_dir / f"{metric}_vs_{charts.safe_name(p)}.png")
+                if png:
+                    images.append(Image(png, f"{metric} vs {p}", cap))
+        elif png := charts.metric_per_run([labels[id(r)] for r in have], ys, cis, metric,
+                                          out_dir / f"{charts.safe_name(metric)}_per_run.png"):
+            images.append(Image(png, f"{metric} per run", cap))
+    return images
+
+
+def resolve_baseline(records: list[RunRecord], labels: list[str], baseline: str | Path | None) -> int:
+    """Index of the baseline run: the first by default, else the run whose dir, dir name or label matches."""
+    if baseline is None:
+        return 0
+    want = str(baseline)
+    for i, r in enumerate(records):
+        if want in (r.path.name, labels[i]) or Path(want).resolve() == r.path.resolve():
+            return i
+    raise FileNotFoundError(f"report: --baseline {want} is none of the runs: "
+                            + ", ".join(r.path.name for r in records))
+
+
+def blocks_for(records: list[RunRecord], images: list[Image], paired: list[dict], notes: list[str],
+               baseline: str, out_dir: Path) -> list[Block]:
+    header, rows = table_rows(records)
+    _, common = swept_params(records)
+    blocks: list[Block] = []
+    if common:
+        blocks.append(Text("Shared by every run: " + ", ".join(f"`{k}={v}`" for k, v in common.items())))
+    blind = [r.path.name for r in records if judge_discriminates(r.path) is False]
+    if blind:
+        blocks.append(Text(f"{WARNING} (runs: {', '.join(blind)})", warn=True))
+    blocks.append(Table(header, rows, row_classes=[r.status for r in records],
+                        row_titles=[r.error or "" for r in records]))
+    failed = [r for r in records if r.status != "completed"]
+    if failed:
+        blocks += [Heading("Runs that did not complete"),
+                   *[Text(f"`{r.path}` ({r.status}): {r.error or 'no error recorded'}") for r in failed]]
+    blocks.append(Text("Judge scores: mean on 1-10 [95% bootstrap CI] n=judged answers. Losses: held-out dialogs."))
+    blocks += paired_blocks(paired, out_dir, f"each run's final model against `{baseline}`, on the same items")
+    blocks += [Text(n) for n in notes]
+    if images:
+        blocks += [Heading("Charts"), *images]
+    return blocks
+
+
+def compare(paths: list[Path], out_dir: Path, metrics: list[str] | None = None,
+            baseline: str | Path | None = None) -> list[RunRecord]:
+    """Write the comparison of the runs under `paths` into `out_dir` (report.md, report.csv, report.html,
+    paired.csv, PNG charts); return what was read. `baseline`: the run the others are paired against (a run dir,
+    its name or its label; default the first run)."""
+    records = load_runs(paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params, _ = swept_params(records)
+    labels = run_labels(records, params)
+    base = resolve_baseline(records, labels, baseline)
+    images = plot(records, out_dir, metrics or DEFAULT_METRICS)
+    finals = [r.values.get("final_model") for r in records]
+    paired, notes = cross_run_rows([(lab, r.path, f) for lab, r, f in zip(labels, records, finals, strict=True)],
+                                   base) if len(records) > 1 else ([], [])
+    write_csv_rows(paired, out_dir / "paired.csv", PAIRED_COLUMNS)
+    title = f"Ablation report: {len(records)} runs"
+    blocks = blocks_for(records, images, paired, notes, labels[base], out_dir)
+    (out_dir / "report.md").write_text(to_markdown(title, blocks, out_dir))
+    write_csv(records, out_dir / "report.csv")
+    (out_dir / "report.html").write_text(to_html(title, blocks))
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`baize-report`: compare run dirs (or every run of a multirun dir)."""
+    from baize_exp.stages import report
+
+    ap = argparse.ArgumentParser(prog="baize-report", description=(report.__doc__ or "").split("\n\n")[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="+", type=Path, help="a multirun dir, or run dirs, or both")
+    ap.add_argument("--out", type=Path, help="where to write (default: <path>/report for one path, else ./report)")
+    ap.add_argument("--metric", action="append", dest="metrics",
+                    help="metric to chart (repeatable); default: final_heldout_loss and final_judge; any column "
+                         "of the table works, e.g. val_loss, v1_judge")
+    ap.add_argument("--baseline", help="the run every other run's final model is paired against, item by item "
+                                       "(a run dir or its name; default: the first run of the table)")
+    args = ap.parse_args(argv)
+    out = args.out or (args.paths[0] / "report" if len(args.paths) == 1 else Path("report"))
+    try:
+        records = compare(args.paths, out, args.metrics, args.baseline)
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print((out / "report.md").read_text())
+    failed = sum(r.status != "completed" for r in records)
+    print(f"{len(records)} runs ({failed} not completed) -> {out}/report.md, report.csv, report.html, paired.csv")
+    return 0

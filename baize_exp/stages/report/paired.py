@@ -1,0 +1,138 @@
+"""Paired comparisons in the report: the eval stage's own (eval/paired.csv, models of one run) and across runs
+(each run's final model against a baseline run's, item by item, from the per-item files the eval stage wrote)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from baize_exp.io import read_jsonl
+from baize_exp.stages.evaluate.stats import PAIRED_COLUMNS, outcomes, paired_bootstrap
+from baize_exp.stages.report.runs import fmt
+
+NOTE_NO_DISCRIMINATION = "judge cannot discriminate"
+CHAIN = ("v2", "v1", "base")  # the final model of a run is the last of this chain it evaluated
+
+
+def read_csv_rows(path: Path) -> list[dict[str, Any]]:
+    """A CSV's rows with numeric-looking fields as floats (empty and 'nan' become NaN, not strings)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in r.items():
+            if k in ("n", "parse_failures") and v not in (None, ""):
+                with contextlib.suppress(ValueError):
+                    r[k] = int(float(v))
+            elif k in ("mean", "ci_low", "ci_high", "mean_a", "mean_b", "diff", "mde"):
+                try:
+                    r[k] = float(v) if v not in (None, "") else float("nan")
+                except ValueError:
+                    r[k] = float("nan")
+    return rows
+
+
+def reliability(run_dir: Path) -> dict:
+    path = run_dir / "eval" / "reliability.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def judge_discriminates(run_dir: Path) -> bool | None:
+    """False when the run's judge check found the judge at chance; None when there was no check."""
+    return reliability(run_dir).get("judge_check", {}).get("discriminates")
+
+
+def item_values(run_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """{model: {metric: {item id: value}}} from eval/judgments.jsonl and eval/items.jsonl.
+
+    judge_<mode>: the per-question judge value, a pairwise question's two orders combined by the eval stage's own
+    `outcomes` (so the report and the stage cannot disagree); heldout_loss: nats/token per held-out dialog;
+    ref_loglik: mean log-prob per token of a question's reference answer."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    ev = run_dir / "eval"
+    if (ev / "judgments.jsonl").is_file():
+        by_q: dict[str, list[dict]] = {}
+        for j in read_jsonl(ev / "judgments.jsonl"):
+            by_q.setdefault(str(j["question_id"]), []).append(j)
+        for qid, js in by_q.items():  # per question, so each outcome is known to belong to it
+            for o in outcomes(js):
+                if o["value"] is not None:
+                    out.setdefault(o["model"], {}).setdefault(f"judge_{o['mode']}", {})[qid] = float(o["value"])
+    if (ev / "items.jsonl").is_file():
+        for it in read_jsonl(ev / "items.jsonl"):
+            if not it.get("tokens"):
+                continue
+            per_token = float(it["logprob_sum"]) / float(it["tokens"])
+            metric = {"heldout": "heldout_loss", "ref_loglik": "ref_loglik"}.get(it["kind"])
+            if metric:
+                value = -per_token if metric == "heldout_loss" else per_token
+                out.setdefault(it["model"], {}).setdefault(metric, {})[str(it["item_id"])] = value
+    return out
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric != "heldout_loss"
+
+
+def pick_final(models: list[str], metrics_final: str | None) -> str | None:
+    """The run's final model: what metrics.json names, else the last of base → v1 → v2 that has values."""
+    if metrics_final in models:
+        return metrics_final
+    return next((m for m in CHAIN if m in models), None)
+
+
+def cross_run_rows(runs: list[tuple[str, Path, str | None]], baseline: int, n_boot: int = 2000, seed: int = 0
+                   ) -> tuple[list[dict], list[str]]:
+    """Rows of paired.csv: each run's final model against the baseline run's, on the items both have.
+
+    `runs` are (label, run dir, final model from metrics.json or None). Returns (rows, notes) where the notes
+    say which runs could not be compared and why."""
+    notes: list[str] = []
+    values = [item_values(d) for _, d, _ in runs]
+    finals = [pick_final(list(v), f) for v, (_, _, f) in zip(values, runs, strict=True)]
+    b_label, b_dir, _ = runs[baseline]
+    b_model = finals[baseline]
+    if b_model is None:
+        return [], [f"the baseline run `{b_label}` has no per-item values (eval/judgments.jsonl, eval/items.jsonl): "
+                    "no paired comparison across runs"]
+    b_vals = values[baseline][b_model]
+    b_blind = judge_discriminates(b_dir) is False
+    rows: list[dict] = []
+    for i, (label, d, _) in enumerate(runs):
+        if i == baseline:
+            continue
+        model = finals[i]
+        if model is None:
+            notes.append(f"`{label}`: no per-item values, not compared")
+            continue
+        a_vals = values[i][model]
+        blind = b_blind or judge_discriminates(d) is False
+        for metric in [m for m in a_vals if m in b_vals]:
+            res = paired_bootstrap(a_vals[metric], b_vals[metric], higher_is_better(metric), n_boot, seed)
+            if res["n"] == 0:
+                notes.append(f"`{label}` vs `{b_label}`, {metric}: no item in common")
+                continue
+            note = NOTE_NO_DISCRIMINATION if blind and metric.startswith("judge_") else ""
+            rows.append({"comparison": f"{label} vs {b_label}", "a": f"{label} ({model})",
+                         "b": f"{b_label} ({b_model})", "metric": metric, **res, "note": note})
+    return rows, notes
+
+
+def paired_table(rows: list[dict]) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, cells, row classes) of the paired comparison table shown in the report."""
+    header = ["comparison", "metric", "n", "diff [95% CI]", "MDE", "verdict"]
+    with_note = any(r.get("note") for r in rows)
+    header += ["note"] if with_note else []
+    cells, classes = [], []
+    for r in rows:
+        better = f" ({r['better_if']} is better)" if r.get("better_if") else ""
+        row = [r["comparison"], f"{r['metric']}{better}", str(r["n"]),
+               f"{fmt(r['diff'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fmt(r["mde"]), r["verdict"]]
+        cells.append(row + ([r.get("note") or ""] if with_note else []))
+        classes.append(r["verdict"] if r["verdict"] in ("better", "worse") else "")
+    return header, cells, classes
+
+
+__all__ = ["PAIRED_COLUMNS", "cross_run_rows", "item_values", "paired_table", "read_csv_rows"]
