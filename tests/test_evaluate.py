@@ -241,11 +241,31 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
             np.exp(m1[f"{name}/heldout_loss"]), rel=1e-6)
     run1 = tmp_path / "run1" / "eval"
     rows = list(csv.DictReader(open(run1 / "scores.csv")))
-    assert {r["mode"] for r in rows} == {"pairwise"} and {r["model"] for r in rows} == {"base", str(tmp_path / "adapter")}
-    assert all(int(r["n"]) + int(r["parse_failures"]) == (4 if r["category"] == "all" else 1) for r in rows)
+    assert {r["mode"] for r in rows} == {"pairwise", "pairwise_lc"}  # the raw win rate and the length-controlled
+    assert {r["model"] for r in rows} == {"base", str(tmp_path / "adapter")}
+    assert all(int(r["n"]) + int(r["parse_failures"]) == (4 if r["category"] == "all" else 1) for r in rows
+               if r["mode"] == "pairwise")
     assert (run1 / "scores.png").stat().st_size > 5000
     answers = [json.loads(x) for x in (run1 / "answers.jsonl").read_text().splitlines()]
     assert {a["model"] for a in answers} == {"base", str(tmp_path / "adapter"), "teacher"}
+    # the judge's reliability beside its scores: the check's known-order pairs (both orders), position agreement
+    rel = json.loads((run1 / "reliability.json").read_text())
+    assert rel["judge_check"]["n"] + rel["judge_check"]["unparsed"] == 2 * 3 * cfg.eval.judge_check
+    assert set(rel["position_agreement"]) == {"base", str(tmp_path / "adapter")}
+    assert m1["judge_check/n"] == rel["judge_check"]["n"]
+    if not rel["judge_check"]["discriminates"]:  # the random tiny judge: every judge-based row says so
+        assert {r["note"] for r in rows} == {"judge cannot discriminate"}
+    # judge-free, per item and paired: held-out loss per dialog, the references' log-likelihood per question
+    items = [json.loads(x) for x in (run1 / "items.jsonl").read_text().splitlines()]
+    per = {(i["model"], i["kind"]) for i in items}
+    assert per == {(m, k) for m in ("base", str(tmp_path / "adapter")) for k in ("heldout", "ref_loglik")}
+    held = [i for i in items if i["model"] == "base" and i["kind"] == "heldout"]
+    assert -sum(i["logprob_sum"] for i in held) / sum(i["tokens"] for i in held) == pytest.approx(
+        m1["base/heldout_loss"], rel=1e-6)
+    paired = {r["metric"]: r for r in csv.DictReader(open(run1 / "paired.csv"))}
+    assert set(paired) >= {"heldout_loss", "ref_loglik"}
+    assert paired["heldout_loss"]["comparison"] == f"{tmp_path / 'adapter'} vs base"
+    assert int(paired["ref_loglik"]["n"]) == 4 and paired["heldout_loss"]["verdict"] in S.VERDICTS
     # W&B (offline, real files): the samples and scores tables and the charts
     import wandb
 
@@ -253,7 +273,7 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
     evaluate.log_wandb(wb, run1)
     wb.finish()
     tables = sorted(p.name.split("_")[0] for p in tmp_path.glob("wandb/offline-run-*/files/media/table/eval/*.json"))
-    assert tables == ["samples", "scores"]
+    assert {"samples", "scores"} <= set(tables)
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/eval/chart_scores*.png"))
     scores_table = json.loads(next(tmp_path.glob("wandb/offline-run-*/files/media/table/eval/scores_*.json")).read_text())
     assert scores_table["columns"] == S.SCORES_COLUMNS and len(scores_table["data"]) == len(rows)

@@ -144,7 +144,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     sent = [j for job, j in zip(jobs + check_jobs, everything, strict=True)
             if job["messages"] is not None and not j.get("cached")]
     metrics["judge_requests"] = len(sent) + sum("judge_reply_retry" in j for j in sent)
-    metrics["judge_cached"] = sum(bool(j.get("cached")) for j in everything)
+    metrics["judge_cached"] = sum(bool(j.get("cached")) for j in judgments)  # of the models' judgments
     for how in ("ok", "tolerant", "logprob", "retried", "failed"):
         metrics[f"judge_parse_{how}"] = sum(j["parse"] == how for j in judgments)
 
