@@ -587,9 +587,14 @@ class LoggerConfig:
     name: str = "wandb"  # wandb | csv | none
     project: str = "baize_exp"
     entity: str | None = None
+    # W&B group; unset: the multirun's sweep dir, else run_name, else the experiment option, else "single"
     group: str | None = None
     mode: str = "offline"  # wandb mode unless WANDB_MODE is set
     tags: list[str] = field(default_factory=list)
+    # The collection (`collect-dialogs`, dataset) and the adapters (`train-adapter`, `sdf-adapter`, model) as W&B
+    # artifacts. Offline they are references to the run dir's files (a manifest with digests, no copy); online
+    # they are uploaded, so a big run (a 100k-dialog collection, 13B/30B adapters) sets this false.
+    artifacts: bool = True
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(self.name in ("wandb", "csv", "none"), f"{key}.name", self.name, "one of wandb, csv, none")

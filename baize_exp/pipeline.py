@@ -4,6 +4,17 @@ Each stage declares itself (`baize_exp.stages.base.Stage`): `run(cfg, run_dir, b
 whose files it reads, the config keys that shape its outputs. A finished stage leaves `<stage>/_COMPLETE.json`
 with a fingerprint of those keys and of the upstream stages' fingerprints: a rerun skips it; a rerun with a
 different config for that stage is refused (before anything is written) instead of mixing outputs.
+
+W&B (`logger=wandb`; names in `baize_exp.wandb_log`). One run per pipeline run, started here and always finished.
+- x axes: a step metric per stage, not one global step. `train/*` and `val/*` are plotted against `train/step`,
+  SDF's `sdf/*` against `sdf/step`, collection progress against `collect/progress/elapsed_s`. SDF is a second fit
+  starting from v1 with its own optimizer and schedule, so its curves start at its step 0; one global step would
+  need train's last step as an offset, which a resumed or `train.data=`-fed run does not reliably know.
+- a stage's aggregates (its metrics.json section) go only into the summary as `<stage>/summary/<metric>`, so no
+  per-step series (`train/mfu`, `train/tokens_per_s`) gets the stage total as one more point.
+- group: `logger.group`, else the multirun's sweep dir, else `run_name`, else the `experiment=` option, else
+  "single": every run sits in a group, and the dashboard can group by it without a special case for ungrouped runs.
+- each stage's `log_wandb` hook adds its files: tables (eval), artifacts (collect, train, sdf; `logger.artifacts`).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from baize_exp.io import file_hash, global_rank, read_json, write_json
 from baize_exp.serve import Backends
 from baize_exp.stages import collect, evaluate, plan, report, sdf, train
 from baize_exp.stages.base import Stage
+from baize_exp.wandb_log import define_axes, log_stage_summary
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +65,6 @@ def _run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
 
 
-def _flat(prefix: str, m: dict) -> dict[str, float]:
-    out = {}
-    for k, v in m.items():
-        if isinstance(v, bool):
-            continue
-        if isinstance(v, (int, float)):
-            out[f"{prefix}/{k}"] = v
-        elif isinstance(v, dict):
-            out.update(_flat(f"{prefix}/{k}", v))
-    return out
-
-
 def _start_wandb(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Any:
     import wandb
 
@@ -72,14 +72,32 @@ def _start_wandb(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Any:
     mode = os.environ.get("WANDB_MODE") or lg.mode
     name = cfg.run_name or (" ".join(overrides) or "default")[:120]
     sweep = _sweep_name(cfg)
-    # Every job of one multirun shares a group, and its overrides become tags and config columns, so the
-    # dashboard groups the sweep and compares its runs without any manual bookkeeping.
-    group = lg.group or sweep
+    # A multirun's overrides become tags and config columns, so the dashboard compares its runs without any
+    # manual bookkeeping.
     tags = list(lg.tags) + ([o.lstrip("+~")[:64] for o in overrides if not NOT_PARAMS.match(o.lstrip("+~"))]
                             if sweep else [])
     config = {**to_container(cfg), "overrides": override_dict(overrides)}
-    return wandb.init(project=lg.project, entity=lg.entity, group=group, name=name, tags=tags or None,
-                      config=config, dir=str(run_dir), mode=mode, reinit="finish_previous")
+    run = wandb.init(project=lg.project, entity=lg.entity, group=wandb_group(cfg, overrides, sweep), name=name,
+                     tags=tags or None, config=config, dir=str(run_dir), mode=mode, reinit="finish_previous")
+    define_axes(run)
+    return run
+
+
+def wandb_group(cfg: DictConfig, overrides: list[str], sweep: str | None = None) -> str:
+    """The run's W&B group: `logger.group`, else the multirun's sweep name, else `run_name`, else the
+    `experiment=` option, else "single" (see the module docstring)."""
+    return (cfg.logger.group or sweep or cfg.run_name or _experiment_choice(overrides) or "single")
+
+
+def _experiment_choice(overrides: list[str]) -> str | None:
+    """The experiment option this run composed (`experiment=smoke` or `+experiment=...`), if any."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("experiment")
+        if choice:
+            return str(choice)
+    return override_dict(overrides).get("experiment")
 
 
 def _overrides() -> list[str]:
@@ -166,7 +184,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
                                     "finished": time.time(), "metrics": m})
             log.info("stage %s: done in %.1fs", stage.name, m["stage_seconds"])
             if wb is not None:
-                wb.log(_flat(stage.name, m))
+                log_stage_summary(wb, stage.name, m)  # summary only: never a point in a per-step series
                 if stage.log_wandb is not None:
                     stage.log_wandb(wb, run_dir / stage.name)
         exit_code = 0
@@ -181,8 +199,9 @@ def run_pipeline(cfg: DictConfig) -> dict:
         _finish_status(metrics_path, metrics, error)
         backends.close()
         if wb is not None:
-            for k, v in _flat("final", {s: metrics[s] for s in cfg.stages if s in metrics}).items():
-                wb.summary[k] = v
+            for s in cfg.stages:  # stages skipped as complete (a rerun) get their recorded figures too
+                if s in metrics:
+                    log_stage_summary(wb, s, metrics[s])
             wb.finish(exit_code=exit_code)  # always finished, so one failed run cannot hang a multirun
     return metrics
 

@@ -80,9 +80,9 @@ def test_run_py_end_to_end_through_the_openai_backend(tmp_path: Path, teacher_se
     assert metrics["eval"]["heldout_dialogs"] == len(val) >= 1
     assert metrics["eval"]["v1/heldout_loss"] > 0 and metrics["eval"]["base/heldout_ppl"] > 1
     assert "Judge scores" in (run_dir / "report.md").read_text()
-    # W&B offline: a real run file holding the stage metrics
+    # W&B offline: a real run file holding the stage metrics (in its summary: tests/test_wandb.py)
     wandb_files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(wandb_files) == 1 and b"collect/dialogs" in wandb_files[0].read_bytes()
+    assert len(wandb_files) == 1 and b"collect/summary/dialogs" in wandb_files[0].read_bytes()
     # the key never lands in anything the run wrote
     for f in run_dir.rglob("*"):
         if f.is_file():

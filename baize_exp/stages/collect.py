@@ -44,6 +44,7 @@ from baize_exp.errors import Interrupted, UserError
 from baize_exp.io import JsonlWriter, content_hash, file_lock, read_jsonl, write_json, write_jsonl
 from baize_exp.models import tokenizer_for_serving
 from baize_exp.stages.base import BACKEND_KNOBS, Stage
+from baize_exp.wandb_log import log_dialogs
 
 log = logging.getLogger(__name__)
 
@@ -195,12 +196,18 @@ class Progress:
                                      refresh=False)
         if self.wb is not None and now >= self._next_wandb:
             self._next_wandb = now + self.wandb_every_s
-            self.wb.log({f"collect/progress/{k}": v for k, v in self.figures().items()})
+            self._log_wandb()
 
     def close(self) -> None:
         self.bar.close()
         if self.wb is not None:
-            self.wb.log({f"collect/progress/{k}": v for k, v in self.figures().items()})
+            self._log_wandb()
+
+    def _log_wandb(self) -> None:
+        # elapsed_s is these series' x axis (baize_exp.wandb_log.STEP_AXES): rates against time, not row numbers
+        row = {f"collect/progress/{k}": v for k, v in self.figures().items()}
+        row["collect/progress/elapsed_s"] = round(time.monotonic() - self.t0, 3)
+        self.wb.log(row)
 
 
 def _wandb_run() -> Any:
@@ -494,5 +501,6 @@ STAGE = Stage(
     "collect", run, shapes=("data", "collect", "teacher"),
     ignores=BACKEND_KNOBS | {"shared", "samples_to_log"},
     writes=("collect/dialogs.jsonl", "collect/rejects.jsonl", "collect/failures.jsonl", "collect/data_card.json"),
+    log_wandb=log_dialogs,  # the dialogs, rejects and data card as a `dataset` artifact (logger.artifacts)
 )
 

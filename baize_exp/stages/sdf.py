@@ -40,6 +40,7 @@ from baize_exp.generate import VllmStudent, batch_seed, pick_backend, rank_and_w
 from baize_exp.io import content_hash, global_rank, read_jsonl, write_jsonl
 from baize_exp.stages.base import BACKEND_KNOBS, Stage, training_dialogs
 from baize_exp.training import check_machine, fit, save_adapter, trainable_state
+from baize_exp.wandb_log import log_adapter
 
 log = logging.getLogger(__name__)
 _STRICT = re.compile(r"^\s*\[?(\d+)\]?(\s*>\s*\[?\d+\]?)+\s*$")
@@ -327,4 +328,5 @@ STAGE = Stage(
     "sdf", run, reads=("train",), shapes=("sdf", "teacher", "generate.backend"), ignores=BACKEND_KNOBS,
     writes=("sdf/candidates.jsonl", "sdf/adapter", "sdf/checkpoints", "sdf/logs"), joins_ddp=True,
     preflight=check_machine,
+    log_wandb=lambda wb, stage_dir: log_adapter(wb, stage_dir, "sdf"),  # v2 as a `model` artifact
 )

@@ -21,6 +21,7 @@ from baize_exp.training import (
     save_adapter,
     trainable_state,
 )
+from baize_exp.wandb_log import log_adapter
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ STAGE = Stage(
     ignores=NOT_TRAINING,  # the same keys a checkpoint stays resumable across
     writes=("train/adapter", "train/checkpoints", "train/logs", "train/val_dialogs.jsonl",
             "train/rejected_dialogs.jsonl"),
+    log_wandb=lambda wb, stage_dir: log_adapter(wb, stage_dir, "train"),  # v1 as a `model` artifact
     # dialogs from another run (train.data) stand in for this run's collect stage: their content is hashed
     external=lambda cfg: {"collect": cfg.train.data} if cfg.train.data else {},
     joins_ddp=True,

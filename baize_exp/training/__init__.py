@@ -20,7 +20,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from baize_exp import cpu
 from baize_exp import models as M
@@ -32,6 +33,7 @@ from baize_exp.training.data import IGNORE, DialogDataModule, collate, tokenize_
 from baize_exp.training.fused_lora import use_fused_lora
 from baize_exp.training.module import LoraLM, measure_matmul_peak, peak_memory_gb
 from baize_exp.training.strategy import build_strategy
+from baize_exp.wandb_log import step_key
 
 log = logging.getLogger(__name__)
 PROMPT_FORMAT = {"format": "baize", "header": BAIZE_HEADER, "human": BAIZE_HUMAN, "ai": BAIZE_AI,
@@ -92,12 +94,29 @@ def build_logger(cfg: Any, stage_dir: Path, prefix: str, resumed_step: int | Non
     loggers: list[Any] = [ResumedCSVLogger(str(stage_dir), keep_before_step=resumed_step)]
     if cfg.logger.name == "wandb":
         import wandb
-        from pytorch_lightning.loggers import WandbLogger
 
         # The pipeline owns the W&B run; Lightning logs into it (one run per pipeline run).
         if wandb.run is not None:
-            loggers.append(WandbLogger(experiment=wandb.run))
+            loggers.append(StageWandbLogger(wandb.run, prefix.strip("/") or "train"))
     return loggers
+
+
+class StageWandbLogger(WandbLogger):
+    """Lightning's WandbLogger into the pipeline's run, writing the stage's own step axis (`train/step`,
+    `sdf/step`; baize_exp.wandb_log) instead of `trainer/global_step`, which SDF's second fit would restart at 0
+    inside the same series."""
+
+    def __init__(self, run: Any, stage: str) -> None:
+        super().__init__(experiment=run)
+        self.stage = stage
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        # Lightning adds `epoch` to every row: one per stage, or the two fits would share a series
+        row = {(f"{self.stage}/epoch" if k == "epoch" else k): v for k, v in metrics.items()}
+        if step is not None:
+            row[step_key(self.stage)] = step
+        self.experiment.log(row)
 
 
 def check_machine(cfg: Any) -> None:
