@@ -72,12 +72,14 @@ def make_run(d: Path, overrides: list[str], *, shift: float = 0.0, mode: str = "
                                       "swap": swap, "winner": win, "judge_reply": "[[A]]",
                                       "parse": "failed" if failed else "ok"})
             items.append({"model": model, "kind": "ref_loglik", "item_id": q, "tokens": 10,
-                          "logprob_sum": -10 * (1.5 - 0.1 * k - 0.05 * (i % 3) - 0.1 * shift)})
+                          "logprob_sum": -10 * (1.5 - 0.1 * k - 0.05 * (i % 3) - 0.1 * shift
+                                                + 0.03 * ((i * (k + 2)) % 3))})
         if model == "teacher":
             continue
         for j, dlg in enumerate(DIALOGS):
             items.append({"model": model, "kind": "heldout", "item_id": dlg, "tokens": 20,
-                          "logprob_sum": -20 * (loss - 0.1 * k + 0.03 * j - 0.1 * shift)})
+                          "logprob_sum": -20 * (loss - 0.1 * k + 0.03 * j - 0.1 * shift
+                                                + 0.02 * ((j * (k + 2)) % 3))})
         m["eval"][f"{model}/heldout_loss"] = loss - 0.1 * k - 0.1 * shift
         m["eval"][f"{model}/heldout_ppl"] = 7.0
         m["eval"][f"{model}/ref_loglik"] = -1.5 + 0.1 * k

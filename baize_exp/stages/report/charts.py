@@ -182,6 +182,11 @@ def forest(rows: list[dict], path: Path, title: str = "Paired differences (a - b
     if not rows:
         return None
     plt = _plt()
+    # every run against one baseline: say it once in the title, so the row labels are just the runs
+    against = {r["comparison"].rsplit(" vs ", 1)[-1] for r in rows}
+    common = f" vs {next(iter(against))}" if len(against) == 1 and all(" vs " in r["comparison"] for r in rows) else ""
+    if common:
+        title = f"{title}\nagainst {shorten(common[4:], 60)}"
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
     sizes = [sum(r["metric"] == m for r in rows) for m in metrics]
     fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 0.9 * len(metrics) + 0.38 * sum(sizes) + 0.6),
@@ -197,7 +202,7 @@ def forest(rows: list[dict], path: Path, title: str = "Paired differences (a - b
             ax.text(1.02, p, f"{r['verdict']} (n={r['n']})", transform=ax.get_yaxis_transform(), va="center",
                     fontsize=8, color=colour)
         ax.axvline(0, color="grey", lw=1, ls="--")
-        ax.set_yticks(pos, [shorten(r["comparison"], 40) for r in sel], fontsize=8)
+        ax.set_yticks(pos, [shorten(r["comparison"].removesuffix(common), 40) for r in sel], fontsize=8)
         ax.set_ylim(-0.7, len(sel) - 0.3)
         unit = METRIC_AXIS.get(metric) or (f"{metric} difference (win rate; higher is better)"
                                            if "pairwise" in metric else f"{metric} difference (higher is better)")

@@ -7,10 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from baize_exp.stages.evaluate.stats import PAIRED_COLUMNS, write_csv_rows
 from baize_exp.stages.report import charts
 from baize_exp.stages.report.page import Block, Heading, Image, Table, Text, to_html, to_markdown
-from baize_exp.stages.report.paired import cross_run_rows, judge_discriminates
+from baize_exp.stages.report.paired import PAIRED_COLUMNS, cross_run_rows, judge_discriminates, write_csv_rows
 from baize_exp.stages.report.runs import (
     RunRecord,
     is_sweep,

@@ -112,7 +112,7 @@ h1{font-size:1.6em} h2{font-size:1.3em;border-bottom:1px solid #ddd;padding-bott
 table{border-collapse:collapse;font-size:12.5px}
 td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top;text-align:left;overflow-wrap:break-word}
 th{background:#f3f3f3;position:sticky;top:0}
-td.num{text-align:right;white-space:nowrap}
+td.num{text-align:right;white-space:nowrap} td.nw{white-space:nowrap}
 td.long{min-width:14em;max-width:32em}
 tr.failed td{background:#fde2e2} tr.incomplete td{background:#fff4d6}
 tr.better td.verdict{color:#176d2c;font-weight:600} tr.worse td.verdict{color:#a11;font-weight:600}
@@ -132,18 +132,23 @@ def _inline(s: str) -> str:
 
 
 def _breakable(s: str) -> str:
-    """Escaped text with break opportunities after / _ . so paths and dotted keys wrap inside narrow cells."""
-    return re.sub(r"([/_.,])", r"\1<wbr>", html.escape(s))
+    """Escaped text with break opportunities after / and _, so paths and long keys wrap inside narrow cells
+    (not after . or ,: a number must never be cut in two)."""
+    return re.sub(r"([/_])", r"\1<wbr>", html.escape(s))
 
 
 def _td(c: str, cls: str = "") -> str:
     classes = [cls] if cls else []
     if _NUM.match(c.strip()):
-        classes.append("num")
-    elif len(c) > 40:
+        classes.append("num")  # kept on one line: "5.78 [5, 6.67] n=9" reads only whole
+        text = html.escape(c)
+    elif len(c) <= 24:
+        classes.append("nw")  # a run dir name or a short value: cut by hyphens it is unreadable
+        text = html.escape(c)
+    else:
         classes.append("long")
-    attr = f" class='{' '.join(classes)}'" if classes else ""
-    return f"<td{attr}>{_breakable(c)}</td>"
+        text = _breakable(c)
+    return f"<td class='{' '.join(classes)}'>{text}</td>"
 
 
 def _table_html(t: Table) -> str:

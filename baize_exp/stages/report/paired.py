@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from baize_exp.io import read_jsonl
-from baize_exp.stages.evaluate.stats import PAIRED_COLUMNS, outcomes, paired_bootstrap
+
+# The one place the report reaches into the eval stage: the same outcomes and the same paired bootstrap as the
+# stage's own eval/paired.csv, so a cross-run row and an in-run row mean the same thing.
+from baize_exp.stages.evaluate.stats import PAIRED_COLUMNS, outcomes, paired_bootstrap, write_csv_rows
 from baize_exp.stages.report.runs import fmt
 
 NOTE_NO_DISCRIMINATION = "judge cannot discriminate"
@@ -135,4 +138,4 @@ def paired_table(rows: list[dict]) -> tuple[list[str], list[list[str]], list[str
     return header, cells, classes
 
 
-__all__ = ["PAIRED_COLUMNS", "cross_run_rows", "item_values", "paired_table", "read_csv_rows"]
+__all__ = ["PAIRED_COLUMNS", "cross_run_rows", "item_values", "paired_table", "read_csv_rows", "write_csv_rows"]
