@@ -182,6 +182,8 @@ def forest(rows: list[dict], path: Path, title: str = "Paired differences (a - b
     if not rows:
         return None
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     # every run against one baseline: say it once in the title, so the row labels are just the runs
     against = {r["comparison"].rsplit(" vs ", 1)[-1] for r in rows}
     common = f" vs {next(iter(against))}" if len(against) == 1 and all(" vs " in r["comparison"] for r in rows) else ""
@@ -202,6 +204,7 @@ def forest(rows: list[dict], path: Path, title: str = "Paired differences (a - b
             ax.text(1.02, p, f"{r['verdict']} (n={r['n']})", transform=ax.get_yaxis_transform(), va="center",
                     fontsize=8, color=colour)
         ax.axvline(0, color="grey", lw=1, ls="--")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6))  # small differences: long tick labels must not collide
         ax.set_yticks(pos, [shorten(r["comparison"].removesuffix(common), 40) for r in sel], fontsize=8)
         ax.set_ylim(-0.7, len(sel) - 0.3)
         unit = METRIC_AXIS.get(metric) or (f"{metric} difference (win rate; higher is better)"

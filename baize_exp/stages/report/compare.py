@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     """`baize-report`: compare run dirs (or every run of a multirun dir)."""
     from baize_exp.stages import report
 
-    ap = argparse.ArgumentParser(prog="baize-report", description=(report.__doc__ or "").split("\n\n")[1],
+    doc = report.__doc__ or ""
+    ap = argparse.ArgumentParser(prog="baize-report", description=doc[doc.find("As a command"):],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+", type=Path, help="a multirun dir, or run dirs, or both")
     ap.add_argument("--out", type=Path, help="where to write (default: <path>/report for one path, else ./report)")

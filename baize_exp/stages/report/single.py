@@ -39,7 +39,7 @@ def _info(run_dir: Path, metrics: dict) -> list[Block]:
     lines = [f"overrides: `{' '.join(info.get('overrides', [])) or '(none)'}`"]
     if info.get("model") is not None:
         lines.append(f"model: `{info.get('model')}`, LoRA r={info.get('lora_r')}, data: `{info.get('data')}`")
-    if info.get("status"):
+    if info.get("status") not in (None, "running"):  # the report stage itself runs before the final status
         lines.append(f"status: {info['status']}" + (f" ({info['error']})" if info.get("error") else ""))
     return [Text("; ".join(lines))]
 
@@ -54,12 +54,17 @@ def judge_check_blocks(rel: dict, ev: dict) -> list[Block]:
     out: list[Block] = [Heading("Judge check")]
     if discriminates is False:
         out.append(Text(WARNING, warn=True))
-    if jc:
+    if jc and not jc.get("n"):
+        unparsed = f" ({jc['unparsed']} replies unparsable)" if jc.get("unparsed") else ""
+        out.append(Text(f"Known-order check: no check item could be judged{unparsed}, so nothing shows the judge "
+                        "can tell a good answer from a degraded one."))
+    elif jc:
         verdict = ("the judge tells the good answer from the degraded one more often than chance" if discriminates
                    else "not better than chance")
         out.append(Text(f"Known-order check: accuracy **{fmt(jc.get('accuracy'))}** "
                         f"{_ci(jc.get('ci_low'), jc.get('ci_high'))} (95% Wilson) on n={jc.get('n')} items, "
                         f"chance {fmt(jc.get('chance', 0.5))}: {verdict}."))
+    if jc.get("n"):
         by = jc.get("by_degradation") or {}
         if by:
             out.append(Table(["degradation", "n", "accuracy", "95% CI"],
