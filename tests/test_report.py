@@ -191,3 +191,15 @@ def test_cross_run_pairwise_uses_both_orders(tmp_path: Path) -> None:
     assert rows["judge_pairwise"]["note"] == "judge cannot discriminate" and rows["heldout_loss"]["note"] == ""
     assert "judge cannot discriminate: judge-based results below are not evidence (runs: a)" in (
         tmp_path / "cmp" / "report.md").read_text()
+
+
+def test_a_final_model_without_per_item_values_is_not_replaced_by_its_predecessor(tmp_path: Path) -> None:
+    a = make_run(tmp_path / "a", ["lora.r=4"])
+    b = make_run(tmp_path / "b", ["lora.r=8"], shift=1.0)
+    for name in ("judgments.jsonl", "items.jsonl"):  # b's v2 has no per-item value; its v1 and base do
+        path = b / "eval" / name
+        path.write_text("".join(x + "\n" for x in path.read_text().splitlines() if '"model": "v2"' not in x))
+    report.compare([a, b], tmp_path / "cmp")
+    assert list(csv.DictReader(open(tmp_path / "cmp" / "paired.csv"))) == []
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "## Paired comparisons" in md and "`r=8` (v2) and `r=4` (v2) have no per-item metric in common" in md

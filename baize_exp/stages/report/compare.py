@@ -87,7 +87,8 @@ def blocks_for(records: list[RunRecord], images: list[Image], paired: list[dict]
         blocks += [Heading("Runs that did not complete"),
                    *[Text(f"`{r.path}` ({r.status}): {r.error or 'no error recorded'}") for r in failed]]
     blocks.append(Text("Judge scores: mean on 1-10 [95% bootstrap CI] n=judged answers. Losses: held-out dialogs."))
-    blocks += paired_blocks(paired, out_dir, f"each run's final model against `{baseline}`, on the same items")
+    what = f"each run's final model against `{baseline}`, on the same items"
+    blocks += paired_blocks(paired, out_dir, what) or ([Heading(f"Paired comparisons ({what})")] if notes else [])
     blocks += [Text(n) for n in notes]
     if images:
         blocks += [Heading("Charts"), *images]

@@ -80,8 +80,9 @@ def higher_is_better(metric: str) -> bool:
 
 
 def pick_final(models: list[str], metrics_final: str | None) -> str | None:
-    """The run's final model: what metrics.json names, else the last of base → v1 → v2 that has values."""
-    if metrics_final in models:
+    """The run's final model: what metrics.json names (even when it has no per-item value: then it is not
+    compared, rather than its predecessor standing in for it), else the last of base → v1 → v2 that has values."""
+    if metrics_final:
         return metrics_final
     return next((m for m in CHAIN if m in models), None)
 
@@ -100,7 +101,7 @@ def cross_run_rows(runs: list[tuple[str, Path, str | None]], baseline: int, n_bo
     if b_model is None:
         return [], [f"the baseline run `{b_label}` has no per-item values (eval/judgments.jsonl, eval/items.jsonl): "
                     "no paired comparison across runs"]
-    b_vals = values[baseline][b_model]
+    b_vals = values[baseline].get(b_model, {})
     b_blind = judge_discriminates(b_dir) is False
     rows: list[dict] = []
     for i, (label, d, _) in enumerate(runs):
@@ -110,9 +111,13 @@ def cross_run_rows(runs: list[tuple[str, Path, str | None]], baseline: int, n_bo
         if model is None:
             notes.append(f"`{label}`: no per-item values, not compared")
             continue
-        a_vals = values[i][model]
+        a_vals = values[i].get(model, {})
         blind = b_blind or judge_discriminates(d) is False
-        for metric in [m for m in a_vals if m in b_vals]:
+        common = [m for m in a_vals if m in b_vals]
+        if not common:
+            notes.append(f"`{label}` ({model}) and `{b_label}` ({b_model}) have no per-item metric in common: "
+                         "not compared")
+        for metric in common:
             res = paired_bootstrap(a_vals[metric], b_vals[metric], higher_is_better(metric), n_boot, seed)
             if res["n"] == 0:
                 notes.append(f"`{label}` vs `{b_label}`, {metric}: no item in common")
