@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel first, so no multi-GB CUDA build is pulled on a CPU machine (GPU users: TORCH_SPEC="torch").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: help install run test test-fast lint gpu-wheels gpu-check
+.PHONY: help install run test test-fast lint reproduce gpu-wheels gpu-check
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -31,6 +31,9 @@ test: install  ## the whole test suite (what CI runs)
 
 test-fast: install  ## the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(ARGS)
+
+reproduce: install  ## Baize's claims at 135M scale: 5 runs, paired comparisons -> results/ (about an hour on 2 cores)
+	$(PY) -m baize_exp.reproduce $(ARGS)
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .

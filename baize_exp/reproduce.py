@@ -1,0 +1,165 @@
+"""The shipped reproduction of Baize's claims at the embedded model's scale: `make reproduce`, or
+
+    python -m baize_exp.reproduce [--out results] [--runs outputs/reproduce] [override ...]
+
+runs five real pipeline runs (`experiment=reproduce`, each its own run dir, resumable like any run: a rerun
+skips what is done) and writes `results/` (report.md, report.html, paired.csv, plots):
+
+  main      base → v1 (LoRA r=8, loss on AI turns) → v2 (SDF)      (a) v1 vs base, (b) v2 vs v1
+  loss_all  v1 trained with the loss on every token                 (c) loss on AI turns vs all tokens
+  r4 r16 r64  v1 at LoRA rank 4, 16, 64 (alpha fixed at 16)         (d) rank 4/16/64 vs 8 (main's v1)
+
+Every comparison is paired on the same items (held-out dialogs, eval questions) with a 95% bootstrap interval,
+the minimum detectable difference and a verdict. The ablation runs share main's collection (the shared store)
+and its held-out split, so their held-out dialogs are the same dialogs. Extra overrides go to every run, e.g.
+`teacher=openai judge=openai model=7b` for the real reproduction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from baize_exp.io import read_json
+from baize_exp.stages.evaluate.stats import PAIRED_COLUMNS, write_csv_rows
+from baize_exp.stages.report import charts
+from baize_exp.stages.report.page import Heading, Image, Table, Text, to_html, to_markdown
+from baize_exp.stages.report.paired import cross_run_rows, paired_table, read_csv_rows, reliability
+from baize_exp.stages.report.single import write as write_run_report
+
+ABLATION = ["stages=[collect,train,eval,report]", "eval.models=[v1]"]
+RUNS: dict[str, list[str]] = {
+    "main": [],
+    "loss_all": ["train.loss_on=all", *ABLATION],
+    "r4": ["lora.r=4", *ABLATION],
+    "r16": ["lora.r=16", *ABLATION],
+    "r64": ["lora.r=64", *ABLATION],
+}
+# (claim, which rows answer it): Baize's claims as this reproduction can test them
+CLAIMS = [
+    ("(a) LoRA tuning on self-chat dialogs improves the base model", "v1 vs base"),
+    ("(b) self-distillation with feedback (SDF) improves v1", "v2 vs v1"),
+    ("(c) the loss on the AI's turns only beats the loss on every token", "ai-only vs all-tokens"),
+    ("(d) LoRA rank: 4, 16, 64 against Baize's 8", "rank"),
+]
+
+
+def run_all(runs_dir: Path, extra: list[str]) -> dict[str, float]:
+    """Each run through the real entry point, one after the other; seconds each took (0 when already done)."""
+    took = {}
+    for name, overrides in RUNS.items():
+        cmd = [sys.executable, "-m", "baize_exp", "experiment=reproduce", f"hydra.run.dir={runs_dir / name}",
+               *overrides, *extra]
+        print(f"reproduce: {name}: {' '.join(cmd[2:])}", flush=True)
+        t0 = time.monotonic()
+        rc = subprocess.run(cmd).returncode
+        took[name] = time.monotonic() - t0
+        if rc != 0:
+            raise SystemExit(f"reproduce: run {name} failed (exit {rc}); its log is {runs_dir / name / 'run.log'}. "
+                             f"Rerun the same command: finished stages are kept")
+    return took
+
+
+def gather(runs_dir: Path) -> list[dict]:
+    """Every comparison row, labelled with the claim it tests."""
+    rows = []
+    for r in read_csv_rows(runs_dir / "main" / "eval" / "paired.csv"):
+        rows.append({**r, "claim": r["comparison"]})
+    pairs = [("ai-only vs all-tokens", "main", "loss_all")] + [
+        (f"rank {n} vs 8", f"r{n}", "main") for n in (4, 16, 64)]
+    for claim, a, b in pairs:
+        a_label, b_label = ("v1 r=8 ai-only", "v1 all-tokens") if claim.startswith("ai") else (f"v1 r={a[1:]}",
+                                                                                               "v1 r=8")
+        got, notes = cross_run_rows([(a_label, runs_dir / a, "v1"), (b_label, runs_dir / b, "v1")], baseline=1)
+        for note in notes:
+            print(f"reproduce: {note}", flush=True)
+        rows += [{**r, "claim": claim} for r in got]
+    return rows
+
+
+def _verdict_line(rows: list[dict], claim: str) -> str:
+    sel = [r for r in rows if r["claim"] == claim or (claim == "rank" and r["claim"].startswith("rank"))]
+    if not sel:
+        return "not measured"
+    said = []
+    for r in sel:
+        blind = " (judge cannot discriminate)" if r.get("note") else ""
+        said.append(f"{r['comparison']}: {r['metric']} {r['verdict']}{blind}")
+    return "; ".join(said)
+
+
+def _stage_minutes(run_dir: Path) -> str:
+    """The stages' own seconds from metrics.json (a cached collection counts what copying it took)."""
+    m = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    parts = {s: v["stage_seconds"] for s, v in m.items() if isinstance(v, dict) and "stage_seconds" in v}
+    return (f"{sum(parts.values()) / 60:.1f} min (" + ", ".join(f"{s} {v / 60:.1f}" for s, v in parts.items()) + ")"
+            if parts else "-")
+
+
+def write_results(runs_dir: Path, out: Path, took: dict[str, float]) -> Path:
+    """results/: report.md and report.html (the claims, every paired row, the judge check, the forest plot),
+    paired.csv, and the main run's own report (main_run.html, self-contained)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = gather(runs_dir)
+    write_csv_rows(rows, out / "paired.csv", ["claim", *PAIRED_COLUMNS])
+    for old in out.glob("*.png"):
+        old.unlink()
+    main = runs_dir / "main"
+    metrics = read_json(main / "metrics.json")
+    rel = reliability(main).get("judge_check", {})
+    ev, col = metrics.get("eval", {}), metrics.get("collect", {})
+    blocks: list = [
+        Text(f"Five runs of `experiment=reproduce` on the embedded SmolLM2-135M (student, teacher and judge): "
+             f"{col.get('seeds', '?')} seeds → {col.get('dialogs', '?')} dialogs after the parser and the quality "
+             f"filters; {ev.get('heldout_dialogs', '?')} held out for the paired held-out loss, "
+             f"{ev.get('questions', '?')} eval questions. Regenerate with `make reproduce` "
+             f"(run dirs under `{runs_dir}`)."),
+    ]
+    if rel:
+        acc = (f"The judge check: {rel['correct']:g} of {rel['n']} known-order pairs right, accuracy "
+               f"{rel['accuracy']:.2f} [{rel['ci_low']:.2f}, {rel['ci_high']:.2f}] (chance 0.5).")
+        blocks.append(Text(acc + (" The judge discriminates." if rel["discriminates"] else
+                                  " **The judge cannot discriminate: its scores below are not evidence either "
+                                  "way**; the judge-free rows (held-out loss, reference log-likelihood) are what "
+                                  "this scale can show."), warn=not rel["discriminates"]))
+    blocks += [Heading("Verdicts per claim"),
+               Table(["claim", "verdicts (paired, 95% CI)"], [[c, _verdict_line(rows, key)] for c, key in CLAIMS])]
+    header, cells, classes = paired_table(rows)
+    blocks += [Heading("Every comparison"), Text("diff = a − b per item (held-out dialog or eval question), mean "
+                                                 "over items; MDE = the smallest difference this n and this noise "
+                                                 "would detect 80% of the time."),
+               Table(header, cells, row_classes=classes)]
+    if png := charts.forest(rows, out / "forest.png", "Paired differences (a − b), 95% CI"):
+        blocks.append(Image(png, "forest plot of every paired comparison"))
+    blocks += [Heading("Runs"), Table(["run", "overrides", "stage time (this machine)", "this invocation"],
+                                      [[n, " ".join(o) or "(experiment=reproduce)", _stage_minutes(runs_dir / n),
+                                        f"{took[n] / 60:.1f} min" if n in took else "-"] for n, o in RUNS.items()])]
+    (out / "report.md").write_text(to_markdown("Baize's claims at 135M scale", blocks, out))
+    (out / "report.html").write_text(to_html("Baize's claims at 135M scale", blocks))
+    _, page = write_run_report(main)
+    shutil.copy(page, out / "main_run.html")
+    return out / "report.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m baize_exp.reproduce", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("results"), help="where the results go (default: results/)")
+    ap.add_argument("--runs", type=Path, default=Path("outputs/reproduce"), help="the run dirs (default: %(default)s)")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite results/ from finished runs")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. teacher=openai judge=openai")
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    took = {} if args.report_only else run_all(args.runs, args.overrides)
+    md = write_results(args.runs, args.out, took)
+    print(md.read_text())
+    print(f"reproduce: {md} and {args.out / 'report.html'} written in {(time.monotonic() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
