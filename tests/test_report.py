@@ -94,8 +94,12 @@ def test_run_labels_are_short_and_unique(tmp_path: Path) -> None:
     from baize_exp.stages.report.runs import run_labels
 
     labels = run_labels(recs, ["data.path", "train.learning_rate"])
-    assert labels[1] == "path=y.jsonl learning_rate=3e-4" and labels[2] == "learning_rate=3e-4"
+    assert labels[1] == "path=y.jsonl lr=3e-4" and labels[2] == "lr=3e-4"
     assert all(len(lab) <= 36 for lab in labels) and len(set(labels)) == 3
+    # long values alike but for a middle part: the part that differs is what the label keeps
+    recs = [report.RunRecord(tmp_path / str(i), {"data.path": f"/d/seeds_variant_{i}_of_the_big_mix.jsonl"}, {},
+                             "completed") for i in (1, 2)]
+    assert run_labels(recs, ["data.path"]) == ["path=…1…", "path=…2…"]
 
 
 def test_n0_category_has_no_bar_but_a_label(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ def loss_curves(runs: dict[str, dict[str, Series]], path: Path, title: str = "Lo
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(stages), figsize=(6.5 * len(stages), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(stages), figsize=(6.5 * len(stages), 4.2), squeeze=False, layout="constrained")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels = list(runs)
     for ax, stage in zip(axes[0], stages, strict=True):
@@ -77,10 +77,9 @@ def loss_curves(runs: dict[str, dict[str, Series]], path: Path, title: str = "Lo
                       [f"{k} loss" for k in ("train", "val") if k in kinds], fontsize=8, loc="upper right")
     if len(labels) > 1:
         handles = [Line2D([], [], color=colours[k % len(colours)], lw=2) for k in range(len(labels))]
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8, frameon=False,
+        fig.legend(handles, labels, loc="outside lower center", fontsize=8, frameon=False,
                    ncol=max(1, min(len(labels), 3 if max(map(len, labels)) > 24 else 4)))
     fig.suptitle(title)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -104,7 +103,9 @@ def metric_vs_param(xs: list[str], ys: list[float], cis: list | None, param: str
     if numeric and len(set(nums)) > 1 and min(nums) > 0 and max(nums) / min(nums) >= 8:
         ax.set_xscale("log", base=2)  # ranks 4..64, learning rates: even spacing reads better
     if not numeric:
-        ax.set_xticks(range(len(cats)), [shorten(c, 18) for c in cats], rotation=20 if len(cats) > 4 else 0)
+        names = [shorten(c.rstrip("/").rsplit("/", 1)[-1] or c, 18) for c in cats]
+        ax.set_xticks(range(len(cats)), names, rotation=35 if len(cats) > 4 else 0, ha="right" if len(cats) > 4
+                      else "center", fontsize=8 if len(cats) > 8 else 10)
     ax.set_xlabel(param)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs {param} ({len(ys)} runs)")
@@ -191,8 +192,8 @@ def forest(rows: list[dict], path: Path, title: str = "Paired differences (a - b
         title = f"{title}\nagainst {shorten(common[4:], 60)}"
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
     sizes = [sum(r["metric"] == m for r in rows) for m in metrics]
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 0.9 * len(metrics) + 0.38 * sum(sizes) + 0.6),
-                             height_ratios=[s + 1.2 for s in sizes], squeeze=False)
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 0.9 * len(metrics) + 0.38 * sum(sizes) + 0.8),
+                             height_ratios=[s + 1.2 for s in sizes], squeeze=False, layout="constrained")
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
         sel = [r for r in rows if r["metric"] == metric]
         pos = list(range(len(sel)))[::-1]
@@ -212,7 +213,6 @@ def forest(rows: list[dict], path: Path, title: str = "Paired differences (a - b
         ax.set_xlabel(unit, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
     return _save(fig, path)
 
 

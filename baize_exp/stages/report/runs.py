@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,21 +141,48 @@ def is_sweep(records: list[RunRecord], params: list[str]) -> bool:
     return len(records) > 12
 
 
+def _abbrev_key(key: str) -> str:
+    """`learning_rate` → `lr`, `max_length` → `ml`: a long snake_case key by its initials; short keys stay."""
+    return "".join(w[0] for w in key.split("_") if w) if len(key) > 8 and "_" in key else key
+
+
+def _basename(v: str) -> str:
+    return (v.rstrip("/").rsplit("/", 1)[-1] or v) if "/" in v else v
+
+
+def _differing(values: list[str]) -> dict[str, str]:
+    """Each value by the part that differs between them: `seeds_v1_mix.jsonl`, `seeds_v2_mix.jsonl` → `…1…`,
+    `…2…` (numbers are left whole: `0.0001` vs `0.001` must not become `…01` vs `…1`)."""
+    distinct = sorted(set(values))
+    if len(distinct) < 2 or all(_float(v) is not None for v in distinct):
+        return {v: v for v in distinct}
+    pre = len(os.path.commonprefix(distinct))
+    suf = len(os.path.commonprefix([v[::-1] for v in distinct]))
+    suf = min(suf, min(map(len, distinct)) - pre)  # prefix and suffix must not overlap in the shortest value
+    if pre + suf < 8 or max(map(len, distinct)) <= 14:  # short values, or only an extension in common: whole
+        return {v: v for v in distinct}
+    return {v: ("…" if pre else "") + v[pre:len(v) - suf] + ("…" if suf else "") for v in distinct}
+
+
 def run_labels(records: list[RunRecord], params: list[str], cap: int = 36) -> list[str]:
     """A short, unique label per run from its swept parameters only (what tells it apart): a dotted key by its
-    last part unless two keys share it, paths by their last component, long values cut in the middle."""
-    tails = [p.rsplit(".", 1)[-1] for p in params]
+    last part (initials when long) unless two keys would read alike, a path by its last component, a long value
+    by the part that differs between runs; while the label is over `cap` characters its longest value is cut in
+    the middle, so every parameter stays in view."""
+    tails = [_abbrev_key(p.rsplit(".", 1)[-1]) for p in params]
     keys = [t if tails.count(t) == 1 else p for p, t in zip(params, tails, strict=True)]
+    short = {p: _differing([_basename(r.overrides[p]) for r in records if p in r.overrides]) for p in params}
     labels = []
     for r in records:
-        parts = []
-        for p, k in zip(params, keys, strict=True):
-            v = r.overrides.get(p)
-            if v is None:
-                continue
-            v = v.rstrip("/").rsplit("/", 1)[-1] if "/" in v else v
-            parts.append(f"{shorten(k, 14)}={shorten(v, 14)}")
-        labels.append(shorten(" ".join(parts), cap) if parts else shorten(r.path.name, cap))
+        parts = [[k, short[p][_basename(v)]]
+                 for p, k in zip(params, keys, strict=True) if (v := r.overrides.get(p)) is not None]
+        while parts and len(" ".join(f"{k}={v}" for k, v in parts)) > cap:
+            longest = max(parts, key=lambda kv: len(kv[1]))
+            if len(longest[1]) <= 6:
+                break
+            longest[1] = shorten(longest[1], len(longest[1]) - 1)
+        label = " ".join(f"{k}={v}" for k, v in parts)
+        labels.append(shorten(label, cap) if parts else shorten(r.path.name, cap))
     for i, lab in enumerate(labels):  # two runs with the same label: the dir name tells them apart
         if labels.count(lab) > 1:
             labels[i] = shorten(f"{records[i].path.name}: {lab}", cap)
