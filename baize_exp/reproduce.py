@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 from baize_exp.io import read_json
-from baize_exp.stages.evaluate.stats import PAIRED_COLUMNS, write_csv_rows
 from baize_exp.stages.report import charts
 from baize_exp.stages.report.page import Heading, Image, Table, Text, to_html, to_markdown
 from baize_exp.stages.report.paired import cross_run_rows, paired_table, read_csv_rows, reliability
 from baize_exp.stages.report.single import write as write_run_report
+from baize_exp.stats import PAIRED_COLUMNS, write_csv_rows
 
 ABLATION = ["stages=[collect,train,eval,report]", "eval.models=[v1]"]
 RUNS: dict[str, list[str]] = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from baize_exp.stages.evaluate import stats as S
+from baize_exp import stats as S
 from baize_exp.stages.evaluate.plots import plot_scores
 
 # real question ids of the shipped set, so the report finds their text the way it does for a real run

@@ -14,9 +14,9 @@ from conftest import compose_cfg
 from recording_server import recording_server
 
 from baize_exp import models as M
+from baize_exp import stats as S
 from baize_exp.serve import Backends
 from baize_exp.stages.evaluate import judge as J
-from baize_exp.stages.evaluate import stats as S
 
 
 @pytest.fixture(scope="module")

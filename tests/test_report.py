@@ -12,8 +12,8 @@ import matplotlib
 import pytest
 from report_fixture import make_run
 
+from baize_exp import stats as S
 from baize_exp.stages import report
-from baize_exp.stages.evaluate import stats as S
 from baize_exp.stages.evaluate.plots import draw_scores
 
 matplotlib.use("Agg")

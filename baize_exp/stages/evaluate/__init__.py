@@ -43,7 +43,8 @@ from baize_exp.stages.evaluate.reliability import (
     position_agreement,
     self_consistency,
 )
-from baize_exp.stages.evaluate.stats import (
+from baize_exp.stages.evaluate.wandb_log import log_wandb
+from baize_exp.stats import (
     PAIRED_COLUMNS,
     bootstrap_ci,
     outcomes,
@@ -52,7 +53,6 @@ from baize_exp.stages.evaluate.stats import (
     write_csv_rows,
     write_scores_csv,
 )
-from baize_exp.stages.evaluate.wandb_log import log_wandb
 
 __all__ = ["STAGE", "run", "log_wandb", "parse_score", "parse_verdict", "weighted_score", "bootstrap_ci", "score_table"]
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from baize_exp.stages.evaluate.stats import PAIRWISE_VALUE, combine_pairwise, proportion_ci
+from baize_exp.stats import PAIRWISE_VALUE, combine_pairwise, proportion_ci
 
 DEGRADATIONS = ("truncated", "shuffled", "other_answer")
 CANNOT_DISCRIMINATE = "judge cannot discriminate"

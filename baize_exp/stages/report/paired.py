@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from baize_exp.io import read_jsonl
-
-# The one place the report reaches into the eval stage: the same outcomes and the same paired bootstrap as the
-# stage's own eval/paired.csv, so a cross-run row and an in-run row mean the same thing.
-from baize_exp.stages.evaluate.stats import PAIRED_COLUMNS, outcomes, paired_bootstrap, write_csv_rows
 from baize_exp.stages.report.runs import fmt
+
+# The same outcomes and the same paired bootstrap as the eval stage's own eval/paired.csv (baize_exp.stats, the
+# layer both stand on), so a cross-run row and an in-run row mean the same thing.
+from baize_exp.stats import PAIRED_COLUMNS, outcomes, paired_bootstrap, write_csv_rows
 
 NOTE_NO_DISCRIMINATION = "judge cannot discriminate"
 CHAIN = ("v2", "v1", "base")  # the final model of a run is the last of this chain it evaluated

@@ -1,4 +1,5 @@
-"""From judgments to numbers: per-question outcomes, bootstrap intervals, scores.csv rows and bar charts.
+"""Statistics shared by the eval stage and the report: per-question outcomes from judgments, bootstrap intervals,
+scores.csv rows, the paired bootstrap behind every comparison and the Wilson interval of a share.
 
 A judgment that could not be parsed stays in the tables as a parse failure (its own column); it is never a zero
 and never silently left out of n without being counted.
