@@ -20,7 +20,8 @@ $(VENV)/.install-stamp: pyproject.toml
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
 	# the report's browser test drives Debian's Chromium through playwright (never `playwright install`: offline);
 	# installed only where we may (root), and never fatal: without it that one test skips
-	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium >/dev/null; } || true
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q chromium >/dev/null 2>&1 \
+	  || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || true
 	touch $@
 
 run: install  ## run every stage on the embedded model (CPU, offline): python run.py
