@@ -81,15 +81,44 @@ def gather(runs_dir: Path) -> list[dict]:
     return rows
 
 
+def _claim_rows(rows: list[dict], claim: str) -> list[dict]:
+    return [r for r in rows if r["claim"] == claim or (claim == "rank" and r["claim"].startswith("rank"))]
+
+
 def _verdict_line(rows: list[dict], claim: str) -> str:
-    sel = [r for r in rows if r["claim"] == claim or (claim == "rank" and r["claim"].startswith("rank"))]
+    """Every verdict that bears on a claim, with its difference and interval."""
+    sel = _claim_rows(rows, claim)
     if not sel:
         return "not measured"
-    said = []
-    for r in sel:
-        blind = " (judge cannot discriminate)" if r.get("note") else ""
-        said.append(f"{r['comparison']}: {r['metric']} {r['verdict']}{blind}")
-    return "; ".join(said)
+    return "; ".join(f"{r['comparison']}, {r['metric']}: **{r['verdict']}** ({r['diff']:+.3g} "
+                     f"[{r['ci_low']:+.3g}, {r['ci_high']:+.3g}], n={r['n']})"
+                     + (" (judge cannot discriminate)" if r.get("note") else "") for r in sel)
+
+
+def _reading(rows: list[dict], claim: str) -> str:
+    """What this scale can say about a claim, from the judge-free rows (held-out loss, reference log-likelihood)
+    and whether the judge rows are evidence at all."""
+    sel = _claim_rows(rows, claim)
+    free = [r for r in sel if not r["metric"].startswith("judge_")]
+    if not free:
+        return "no judge-free measurement"
+    verdicts = {r["verdict"] for r in free}
+    judge_blind = any(r.get("note") for r in sel if r["metric"].startswith("judge_"))
+    tail = " The judge's rows are not evidence (it failed its check)." if judge_blind else ""
+    if verdicts == {"better"}:
+        return "supported on every judge-free measure." + tail
+    if verdicts == {"worse"}:
+        return "contradicted on every judge-free measure." + tail
+    if verdicts == {"no detectable difference"}:
+        mde = max(r["mde"] for r in free)
+        return (f"cannot be shown at this scale: no detectable difference (the largest MDE is {mde:.3g}; a smaller "
+                f"true effect would go unseen)." + tail)
+    return "mixed: the judge-free measures disagree (see the rows)." + tail
+
+
+def _check(run_dir: Path) -> str:
+    c = reliability(run_dir).get("judge_check")
+    return f"{c['accuracy']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}] n={c['n']}" if c and c["n"] else "-"
 
 
 def _stage_minutes(run_dir: Path) -> str:
@@ -127,7 +156,8 @@ def write_results(runs_dir: Path, out: Path, took: dict[str, float]) -> Path:
                                   "way**; the judge-free rows (held-out loss, reference log-likelihood) are what "
                                   "this scale can show."), warn=not rel["discriminates"]))
     blocks += [Heading("Verdicts per claim"),
-               Table(["claim", "verdicts (paired, 95% CI)"], [[c, _verdict_line(rows, key)] for c, key in CLAIMS])]
+               Table(["claim", "what this scale shows", "verdicts (a − b, paired 95% CI)"],
+                     [[c, _reading(rows, key), _verdict_line(rows, key)] for c, key in CLAIMS])]
     header, cells, classes = paired_table(rows)
     blocks += [Heading("Every comparison"), Text("diff = a − b per item (held-out dialog or eval question), mean "
                                                  "over items; MDE = the smallest difference this n and this noise "
@@ -135,9 +165,11 @@ def write_results(runs_dir: Path, out: Path, took: dict[str, float]) -> Path:
                Table(header, cells, row_classes=classes)]
     if png := charts.forest(rows, out / "forest.png", "Paired differences (a − b), 95% CI"):
         blocks.append(Image(png, "forest plot of every paired comparison"))
-    blocks += [Heading("Runs"), Table(["run", "overrides", "stage time (this machine)", "this invocation"],
-                                      [[n, " ".join(o) or "(experiment=reproduce)", _stage_minutes(runs_dir / n),
-                                        f"{took[n] / 60:.1f} min" if n in took else "-"] for n, o in RUNS.items()])]
+    blocks += [Heading("Runs"), Table(["run", "overrides", "judge check", "stage time (this machine)",
+                                       "this invocation"],
+                                      [[n, " ".join(o) or "(experiment=reproduce)", _check(runs_dir / n),
+                                        _stage_minutes(runs_dir / n), f"{took[n] / 60:.1f} min" if n in took else "-"]
+                                       for n, o in RUNS.items()])]
     (out / "report.md").write_text(to_markdown("Baize's claims at 135M scale", blocks, out))
     (out / "report.html").write_text(to_html("Baize's claims at 135M scale", blocks))
     _, page = write_run_report(main)
