@@ -83,6 +83,14 @@ def loss_curves(runs: dict[str, dict[str, Series]], path: Path, title: str = "Lo
     return _save(fig, path)
 
 
+def _error_bars(ys: list[float], cis: list | None) -> list[list[float]] | None:
+    """matplotlib's [below, above] whisker lengths from intervals, or None unless every point has a finite one."""
+    if not (cis and all(c and all(map(finite, c)) for c in cis)):
+        return None
+    return [[max(0, y - c[0]) for y, c in zip(ys, cis, strict=True)],
+            [max(0, c[1] - y) for y, c in zip(ys, cis, strict=True)]]
+
+
 def metric_vs_param(xs: list[str], ys: list[float], cis: list | None, param: str, metric: str, path: Path
                     ) -> Path | None:
     """The metric against one swept parameter (numeric x when every value is a number, else categories)."""
@@ -94,9 +102,8 @@ def metric_vs_param(xs: list[str], ys: list[float], cis: list | None, param: str
     cats = sorted(set(xs), key=lambda x: (_as_number(x) is None, _as_number(x) or 0, x))
     pos = nums if numeric else [cats.index(x) for x in xs]
     fig, ax = plt.subplots(figsize=(6, 4))
-    if cis and all(c and all(map(finite, c)) for c in cis):
-        err = [[max(0, y - c[0]) for y, c in zip(ys, cis, strict=True)],
-               [max(0, c[1] - y) for y, c in zip(ys, cis, strict=True)]]
+    err = _error_bars(ys, cis)
+    if err:
         ax.errorbar(pos, ys, yerr=err, fmt="o", capsize=4)
     else:
         ax.plot(pos, ys, "o")
@@ -122,9 +129,8 @@ def metric_per_run(labels: list[str], ys: list[float], cis: list | None, metric:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.42 * len(ys)))
     pos = list(range(len(ys)))[::-1]  # first run on top, as in the table
-    if cis and all(c and all(map(finite, c)) for c in cis):
-        err = [[max(0, y - c[0]) for y, c in zip(ys, cis, strict=True)],
-               [max(0, c[1] - y) for y, c in zip(ys, cis, strict=True)]]
+    err = _error_bars(ys, cis)
+    if err:
         ax.errorbar(ys, pos, xerr=err, fmt="o", capsize=4)
     else:
         ax.plot(ys, pos, "o")
