@@ -281,16 +281,14 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
     calls.clear()
     m2, req2 = run_once(tmp_path / "run2")
     assert calls == [] and m2["answers_generated"] == 0 and m2["answers_cached"] == 8
-    assert m2["teacher_answers_requested"] == 0 and req2 == m2["judge_requests"]  # only the judge was asked
-    # the judge's replies that parsed are reused (at temperature 0 they are the replies); failures are asked again
-    # (the random tiny judge rarely gives a readable verdict: test_judge_cache_... covers reuse for certain)
+    assert m2["teacher_answers_requested"] == 0 and req2 == m2["judge_requests"] == 0  # nothing was asked
+    # the judge's replies are reused, read or not: at temperature 0 they are the replies
     j1, j2 = ([json.loads(x) for x in (tmp_path / r / "eval" / "judgments.jsonl").read_text().splitlines()]
               for r in ("run1", "run2"))
-    assert m2["judge_cached"] == sum(j["parse"] != "failed" for j in j1)
+    assert m2["judge_cached"] == len(j1)  # the judge is greedy: even its unreadable replies are its replies
     for a, b in zip(j1, j2, strict=True):
-        assert bool(b.get("cached")) == (a["parse"] != "failed")
-        if b.get("cached"):
-            assert (b["judge_reply"], b["verdict"], b["winner"]) == (a["judge_reply"], a["verdict"], a["winner"])
+        assert b["cached"] and (b["judge_reply"], b["verdict"], b["winner"], b["parse"]) == (
+            a["judge_reply"], a["verdict"], a["winner"], a["parse"])
     assert (tmp_path / "run2" / "eval" / "answers.jsonl").read_text().replace("true", "false") == (
         run1 / "answers.jsonl").read_text().replace("true", "false")
 
@@ -357,10 +355,20 @@ def test_judge_cache_reuses_parsed_replies_and_asks_failures_again(tmp_path: Pat
         second = J.run_judge(client, "single", jobs, e.score_retry, cache=KeyedJsonl(tmp_path / "judgments.jsonl"))
         n2 = srv.requests - n1
     assert n1 == 4 + 1  # four judgments, one retry of the unparsable
-    assert n2 == 2  # only the failure again (and its retry)
+    assert n2 == 2  # a sampling judge (temperature 0.7): only the failure again (and its retry)
     assert [r["score"] for r in first] == [r["score"] for r in second] == [7, 7, 7, None]
     assert [bool(r.get("cached")) for r in second] == [True, True, True, False]
     assert second[3]["parse"] == "failed" and "error" in second[3]
+    # a greedy judge's unreadable reply is its reply: stored as the failure it was, not asked again
+    with FaultServer(api_key="k", reply=lambda r: "no idea" if any(
+            u in m["content"] for m in r["messages"] for u in unreadable) else "Score: 7") as srv:
+        greedy = ChatClient(srv.base_url, "k", "judge-model", concurrency=4, max_retries=0, temperature=0.0)
+        J.run_judge(greedy, "single", jobs, e.score_retry, cache=KeyedJsonl(tmp_path / "greedy.jsonl"))
+        n1 = srv.requests
+        again = J.run_judge(greedy, "single", jobs, e.score_retry, cache=KeyedJsonl(tmp_path / "greedy.jsonl"))
+        assert (n1, srv.requests) == (5, 5)
+    assert all(r["cached"] for r in again) and again[3]["parse"] == "failed" and again[3]["score"] is None
+    assert again[3]["judge_reply"] == "no idea" and again[3]["judge_reply_retry"] == "no idea" and again[3]["error"]
 
 
 def test_judge_requests_that_failed_are_marked_and_not_sent_back_with_a_parse_error(tmp_path: Path) -> None:

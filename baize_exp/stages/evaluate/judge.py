@@ -216,11 +216,13 @@ def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, log
     the judgment records.
 
     With a `cache` (one per judge identity), a job whose conversation and settings were judged before takes the
-    stored replies, parsed again, and sends nothing; only replies that parsed are stored, so a failure is asked
-    again next time. The judge's sampling settings (judge.temperature, 0 in the shipped judges, so a stored reply
-    is the reply) are part of the key; so is a repeat's index (`build_jobs(repeats=)`), so each repeat is its own
-    request. `fallbacks`: the readers tried after the strict one (see the module docstring)."""
+    stored replies, parsed again, and sends nothing. Unreadable replies are stored too: a greedy judge's is taken
+    as the parse failure it was (asking again would give the same words), a sampling judge's is asked again. A
+    request that failed is never stored. The judge's sampling settings (judge.temperature, 0 in the shipped
+    judges, so a stored reply is the reply) are part of the key; so is a repeat's index (`build_jobs(repeats=)`),
+    so each repeat is its own request. `fallbacks`: the readers tried after the strict one (module docstring)."""
     fallbacks = tuple(fallbacks)
+    greedy = client.defaults.get("temperature") == 0  # its replies repeat: an unreadable one need not be asked again
     params: dict[str, Any] = {}
     if (logprobs or "logprob" in fallbacks) and mode != "pairwise":
         params.update(logprobs=True, top_logprobs=20)
@@ -232,7 +234,7 @@ def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, log
         if j["messages"] is None:
             records[i].update(parse="failed", judge_reply=None,
                               **({"winner": None, "verdict": None} if mode == "pairwise" else {"score": None}))
-        elif not (cache and _from_cache(mode, records[i], cache.get(keys[i]), fallbacks)):
+        elif not (cache and _from_cache(mode, records[i], cache.get(keys[i]), fallbacks, greedy)):
             live.append(i)
 
     def parse(res: Any) -> tuple[dict | None, str, str | None]:
@@ -249,23 +251,29 @@ def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, log
             rec["judge_reply_retry"] = a.retry_reply
         if a.failed:
             rec["failed"] = a.failed  # asked again by a rerun (never cached)
-    if cache is not None:
+    if cache is not None:  # every reply that came back, read or not (a request that failed is asked again)
         cache.put_many([(keys[i], {"judge_reply": records[i]["judge_reply"], "logprobs": a.logprobs,
                                    **({"judge_reply_retry": a.retry_reply} if a.retried else {})})
-                        for i, a in zip(live, answers, strict=True) if a.value is not None])
+                        for i, a in zip(live, answers, strict=True) if not a.failed and a.reply is not None])
     return records
 
 
-def _from_cache(mode: str, rec: dict, hit: dict | None, fallbacks: tuple[str, ...] = ()) -> bool:
-    """Fill `rec` from a stored judgment; False if there is none or it no longer parses (the job is then sent,
-    and its reply overwrites the fields this filled)."""
+def _from_cache(mode: str, rec: dict, hit: dict | None, fallbacks: tuple[str, ...] = (), greedy: bool = False
+                ) -> bool:
+    """Fill `rec` from a stored judgment (parsed again, so changed fallbacks apply); False if there is none, or
+    it does not parse and the judge samples (the job is then sent, and its reply overwrites what this filled). A
+    greedy judge's unparsable reply is its reply: it is taken from the store as a parse failure, not asked again."""
     if hit is None:
         return False
-    reply = hit.get("judge_reply_retry", hit["judge_reply"])
-    fields, how, _ = _judged(mode, reply or "", hit.get("logprobs"), fallbacks)
-    if how == "failed":
+    retry = hit.get("judge_reply_retry")
+    fields, how, err = _judged(mode, hit["judge_reply"] or "", None if retry is not None else hit.get("logprobs"),
+                               fallbacks)
+    if how == "failed" and retry is not None:
+        fields, how, err = _judged(mode, retry, hit.get("logprobs"), fallbacks)
+        how = "retried" if how != "failed" else how
+    if how == "failed" and not greedy:
         return False
-    _fill(mode, rec, fields)
-    rec.update(parse="retried" if "judge_reply_retry" in hit else how, judge_reply=hit["judge_reply"], error=None,
-               cached=True, **({"judge_reply_retry": hit["judge_reply_retry"]} if "judge_reply_retry" in hit else {}))
+    _fill(mode, rec, fields if how != "failed" else None)
+    rec.update(parse=how, judge_reply=hit["judge_reply"], error=err if how == "failed" else None, cached=True,
+               **({"judge_reply_retry": retry} if retry is not None else {}))
     return True
