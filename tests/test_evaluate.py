@@ -61,6 +61,12 @@ def test_logprob_fallback_reads_the_judges_choice_of_score() -> None:
     p7, p6 = np.exp(-0.7), np.exp(-1.2)
     assert how == "logprob" and got == pytest.approx((7 * p7 + 6 * p6) / (p7 + p6), abs=1e-4)
     assert J.parse_score(reply, ["logprob"], None)[:2] == (None, "failed")  # no logprobs: nothing to read
+    # "²" is a digit to str.isdigit() but not to int(): an alternative the 135M judge really offered
+    odd = [_lp("Score: ", -0.1, {"Score: ": -0.1}), _lp("7", -0.5, {"7": -0.5, "²": -1.0, "6": -2.0})]
+    assert J.parse_score("Score: 7", ["logprob"], {"content": odd})[:2] == (7.0, "ok")
+    assert J.weighted_score("Score: 7", {"content": odd}) == pytest.approx(
+        (7 * np.exp(-0.5) + 6 * np.exp(-2.0)) / (np.exp(-0.5) + np.exp(-2.0)), abs=1e-4)
+    assert J.logprob_score({"content": odd[1:]}) is not None
 
 
 @pytest.mark.parametrize(("reply", "verdict", "how", "fallbacks"), [

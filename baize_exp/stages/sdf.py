@@ -44,6 +44,7 @@ from baize_exp.wandb_log import log_adapter
 
 log = logging.getLogger(__name__)
 _STRICT = re.compile(r"^\s*\[?(\d+)\]?(\s*>\s*\[?\d+\]?)+\s*$")
+_ASCII_INT = re.compile(r"[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
 
 
 def parse_ranking(reply: str, n: int) -> tuple[list[int] | None, str, int, str | None]:
@@ -77,7 +78,7 @@ def ranking_from_logprobs(logprobs: dict | None, n: int) -> list[int] | None:
         probs: dict[int, float] = {}
         for alt in pos.get("top_logprobs") or []:
             tok = alt["token"].strip()
-            if tok.isdigit() and 1 <= int(tok) <= n:
+            if _ASCII_INT.fullmatch(tok) and 1 <= int(tok) <= n:
                 probs[int(tok) - 1] = max(probs.get(int(tok) - 1, float("-inf")), alt["logprob"])
         if probs:
             best = sorted(probs, key=lambda k: -probs[k])

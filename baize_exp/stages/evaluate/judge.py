@@ -29,6 +29,8 @@ _OUT_OF_10 = re.compile(r"\b(\d+(?:\.\d+)?)\s*(?:/|out of)\s*10\b", re.IGNORECAS
 _NUMBER = re.compile(r"\b\d+(?:\.\d+)?\b")
 _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 _VERDICT_LOOSE = re.compile(r"^\W*(?:assistant\s+)?([ABC]|tie)\b", re.IGNORECASE)
+# a token that is a plain number: str.isdigit() also accepts "²", which int() refuses (seen in a judge's top logprobs)
+_ASCII_INT = re.compile(r"[0-9]+")
 
 
 FALLBACKS = ("tolerant", "logprob")
@@ -94,7 +96,7 @@ def logprob_score(logprobs: dict | None, min_mass: float = 0.5) -> float | None:
     for t in (logprobs or {}).get("content") or []:
         alts = t.get("top_logprobs") or [{"token": t["token"], "logprob": t["logprob"]}]
         mass = {a["token"].strip(): math.exp(a["logprob"]) for a in alts}
-        digits = {int(k): p for k, p in mass.items() if k.isdigit() and 1 <= int(k) <= 10}
+        digits = {int(k): p for k, p in mass.items() if _ASCII_INT.fullmatch(k) and 1 <= int(k) <= 10}
         if digits and sum(digits.values()) >= min_mass * sum(mass.values()):
             return round(sum(s * p for s, p in digits.items()) / sum(digits.values()), 4)
     return None
@@ -129,7 +131,7 @@ def weighted_score(reply: str, logprobs: dict | None) -> float | None:
     probs: dict[int, float] = {}
     for alt in content[k].get("top_logprobs") or []:
         tok = alt["token"].strip()
-        if tok.isdigit() and 1 <= int(tok) <= 10:
+        if _ASCII_INT.fullmatch(tok) and 1 <= int(tok) <= 10:
             probs[int(tok)] = probs.get(int(tok), 0.0) + math.exp(alt["logprob"])
     chosen = content[k]["token"].strip()
     if chosen == "1" and 1 in probs and k + 1 < len(content):
