@@ -44,7 +44,7 @@ CLAIMS = [
     ("(a) LoRA tuning on self-chat dialogs improves the base model", "v1 vs base"),
     ("(b) self-distillation with feedback (SDF) improves v1", "v2 vs v1"),
     ("(c) the loss on the AI's turns only beats the loss on every token", "ai-only vs all-tokens"),
-    ("(d) LoRA rank: 4, 16, 64 against Baize's 8", "rank"),
+    ("(d) LoRA rank: do 4, 16 or 64 differ from Baize's 8?", "rank"),
 ]
 
 
@@ -98,22 +98,29 @@ def _verdict_line(rows: list[dict], claim: str) -> str:
 def _reading(rows: list[dict], claim: str) -> str:
     """What this scale can say about a claim, from the judge-free rows (held-out loss, reference log-likelihood)
     and whether the judge rows are evidence at all."""
+    if claim == "rank":  # three comparisons, each its own reading
+        return " ".join(f"{c}: {_reading(rows, c)}" for c in dict.fromkeys(r["claim"] for r in rows)
+                        if c.startswith("rank"))
     sel = _claim_rows(rows, claim)
     free = [r for r in sel if not r["metric"].startswith("judge_")]
     if not free:
         return "no judge-free measurement"
-    verdicts = {r["verdict"] for r in free}
+    by = {v: sorted({r["metric"] for r in free if r["verdict"] == v}) for v in ("better", "worse",
+                                                                                "no detectable difference")}
     judge_blind = any(r.get("note") for r in sel if r["metric"].startswith("judge_"))
     tail = " The judge's rows are not evidence (it failed its check)." if judge_blind else ""
-    if verdicts == {"better"}:
-        return "supported on every judge-free measure." + tail
-    if verdicts == {"worse"}:
-        return "contradicted on every judge-free measure." + tail
-    if verdicts == {"no detectable difference"}:
-        mde = max(r["mde"] for r in free)
-        return (f"cannot be shown at this scale: no detectable difference (the largest MDE is {mde:.3g}; a smaller "
-                f"true effect would go unseen)." + tail)
-    return "mixed: the judge-free measures disagree (see the rows)." + tail
+    if by["better"] and by["worse"]:
+        return (f"mixed: better on {', '.join(by['better'])}, worse on {', '.join(by['worse'])}; the measures "
+                f"disagree about what changed." + tail)
+    if by["better"] or by["worse"]:
+        side = "better" if by["better"] else "worse"
+        said = "supported" if side == "better" else "contradicted"
+        rest = f"; no detectable difference on {', '.join(by['no detectable difference'])}" if by[
+            "no detectable difference"] else ""
+        return f"{said} on {', '.join(by[side])} ({side}){rest}." + tail
+    mde = max(r["mde"] for r in free)
+    return (f"cannot be shown at this scale: no detectable difference (the largest MDE is {mde:.3g}; a smaller "
+            f"true effect would go unseen)." + tail)
 
 
 def _check(run_dir: Path) -> str:
