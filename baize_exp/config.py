@@ -342,7 +342,10 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     val_fraction: float = 0.1
-    seed: int = 42
+    seed: int = 42  # LoRA init, batch order, and the train/val split unless split_seed is set
+    # The train/val split alone; None = train.seed. A second training seed with the same split (train.seed=43
+    # train.split_seed=42) measures run-to-run noise on the same held-out dialogs.
+    split_seed: int | None = None
     cache_tokenized: bool = True  # tokenized dialogs cached under <cache_dir>/tokenized, keyed by tokenizer+settings
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     fused_lora: bool = True  # on CPU, each LoRA layer as one autograd function (training/fused_lora.py); same maths

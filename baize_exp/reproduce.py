@@ -38,6 +38,8 @@ RUNS: dict[str, list[str]] = {
     "r4": ["lora.r=4", *ABLATION],
     "r16": ["lora.r=16", *ABLATION],
     "r64": ["lora.r=64", *ABLATION],
+    # the noise floor: main's v1 again with another training seed (LoRA init, batch order), the same split
+    "seed43": ["train.seed=43", "train.split_seed=42", *ABLATION],
 }
 # (claim, which rows answer it): Baize's claims as this reproduction can test them
 CLAIMS = [

@@ -84,7 +84,8 @@ def training_dialogs(cfg: Any, run_dir: Path) -> tuple[Path, list[dict], list[di
         raise UserError(f"train: no usable dialog in {src}: {len(rejects)} record(s), all rejected "
                         f"({', '.join(f'{k}: {v}' for k, v in counts.most_common()) or 'the file is empty'}); "
                         f"each dialog needs a human turn then an AI turn, alternating, with text in every turn")
-    train_d, val_d = split_dialogs(dialogs, cfg.train.val_fraction, cfg.train.seed)
+    split_seed = cfg.train.seed if cfg.train.get("split_seed") is None else cfg.train.split_seed
+    train_d, val_d = split_dialogs(dialogs, cfg.train.val_fraction, split_seed)
     if cfg.train.get("extra_data"):  # instruction data mixed into training only: held-out loss stays on self-chat
         extra, extra_rejects = instruction_dialogs(cfg.train.extra_data, cfg.train.extra_data_limit, cfg.train.seed)
         train_d, rejects = train_d + extra, rejects + extra_rejects
