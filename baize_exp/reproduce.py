@@ -2,16 +2,18 @@
 
     python -m baize_exp.reproduce [--out results] [--runs outputs/reproduce] [override ...]
 
-runs five real pipeline runs (`experiment=reproduce`, each its own run dir, resumable like any run: a rerun
+runs six real pipeline runs (`experiment=reproduce`, each its own run dir, resumable like any run: a rerun
 skips what is done) and writes `results/` (report.md, report.html, paired.csv, plots):
 
   main      base → v1 (LoRA r=8, loss on AI turns) → v2 (SDF)      (a) v1 vs base, (b) v2 vs v1
   loss_all  v1 trained with the loss on every token                 (c) loss on AI turns vs all tokens
   r4 r16 r64  v1 at LoRA rank 4, 16, 64 (alpha fixed at 16)         (d) rank 4/16/64 vs 8 (main's v1)
+  seed43    main's v1 with another training seed, the same split    the noise floor
 
 Every comparison is paired on the same items (held-out dialogs, eval questions) with a 95% bootstrap interval,
-the minimum detectable difference and a verdict. The ablation runs share main's collection (the shared store)
-and its held-out split, so their held-out dialogs are the same dialogs. Extra overrides go to every run, e.g.
+the minimum detectable difference and a verdict; a verdict whose difference is no larger than seed43's is marked
+"within seed noise". The other runs share main's collection (the shared store) and its held-out split, so their
+held-out dialogs are the same dialogs. Extra overrides go to every run, e.g.
 `teacher=openai judge=openai model=7b` for the real reproduction.
 """
 
@@ -66,20 +68,32 @@ def run_all(runs_dir: Path, extra: list[str]) -> dict[str, float]:
     return took
 
 
+SEED_CONTROL = "control: training seed 43 vs 42"
+WITHIN_NOISE = "within seed noise"
+
+
 def gather(runs_dir: Path) -> list[dict]:
-    """Every comparison row, labelled with the claim it tests."""
+    """Every comparison row, labelled with the claim it tests, and set against the noise floor: a verdict whose
+    difference is no larger than the two training seeds' own difference on that metric is marked "within seed
+    noise" (the paired bootstrap sees item noise only; a second seed shows what rerunning training moves)."""
     rows = []
     for r in read_csv_rows(runs_dir / "main" / "eval" / "paired.csv"):
         rows.append({**r, "claim": r["comparison"]})
-    pairs = [("ai-only vs all-tokens", "main", "loss_all")] + [
-        (f"rank {n} vs 8", f"r{n}", "main") for n in (4, 16, 64)]
-    for claim, a, b in pairs:
-        a_label, b_label = ("v1 r=8 ai-only", "v1 all-tokens") if claim.startswith("ai") else (f"v1 r={a[1:]}",
-                                                                                               "v1 r=8")
+    pairs = [("ai-only vs all-tokens", "main", "loss_all", "v1 r=8 ai-only", "v1 all-tokens"),
+             *[(f"rank {n} vs 8", f"r{n}", "main", f"v1 r={n}", "v1 r=8") for n in (4, 16, 64)],
+             (SEED_CONTROL, "seed43", "main", "v1 seed 43", "v1 seed 42")]
+    for claim, a, b, a_label, b_label in pairs:
         got, notes = cross_run_rows([(a_label, runs_dir / a, "v1"), (b_label, runs_dir / b, "v1")], baseline=1)
         for note in notes:
             print(f"reproduce: {note}", flush=True)
         rows += [{**r, "claim": claim} for r in got]
+    # the probability-weighted judge score exists for the few replies that stated a score: too few to compare
+    rows = [r for r in rows if not r["metric"].endswith("_weighted")]
+    floor = {r["metric"]: abs(r["diff"]) for r in rows if r["claim"] == SEED_CONTROL}
+    for r in rows:
+        r["seed_noise"] = floor.get(r["metric"], float("nan"))
+        if r["claim"] != SEED_CONTROL and r["verdict"] in ("better", "worse") and abs(r["diff"]) <= r["seed_noise"]:
+            r["note"] = "; ".join(x for x in (r.get("note"), WITHIN_NOISE) if x)
     return rows
 
 
@@ -107,8 +121,11 @@ def _reading(rows: list[dict], claim: str) -> str:
     free = [r for r in sel if not r["metric"].startswith("judge_")]
     if not free:
         return "no judge-free measurement"
-    by = {v: sorted({r["metric"] for r in free if r["verdict"] == v}) for v in ("better", "worse",
-                                                                                "no detectable difference")}
+    def effective(r: dict) -> str:
+        return WITHIN_NOISE if WITHIN_NOISE in (r.get("note") or "") else r["verdict"]
+
+    by = {v: sorted({r["metric"] for r in free if effective(r) == v})
+          for v in ("better", "worse", "no detectable difference", WITHIN_NOISE)}
     judge_blind = any(r.get("note") for r in sel if r["metric"].startswith("judge_"))
     tail = " The judge's rows are not evidence (it failed its check)." if judge_blind else ""
     if by["better"] and by["worse"]:
@@ -117,9 +134,12 @@ def _reading(rows: list[dict], claim: str) -> str:
     if by["better"] or by["worse"]:
         side = "better" if by["better"] else "worse"
         said = "supported" if side == "better" else "contradicted"
-        rest = f"; no detectable difference on {', '.join(by['no detectable difference'])}" if by[
-            "no detectable difference"] else ""
+        rest = "".join(f"; {v} on {', '.join(by[v])}" for v in ("no detectable difference", WITHIN_NOISE) if by[v])
         return f"{said} on {', '.join(by[side])} ({side}){rest}." + tail
+    if by[WITHIN_NOISE]:
+        return (f"not shown: the difference on {', '.join(by[WITHIN_NOISE])} is no larger than a second training "
+                f"seed's own" + (f"; no detectable difference on {', '.join(by['no detectable difference'])}"
+                                 if by["no detectable difference"] else "") + "." + tail)
     mde = max(r["mde"] for r in free)
     return (f"cannot be shown at this scale: no detectable difference (the largest MDE is {mde:.3g}; a smaller "
             f"true effect would go unseen)." + tail)
@@ -143,7 +163,7 @@ def write_results(runs_dir: Path, out: Path, took: dict[str, float]) -> Path:
     paired.csv, and the main run's own report (main_run.html, self-contained)."""
     out.mkdir(parents=True, exist_ok=True)
     rows = gather(runs_dir)
-    write_csv_rows(rows, out / "paired.csv", ["claim", *PAIRED_COLUMNS])
+    write_csv_rows(rows, out / "paired.csv", ["claim", *PAIRED_COLUMNS, "seed_noise"])
     for old in out.glob("*.png"):
         old.unlink()
     main = runs_dir / "main"
@@ -151,7 +171,7 @@ def write_results(runs_dir: Path, out: Path, took: dict[str, float]) -> Path:
     rel = reliability(main).get("judge_check", {})
     ev, col = metrics.get("eval", {}), metrics.get("collect", {})
     blocks: list = [
-        Text(f"Five runs of `experiment=reproduce` on the embedded SmolLM2-135M (student, teacher and judge): "
+        Text(f"Six runs of `experiment=reproduce` on the embedded SmolLM2-135M (student, teacher and judge): "
              f"{col.get('seeds', '?')} seeds → {col.get('dialogs', '?')} dialogs after the parser and the quality "
              f"filters; {ev.get('heldout_dialogs', '?')} held out for the paired held-out loss, "
              f"{ev.get('questions', '?')} eval questions. Regenerate with `make reproduce` "
@@ -161,12 +181,19 @@ def write_results(runs_dir: Path, out: Path, took: dict[str, float]) -> Path:
         acc = (f"The judge check: {rel['correct']:g} of {rel['n']} known-order pairs right, accuracy "
                f"{rel['accuracy']:.2f} [{rel['ci_low']:.2f}, {rel['ci_high']:.2f}] (chance 0.5).")
         blocks.append(Text(acc + (" The judge discriminates." if rel["discriminates"] else
-                                  " **The judge cannot discriminate: its scores below are not evidence either "
-                                  "way**; the judge-free rows (held-out loss, reference log-likelihood) are what "
-                                  "this scale can show."), warn=not rel["discriminates"]))
+                                  " The judge cannot discriminate: its scores below are not evidence either way; "
+                                  "the judge-free rows (held-out loss, reference log-likelihood) are what this "
+                                  "scale can show."), warn=not rel["discriminates"]))
+    floor = {r["metric"]: r for r in rows if r["claim"] == SEED_CONTROL}
     blocks += [Heading("Verdicts per claim"),
                Table(["claim", "what this scale shows", "verdicts (a − b, paired 95% CI)"],
-                     [[c, _reading(rows, key), _verdict_line(rows, key)] for c, key in CLAIMS])]
+                     [[c, _reading(rows, key), _verdict_line(rows, key)] for c, key in CLAIMS]
+                     + [["the noise floor: the same v1 with a second training seed",
+                         "a rerun of training moves " + ", ".join(f"{m} by {abs(r['diff']):.3g}"
+                                                                   for m, r in floor.items() if
+                                                                   not m.startswith("judge_"))
+                         + " (one seed pair: a rough floor, not an interval)", _verdict_line(rows, SEED_CONTROL)]]
+                     if floor else [])]
     header, cells, classes = paired_table(rows)
     blocks += [Heading("Every comparison"), Text("diff = a − b per item (held-out dialog or eval question), mean "
                                                  "over items; MDE = the smallest difference this n and this noise "

@@ -1,4 +1,4 @@
-"""`make reproduce`'s driver end to end on the tiny model: five real runs (through `python -m baize_exp`), their
+"""`make reproduce`'s driver end to end on the tiny model: six real runs (through `python -m baize_exp`), their
 paired comparisons gathered per claim, and results/ written. Teacher and judge are a scripted server on loopback
 (a knowing judge: the reference answer is excellent, anything else poor), so the judge check must pass and the
 judge-free rows must exist for every claim."""
@@ -60,17 +60,27 @@ def test_reproduce_writes_results_with_a_verdict_for_every_claim(tmp_path: Path)
         r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
         assert r2.returncode == 0, r2.stderr[-3000:]
         assert srv.requests == sent
-    assert {p.name for p in runs.iterdir()} == {"main", "loss_all", "r4", "r16", "r64"}
+    assert {p.name for p in runs.iterdir()} == {"main", "loss_all", "r4", "r16", "r64", "seed43"}
     rows = list(csv.DictReader(open(out / "paired.csv")))
     claims = {row["claim"] for row in rows}
     assert claims == {"v1 vs base", "v2 vs v1", "ai-only vs all-tokens", "rank 4 vs 8", "rank 16 vs 8",
-                      "rank 64 vs 8"}
+                      "rank 64 vs 8", "control: training seed 43 vs 42"}
+    # the same split under another training seed: the control pairs on the very same held-out dialogs
+    control = {row["metric"]: row for row in rows if row["claim"].startswith("control")}
+    main_v1 = {row["metric"]: row for row in rows if row["claim"] == "v1 vs base"}
+    assert control["heldout_loss"]["n"] == main_v1["heldout_loss"]["n"]
+    for row in rows:  # each row carries the floor it was held against; a verdict inside it says so
+        if row["metric"] == "heldout_loss":
+            assert float(row["seed_noise"]) == abs(float(control["heldout_loss"]["diff"]))
+            if row["verdict"] != "no detectable difference" and not row["claim"].startswith("control"):
+                inside = abs(float(row["diff"])) <= float(row["seed_noise"])
+                assert ("within seed noise" in row["note"]) == inside
     for claim in claims:  # judge-free rows for every claim, paired on the same held-out dialogs
         got = {row["metric"]: row for row in rows if row["claim"] == claim}
         assert {"heldout_loss", "ref_loglik", "judge_single"} <= set(got), (claim, set(got))
         assert int(got["heldout_loss"]["n"]) >= 4 and got["heldout_loss"]["verdict"] in (
             "better", "worse", "no detectable difference")
-        assert got["judge_single"]["note"] == ""  # the knowing judge passed its check
+        assert "judge cannot discriminate" not in got["judge_single"]["note"]  # the knowing judge passed its check
     report = (out / "report.md").read_text()
     assert "The judge discriminates" in report and "forest.png" in report and (out / "forest.png").is_file()
     for claim in ("(a)", "(b)", "(c)", "(d)"):
