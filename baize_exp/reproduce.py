@@ -108,7 +108,7 @@ def _verdict_line(rows: list[dict], claim: str) -> str:
         return "not measured"
     return "; ".join(f"{r['comparison']}, {r['metric']}: **{r['verdict']}** ({r['diff']:+.3g} "
                      f"[{r['ci_low']:+.3g}, {r['ci_high']:+.3g}], n={r['n']})"
-                     + (" (judge cannot discriminate)" if r.get("note") else "") for r in sel)
+                     + (f" ({r['note']})" if r.get("note") else "") for r in sel)
 
 
 def _reading(rows: list[dict], claim: str) -> str:
