@@ -106,17 +106,19 @@ def _verdict_line(rows: list[dict], claim: str) -> str:
     sel = _claim_rows(rows, claim)
     if not sel:
         return "not measured"
-    return "; ".join(f"{r['comparison']}, {r['metric']}: **{r['verdict']}** ({r['diff']:+.3g} "
+    return "; ".join(f"{r['comparison']}, {r['metric']}: {r['verdict']} ({r['diff']:+.3g} "
                      f"[{r['ci_low']:+.3g}, {r['ci_high']:+.3g}], n={r['n']})"
                      + (f" ({r['note']})" if r.get("note") else "") for r in sel)
 
 
-def _reading(rows: list[dict], claim: str) -> str:
+def _reading(rows: list[dict], claim: str, judge_note: bool = True) -> str:
     """What this scale can say about a claim, from the judge-free rows (held-out loss, reference log-likelihood)
     and whether the judge rows are evidence at all."""
-    if claim == "rank":  # three comparisons, each its own reading
-        return " ".join(f"{c}: {_reading(rows, c)}" for c in dict.fromkeys(r["claim"] for r in rows)
-                        if c.startswith("rank"))
+    if claim == "rank":  # three comparisons, each its own reading; what the judge is worth, once
+        blind = any(r.get("note") and r["metric"].startswith("judge_") for r in _claim_rows(rows, claim))
+        return " ".join(f"{c}: {_reading(rows, c, judge_note=False)}" for c in dict.fromkeys(r["claim"] for r in rows)
+                        if c.startswith("rank")) + (" The judge's rows are not evidence (it failed its check)."
+                                                    if blind else "")
     sel = _claim_rows(rows, claim)
     free = [r for r in sel if not r["metric"].startswith("judge_")]
     if not free:
@@ -127,15 +129,14 @@ def _reading(rows: list[dict], claim: str) -> str:
     by = {v: sorted({r["metric"] for r in free if effective(r) == v})
           for v in ("better", "worse", "no detectable difference", WITHIN_NOISE)}
     judge_blind = any(r.get("note") for r in sel if r["metric"].startswith("judge_"))
-    tail = " The judge's rows are not evidence (it failed its check)." if judge_blind else ""
+    tail = " The judge's rows are not evidence (it failed its check)." if judge_blind and judge_note else ""
     if by["better"] and by["worse"]:
         return (f"mixed: better on {', '.join(by['better'])}, worse on {', '.join(by['worse'])}; the measures "
                 f"disagree about what changed." + tail)
     if by["better"] or by["worse"]:
         side = "better" if by["better"] else "worse"
-        said = "supported" if side == "better" else "contradicted"
         rest = "".join(f"; {v} on {', '.join(by[v])}" for v in ("no detectable difference", WITHIN_NOISE) if by[v])
-        return f"{said} on {', '.join(by[side])} ({side}){rest}." + tail
+        return f"{side} on {', '.join(by[side])}{rest}." + tail
     if by[WITHIN_NOISE]:
         return (f"not shown: the difference on {', '.join(by[WITHIN_NOISE])} is no larger than a second training "
                 f"seed's own" + (f"; no detectable difference on {', '.join(by['no detectable difference'])}"
