@@ -69,7 +69,8 @@ def test_run_py_end_to_end_through_the_openai_backend(tmp_path: Path, teacher_se
     # eval: scores.csv per model with the contract's columns, a plot, judgments for every answer
     rows = list(csv.DictReader(open(run_dir / "eval" / "scores.csv")))
     assert {r["model"] for r in rows} == {"base", "v1", "v2"}
-    assert list(rows[0].keys()) == ["model", "category", "mode", "n", "mean", "ci_low", "ci_high", "parse_failures"]
+    assert list(rows[0].keys()) == ["model", "category", "mode", "n", "mean", "ci_low", "ci_high", "parse_failures",
+                                    "note"]  # the contract's columns, and the judge check's word on them
     judgments = (run_dir / "eval" / "judgments.jsonl").read_text().splitlines()
     assert len(judgments) == 3 * 3
     assert (run_dir / "eval" / "scores.png").stat().st_size > 5000
