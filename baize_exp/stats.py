@@ -89,6 +89,35 @@ def score_table(judgments: list[dict], n_boot: int, seed: int) -> list[dict]:
     return rows
 
 
+# what every judge-based number of a run carries when its judge check is at chance (scores.csv, paired.csv, report)
+CANNOT_DISCRIMINATE = "judge cannot discriminate"
+# items.jsonl `kind` -> the paired metric it gives
+ITEM_METRICS = {"heldout": "heldout_loss", "ref_loglik": "ref_loglik"}
+
+
+def item_values(judgments: list[dict], items: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """{model: {metric: {item id: value}}}, what paired comparisons pair on: `judge_<mode>` per question (the
+    `outcomes` above: a pairwise question's two orders combined), `heldout_loss` per held-out dialog (nats/token
+    on its AI turns) and `ref_loglik` per question (mean log-prob per token of its reference answer)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for o in outcomes(judgments):
+        if o["value"] is not None:
+            out.setdefault(o["model"], {}).setdefault(f"judge_{o['mode']}", {})[str(o["question_id"])] = float(
+                o["value"])
+    for it in items:
+        metric = ITEM_METRICS.get(it["kind"])
+        if metric and it.get("tokens"):
+            per_token = float(it["logprob_sum"]) / float(it["tokens"])
+            out.setdefault(it["model"], {}).setdefault(metric, {})[str(it["item_id"])] = (
+                -per_token if metric == "heldout_loss" else per_token)
+    return out
+
+
+def higher_is_better(metric: str) -> bool:
+    """Every paired metric but the held-out loss is better higher."""
+    return metric != "heldout_loss"
+
+
 def write_scores_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=SCORES_COLUMNS, restval="")

@@ -1,9 +1,9 @@
-"""LoRA tuning with Lightning + PEFT: the training core the train and SDF stages share, and held-out loss for eval.
+"""LoRA tuning with Lightning + PEFT: the training core the train and SDF stages share.
 
 `fit` trains a PEFT model's LoRA weights on dialogs (packing, loss on AI turns, resumable checkpoints of the
 trainable weights only, MFU and throughput figures, CSV + W&B logs); `save_adapter` writes an adapter folder that
-describes itself; `heldout_loss` scores AI turns. The pieces: `data` (tokenize, pack, batch), `module` (the
-LightningModule), `fused_lora` (the CPU LoRA layer), `strategy` (DDP / DeepSpeed ZeRO).
+describes itself (held-out loss per dialog is the eval stage's: `stages/evaluate/likelihood.py`). The pieces:
+`data` (tokenize, pack, batch), `module` (the LightningModule), `fused_lora` (the CPU LoRA layer), `strategy` (DDP / DeepSpeed ZeRO).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_AI, BAIZE_HEADER, BAIZE_HUMAN, generation_prompt
 from baize_exp.errors import Interrupted, UserError
 from baize_exp.io import content_hash, write_json
-from baize_exp.training.data import IGNORE, DialogDataModule, collate, tokenize_dialog
+from baize_exp.training.data import DialogDataModule
 from baize_exp.training.fused_lora import use_fused_lora
 from baize_exp.training.module import LoraLM, measure_matmul_peak, peak_memory_gb
 from baize_exp.training.strategy import build_strategy
@@ -309,27 +309,6 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
                 "last_losses": module.step_losses[-5:]})
     out["rank"] = trainer.global_rank
     return out
-
-
-@torch.no_grad()
-def heldout_loss(model: torch.nn.Module, tok: Any, dialogs: list[dict], max_length: int,
-                 batch_size: int = 4, fmt: str = "baize") -> dict:
-    """Per-token loss and perplexity on AI turns of held-out dialogs."""
-    model.eval()
-    enc = [x for x in (tokenize_dialog(d["turns"], tok, max_length, "ai", fmt) for d in dialogs) if x]
-    total, n = 0.0, 0
-    device = next(model.parameters()).device  # the batch goes where the model is (a GPU student)
-    for i in range(0, len(enc), batch_size):
-        b = {k: v.to(device) for k, v in collate(enc[i:i + batch_size], tok.pad_token_id).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-        tgt = b["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                 ignore_index=IGNORE, reduction="sum")
-        total += float(loss)
-        n += int((tgt != IGNORE).sum())
-    if n == 0:
-        return {"heldout_loss": None, "heldout_ppl": None, "heldout_tokens": 0}
-    return {"heldout_loss": total / n, "heldout_ppl": math.exp(min(total / n, 50)), "heldout_tokens": n}
 
 
 def trainable_state(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:

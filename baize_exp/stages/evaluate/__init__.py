@@ -29,10 +29,9 @@ from baize_exp.stages.evaluate.answers import (
     teacher_answers,
 )
 from baize_exp.stages.evaluate.judge import build_jobs, parse_score, parse_verdict, run_judge, weighted_score
-from baize_exp.stages.evaluate.likelihood import heldout_items, per_item, reference_items, summarize
+from baize_exp.stages.evaluate.likelihood import heldout_items, reference_items, summarize
 from baize_exp.stages.evaluate.plots import plot_scores
 from baize_exp.stages.evaluate.reliability import (
-    CANNOT_DISCRIMINATE,
     check_answers,
     check_items,
     check_records,
@@ -45,9 +44,11 @@ from baize_exp.stages.evaluate.reliability import (
 )
 from baize_exp.stages.evaluate.wandb_log import log_wandb
 from baize_exp.stats import (
+    CANNOT_DISCRIMINATE,
     PAIRED_COLUMNS,
     bootstrap_ci,
-    outcomes,
+    higher_is_better,
+    item_values,
     paired_bootstrap,
     score_table,
     write_csv_rows,
@@ -260,20 +261,15 @@ def paired_rows(models: list[str], judgments: list[dict], items: list[dict], jud
                 seed: int, judge_note: str = "") -> list[dict]:
     """paired.csv: each model against the one before it in eval.models, per metric: the judge's value per
     question (score, or the pairwise win value), held-out loss per dialog, reference log-likelihood per question."""
-    judge = {}
-    for o in outcomes(judgments):
-        if o["mode"] == judge_mode and o["value"] is not None:
-            judge.setdefault(o["model"], {})[o["question_id"]] = o["value"]
-    by_kind = {kind: {m: per_item([i for i in items if i["model"] == m and i["kind"] == kind], kind)
-                      for m in models} for kind in ("heldout", "ref_loglik")}
-    metrics = [(f"judge_{judge_mode}", judge, True, judge_note), ("heldout_loss", by_kind["heldout"], False, ""),
-               ("ref_loglik", by_kind["ref_loglik"], True, "")]
+    values = item_values(judgments, items)
     rows = []
     for a, b in zip(models[1:], models[:-1], strict=False):
-        for name, values, higher, note in metrics:
-            if values.get(a) and values.get(b):
-                r = paired_bootstrap(values[a], values[b], higher, n_boot, seed)
-                rows.append({"comparison": f"{a} vs {b}", "a": a, "b": b, "metric": name, **r, "note": note})
+        for name in (f"judge_{judge_mode}", "heldout_loss", "ref_loglik"):
+            va, vb = values.get(a, {}).get(name), values.get(b, {}).get(name)
+            if va and vb:
+                r = paired_bootstrap(va, vb, higher_is_better(name), n_boot, seed)
+                rows.append({"comparison": f"{a} vs {b}", "a": a, "b": b, "metric": name, **r,
+                             "note": judge_note if name.startswith("judge_") else ""})
     return rows
 
 

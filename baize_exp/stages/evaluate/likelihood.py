@@ -73,10 +73,3 @@ def summarize(items: list[dict]) -> dict:
         return {"loss": None, "ppl": None, "tokens": 0}
     loss = -sum(i["logprob_sum"] for i in items) / n
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n}
-
-
-def per_item(items: list[dict], kind: str) -> dict[str, float]:
-    """{item_id: value} for paired comparisons: held-out loss per token (lower is better), reference
-    log-likelihood per token (higher is better)."""
-    sign = -1.0 if kind == "heldout" else 1.0
-    return {i["item_id"]: sign * i["logprob_sum"] / i["tokens"] for i in items if i["tokens"]}

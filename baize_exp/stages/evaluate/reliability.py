@@ -18,14 +18,12 @@ from __future__ import annotations
 import math
 import random
 import re
-from typing import Any
 
 import numpy as np
 
-from baize_exp.stats import PAIRWISE_VALUE, combine_pairwise, proportion_ci
+from baize_exp.stats import PAIRWISE_VALUE, outcomes, proportion_ci
 
 DEGRADATIONS = ("truncated", "shuffled", "other_answer")
-CANNOT_DISCRIMINATE = "judge cannot discriminate"
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -218,18 +216,15 @@ def lc_win_rate(rows: list[dict], n_boot: int = 500, seed: int = 0) -> dict:
 
 def pairwise_lengths(judgments: list[dict], answers: dict[tuple[str, str], str], opponent: dict[str, str]
                      ) -> dict[str, list[dict]]:
-    """Per model, the rows `lc_win_rate` takes: each question's combined win value and both answers' lengths."""
-    both: dict[tuple, dict[bool, Any]] = {}
-    for j in judgments:
-        if j["mode"] == "pairwise":
-            both.setdefault((j["model"], j["question_id"]), {})[bool(j["swap"])] = j.get("winner")
+    """Per model, the rows `lc_win_rate` takes: each question's combined win value (`stats.outcomes`) and both
+    answers' lengths."""
     out: dict[str, list[dict]] = {}
-    for (model, qid), w in both.items():
-        combined = combine_pairwise(w.get(False), w.get(True))
-        mine, theirs = answers.get((model, qid)), opponent.get(qid)
+    for o in outcomes(judgments):
+        if o["mode"] != "pairwise":
+            continue
+        mine, theirs = answers.get((o["model"], o["question_id"])), opponent.get(o["question_id"])
         if mine is None or theirs is None:
             continue
-        out.setdefault(model, []).append({"question_id": qid,
-                                          "value": None if combined is None else PAIRWISE_VALUE[combined],
-                                          "len_model": len(mine.split()), "len_opponent": len(theirs.split())})
+        out.setdefault(o["model"], []).append({"question_id": o["question_id"], "value": o["value"],
+                                               "len_model": len(mine.split()), "len_opponent": len(theirs.split())})
     return out

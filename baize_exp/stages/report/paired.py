@@ -14,9 +14,15 @@ from baize_exp.stages.report.runs import fmt
 
 # The same outcomes and the same paired bootstrap as the eval stage's own eval/paired.csv (baize_exp.stats, the
 # layer both stand on), so a cross-run row and an in-run row mean the same thing.
-from baize_exp.stats import PAIRED_COLUMNS, outcomes, paired_bootstrap, write_csv_rows
+from baize_exp.stats import (
+    CANNOT_DISCRIMINATE,
+    PAIRED_COLUMNS,
+    higher_is_better,
+    paired_bootstrap,
+    write_csv_rows,
+)
+from baize_exp.stats import item_values as stats_item_values
 
-NOTE_NO_DISCRIMINATION = "judge cannot discriminate"
 CHAIN = ("v2", "v1", "base")  # the final model of a run is the last of this chain it evaluated
 
 
@@ -48,35 +54,12 @@ def judge_discriminates(run_dir: Path) -> bool | None:
 
 
 def item_values(run_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """{model: {metric: {item id: value}}} from eval/judgments.jsonl and eval/items.jsonl.
-
-    judge_<mode>: the per-question judge value, a pairwise question's two orders combined by the eval stage's own
-    `outcomes` (so the report and the stage cannot disagree); heldout_loss: nats/token per held-out dialog;
-    ref_loglik: mean log-prob per token of a question's reference answer."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    """{model: {metric: {item id: value}}} from a run's eval/judgments.jsonl and eval/items.jsonl, computed by
+    `stats.item_values` as the eval stage computes its own paired.csv (so the report and the stage cannot
+    disagree)."""
     ev = run_dir / "eval"
-    if (ev / "judgments.jsonl").is_file():
-        by_q: dict[str, list[dict]] = {}
-        for j in read_jsonl(ev / "judgments.jsonl"):
-            by_q.setdefault(str(j["question_id"]), []).append(j)
-        for qid, js in by_q.items():  # per question, so each outcome is known to belong to it
-            for o in outcomes(js):
-                if o["value"] is not None:
-                    out.setdefault(o["model"], {}).setdefault(f"judge_{o['mode']}", {})[qid] = float(o["value"])
-    if (ev / "items.jsonl").is_file():
-        for it in read_jsonl(ev / "items.jsonl"):
-            if not it.get("tokens"):
-                continue
-            per_token = float(it["logprob_sum"]) / float(it["tokens"])
-            metric = {"heldout": "heldout_loss", "ref_loglik": "ref_loglik"}.get(it["kind"])
-            if metric:
-                value = -per_token if metric == "heldout_loss" else per_token
-                out.setdefault(it["model"], {}).setdefault(metric, {})[str(it["item_id"])] = value
-    return out
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric != "heldout_loss"
+    return stats_item_values(*(read_jsonl(ev / f) if (ev / f).is_file() else []
+                               for f in ("judgments.jsonl", "items.jsonl")))
 
 
 def pick_final(models: list[str], metrics_final: str | None) -> str | None:
@@ -122,7 +105,7 @@ def cross_run_rows(runs: list[tuple[str, Path, str | None]], baseline: int, n_bo
             if res["n"] == 0:
                 notes.append(f"`{label}` vs `{b_label}`, {metric}: no item in common")
                 continue
-            note = NOTE_NO_DISCRIMINATION if blind and metric.startswith("judge_") else ""
+            note = CANNOT_DISCRIMINATE if blind and metric.startswith("judge_") else ""
             rows.append({"comparison": f"{label} vs {b_label}", "a": f"{label} ({model})",
                          "b": f"{b_label} ({b_model})", "metric": metric, **res, "note": note})
     return rows, notes
