@@ -242,10 +242,14 @@ def _reliability(e: Any, judgments: list[dict], check_judgments: list[dict], ans
         write_jsonl(stage_dir / "judge_check.jsonl", records)
         out["judge_check"] = check_summary(records)
         c = out["judge_check"]
-        log.info("eval: judge check: %d of %d known-order pairs right (%.0f%% [%.0f%%, %.0f%%]); %s", c["correct"],
-                 c["n"], 100 * c["accuracy"], 100 * c["ci_low"], 100 * c["ci_high"],
-                 "the judge discriminates" if c["discriminates"] else f"{CANNOT_DISCRIMINATE}: judge-based results "
-                 "of this run are not evidence")
+        said = ("the judge discriminates" if c["discriminates"] else
+                f"{CANNOT_DISCRIMINATE}: judge-based results of this run are not evidence")
+        if c["n"]:
+            log.info("eval: judge check: %g of %d known-order pairs right (%.0f%% [%.0f%%, %.0f%%]); %s",
+                     c["correct"], c["n"], 100 * c["accuracy"], 100 * c["ci_low"], 100 * c["ci_high"], said)
+        else:  # every check reply unreadable: there is no accuracy to print, only that nothing was shown
+            log.info("eval: judge check: none of %d known-order pairs got a readable judgment; %s",
+                     c["unparsed"], said)
     if e.judge_mode == "pairwise":
         out["position_agreement"] = position_agreement(judgments)
         mine = {(a["model"], a["question_id"]): a["answer"] for a in answers if a.get("answer") is not None}
