@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel first, so no multi-GB CUDA build is pulled on a CPU machine (GPU users: TORCH_SPEC="torch").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: help install run test test-fast lint reproduce gpu-wheels gpu-check
+.PHONY: help install run test test-fast lint format reproduce gpu-wheels gpu-check
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -36,8 +36,12 @@ test-fast: install  ## the tests not marked slow
 reproduce: install  ## Baize's claims at 135M scale: 5 runs, paired comparisons -> results/ (about an hour on 2 cores)
 	$(PY) -m baize_exp.reproduce $(ARGS)
 
-lint: install  ## ruff
+lint: install  ## ruff check and ruff format --check (CI runs both through tests/test_lint.py)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install  ## ruff format (one style, line length 120)
+	$(VENV)/bin/ruff format .
 
 WHL ?= .whl
 gpu-wheels: install  ## (online) wheels for a GPU machine that cannot download: .whl/ + the tokenizer the random models use

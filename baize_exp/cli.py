@@ -1,9 +1,9 @@
 """The console entry points (`[project.scripts]` in pyproject.toml), all on the config tree shipped in the package:
 
-    baize-run     [overrides]   the pipeline (= python run.py = python -m baize_exp)
-    baize-collect [overrides]   the pipeline with stages=[collect] (its own --help)
-    baize-plan    [overrides]   the memory plan alone, no pipeline, no run state
-    baize-serve / baize-report / baize-export / baize-export-dialogs: see their --help
+baize-run     [overrides]   the pipeline (= python run.py = python -m baize_exp)
+baize-collect [overrides]   the pipeline with stages=[collect] (its own --help)
+baize-plan    [overrides]   the memory plan alone, no pipeline, no run state
+baize-serve / baize-report / baize-export / baize-export-dialogs: see their --help
 """
 
 from __future__ import annotations

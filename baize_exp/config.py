@@ -69,30 +69,48 @@ class DataConfig:
     field: str | None = None
 
     def check(self, p: Problems, c: Any, key: str) -> None:
-        p.check(self.limit is None or self.limit >= 1, f"{key}.limit", self.limit,
-                "an integer >= 1, or null for all seeds")
-        p.check(all(s in MIXABLE for s in self.sources), f"{key}.sources", list(self.sources),
-                f"drawn from {list(MIXABLE)}")
-        p.check(all(k in MIXABLE and v >= 0 for k, v in self.mix.items()), f"{key}.mix", dict(self.mix),
-                f"weights >= 0 keyed by {list(MIXABLE)}")
-        p.check(self.name in ("file", "hf") or any(self.mix.get(s, 1.0) > 0 for s in self.sources), f"{key}.mix",
-                dict(self.mix), "a weight > 0 for at least one source in data.sources")
+        p.check(
+            self.limit is None or self.limit >= 1, f"{key}.limit", self.limit, "an integer >= 1, or null for all seeds"
+        )
+        p.check(
+            all(s in MIXABLE for s in self.sources), f"{key}.sources", list(self.sources), f"drawn from {list(MIXABLE)}"
+        )
+        p.check(
+            all(k in MIXABLE and v >= 0 for k, v in self.mix.items()),
+            f"{key}.mix",
+            dict(self.mix),
+            f"weights >= 0 keyed by {list(MIXABLE)}",
+        )
+        p.check(
+            self.name in ("file", "hf") or any(self.mix.get(s, 1.0) > 0 for s in self.sources),
+            f"{key}.mix",
+            dict(self.mix),
+            "a weight > 0 for at least one source in data.sources",
+        )
         if self.name == "file":
             p.check(bool(self.path), f"{key}.path", self.path, "data=file needs data.path=<seeds .jsonl|.txt|.csv>")
             if self.path:
                 p.check(Path(self.path).expanduser().is_file(), f"{key}.path", self.path, "an existing file")
         elif self.path:
-            p.check(len(self.sources) == 1, f"{key}.path", self.path,
-                    "for a one-source group (data=quora|stackoverflow|medical|alpaca); a mixture takes "
-                    "data.paths.<source>=...")
+            p.check(
+                len(self.sources) == 1,
+                f"{key}.path",
+                self.path,
+                "for a one-source group (data=quora|stackoverflow|medical|alpaca); a mixture takes "
+                "data.paths.<source>=...",
+            )
             p.check(Path(self.path).expanduser().exists(), f"{key}.path", self.path, "an existing file or folder")
         for src, path in self.paths.items():
             p.check(src in SOURCES, f"{key}.paths", src, f"keyed by {list(SOURCES)}")
             if path:
                 p.check(Path(path).expanduser().exists(), f"{key}.paths.{src}", path, "an existing file or folder")
         if self.name == "hf" or "hf" in self.sources:
-            p.check(bool(self.hf.path), f"{key}.hf.path", self.hf.path,
-                    "a local dataset file/folder or a hub id (data=hf data.hf.path=...)")
+            p.check(
+                bool(self.hf.path),
+                f"{key}.hf.path",
+                self.hf.path,
+                "a local dataset file/folder or a hub id (data=hf data.hf.path=...)",
+            )
 
 
 @dataclass
@@ -125,22 +143,49 @@ class ModelConfig:
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(self.source in ("gguf", "tiny", "hf"), f"{key}.source", self.source, "one of gguf, tiny, hf")
-        p.check(self.dtype in ("auto", "fp32", "bf16", "fp16"), f"{key}.dtype", self.dtype,
-                "one of auto, fp32, bf16, fp16")
-        p.check(self.dtype != "fp16" or c.trainer.accelerator in ("gpu", "cuda"), f"{key}.dtype", self.dtype,
-                "fp32 or bf16 on CPU (fp16 kernels need a GPU)")
-        p.check(self.quantization in ("none", "8bit", "4bit"), f"{key}.quantization", self.quantization,
-                "one of none, 8bit, 4bit")
-        p.check(self.quantization == "none" or c.trainer.accelerator in ("gpu", "cuda"), f"{key}.quantization",
-                self.quantization, "none on CPU (bitsandbytes 8/4-bit bases need CUDA); use trainer=gpu")
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "vocab_size"):
+        p.check(
+            self.dtype in ("auto", "fp32", "bf16", "fp16"), f"{key}.dtype", self.dtype, "one of auto, fp32, bf16, fp16"
+        )
+        p.check(
+            self.dtype != "fp16" or c.trainer.accelerator in ("gpu", "cuda"),
+            f"{key}.dtype",
+            self.dtype,
+            "fp32 or bf16 on CPU (fp16 kernels need a GPU)",
+        )
+        p.check(
+            self.quantization in ("none", "8bit", "4bit"),
+            f"{key}.quantization",
+            self.quantization,
+            "one of none, 8bit, 4bit",
+        )
+        p.check(
+            self.quantization == "none" or c.trainer.accelerator in ("gpu", "cuda"),
+            f"{key}.quantization",
+            self.quantization,
+            "none on CPU (bitsandbytes 8/4-bit bases need CUDA); use trainer=gpu",
+        )
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        ):
             p.check(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "an integer >= 1")
         if self.num_attention_heads >= 1 and self.num_key_value_heads >= 1:
-            p.check(self.hidden_size % self.num_attention_heads == 0, f"{key}.hidden_size", self.hidden_size,
-                    "divisible by model.num_attention_heads")
-            p.check(self.num_attention_heads % self.num_key_value_heads == 0, f"{key}.num_key_value_heads",
-                    self.num_key_value_heads, "a divisor of model.num_attention_heads")
+            p.check(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"{key}.hidden_size",
+                self.hidden_size,
+                "divisible by model.num_attention_heads",
+            )
+            p.check(
+                self.num_attention_heads % self.num_key_value_heads == 0,
+                f"{key}.num_key_value_heads",
+                self.num_key_value_heads,
+                "a divisor of model.num_attention_heads",
+            )
 
 
 @dataclass
@@ -163,8 +208,12 @@ class LoraConfig:
         p.check(0.0 <= self.dropout < 1.0, f"{key}.dropout", self.dropout, "a float in [0, 1)")
         p.check(len(self.target_modules) > 0, f"{key}.target_modules", list(self.target_modules), "a non-empty list")
         p.check(self.bias in ("none", "all", "lora_only"), f"{key}.bias", self.bias, "one of none, all, lora_only")
-        p.check(not (self.use_dora and c.model.quantization != "none"), f"{key}.use_dora", self.use_dora,
-                "false with model.quantization (use DoRA on an unquantized base)")
+        p.check(
+            not (self.use_dora and c.model.quantization != "none"),
+            f"{key}.use_dora",
+            self.use_dora,
+            "false with model.quantization (use DoRA on an unquantized base)",
+        )
 
 
 @dataclass
@@ -185,15 +234,27 @@ class ServeConfig:
     startup_timeout_s: float = 300.0
 
     def check(self, p: Problems, c: Any, key: str) -> None:
-        p.check(self.host in ("127.0.0.1", "localhost", "::1"), f"{key}.host", self.host,
-                "a loopback address (run baize-serve yourself to bind another)")
+        p.check(
+            self.host in ("127.0.0.1", "localhost", "::1"),
+            f"{key}.host",
+            self.host,
+            "a loopback address (run baize-serve yourself to bind another)",
+        )
         p.check(self.max_batch >= 1, f"{key}.max_batch", self.max_batch, "an integer >= 1")
         p.check(self.max_wait_ms >= 0, f"{key}.max_wait_ms", self.max_wait_ms, "a number >= 0")
         p.check(self.queue_size >= 1, f"{key}.queue_size", self.queue_size, "an integer >= 1")
-        p.check(self.request_timeout_s is None or self.request_timeout_s > 0, f"{key}.request_timeout_s",
-                self.request_timeout_s, "a number > 0, or null for none")
-        p.check(self.max_n is None or self.max_n >= 1, f"{key}.max_n", self.max_n,
-                "an integer >= 1, or null for serve.max_batch")
+        p.check(
+            self.request_timeout_s is None or self.request_timeout_s > 0,
+            f"{key}.request_timeout_s",
+            self.request_timeout_s,
+            "a number > 0, or null for none",
+        )
+        p.check(
+            self.max_n is None or self.max_n >= 1,
+            f"{key}.max_n",
+            self.max_n,
+            "an integer >= 1, or null for serve.max_batch",
+        )
 
 
 @dataclass
@@ -238,21 +299,41 @@ class ChatBackendConfig:
         p.check(0.0 < self.top_p <= 1.0, f"{key}.top_p", self.top_p, "a float in (0, 1]")
         p.check(self.max_tokens >= 1, f"{key}.max_tokens", self.max_tokens, "an integer >= 1")
         p.check(self.concurrency >= 1, f"{key}.concurrency", self.concurrency, "an integer >= 1")
-        p.check(self.timeout_s is None or self.timeout_s > 0, f"{key}.timeout_s", self.timeout_s,
-                "a number > 0, or null for no deadline")
-        p.check(self.stop_after_failures >= 0, f"{key}.stop_after_failures", self.stop_after_failures,
-                "an integer >= 0 (0 = never stop early)")
+        p.check(
+            self.timeout_s is None or self.timeout_s > 0,
+            f"{key}.timeout_s",
+            self.timeout_s,
+            "a number > 0, or null for no deadline",
+        )
+        p.check(
+            self.stop_after_failures >= 0,
+            f"{key}.stop_after_failures",
+            self.stop_after_failures,
+            "an integer >= 0 (0 = never stop early)",
+        )
         p.check(self.max_retries >= 0, f"{key}.max_retries", self.max_retries, "an integer >= 0")
-        p.check(0 <= self.backoff_base_s <= self.backoff_max_s, f"{key}.backoff_base_s", self.backoff_base_s,
-                f"a number in [0, {key}.backoff_max_s]")
+        p.check(
+            0 <= self.backoff_base_s <= self.backoff_max_s,
+            f"{key}.backoff_base_s",
+            self.backoff_base_s,
+            f"a number in [0, {key}.backoff_max_s]",
+        )
         for name in ("requests_per_min", "tokens_per_min"):
             v = getattr(self, name)
             p.check(v is None or v > 0, f"{key}.{name}", v, "a number > 0, or null for no limit")
         for model, price in self.prices.items():
-            p.check(price.prompt >= 0 and price.completion >= 0, f"{key}.prices.{model}",
-                    f"{price.prompt}/{price.completion}", "USD per 1M tokens >= 0 for prompt and completion")
-        p.check(bool(self.api_key_env) and "=" not in self.api_key_env and not self.api_key_env.startswith("sk-"),
-                f"{key}.api_key_env", "<hidden>", "the NAME of an environment variable, never the key itself")
+            p.check(
+                price.prompt >= 0 and price.completion >= 0,
+                f"{key}.prices.{model}",
+                f"{price.prompt}/{price.completion}",
+                "USD per 1M tokens >= 0 for prompt and completion",
+            )
+        p.check(
+            bool(self.api_key_env) and "=" not in self.api_key_env and not self.api_key_env.startswith("sk-"),
+            f"{key}.api_key_env",
+            "<hidden>",
+            "the NAME of an environment variable, never the key itself",
+        )
         if self.backend == "local":
             self.serve.check(p, c, f"{key}.serve")
 
@@ -313,12 +394,14 @@ class CollectConfig:
         p.check(self.mode in ("transcript", "turns"), f"{key}.mode", self.mode, "one of transcript, turns")
         p.check(self.min_turns >= 2, f"{key}.min_turns", self.min_turns, "an integer >= 2")
         p.check("{seed}" in self.template, f"{key}.template", "...", "a template containing {seed}")
-        p.check(self.max_turns >= self.min_turns, f"{key}.max_turns", self.max_turns,
-                "an integer >= collect.min_turns")
-        p.check("{history}" in self.human_template, f"{key}.human_template", "...",
-                "a template containing {history}")
-        p.check(self.on_truncated in ("reject", "drop_turn"), f"{key}.on_truncated", self.on_truncated,
-                "one of reject, drop_turn")
+        p.check(self.max_turns >= self.min_turns, f"{key}.max_turns", self.max_turns, "an integer >= collect.min_turns")
+        p.check("{history}" in self.human_template, f"{key}.human_template", "...", "a template containing {history}")
+        p.check(
+            self.on_truncated in ("reject", "drop_turn"),
+            f"{key}.on_truncated",
+            self.on_truncated,
+            "one of reject, drop_turn",
+        )
         p.check(self.samples_to_log >= 0, f"{key}.samples_to_log", self.samples_to_log, "an integer >= 0")
         p.check(self.max_seed_tokens >= 1, f"{key}.max_seed_tokens", self.max_seed_tokens, "an integer >= 1")
 
@@ -354,17 +437,24 @@ class TrainConfig:
     stop_at_step: int | None = None  # end the session that reaches this step, checkpointed (exit 75); a rerun continues
     peak_flops: float | None = None  # per-device peak for MFU; null = measured with a matmul probe at start
     sample_every_n_steps: int = 0  # generate on sample_prompts every N steps (0 = never): W&B table, samples.jsonl
-    sample_prompts: list[str] = field(default_factory=lambda: [
-        "How do I make a good cup of tea?", "What is the difference between a list and a tuple in Python?"])
+    sample_prompts: list[str] = field(
+        default_factory=lambda: [
+            "How do I make a good cup of tea?",
+            "What is the difference between a list and a tuple in Python?",
+        ]
+    )
     sample_max_new_tokens: int = 48
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         if self.data is not None:
             p.check(Path(self.data).expanduser().is_file(), f"{key}.data", self.data, "an existing dialogs.jsonl")
-        p.check(self.format in ("baize", "chat_template"), f"{key}.format", self.format,
-                "one of baize, chat_template")
-        p.check(self.format != "chat_template" or c.model.chat_template, f"{key}.format", self.format,
-                f"baize: model={c.model.name} has no chat template (model.chat_template=false)")
+        p.check(self.format in ("baize", "chat_template"), f"{key}.format", self.format, "one of baize, chat_template")
+        p.check(
+            self.format != "chat_template" or c.model.chat_template,
+            f"{key}.format",
+            self.format,
+            f"baize: model={c.model.name} has no chat template (model.chat_template=false)",
+        )
         p.check(self.loss_on in ("ai", "all"), f"{key}.loss_on", self.loss_on, "one of ai, all")
         p.check(self.max_length >= 16, f"{key}.max_length", self.max_length, "an integer >= 16")
         p.check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
@@ -372,18 +462,36 @@ class TrainConfig:
         p.check(self.warmup_steps >= 0, f"{key}.warmup_steps", self.warmup_steps, "an integer >= 0")
         p.check(0.0 <= self.min_lr_ratio <= 1.0, f"{key}.min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
         p.check(0.0 <= self.val_fraction < 1.0, f"{key}.val_fraction", self.val_fraction, "a float in [0, 1)")
-        p.check(self.resume in ("auto", "never") or Path(self.resume).expanduser().is_file(), f"{key}.resume",
-                self.resume, "auto, never, or an existing .ckpt file")
-        p.check(self.stop_at_step is None or self.stop_at_step >= 1, f"{key}.stop_at_step", self.stop_at_step,
-                "an integer >= 1 or null")
-        p.check(self.checkpoint_every_n_steps >= 0, f"{key}.checkpoint_every_n_steps",
-                self.checkpoint_every_n_steps, "an integer >= 0")
-        p.check(self.peak_flops is None or self.peak_flops > 0, f"{key}.peak_flops", self.peak_flops,
-                "a number > 0 or null")
-        p.check(self.sample_every_n_steps >= 0, f"{key}.sample_every_n_steps", self.sample_every_n_steps,
-                "an integer >= 0")
-        p.check(self.sample_every_n_steps == 0 or len(self.sample_prompts) > 0, f"{key}.sample_prompts",
-                list(self.sample_prompts), "at least one prompt when train.sample_every_n_steps > 0")
+        p.check(
+            self.resume in ("auto", "never") or Path(self.resume).expanduser().is_file(),
+            f"{key}.resume",
+            self.resume,
+            "auto, never, or an existing .ckpt file",
+        )
+        p.check(
+            self.stop_at_step is None or self.stop_at_step >= 1,
+            f"{key}.stop_at_step",
+            self.stop_at_step,
+            "an integer >= 1 or null",
+        )
+        p.check(
+            self.checkpoint_every_n_steps >= 0,
+            f"{key}.checkpoint_every_n_steps",
+            self.checkpoint_every_n_steps,
+            "an integer >= 0",
+        )
+        p.check(
+            self.peak_flops is None or self.peak_flops > 0, f"{key}.peak_flops", self.peak_flops, "a number > 0 or null"
+        )
+        p.check(
+            self.sample_every_n_steps >= 0, f"{key}.sample_every_n_steps", self.sample_every_n_steps, "an integer >= 0"
+        )
+        p.check(
+            self.sample_every_n_steps == 0 or len(self.sample_prompts) > 0,
+            f"{key}.sample_prompts",
+            list(self.sample_prompts),
+            "at least one prompt when train.sample_every_n_steps > 0",
+        )
 
 
 @dataclass
@@ -408,10 +516,18 @@ class SdfConfig:
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         if self.prompts is not None:
-            p.check(Path(self.prompts).expanduser().is_file(), f"{key}.prompts", self.prompts,
-                    "an existing .jsonl/.txt/.csv of prompts, or null for the dialogs' human turns")
-        p.check(self.num_prompts is None or self.num_prompts >= 1, f"{key}.num_prompts", self.num_prompts,
-                "an integer >= 1 or null")
+            p.check(
+                Path(self.prompts).expanduser().is_file(),
+                f"{key}.prompts",
+                self.prompts,
+                "an existing .jsonl/.txt/.csv of prompts, or null for the dialogs' human turns",
+            )
+        p.check(
+            self.num_prompts is None or self.num_prompts >= 1,
+            f"{key}.num_prompts",
+            self.num_prompts,
+            "an integer >= 1 or null",
+        )
         p.check(2 <= self.num_candidates <= 9, f"{key}.num_candidates", self.num_candidates, "an integer in [2, 9]")
         p.check(self.select in ("best", "weighted"), f"{key}.select", self.select, "one of best, weighted")
         p.check(self.temperature > 0, f"{key}.temperature", self.temperature, "a float > 0 (sampling)")
@@ -421,8 +537,12 @@ class SdfConfig:
         p.check(self.rank_max_tokens >= 1, f"{key}.rank_max_tokens", self.rank_max_tokens, "an integer >= 1")
         p.check(self.lr > 0, f"{key}.lr", self.lr, "a float > 0")
         for name in ("n", "prompt", "candidates"):
-            p.check("{" + name + "}" in self.rank_template, f"{key}.rank_template", "...",
-                    f"a template containing {{{name}}}")
+            p.check(
+                "{" + name + "}" in self.rank_template,
+                f"{key}.rank_template",
+                "...",
+                f"a template containing {{{name}}}",
+            )
 
 
 @dataclass
@@ -460,31 +580,55 @@ class EvalConfig:
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         if self.questions is not None:
-            p.check(Path(self.questions).expanduser().is_file(), f"{key}.questions", self.questions,
-                    "an existing .jsonl")
+            p.check(
+                Path(self.questions).expanduser().is_file(), f"{key}.questions", self.questions, "an existing .jsonl"
+            )
         if self.heldout is not None:
-            p.check(Path(self.heldout).expanduser().is_file(), f"{key}.heldout", self.heldout,
-                    "an existing dialogs .jsonl")
+            p.check(
+                Path(self.heldout).expanduser().is_file(), f"{key}.heldout", self.heldout, "an existing dialogs .jsonl"
+            )
         p.check(self.limit is None or self.limit >= 1, f"{key}.limit", self.limit, "an integer >= 1 or null")
-        p.check(len(self.models) > 0 and all(x in ("base", "v1", "v2") or Path(x).expanduser().is_dir()
-                                             for x in self.models),
-                f"{key}.models", list(self.models), "base, v1, v2, or existing adapter dirs or run dirs")
-        p.check(self.judge_mode in ("single", "pairwise", "reference"), f"{key}.judge_mode", self.judge_mode,
-                "one of single, pairwise, reference")
-        p.check(self.pairwise_against in ("teacher", "reference", *self.models), f"{key}.pairwise_against",
-                self.pairwise_against, "teacher, reference, or one of eval.models")
+        p.check(
+            len(self.models) > 0
+            and all(x in ("base", "v1", "v2") or Path(x).expanduser().is_dir() for x in self.models),
+            f"{key}.models",
+            list(self.models),
+            "base, v1, v2, or existing adapter dirs or run dirs",
+        )
+        p.check(
+            self.judge_mode in ("single", "pairwise", "reference"),
+            f"{key}.judge_mode",
+            self.judge_mode,
+            "one of single, pairwise, reference",
+        )
+        p.check(
+            self.pairwise_against in ("teacher", "reference", *self.models),
+            f"{key}.pairwise_against",
+            self.pairwise_against,
+            "teacher, reference, or one of eval.models",
+        )
         p.check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
         p.check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
         p.check(self.bootstrap >= 100, f"{key}.bootstrap", self.bootstrap, "an integer >= 100")
-        p.check(all(f in ("tolerant", "logprob") for f in self.judge_fallbacks), f"{key}.judge_fallbacks",
-                list(self.judge_fallbacks), "a list of: tolerant, logprob (empty = strict only)")
+        p.check(
+            all(f in ("tolerant", "logprob") for f in self.judge_fallbacks),
+            f"{key}.judge_fallbacks",
+            list(self.judge_fallbacks),
+            "a list of: tolerant, logprob (empty = strict only)",
+        )
         p.check(self.judge_repeats >= 1, f"{key}.judge_repeats", self.judge_repeats, "an integer >= 1")
         p.check(self.judge_check >= 0, f"{key}.judge_check", self.judge_check, "an integer >= 0 (0 = off)")
-        for name, placeholders in (("judge_template", ("question", "answer")),
-                                   ("reference_template", ("question", "reference", "answer")),
-                                   ("pairwise_template", ("question", "answer_a", "answer_b"))):
-            p.check(all("{" + f + "}" in getattr(self, name) for f in placeholders), f"{key}.{name}", "...",
-                    "a template containing " + ", ".join("{" + f + "}" for f in placeholders))
+        for name, placeholders in (
+            ("judge_template", ("question", "answer")),
+            ("reference_template", ("question", "reference", "answer")),
+            ("pairwise_template", ("question", "answer_a", "answer_b")),
+        ):
+            p.check(
+                all("{" + f + "}" in getattr(self, name) for f in placeholders),
+                f"{key}.{name}",
+                "...",
+                "a template containing " + ", ".join("{" + f + "}" for f in placeholders),
+            )
 
 
 @dataclass
@@ -501,10 +645,18 @@ class GenerateConfig:
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(self.backend in ("hf", "vllm"), f"{key}.backend", self.backend, "one of hf, vllm")
-        p.check(0 < self.gpu_memory_utilization <= 1, f"{key}.gpu_memory_utilization", self.gpu_memory_utilization,
-                "a number in (0, 1]")
-        p.check(self.max_model_len is None or self.max_model_len >= 1, f"{key}.max_model_len", self.max_model_len,
-                "an integer >= 1 or null")
+        p.check(
+            0 < self.gpu_memory_utilization <= 1,
+            f"{key}.gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            "a number in (0, 1]",
+        )
+        p.check(
+            self.max_model_len is None or self.max_model_len >= 1,
+            f"{key}.max_model_len",
+            self.max_model_len,
+            "an integer >= 1 or null",
+        )
 
 
 @dataclass
@@ -523,17 +675,37 @@ class TrainerConfig:
     enable_progress_bar: bool = True
 
     def check(self, p: Problems, c: Any, key: str) -> None:
-        p.check(self.accelerator in ("cpu", "gpu", "cuda", "auto"), f"{key}.accelerator", self.accelerator,
-                "one of cpu, gpu, cuda, auto")
+        p.check(
+            self.accelerator in ("cpu", "gpu", "cuda", "auto"),
+            f"{key}.accelerator",
+            self.accelerator,
+            "one of cpu, gpu, cuda, auto",
+        )
         p.check(self.num_nodes >= 1, f"{key}.num_nodes", self.num_nodes, "an integer >= 1")
-        p.check(self.precision in ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"), f"{key}.precision",
-                self.precision, "one of 32-true, bf16-mixed, 16-mixed, bf16-true")
-        p.check(str(self.precision) != "16-mixed" or self.accelerator in ("gpu", "cuda"), f"{key}.precision",
-                self.precision, "32-true or bf16-mixed on CPU (fp16 mixed precision needs a GPU)")
-        p.check(self.max_epochs >= 1 or self.max_steps >= 1, f"{key}.max_epochs", self.max_epochs,
-                ">= 1 (or set trainer.max_steps >= 1)")
-        p.check(self.accumulate_grad_batches >= 1, f"{key}.accumulate_grad_batches", self.accumulate_grad_batches,
-                "an integer >= 1")
+        p.check(
+            self.precision in ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"),
+            f"{key}.precision",
+            self.precision,
+            "one of 32-true, bf16-mixed, 16-mixed, bf16-true",
+        )
+        p.check(
+            str(self.precision) != "16-mixed" or self.accelerator in ("gpu", "cuda"),
+            f"{key}.precision",
+            self.precision,
+            "32-true or bf16-mixed on CPU (fp16 mixed precision needs a GPU)",
+        )
+        p.check(
+            self.max_epochs >= 1 or self.max_steps >= 1,
+            f"{key}.max_epochs",
+            self.max_epochs,
+            ">= 1 (or set trainer.max_steps >= 1)",
+        )
+        p.check(
+            self.accumulate_grad_batches >= 1,
+            f"{key}.accumulate_grad_batches",
+            self.accumulate_grad_batches,
+            "an integer >= 1",
+        )
 
 
 @dataclass
@@ -553,12 +725,19 @@ class StrategyConfig:
         p.check(self.name in ("auto", "ddp", "deepspeed"), f"{key}.name", self.name, "one of auto, ddp, deepspeed")
         if self.name == "deepspeed":
             p.check(self.stage in (1, 2, 3), f"{key}.stage", self.stage, "1, 2 or 3 for deepspeed")
-            p.check(c.trainer.accelerator in ("gpu", "cuda"), "trainer.accelerator", c.trainer.accelerator,
-                    "gpu for DeepSpeed strategies (Lightning runs ZeRO on CUDA only); use trainer=gpu")
-            p.check(not self.offload_parameters or self.stage == 3, f"{key}.offload_parameters",
-                    self.offload_parameters, "only with ZeRO stage 3")
-            p.check(self.bucket_size >= 1_000_000, f"{key}.bucket_size", self.bucket_size,
-                    "an integer >= 1e6 elements")
+            p.check(
+                c.trainer.accelerator in ("gpu", "cuda"),
+                "trainer.accelerator",
+                c.trainer.accelerator,
+                "gpu for DeepSpeed strategies (Lightning runs ZeRO on CUDA only); use trainer=gpu",
+            )
+            p.check(
+                not self.offload_parameters or self.stage == 3,
+                f"{key}.offload_parameters",
+                self.offload_parameters,
+                "only with ZeRO stage 3",
+            )
+            p.check(self.bucket_size >= 1_000_000, f"{key}.bucket_size", self.bucket_size, "an integer >= 1e6 elements")
 
 
 @dataclass
@@ -574,11 +753,19 @@ class PlanConfig:
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(self.gpu_memory_gb > 0, f"{key}.gpu_memory_gb", self.gpu_memory_gb, "a number > 0 (GiB per GPU)")
-        p.check(self.gpus_per_node is None or self.gpus_per_node >= 1, f"{key}.gpus_per_node", self.gpus_per_node,
-                "an integer >= 1, or null for trainer.devices")
+        p.check(
+            self.gpus_per_node is None or self.gpus_per_node >= 1,
+            f"{key}.gpus_per_node",
+            self.gpus_per_node,
+            "an integer >= 1, or null for trainer.devices",
+        )
         p.check(self.seq_len is None or self.seq_len >= 1, f"{key}.seq_len", self.seq_len, "an integer >= 1 or null")
-        p.check(self.micro_batch_size is None or self.micro_batch_size >= 1, f"{key}.micro_batch_size",
-                self.micro_batch_size, "an integer >= 1 or null")
+        p.check(
+            self.micro_batch_size is None or self.micro_batch_size >= 1,
+            f"{key}.micro_batch_size",
+            self.micro_batch_size,
+            "an integer >= 1 or null",
+        )
         p.check(self.overhead_gb >= 0, f"{key}.overhead_gb", self.overhead_gb, "a number >= 0")
 
 
@@ -601,8 +788,9 @@ class LoggerConfig:
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(self.name in ("wandb", "csv", "none"), f"{key}.name", self.name, "one of wandb, csv, none")
-        p.check(self.mode in ("offline", "online", "disabled"), f"{key}.mode", self.mode,
-                "one of offline, online, disabled")
+        p.check(
+            self.mode in ("offline", "online", "disabled"), f"{key}.mode", self.mode, "one of offline, online, disabled"
+        )
 
 
 @dataclass
@@ -687,5 +875,6 @@ def to_container(cfg: DictConfig) -> dict:
 def cache_dir(cfg: DictConfig | None = None) -> Path:
     """The shared cache dir (converted models, ...): BAIZE_CACHE, else the config's paths.cache_dir, else (for the
     tools that run without a config: serve, export) the default."""
-    return Path(os.environ.get("BAIZE_CACHE") or (cfg.paths.cache_dir if cfg is not None else DEFAULT_CACHE_DIR)
-                ).expanduser()
+    return Path(
+        os.environ.get("BAIZE_CACHE") or (cfg.paths.cache_dir if cfg is not None else DEFAULT_CACHE_DIR)
+    ).expanduser()

@@ -44,8 +44,10 @@ def find_adapter(src: Path, which: str = "auto") -> Path:
     for name in order:
         if (candidates[name] / "adapter_config.json").is_file():
             return candidates[name]
-    raise ExportError(f"{src}: no LoRA adapter here (looked for adapter_config.json in {src} and in "
-                      f"{', '.join(str(candidates[n]) for n in order)})")
+    raise ExportError(
+        f"{src}: no LoRA adapter here (looked for adapter_config.json in {src} and in "
+        f"{', '.join(str(candidates[n]) for n in order)})"
+    )
 
 
 def run_config(adapter: Path) -> Path | None:
@@ -79,8 +81,10 @@ def base_model_config(adapter: Path, model: str | None, model_path: str | None) 
     else:
         found = run_config(adapter)
         if found is None:
-            raise ExportError(f"{adapter}: not inside a run dir (no .hydra/config.yaml above it), so the base model "
-                              f"is unknown: pass --model <conf/model option> (and --model-path <local HF dir>)")
+            raise ExportError(
+                f"{adapter}: not inside a run dir (no .hydra/config.yaml above it), so the base model "
+                f"is unknown: pass --model <conf/model option> (and --model-path <local HF dir>)"
+            )
         mcfg, origin = OmegaConf.load(found).model, str(found)
         if "tie_word_embeddings" not in mcfg:  # a run from before the key existed: only the tiny model was tied
             mcfg.tie_word_embeddings = mcfg.source == "tiny"
@@ -89,8 +93,16 @@ def base_model_config(adapter: Path, model: str | None, model_path: str | None) 
     return mcfg, origin
 
 
-def export(src: Path, out: Path, which: str = "auto", model: str | None = None, model_path: str | None = None,
-           dtype: str = "float32", overwrite: bool = False, cache: Path | None = None) -> dict:
+def export(
+    src: Path,
+    out: Path,
+    which: str = "auto",
+    model: str | None = None,
+    model_path: str | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    cache: Path | None = None,
+) -> dict:
     """Merge the adapter found at `src` into its base and save base+LoRA as one model dir at `out`."""
     adapter = find_adapter(src, which)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -98,14 +110,18 @@ def export(src: Path, out: Path, which: str = "auto", model: str | None = None, 
     mcfg, origin = base_model_config(adapter, model, model_path)
     # the shared model cache without the run's config (its paths.* need Hydra to resolve)
     cache = cache or cache_dir()
-    tok = (AutoTokenizer.from_pretrained(str(adapter)) if (adapter / "tokenizer_config.json").is_file()
-           else M.load_tokenizer(mcfg, cache))  # the adapter's own copy is the tokenizer it was trained with
+    tok = (
+        AutoTokenizer.from_pretrained(str(adapter))
+        if (adapter / "tokenizer_config.json").is_file()
+        else M.load_tokenizer(mcfg, cache)
+    )  # the adapter's own copy is the tokenizer it was trained with
     base = M.load_model(mcfg, cache, dtype=DTYPES[dtype])
     try:
         peft_model = M.load_adapter(base, adapter)
     except (RuntimeError, ValueError) as e:  # shape mismatches: the adapter was trained on another base
-        raise ExportError(f"adapter {adapter} does not fit base model {mcfg.name} (from {origin}): "
-                          f"{str(e).splitlines()[0][:300]}") from e
+        raise ExportError(
+            f"adapter {adapter} does not fit base model {mcfg.name} (from {origin}): {str(e).splitlines()[0][:300]}"
+        ) from e
     merged = peft_model.merge_and_unload()
     merged.generation_config.pad_token_id = tok.pad_token_id
     tmp = out.with_name(out.name + ".tmp")
@@ -114,9 +130,13 @@ def export(src: Path, out: Path, which: str = "auto", model: str | None = None, 
     tok.save_pretrained(str(tmp))
     if (adapter / "prompt_format.json").is_file():  # how to prompt the model travels with it
         shutil.copy2(adapter / "prompt_format.json", tmp / "prompt_format.json")
-    record = {"adapter": str(adapter.resolve()), "base": {"name": mcfg.name, "source": mcfg.source,
-                                                           "path": mcfg.path, "hub_id": mcfg.hub_id},
-              "base_config_from": origin, "dtype": dtype, "exported": time.time()}
+    record = {
+        "adapter": str(adapter.resolve()),
+        "base": {"name": mcfg.name, "source": mcfg.source, "path": mcfg.path, "hub_id": mcfg.hub_id},
+        "base_config_from": origin,
+        "dtype": dtype,
+        "exported": time.time(),
+    }
     (tmp / "baize_export.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a half-written export never sits at --out
@@ -127,12 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="baize-export", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path, help="an adapter dir, or a run dir (its sdf/adapter, else train/adapter)")
     ap.add_argument("--out", type=Path, required=True, help="the standalone model dir to write")
-    ap.add_argument("--which", choices=["auto", "v1", "v2"], default="auto",
-                    help="in a run dir: v1 = train/adapter, v2 = sdf/adapter, auto = v2 if present")
+    ap.add_argument(
+        "--which",
+        choices=["auto", "v1", "v2"],
+        default="auto",
+        help="in a run dir: v1 = train/adapter, v2 = sdf/adapter, auto = v2 if present",
+    )
     ap.add_argument("--model", help="conf/model option of the base (default: the run's own config)")
     ap.add_argument("--model-path", help="local HF dir of the base (overrides model.path)")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                    help="dtype to load, merge and save in (bfloat16 halves memory and size for 7B+)")
+    ap.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="dtype to load, merge and save in (bfloat16 halves memory and size for 7B+)",
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
     with exit_on_error("baize_exp.export"):

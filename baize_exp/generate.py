@@ -33,14 +33,22 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return (seed * 1_000_003 + batch_index) % (2**63)
 
 
-def sharded_map(items: list[Any], batch_size: int, fn: Callable[[list[Any], int], list[Any]], shard_dir: Path,
-                key: str, rank: int | None = None, world: int | None = None, poll_s: float = 1.0) -> list[Any] | None:
+def sharded_map(
+    items: list[Any],
+    batch_size: int,
+    fn: Callable[[list[Any], int], list[Any]],
+    shard_dir: Path,
+    key: str,
+    rank: int | None = None,
+    world: int | None = None,
+    poll_s: float = 1.0,
+) -> list[Any] | None:
     """`fn(batch, batch_index)` over `items` in batches of `batch_size`, the batches dealt round-robin over the
     ranks; rank 0 gets every result back in input order, the others None. `key` names this piece of work (what it
     depends on): shard files of another key are ignored, finished batches of this key are not redone."""
     if rank is None or world is None:
         rank, world = rank_and_world()
-    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     path = shard_dir / f"{key}.rank{rank}.jsonl"
     done = {r["batch"]: r["results"] for r in read_jsonl(path, repair_tail=True)}
     with JsonlWriter(path) as w:
@@ -62,22 +70,26 @@ def sharded_map(items: list[Any], batch_size: int, fn: Callable[[list[Any], int]
                 merged.update({rec["batch"]: rec["results"] for rec in read_jsonl(shard_dir / f"{key}.rank{r}.jsonl")})
         if len(merged) < len(batches):
             if time.monotonic() - waited > 60:
-                log.info("rank 0: waiting for %d of %d batches from the other ranks", len(batches) - len(merged),
-                         len(batches))
+                log.info(
+                    "rank 0: waiting for %d of %d batches from the other ranks",
+                    len(batches) - len(merged),
+                    len(batches),
+                )
                 waited = time.monotonic()
             time.sleep(poll_s)
     return [x for b in range(len(batches)) for x in merged[b]]
 
 
-
-def sample_with(fn: Callable[[list[Any], int], list[Any]], items: list[Any], batch_size: int,
-                shard_dir: Path | None, key: str) -> list[Any] | None:
+def sample_with(
+    fn: Callable[[list[Any], int], list[Any]], items: list[Any], batch_size: int, shard_dir: Path | None, key: str
+) -> list[Any] | None:
     """`fn(batch, batch_index)` over `items` in batches: in this process, or with `shard_dir` dealt over the ranks
     (`sharded_map`: rank 0 gets everything, the others None). The batches and their indices are the same either
     way, so seeds derived from them are too."""
     if shard_dir is not None:
         return sharded_map(items, batch_size, fn, shard_dir, key)
-    return [x for b, i in enumerate(range(0, len(items), batch_size)) for x in fn(items[i:i + batch_size], b)]
+    return [x for b, i in enumerate(range(0, len(items), batch_size)) for x in fn(items[i : i + batch_size], b)]
+
 
 # --- backends -----------------------------------------------------------------------------------------------------
 # `generate.backend=vllm`: SDF candidates and eval answers come from vLLM's offline engine, the base loaded once and
@@ -112,17 +124,28 @@ def pick_backend(cfg: Any) -> str:
     why = vllm_unavailable(cfg.trainer.accelerator)
     if why is None:
         return "vllm"
-    log.warning("generate.backend=vllm: %s; generating with the HF path instead (same prompts, sampling settings "
-                "and seeds)", why)
+    log.warning(
+        "generate.backend=vllm: %s; generating with the HF path instead (same prompts, sampling settings and seeds)",
+        why,
+    )
     return "hf"
 
 
-def vllm_sampling(n: int, temperature: float, top_p: float, max_new_tokens: int, stop: list[str], seed: int
-                  ) -> dict[str, Any]:
+def vllm_sampling(
+    n: int, temperature: float, top_p: float, max_new_tokens: int, stop: list[str], seed: int
+) -> dict[str, Any]:
     """vLLM SamplingParams arguments meaning what the HF path's generate arguments mean."""
     greedy = temperature <= 0
-    return {"n": n, "temperature": 0.0 if greedy else temperature, "top_p": 1.0 if greedy else top_p, "top_k": -1,
-            "max_tokens": max_new_tokens, "stop": list(stop), "seed": seed, "skip_special_tokens": True}
+    return {
+        "n": n,
+        "temperature": 0.0 if greedy else temperature,
+        "top_p": 1.0 if greedy else top_p,
+        "top_k": -1,
+        "max_tokens": max_new_tokens,
+        "stop": list(stop),
+        "seed": seed,
+        "skip_special_tokens": True,
+    }
 
 
 def vllm_lora_rank(r: int) -> int:
@@ -152,22 +175,43 @@ class VllmStudent:
 
             g = cfg.generate
             log.info("vLLM: loading %s (%s) with LoRA up to rank %d", self.folder, dtype, vllm_lora_rank(cfg.lora.r))
-            self._engines[key] = LLM(model=self.folder, dtype=dtype, enable_lora=True,
-                                     max_lora_rank=vllm_lora_rank(cfg.lora.r), max_loras=1, seed=cfg.seed,
-                                     gpu_memory_utilization=g.gpu_memory_utilization,
-                                     max_model_len=g.max_model_len or None, enforce_eager=g.enforce_eager)
+            self._engines[key] = LLM(
+                model=self.folder,
+                dtype=dtype,
+                enable_lora=True,
+                max_lora_rank=vllm_lora_rank(cfg.lora.r),
+                max_loras=1,
+                seed=cfg.seed,
+                gpu_memory_utilization=g.gpu_memory_utilization,
+                max_model_len=g.max_model_len or None,
+                enforce_eager=g.enforce_eager,
+            )
         self.llm = self._engines[key]
 
-    def generate(self, prompts: list[str], adapter: Path | None, first_index: int, n: int, temperature: float,
-                 top_p: float, max_new_tokens: int, stop: list[str], seed: int) -> list[list[str]]:
+    def generate(
+        self,
+        prompts: list[str],
+        adapter: Path | None,
+        first_index: int,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        stop: list[str],
+        seed: int,
+    ) -> list[list[str]]:
         """`n` texts per prompt; prompt i (counted from `first_index` in the whole list) samples with seed
         batch_seed(seed, index), so the result does not depend on how the prompts were batched or sharded."""
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
         inputs = [{"prompt_token_ids": self.tok(p, add_special_tokens=False).input_ids} for p in prompts]
-        params = [SamplingParams(**vllm_sampling(n, temperature, top_p, max_new_tokens, stop,
-                                                 batch_seed(seed, first_index + i))) for i in range(len(prompts))]
+        params = [
+            SamplingParams(
+                **vllm_sampling(n, temperature, top_p, max_new_tokens, stop, batch_seed(seed, first_index + i))
+            )
+            for i in range(len(prompts))
+        ]
         lora = None
         if adapter is not None:
             # vLLM tells adapters apart by their integer id (and caches them by it): one per adapter folder,

@@ -28,8 +28,9 @@ def decode_utf8(path: str | Path, data: bytes) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise JsonlError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}); save the "
-                         f"file as UTF-8") from None
+        raise JsonlError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}); save the file as UTF-8"
+        ) from None
 
 
 def iter_jsonl(path: str | Path, repair_tail: bool = False) -> Iterator[tuple[int, Any]]:
@@ -68,8 +69,9 @@ def read_jsonl(path: str | Path, repair_tail: bool = False) -> list[dict]:
     records = []
     for line, value in iter_jsonl(path, repair_tail):
         if not isinstance(value, dict):
-            raise JsonlError(f"{path}:{line}: expected a JSON object, found {type(value).__name__}; one record "
-                             f"per line")
+            raise JsonlError(
+                f"{path}:{line}: expected a JSON object, found {type(value).__name__}; one record per line"
+            )
         records.append(value)
     return records
 

@@ -66,8 +66,7 @@ def converted_gguf_dir(gguf_path: Path, cache_dir: Path) -> Path:
             return out
         log.info("converting %s into a cached HF folder %s (once)", gguf_path.name, out)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         # The GGUF weights are dequantized to fp32; drop the quantization marks so the folder is a plain model.
         for attr in ("quantization_config",):
             if hasattr(model.config, attr):
@@ -87,8 +86,10 @@ def converted_gguf_dir(gguf_path: Path, cache_dir: Path) -> Path:
 def check_loadable(mcfg: Any) -> None:
     """Before any work: a hub model needs a hub or a local path (HF_HUB_OFFLINE=1 says there is no hub)."""
     if mcfg.source == "hf" and not mcfg.path and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelLoadError(f"model={mcfg.name} needs model.path=<local HF checkpoint dir>: the hub id "
-                             f"{mcfg.hub_id!r} cannot be downloaded here (HF_HUB_OFFLINE=1)")
+        raise ModelLoadError(
+            f"model={mcfg.name} needs model.path=<local HF checkpoint dir>: the hub id "
+            f"{mcfg.hub_id!r} cannot be downloaded here (HF_HUB_OFFLINE=1)"
+        )
 
 
 def resolve_model_dir(mcfg: Any, cache_dir: Path) -> str:
@@ -137,8 +138,10 @@ def load_tokenizer(mcfg: Any, cache_dir: Path) -> PreTrainedTokenizerBase:
         if getattr(mcfg, "tokenizer", None):
             src = str(Path(mcfg.tokenizer).expanduser())
             if not (Path(src) / "tokenizer_config.json").is_file():
-                raise ModelLoadError(f"model.tokenizer={mcfg.tokenizer!r} is not a tokenizer folder (no "
-                                     f"tokenizer_config.json there); save one with tokenizer.save_pretrained(dir)")
+                raise ModelLoadError(
+                    f"model.tokenizer={mcfg.tokenizer!r} is not a tokenizer folder (no "
+                    f"tokenizer_config.json there); save one with tokenizer.save_pretrained(dir)"
+                )
         else:
             src = tokenizer_dir(cache_dir)
     else:
@@ -168,10 +171,17 @@ def architecture(mcfg: Any) -> PretrainedConfig:
             raise ModelLoadError(f"model.path={mcfg.path!r} is not an HF model dir (no config.json there)")
         return AutoConfig.from_pretrained(str(p))
     return LlamaConfig(
-        vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size, intermediate_size=mcfg.intermediate_size,
-        num_hidden_layers=mcfg.num_hidden_layers, num_attention_heads=mcfg.num_attention_heads,
-        num_key_value_heads=mcfg.num_key_value_heads, max_position_embeddings=mcfg.max_position_embeddings,
-        tie_word_embeddings=mcfg.tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=mcfg.vocab_size,
+        hidden_size=mcfg.hidden_size,
+        intermediate_size=mcfg.intermediate_size,
+        num_hidden_layers=mcfg.num_hidden_layers,
+        num_attention_heads=mcfg.num_attention_heads,
+        num_key_value_heads=mcfg.num_key_value_heads,
+        max_position_embeddings=mcfg.max_position_embeddings,
+        tie_word_embeddings=mcfg.tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     )
 
 
@@ -214,8 +224,9 @@ def load_model(mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32) -
     return model
 
 
-def load_model_and_tokenizer(mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32
-                              ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+def load_model_and_tokenizer(
+    mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     tok = load_tokenizer(mcfg, cache_dir)
     model = load_model(mcfg, cache_dir, dtype)
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -227,18 +238,25 @@ def load_model_and_tokenizer(mcfg: Any, cache_dir: Path, dtype: torch.dtype = to
 def lora_config(lcfg: Any):
     from peft import LoraConfig
 
-    return LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                      target_modules=list(lcfg.target_modules), bias=lcfg.bias, task_type="CAUSAL_LM",
-                      use_rslora=bool(getattr(lcfg, "use_rslora", False)),
-                      use_dora=bool(getattr(lcfg, "use_dora", False)))
+    return LoraConfig(
+        r=lcfg.r,
+        lora_alpha=lcfg.alpha,
+        lora_dropout=lcfg.dropout,
+        target_modules=list(lcfg.target_modules),
+        bias=lcfg.bias,
+        task_type="CAUSAL_LM",
+        use_rslora=bool(getattr(lcfg, "use_rslora", False)),
+        use_dora=bool(getattr(lcfg, "use_dora", False)),
+    )
 
 
 def attach_lora(model: torch.nn.Module, lcfg: Any):
     """Wrap a base model with fresh LoRA weights (only those are trainable)."""
     from peft import get_peft_model
 
-    missing = [t for t in lcfg.target_modules if not any(n.endswith(f".{t}") or n == t
-                                                         for n, _ in model.named_modules())]
+    missing = [
+        t for t in lcfg.target_modules if not any(n.endswith(f".{t}") or n == t for n, _ in model.named_modules())
+    ]
     if missing:  # peft only fails when none match; a typo in one name would silently train fewer layers
         raise ValueError(f"lora.target_modules: {missing} match no module of {type(model).__name__}")
     return get_peft_model(model, lora_config(lcfg))
@@ -265,13 +283,21 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """`text` cut before the earliest stop string; whether one was found."""
     hits = [k for k in (text.find(s) for s in stop if s) if k >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
+    return (text[: min(hits)], True) if hits else (text, False)
 
 
 @torch.no_grad()
-def generate_texts(model: torch.nn.Module, tok: Any, prompts: list[str], max_new_tokens: int,
-                   temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
-                   stop: list[str] | None = None, batch_size: int = 8) -> list[list[str]]:
+def generate_texts(
+    model: torch.nn.Module,
+    tok: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_return_sequences: int = 1,
+    stop: list[str] | None = None,
+    batch_size: int = 8,
+) -> list[list[str]]:
     """Generate for raw-text prompts in left-padded batches; returns num_return_sequences texts per prompt,
     each cut at the first stop string."""
     model.eval()
@@ -281,18 +307,19 @@ def generate_texts(model: torch.nn.Module, tok: Any, prompts: list[str], max_new
     try:
         for i in range(0, len(prompts), batch_size):
             cpu.fit_threads()  # long generation on a shared machine: take the cores that are free, no more
-            enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = enc.to(_device_of(model))  # the inputs go where the model is (a GPU student, a sample callback)
-            kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
-                                      pad_token_id=tok.pad_token_id)
+            kw: dict[str, Any] = dict(
+                max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences, pad_token_id=tok.pad_token_id
+            )
             if temperature > 0:
                 kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
             else:
                 kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            seqs = model.generate(**enc, **kw)[:, enc.input_ids.shape[1]:]
+            seqs = model.generate(**enc, **kw)[:, enc.input_ids.shape[1] :]
             texts = tok.batch_decode(seqs, skip_special_tokens=True)
             for j in range(0, len(texts), num_return_sequences):
-                group = [cut_at_stop(t, stop or [])[0].strip() for t in texts[j:j + num_return_sequences]]
+                group = [cut_at_stop(t, stop or [])[0].strip() for t in texts[j : j + num_return_sequences]]
                 outs.append(group)
     finally:
         tok.padding_side = side
@@ -309,7 +336,9 @@ def adapter_hash(path: Path | None) -> str | None:
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
+
 # --- serving: a model named as on the server's command line ---------------------------------------------------
+
 
 def model_option(model: str) -> Any:
     """The conf/model option named `model`, or None."""

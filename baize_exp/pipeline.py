@@ -51,8 +51,7 @@ def fingerprint(cfg: DictConfig, name: str, memo: dict[str, str] | None = None) 
     if name not in memo:
         stage = STAGES[name]
         external = stage.external(cfg)
-        upstream = {up: file_hash(external[up]) if up in external else fingerprint(cfg, up, memo)
-                    for up in stage.reads}
+        upstream = {up: file_hash(external[up]) if up in external else fingerprint(cfg, up, memo) for up in stage.reads}
         memo[name] = stage.fingerprint(cfg, upstream)
     return memo[name]
 
@@ -74,11 +73,21 @@ def _start_wandb(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Any:
     sweep = _sweep_name(cfg)
     # A multirun's overrides become tags and config columns, so the dashboard compares its runs without any
     # manual bookkeeping.
-    tags = list(lg.tags) + ([o.lstrip("+~")[:64] for o in overrides if not NOT_PARAMS.match(o.lstrip("+~"))]
-                            if sweep else [])
+    tags = list(lg.tags) + (
+        [o.lstrip("+~")[:64] for o in overrides if not NOT_PARAMS.match(o.lstrip("+~"))] if sweep else []
+    )
     config = {**to_container(cfg), "overrides": override_dict(overrides)}
-    run = wandb.init(project=lg.project, entity=lg.entity, group=wandb_group(cfg, overrides, sweep), name=name,
-                     tags=tags or None, config=config, dir=str(run_dir), mode=mode, reinit="finish_previous")
+    run = wandb.init(
+        project=lg.project,
+        entity=lg.entity,
+        group=wandb_group(cfg, overrides, sweep),
+        name=name,
+        tags=tags or None,
+        config=config,
+        dir=str(run_dir),
+        mode=mode,
+        reinit="finish_previous",
+    )
     define_axes(run)
     return run
 
@@ -86,7 +95,7 @@ def _start_wandb(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Any:
 def wandb_group(cfg: DictConfig, overrides: list[str], sweep: str | None = None) -> str:
     """The run's W&B group: `logger.group`, else the multirun's sweep name, else `run_name`, else the
     `experiment=` option, else "single" (see the module docstring)."""
-    return (cfg.logger.group or sweep or cfg.run_name or _experiment_choice(overrides) or "single")
+    return cfg.logger.group or sweep or cfg.run_name or _experiment_choice(overrides) or "single"
 
 
 def _experiment_choice(overrides: list[str]) -> str | None:
@@ -150,16 +159,26 @@ def run_pipeline(cfg: DictConfig) -> dict:
         if (run_dir / "metrics.json").is_file():
             _restore_hydra_record(run_dir)  # an existing run: left exactly as it was
         else:  # a new run dir (a sweep's job): its record says why it did not run
-            _finish_status(run_dir / "metrics.json", {"run": {"run_dir": str(run_dir), "overrides": _overrides(),
-                                                              "status": "failed", "error": None}}, e)
+            _finish_status(
+                run_dir / "metrics.json",
+                {"run": {"run_dir": str(run_dir), "overrides": _overrides(), "status": "failed", "error": None}},
+                e,
+            )
         raise
     _keep_hydra_record(run_dir)
     overrides = _overrides()
     metrics_path = run_dir / "metrics.json"
     metrics: dict[str, Any] = read_json(metrics_path) if metrics_path.is_file() else {}
-    metrics["run"] = {"run_dir": str(run_dir), "overrides": overrides, "status": "running", "error": None,
-                      "model": cfg.model.name, "lora_r": cfg.lora.r, "data": cfg.data.name,
-                      "stages": list(cfg.stages)}
+    metrics["run"] = {
+        "run_dir": str(run_dir),
+        "overrides": overrides,
+        "status": "running",
+        "error": None,
+        "model": cfg.model.name,
+        "lora_r": cfg.lora.r,
+        "data": cfg.data.name,
+        "stages": list(cfg.stages),
+    }
 
     wb = _start_wandb(cfg, run_dir, overrides) if cfg.logger.name == "wandb" else None
     backends = Backends(cfg, run_dir, cache_dir(cfg))
@@ -180,8 +199,15 @@ def run_pipeline(cfg: DictConfig) -> dict:
             metrics[stage.name] = m
             write_json(metrics_path, metrics)
             if stage.marker:
-                write_json(marker, {"stage": stage.name, "fingerprint": fingerprint(cfg, stage.name, memo),
-                                    "finished": time.time(), "metrics": m})
+                write_json(
+                    marker,
+                    {
+                        "stage": stage.name,
+                        "fingerprint": fingerprint(cfg, stage.name, memo),
+                        "finished": time.time(),
+                        "metrics": m,
+                    },
+                )
             log.info("stage %s: done in %.1fs", stage.name, m["stage_seconds"])
             if wb is not None:
                 log_stage_summary(wb, stage.name, m)  # summary only: never a point in a per-step series
@@ -214,9 +240,11 @@ def _check_marker(cfg: DictConfig, run_dir: Path, stage: Stage, memo: dict[str, 
     fp = fingerprint(cfg, stage.name, memo)
     done = read_json(marker)
     if done.get("fingerprint") != fp:
-        raise ConfigError(f"stage {stage.name} in {run_dir} was completed with a different config "
-                          f"(fingerprint {done.get('fingerprint')} != {fp}); use a new run dir, or delete "
-                          f"{run_dir / stage.name} and the stages after it to redo them")
+        raise ConfigError(
+            f"stage {stage.name} in {run_dir} was completed with a different config "
+            f"(fingerprint {done.get('fingerprint')} != {fp}); use a new run dir, or delete "
+            f"{run_dir / stage.name} and the stages after it to redo them"
+        )
 
 
 HYDRA_KEPT = ".hydra_accepted"  # Hydra's record of the last command this run dir accepted
@@ -293,14 +321,16 @@ def optimized_value(metrics: dict, name: str) -> float:
         rest = key.removeprefix("final/")
         key = next((f"{v}/{rest}" for v in ("v2", "v1", "base") if f"{v}/{rest}" in m), key)
     if key not in m:
-        raise ConfigError(f"optimized_metric={name!r}: no such metric in this run's metrics.json "
-                          f"(stage {stage!r} has: {', '.join(sorted(m)) or 'nothing'})")
+        raise ConfigError(
+            f"optimized_metric={name!r}: no such metric in this run's metrics.json "
+            f"(stage {stage!r} has: {', '.join(sorted(m)) or 'nothing'})"
+        )
     return float(m[key])
 
 
 def _finish_status(metrics_path: Path, metrics: dict, error: BaseException | None) -> None:
-    metrics["run"]["status"] = ("completed" if error is None else "interrupted" if isinstance(error, Interrupted)
-                                else "failed")
+    metrics["run"]["status"] = (
+        "completed" if error is None else "interrupted" if isinstance(error, Interrupted) else "failed"
+    )
     metrics["run"]["error"] = None if error is None else f"{type(error).__name__}: {error}"[:2000]
     write_json(metrics_path, metrics)
-

@@ -56,15 +56,24 @@ def run_all(runs_dir: Path, extra: list[str]) -> dict[str, float]:
     """Each run through the real entry point, one after the other; seconds each took (0 when already done)."""
     took = {}
     for name, overrides in RUNS.items():
-        cmd = [sys.executable, "-m", "baize_exp", "experiment=reproduce", f"hydra.run.dir={runs_dir / name}",
-               *overrides, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "baize_exp",
+            "experiment=reproduce",
+            f"hydra.run.dir={runs_dir / name}",
+            *overrides,
+            *extra,
+        ]
         print(f"reproduce: {name}: {' '.join(cmd[2:])}", flush=True)
         t0 = time.monotonic()
         rc = subprocess.run(cmd).returncode
         took[name] = time.monotonic() - t0
         if rc != 0:
-            raise SystemExit(f"reproduce: run {name} failed (exit {rc}); its log is {runs_dir / name / 'run.log'}. "
-                             f"Rerun the same command: finished stages are kept")
+            raise SystemExit(
+                f"reproduce: run {name} failed (exit {rc}); its log is {runs_dir / name / 'run.log'}. "
+                f"Rerun the same command: finished stages are kept"
+            )
     return took
 
 
@@ -79,9 +88,11 @@ def gather(runs_dir: Path) -> list[dict]:
     rows = []
     for r in read_csv_rows(runs_dir / "main" / "eval" / "paired.csv"):
         rows.append({**r, "claim": r["comparison"]})
-    pairs = [("ai-only vs all-tokens", "main", "loss_all", "v1 r=8 ai-only", "v1 all-tokens"),
-             *[(f"rank {n} vs 8", f"r{n}", "main", f"v1 r={n}", "v1 r=8") for n in (4, 16, 64)],
-             (SEED_CONTROL, "seed43", "main", "v1 seed 43", "v1 seed 42")]
+    pairs = [
+        ("ai-only vs all-tokens", "main", "loss_all", "v1 r=8 ai-only", "v1 all-tokens"),
+        *[(f"rank {n} vs 8", f"r{n}", "main", f"v1 r={n}", "v1 r=8") for n in (4, 16, 64)],
+        (SEED_CONTROL, "seed43", "main", "v1 seed 43", "v1 seed 42"),
+    ]
     for claim, a, b, a_label, b_label in pairs:
         got, notes = cross_run_rows([(a_label, runs_dir / a, "v1"), (b_label, runs_dir / b, "v1")], baseline=1)
         for note in notes:
@@ -106,9 +117,11 @@ def _verdict_line(rows: list[dict], claim: str) -> str:
     sel = _claim_rows(rows, claim)
     if not sel:
         return "not measured"
-    return "; ".join(f"{r['comparison']}, {r['metric']}: {r['verdict']} ({r['diff']:+.3g} "
-                     f"[{r['ci_low']:+.3g}, {r['ci_high']:+.3g}], n={r['n']})"
-                     + (f" ({r['note']})" if r.get("note") else "") for r in sel)
+    return "; ".join(
+        f"{r['comparison']}, {r['metric']}: {r['verdict']} ({r['diff']:+.3g} "
+        f"[{r['ci_low']:+.3g}, {r['ci_high']:+.3g}], n={r['n']})" + (f" ({r['note']})" if r.get("note") else "")
+        for r in sel
+    )
 
 
 def _reading(rows: list[dict], claim: str, judge_note: bool = True) -> str:
@@ -116,34 +129,51 @@ def _reading(rows: list[dict], claim: str, judge_note: bool = True) -> str:
     and whether the judge rows are evidence at all."""
     if claim == "rank":  # three comparisons, each its own reading; what the judge is worth, once
         blind = any(r.get("note") and r["metric"].startswith("judge_") for r in _claim_rows(rows, claim))
-        return " ".join(f"{c}: {_reading(rows, c, judge_note=False)}" for c in dict.fromkeys(r["claim"] for r in rows)
-                        if c.startswith("rank")) + (" The judge's rows are not evidence (it failed its check)."
-                                                    if blind else "")
+        return " ".join(
+            f"{c}: {_reading(rows, c, judge_note=False)}"
+            for c in dict.fromkeys(r["claim"] for r in rows)
+            if c.startswith("rank")
+        ) + (" The judge's rows are not evidence (it failed its check)." if blind else "")
     sel = _claim_rows(rows, claim)
     free = [r for r in sel if not r["metric"].startswith("judge_")]
     if not free:
         return "no judge-free measurement"
+
     def effective(r: dict) -> str:
         return WITHIN_NOISE if WITHIN_NOISE in (r.get("note") or "") else r["verdict"]
 
-    by = {v: sorted({r["metric"] for r in free if effective(r) == v})
-          for v in ("better", "worse", "no detectable difference", WITHIN_NOISE)}
+    by = {
+        v: sorted({r["metric"] for r in free if effective(r) == v})
+        for v in ("better", "worse", "no detectable difference", WITHIN_NOISE)
+    }
     judge_blind = any(r.get("note") for r in sel if r["metric"].startswith("judge_"))
     tail = " The judge's rows are not evidence (it failed its check)." if judge_blind and judge_note else ""
     if by["better"] and by["worse"]:
-        return (f"mixed: better on {', '.join(by['better'])}, worse on {', '.join(by['worse'])}; the measures "
-                f"disagree about what changed." + tail)
+        return (
+            f"mixed: better on {', '.join(by['better'])}, worse on {', '.join(by['worse'])}; the measures "
+            f"disagree about what changed." + tail
+        )
     if by["better"] or by["worse"]:
         side = "better" if by["better"] else "worse"
         rest = "".join(f"; {v} on {', '.join(by[v])}" for v in ("no detectable difference", WITHIN_NOISE) if by[v])
         return f"{side} on {', '.join(by[side])}{rest}." + tail
     if by[WITHIN_NOISE]:
-        return (f"not shown: the difference on {', '.join(by[WITHIN_NOISE])} is no larger than a second training "
-                f"seed's own" + (f"; no detectable difference on {', '.join(by['no detectable difference'])}"
-                                 if by["no detectable difference"] else "") + "." + tail)
+        return (
+            f"not shown: the difference on {', '.join(by[WITHIN_NOISE])} is no larger than a second training "
+            f"seed's own"
+            + (
+                f"; no detectable difference on {', '.join(by['no detectable difference'])}"
+                if by["no detectable difference"]
+                else ""
+            )
+            + "."
+            + tail
+        )
     mde = max(r["mde"] for r in free)
-    return (f"cannot be shown at this scale: no detectable difference (the largest MDE is {mde:.3g}; a smaller "
-            f"true effect would go unseen)." + tail)
+    return (
+        f"cannot be shown at this scale: no detectable difference (the largest MDE is {mde:.3g}; a smaller "
+        f"true effect would go unseen)." + tail
+    )
 
 
 def _check(run_dir: Path) -> str:
@@ -155,8 +185,11 @@ def _stage_minutes(run_dir: Path) -> str:
     """The stages' own seconds from metrics.json (a cached collection counts what copying it took)."""
     m = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
     parts = {s: v["stage_seconds"] for s, v in m.items() if isinstance(v, dict) and "stage_seconds" in v}
-    return (f"{sum(parts.values()) / 60:.1f} min (" + ", ".join(f"{s} {v / 60:.1f}" for s, v in parts.items()) + ")"
-            if parts else "-")
+    return (
+        f"{sum(parts.values()) / 60:.1f} min (" + ", ".join(f"{s} {v / 60:.1f}" for s, v in parts.items()) + ")"
+        if parts
+        else "-"
+    )
 
 
 def write_results(runs_dir: Path, out: Path, took: dict[str, float]) -> Path:
@@ -172,41 +205,79 @@ def write_results(runs_dir: Path, out: Path, took: dict[str, float]) -> Path:
     rel = reliability(main).get("judge_check", {})
     ev, col = metrics.get("eval", {}), metrics.get("collect", {})
     blocks: list = [
-        Text(f"Six runs of `experiment=reproduce` on the embedded SmolLM2-135M (student, teacher and judge): "
-             f"{col.get('seeds', '?')} seeds → {col.get('dialogs', '?')} dialogs after the parser and the quality "
-             f"filters; {ev.get('heldout_dialogs', '?')} held out for the paired held-out loss, "
-             f"{ev.get('questions', '?')} eval questions. Regenerate with `make reproduce` "
-             f"(run dirs under `{runs_dir}`)."),
+        Text(
+            f"Six runs of `experiment=reproduce` on the embedded SmolLM2-135M (student, teacher and judge): "
+            f"{col.get('seeds', '?')} seeds → {col.get('dialogs', '?')} dialogs after the parser and the quality "
+            f"filters; {ev.get('heldout_dialogs', '?')} held out for the paired held-out loss, "
+            f"{ev.get('questions', '?')} eval questions. Regenerate with `make reproduce` "
+            f"(run dirs under `{runs_dir}`)."
+        ),
     ]
     if rel:
-        acc = (f"The judge check: {rel['correct']:g} of {rel['n']} known-order pairs right, accuracy "
-               f"{rel['accuracy']:.2f} [{rel['ci_low']:.2f}, {rel['ci_high']:.2f}] (chance 0.5).")
-        blocks.append(Text(acc + (" The judge discriminates." if rel["discriminates"] else
-                                  " The judge cannot discriminate: its scores below are not evidence either way; "
-                                  "the judge-free rows (held-out loss, reference log-likelihood) are what this "
-                                  "scale can show."), warn=not rel["discriminates"]))
+        acc = (
+            f"The judge check: {rel['correct']:g} of {rel['n']} known-order pairs right, accuracy "
+            f"{rel['accuracy']:.2f} [{rel['ci_low']:.2f}, {rel['ci_high']:.2f}] (chance 0.5)."
+        )
+        blocks.append(
+            Text(
+                acc
+                + (
+                    " The judge discriminates."
+                    if rel["discriminates"]
+                    else " The judge cannot discriminate: its scores below are not evidence either way; "
+                    "the judge-free rows (held-out loss, reference log-likelihood) are what this "
+                    "scale can show."
+                ),
+                warn=not rel["discriminates"],
+            )
+        )
     floor = {r["metric"]: r for r in rows if r["claim"] == SEED_CONTROL}
-    blocks += [Heading("Verdicts per claim"),
-               Table(["claim", "what this scale shows", "verdicts (a − b, paired 95% CI)"],
-                     [[c, _reading(rows, key), _verdict_line(rows, key)] for c, key in CLAIMS]
-                     + [["the noise floor: the same v1 with a second training seed",
-                         "a rerun of training moves " + ", ".join(f"{m} by {abs(r['diff']):.3g}"
-                                                                   for m, r in floor.items() if
-                                                                   not m.startswith("judge_"))
-                         + " (one seed pair: a rough floor, not an interval)", _verdict_line(rows, SEED_CONTROL)]]
-                     if floor else [])]
+    blocks += [
+        Heading("Verdicts per claim"),
+        Table(
+            ["claim", "what this scale shows", "verdicts (a − b, paired 95% CI)"],
+            [[c, _reading(rows, key), _verdict_line(rows, key)] for c, key in CLAIMS]
+            + [
+                [
+                    "the noise floor: the same v1 with a second training seed",
+                    "a rerun of training moves "
+                    + ", ".join(f"{m} by {abs(r['diff']):.3g}" for m, r in floor.items() if not m.startswith("judge_"))
+                    + " (one seed pair: a rough floor, not an interval)",
+                    _verdict_line(rows, SEED_CONTROL),
+                ]
+            ]
+            if floor
+            else [],
+        ),
+    ]
     header, cells, classes = paired_table(rows)
-    blocks += [Heading("Every comparison"), Text("diff = a − b per item (held-out dialog or eval question), mean "
-                                                 "over items; MDE = the smallest difference this n and this noise "
-                                                 "would detect 80% of the time."),
-               Table(header, cells, row_classes=classes)]
+    blocks += [
+        Heading("Every comparison"),
+        Text(
+            "diff = a − b per item (held-out dialog or eval question), mean "
+            "over items; MDE = the smallest difference this n and this noise "
+            "would detect 80% of the time."
+        ),
+        Table(header, cells, row_classes=classes),
+    ]
     if png := charts.forest(rows, out / "forest.png", "Paired differences (a − b), 95% CI"):
         blocks.append(Image(png, "forest plot of every paired comparison"))
-    blocks += [Heading("Runs"), Table(["run", "overrides", "judge check", "stage time (this machine)",
-                                       "this invocation"],
-                                      [[n, " ".join(o) or "(experiment=reproduce)", _check(runs_dir / n),
-                                        _stage_minutes(runs_dir / n), f"{took[n] / 60:.1f} min" if n in took else "-"]
-                                       for n, o in RUNS.items()])]
+    blocks += [
+        Heading("Runs"),
+        Table(
+            ["run", "overrides", "judge check", "stage time (this machine)", "this invocation"],
+            [
+                [
+                    n,
+                    " ".join(o) or "(experiment=reproduce)",
+                    _check(runs_dir / n),
+                    _stage_minutes(runs_dir / n),
+                    f"{took[n] / 60:.1f} min" if n in took else "-",
+                ]
+                for n, o in RUNS.items()
+            ],
+        ),
+    ]
     (out / "report.md").write_text(to_markdown("Baize's claims at 135M scale", blocks, out))
     (out / "report.html").write_text(to_html("Baize's claims at 135M scale", blocks))
     _, page = write_run_report(main)
@@ -215,8 +286,11 @@ def write_results(runs_dir: Path, out: Path, took: dict[str, float]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m baize_exp.reproduce", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m baize_exp.reproduce",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--out", type=Path, default=Path("results"), help="where the results go (default: results/)")
     ap.add_argument("--runs", type=Path, default=Path("outputs/reproduce"), help="the run dirs (default: %(default)s)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite results/ from finished runs")

@@ -18,8 +18,9 @@ SCORES_COLUMNS = ["model", "category", "mode", "n", "mean", "ci_low", "ci_high",
 PAIRWISE_VALUE = {"model": 1.0, "tie": 0.5, "opponent": 0.0}
 
 
-def bootstrap_ci(values: list[float], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
-                 ) -> tuple[float, float, float]:
+def bootstrap_ci(
+    values: list[float], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
     """(mean, low, high): the percentile bootstrap interval of the mean (resampling questions with replacement)."""
     v = np.asarray(values, dtype=float)
     if len(v) == 0:
@@ -56,17 +57,38 @@ def outcomes(judgments: list[dict]) -> list[dict]:
     for (model, qid, mode), reps in singles.items():
         cat = reps[0]["category"]
         scores = [r["score"] for r in reps if r.get("score") is not None]
-        out.append({"model": model, "question_id": qid, "category": cat, "mode": mode,
-                    "value": float(np.mean(scores)) if scores else None})
+        out.append(
+            {
+                "model": model,
+                "question_id": qid,
+                "category": cat,
+                "mode": mode,
+                "value": float(np.mean(scores)) if scores else None,
+            }
+        )
         weighted = [r["weighted_score"] for r in reps if r.get("weighted_score") is not None]
         if weighted:
-            out.append({"model": model, "question_id": qid, "category": cat, "mode": f"{mode}_weighted",
-                        "value": float(np.mean(weighted))})
+            out.append(
+                {
+                    "model": model,
+                    "question_id": qid,
+                    "category": cat,
+                    "mode": f"{mode}_weighted",
+                    "value": float(np.mean(weighted)),
+                }
+            )
     for (model, qid), both in pairs.items():
         w = combine_pairwise(*(both.get(s, {}).get("winner") for s in (False, True)))
         cat = next(iter(both.values()))["category"]
-        out.append({"model": model, "question_id": qid, "category": cat, "mode": "pairwise",
-                    "value": None if w is None else PAIRWISE_VALUE[w]})
+        out.append(
+            {
+                "model": model,
+                "question_id": qid,
+                "category": cat,
+                "mode": "pairwise",
+                "value": None if w is None else PAIRWISE_VALUE[w],
+            }
+        )
     return out
 
 
@@ -83,9 +105,18 @@ def score_table(judgments: list[dict], n_boot: int, seed: int) -> list[dict]:
                 sel = [o for o in sel_m if cat == "all" or o["category"] == cat]
                 vals = [o["value"] for o in sel if o["value"] is not None]
                 mean, lo, hi = bootstrap_ci(vals, n_boot, seed)
-                rows.append({"model": model, "category": cat, "mode": mode, "n": len(vals), "mean": round(mean, 4),
-                             "ci_low": round(lo, 4), "ci_high": round(hi, 4),
-                             "parse_failures": sum(o["value"] is None for o in sel)})
+                rows.append(
+                    {
+                        "model": model,
+                        "category": cat,
+                        "mode": mode,
+                        "n": len(vals),
+                        "mean": round(mean, 4),
+                        "ci_low": round(lo, 4),
+                        "ci_high": round(hi, 4),
+                        "parse_failures": sum(o["value"] is None for o in sel),
+                    }
+                )
     return rows
 
 
@@ -103,13 +134,15 @@ def item_values(judgments: list[dict], items: list[dict]) -> dict[str, dict[str,
     for o in outcomes(judgments):
         if o["value"] is not None:
             out.setdefault(o["model"], {}).setdefault(f"judge_{o['mode']}", {})[str(o["question_id"])] = float(
-                o["value"])
+                o["value"]
+            )
     for it in items:
         metric = ITEM_METRICS.get(it["kind"])
         if metric and it.get("tokens"):
             per_token = float(it["logprob_sum"]) / float(it["tokens"])
             out.setdefault(it["model"], {}).setdefault(metric, {})[str(it["item_id"])] = (
-                -per_token if metric == "heldout_loss" else per_token)
+                -per_token if metric == "heldout_loss" else per_token
+            )
     return out
 
 
@@ -128,13 +161,33 @@ def write_scores_csv(rows: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Paired comparisons: two models on the same items (questions or held-out dialogs)
 
-PAIRED_COLUMNS = ["comparison", "a", "b", "metric", "better_if", "n", "mean_a", "mean_b", "diff", "ci_low",
-                  "ci_high", "mde", "verdict", "note"]
+PAIRED_COLUMNS = [
+    "comparison",
+    "a",
+    "b",
+    "metric",
+    "better_if",
+    "n",
+    "mean_a",
+    "mean_b",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "mde",
+    "verdict",
+    "note",
+]
 VERDICTS = ("better", "worse", "no detectable difference")
 
 
-def paired_bootstrap(a: dict[str, float], b: dict[str, float], higher_is_better: bool = True, n_boot: int = 2000,
-                     seed: int = 0, alpha: float = 0.05) -> dict:
+def paired_bootstrap(
+    a: dict[str, float],
+    b: dict[str, float],
+    higher_is_better: bool = True,
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict:
     """Compare model a with model b on the items both have a value for (keys: question or dialog ids).
 
     The statistic is the mean per-item difference a - b; its (1 - alpha) interval is the percentile bootstrap
@@ -144,12 +197,21 @@ def paired_bootstrap(a: dict[str, float], b: dict[str, float], higher_is_better:
     the time (two-sided, alpha 0.05): (1.96 + 0.84) times the standard error of the mean difference."""
     ids = [k for k in a if k in b and a[k] is not None and b[k] is not None]
     d = np.asarray([a[k] - b[k] for k in ids], dtype=float)
-    out = {"n": len(ids), "mean_a": float(np.mean([a[k] for k in ids])) if ids else float("nan"),
-           "mean_b": float(np.mean([b[k] for k in ids])) if ids else float("nan"),
-           "better_if": "higher" if higher_is_better else "lower"}
+    out = {
+        "n": len(ids),
+        "mean_a": float(np.mean([a[k] for k in ids])) if ids else float("nan"),
+        "mean_b": float(np.mean([b[k] for k in ids])) if ids else float("nan"),
+        "better_if": "higher" if higher_is_better else "lower",
+    }
     if len(d) < 2:
-        return {**out, "diff": float(d.mean()) if len(d) else float("nan"), "ci_low": float("nan"),
-                "ci_high": float("nan"), "mde": float("nan"), "verdict": VERDICTS[2]}
+        return {
+            **out,
+            "diff": float(d.mean()) if len(d) else float("nan"),
+            "ci_low": float("nan"),
+            "ci_high": float("nan"),
+            "mde": float("nan"),
+            "verdict": VERDICTS[2],
+        }
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
     lo, hi = float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))

@@ -107,8 +107,10 @@ def log_adapter(run: Any, stage_dir: Path, stage: str) -> bool:
     cfg_file = adapter / "adapter_config.json"
     if cfg_file.is_file():
         ac = json.loads(cfg_file.read_text())
-        meta["lora"] = {k: ac.get(k) for k in ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules",
-                                               "base_model_name_or_path")}
+        meta["lora"] = {
+            k: ac.get(k)
+            for k in ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "base_model_name_or_path")
+        }
     meta["metrics"] = _stage_metrics(stage_dir)
     return log_files_artifact(run, f"{stage}-adapter", "model", [adapter], meta)
 

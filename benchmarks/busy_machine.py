@@ -35,8 +35,13 @@ def one_run(work: Path, name: str, busy: int, extra_env: dict, args: list[str]) 
     load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     t0 = time.monotonic()
     try:
-        r = subprocess.run([sys.executable, str(ROOT / "run.py"), f"hydra.run.dir={work / name}", *args], env=env,
-                           cwd=ROOT, capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "run.py"), f"hydra.run.dir={work / name}", *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
     finally:
         wall = time.monotonic() - t0
         for p in load:
@@ -44,17 +49,27 @@ def one_run(work: Path, name: str, busy: int, extra_env: dict, args: list[str]) 
             p.wait()
     metrics = json.loads((work / name / "metrics.json").read_text()) if (work / name / "metrics.json").is_file() else {}
     stages = {s: m.get("stage_seconds") for s, m in metrics.items() if s != "run" and isinstance(m, dict)}
-    return {"name": name, "busy": busy, "wall_s": round(wall, 1), "rc": r.returncode, "stages": stages,
-            "status": metrics.get("run", {}).get("status"), "dialogs": metrics.get("collect", {}).get("dialogs"),
-            "error": r.stderr.strip().splitlines()[-1][:300] if r.returncode else None}
+    return {
+        "name": name,
+        "busy": busy,
+        "wall_s": round(wall, 1),
+        "rc": r.returncode,
+        "stages": stages,
+        "status": metrics.get("run", {}).get("status"),
+        "dialogs": metrics.get("collect", {}).get("dialogs"),
+        "error": r.stderr.strip().splitlines()[-1][:300] if r.returncode else None,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--busy", type=int, default=2, help="CPU-bound processes beside the loaded run")
     ap.add_argument("--repeats", type=int, default=1, help="quiet/loaded pairs, interleaved")
-    ap.add_argument("--fixed-threads", action="store_true",
-                    help="also run the old policy (BAIZE_THREADS = all cores in every process) under load")
+    ap.add_argument(
+        "--fixed-threads",
+        action="store_true",
+        help="also run the old policy (BAIZE_THREADS = all cores in every process) under load",
+    )
     ap.add_argument("--keep", type=Path, default=None, help="keep the run dirs here (default: a temp dir, removed)")
     ap.add_argument("args", nargs="*", help="overrides for run.py (default: none, the default run)")
     a = ap.parse_args()
@@ -74,16 +89,22 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r["stages"]
-        print(f"| {r['name']} | {r['busy']} | {r['wall_s']:.0f} s | " + " | ".join(
-            f"{st[s]:.0f} s" if st.get(s) is not None else "-" for s in ("collect", "train", "sdf", "eval"))
-            + f" | {r['status'] or r['error']} |")
+        print(
+            f"| {r['name']} | {r['busy']} | {r['wall_s']:.0f} s | "
+            + " | ".join(
+                f"{st[s]:.0f} s" if st.get(s) is not None else "-" for s in ("collect", "train", "sdf", "eval")
+            )
+            + f" | {r['status'] or r['error']} |"
+        )
     quiet = [r["wall_s"] for r in rows if r["busy"] == 0 and r["rc"] == 0]
     loaded = [r["wall_s"] for r in rows if r["busy"] and r["rc"] == 0 and not r["name"].startswith("loaded_fixed")]
     if quiet and loaded:
         ratio = (sum(loaded) / len(loaded)) / (sum(quiet) / len(quiet))
         ok = ratio <= 3 and all(r["rc"] == 0 for r in rows if not r["name"].startswith("loaded_fixed"))
-        print(f"\nloaded / quiet wall time: {ratio:.2f}x (target <= 3x, every run completed: "
-              f"{'met' if ok else 'NOT met'}); n={len(quiet)}+{len(loaded)}")
+        print(
+            f"\nloaded / quiet wall time: {ratio:.2f}x (target <= 3x, every run completed: "
+            f"{'met' if ok else 'NOT met'}); n={len(quiet)}+{len(loaded)}"
+        )
     if a.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -42,8 +42,12 @@ def baseline(base_url: str, template: str, questions: list[str], sleep_s: float)
     t0 = time.monotonic()
     ok = 0
     for q in questions:
-        r = client.chat.completions.create(model="gpt-3.5-turbo", max_tokens=512, temperature=0.7,
-                                           messages=[{"role": "user", "content": template.format(seed=q)}])
+        r = client.chat.completions.create(
+            model="gpt-3.5-turbo",
+            max_tokens=512,
+            temperature=0.7,
+            messages=[{"role": "user", "content": template.format(seed=q)}],
+        )
         ok += parse_transcript(r.choices[0].message.content, q).turns is not None
         time.sleep(sleep_s)
     assert ok == len(questions), "the baseline's dialogs did not parse"
@@ -66,18 +70,29 @@ def main() -> None:
         proc, base_url = spawn(a.latency, work, KEY_ENV)
         try:
             with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                cfg = compose(config_name="config", overrides=[
-                    "teacher=openai", f"teacher.base_url={base_url}", f"teacher.api_key_env={KEY_ENV}",
-                    f"teacher.concurrency={a.concurrency}", f"data.limit={a.dialogs}", "logger=none",
-                    f"paths.output_dir={work}"])
+                cfg = compose(
+                    config_name="config",
+                    overrides=[
+                        "teacher=openai",
+                        f"teacher.base_url={base_url}",
+                        f"teacher.api_key_env={KEY_ENV}",
+                        f"teacher.concurrency={a.concurrency}",
+                        f"data.limit={a.dialogs}",
+                        "logger=none",
+                        f"paths.output_dir={work}",
+                    ],
+                )
             validate(cfg)
             seeds = load_seeds(cfg.data)
             if len(seeds) < a.dialogs:  # more than the shipped sets hold: number the questions apart
-                seeds = [type(s)(f"{s.id}-{i}", s.source, f"{s.question} (#{i})")
-                         for i, s in enumerate(itertools.islice(itertools.cycle(seeds), a.dialogs))]
+                seeds = [
+                    type(s)(f"{s.id}-{i}", s.source, f"{s.question} (#{i})")
+                    for i, s in enumerate(itertools.islice(itertools.cycle(seeds), a.dialogs))
+                ]
 
-            base_rate = baseline(base_url, cfg.collect.template,
-                                 [s.question for s in seeds[:a.baseline_dialogs]], a.baseline_sleep)
+            base_rate = baseline(
+                base_url, cfg.collect.template, [s.question for s in seeds[: a.baseline_dialogs]], a.baseline_sleep
+            )
 
             client = ChatClient.from_config(cfg.teacher)
             m = collect(seeds, client, cfg.collect, cfg.teacher, work / "collect")
@@ -90,10 +105,13 @@ def main() -> None:
     bound = a.concurrency / a.latency
     cpu_ms = 1000 * m["cpu_seconds"] / m["new_dialogs"]
     print(f"\nlatency {a.latency:g} s/request, {a.dialogs} dialogs, concurrency {a.concurrency}")
-    print(f"baseline (sequential + {a.baseline_sleep:g} s sleep, {a.baseline_dialogs} dialogs): "
-          f"{base_rate:.3f} dialogs/s")
-    print(f"ours (collect, concurrency {a.concurrency}): {ours:.2f} dialogs/s in {m['seconds']:.1f} s, "
-          f"{m['requests']} requests, {m['retries']} retries")
+    print(
+        f"baseline (sequential + {a.baseline_sleep:g} s sleep, {a.baseline_dialogs} dialogs): {base_rate:.3f} dialogs/s"
+    )
+    print(
+        f"ours (collect, concurrency {a.concurrency}): {ours:.2f} dialogs/s in {m['seconds']:.1f} s, "
+        f"{m['requests']} requests, {m['retries']} retries"
+    )
     print(f"ratio: {ours / base_rate:.1f}x the baseline (target >= 30x)")
     print(f"fraction of the ideal bound {bound:g} dialogs/s: {ours / bound:.1%} (target >= 80%)")
     print(f"engine CPU: {cpu_ms:.2f} ms per dialog (target < 5 ms)")

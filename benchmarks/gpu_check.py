@@ -54,9 +54,15 @@ class Check:
         self.out = Path(args.out).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
-                    "TORCH_EXTENSIONS_DIR": str(self.out / "torch_extensions"),
-                    "MPLCONFIGDIR": str(self.out / "mpl"), "DS_BUILD_OPS": "0"}
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "WANDB_MODE": "offline",
+            "PYTHONUNBUFFERED": "1",
+            "TORCH_EXTENSIONS_DIR": str(self.out / "torch_extensions"),
+            "MPLCONFIGDIR": str(self.out / "mpl"),
+            "DS_BUILD_OPS": "0",
+        }
         self.model = "tiny" if self.dry else "random_1b"
         self.device = ["trainer=cpu"] if self.dry else ["trainer=gpu", "trainer.devices=1"]
         self.tok = [f"model.tokenizer={Path(args.tokenizer).resolve()}"] if args.tokenizer else []
@@ -94,11 +100,23 @@ class Check:
     def zero(self) -> None:
         steps = 4 if self.dry else 8
         data = self.dialogs(64 if self.dry else 400)
-        common = [f"model={self.model}", *self.tok, *self.device, "stages=[train]", f"train.data={data}",
-                  "logger=csv", "trainer.enable_progress_bar=false", f"trainer.max_steps={steps}",
-                  "trainer.max_epochs=100", "trainer.log_every_n_steps=1", "train.checkpoint_every_n_steps=0",
-                  "train.val_fraction=0.05", f"train.max_length={64 if self.dry else 512}", "train.batch_size=4",
-                  "train.lr=1e-3"]
+        common = [
+            f"model={self.model}",
+            *self.tok,
+            *self.device,
+            "stages=[train]",
+            f"train.data={data}",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+            f"trainer.max_steps={steps}",
+            "trainer.max_epochs=100",
+            "trainer.log_every_n_steps=1",
+            "train.checkpoint_every_n_steps=0",
+            "train.val_fraction=0.05",
+            f"train.max_length={64 if self.dry else 512}",
+            "train.batch_size=4",
+            "train.lr=1e-3",
+        ]
         strategies = ["auto"] if self.dry else STRATEGIES
         tol = 1e-5 if self.dry else 2e-2  # GPU attention backward kernels are not bit-deterministic
         for strategy in strategies:
@@ -110,25 +128,44 @@ class Check:
             seconds = time.perf_counter() - t0
             rc_stop = self.run_py(f"{strategy}_resumed", [*over, f"train.stop_at_step={steps // 2}"], base / "resumed")
             ckpt = base / "resumed" / "train" / "checkpoints" / "last.ckpt"
-            ckpt_bytes = (sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) if ckpt.is_dir()
-                          else ckpt.stat().st_size if ckpt.is_file() else 0)
+            ckpt_bytes = (
+                sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+                if ckpt.is_dir()
+                else ckpt.stat().st_size
+                if ckpt.is_file()
+                else 0
+            )
             # the same command again, as a job scheduler would rerun it: it continues from the checkpoint
-            rc_resume = self.run_py(f"{strategy}_resumed", [*over, f"train.stop_at_step={steps // 2}"], base / "resumed")
+            rc_resume = self.run_py(
+                f"{strategy}_resumed", [*over, f"train.stop_at_step={steps // 2}"], base / "resumed"
+            )
             label = f"train {strategy}" + (" (dry run: stands in for ZeRO-2/3/offload)" if self.dry else "")
             if (rc_straight, rc_stop, rc_resume) != (0, 75, 0):
-                self.row(label, False, exit_codes=[rc_straight, rc_stop, rc_resume],
-                         log=str(self.out / "logs" / f"{strategy}_straight.log"))
+                self.row(
+                    label,
+                    False,
+                    exit_codes=[rc_straight, rc_stop, rc_resume],
+                    log=str(self.out / "logs" / f"{strategy}_straight.log"),
+                )
                 continue
             a, b = self.curve(base / "straight"), self.curve(base / "resumed")
             m = json.loads((base / "straight" / "metrics.json").read_text())["train"]
             base_bytes = m["params_total"] * (4 if self.dry else 2)
             diff = max(abs(a[s] - b[s]) for s in a) if a.keys() == b.keys() else float("inf")
             falling = sum(list(a.values())[-2:]) / 2 < list(a.values())[0]
-            self.row(label, falling and diff <= tol and ckpt_bytes < base_bytes / 10,
-                     loss_first=round(a[min(a)], 4), loss_last=round(a[max(a)], 4), resume_max_diff=diff,
-                     resume_tolerance=tol, ckpt_mb=round(ckpt_bytes / 2**20, 1),
-                     ckpt_share_of_base=round(ckpt_bytes / base_bytes, 4), run_seconds=round(seconds, 1),
-                     peak_mem_gb=m["peak_mem_gb"], tokens_per_s=m["tokens_per_s"])
+            self.row(
+                label,
+                falling and diff <= tol and ckpt_bytes < base_bytes / 10,
+                loss_first=round(a[min(a)], 4),
+                loss_last=round(a[max(a)], 4),
+                resume_max_diff=diff,
+                resume_tolerance=tol,
+                ckpt_mb=round(ckpt_bytes / 2**20, 1),
+                ckpt_share_of_base=round(ckpt_bytes / base_bytes, 4),
+                run_seconds=round(seconds, 1),
+                peak_mem_gb=m["peak_mem_gb"],
+                tokens_per_s=m["tokens_per_s"],
+            )
         self.v1 = self.out / strategies[0] / "straight" / "train" / "adapter"
 
     # --- 2. student generation --------------------------------------------------------------------------------------
@@ -161,12 +198,16 @@ class Check:
             t1 = time.perf_counter()
             answers = M.generate_texts(model, tok, prompts, new, stop=[BAIZE_HUMAN], batch_size=8)
             t2 = time.perf_counter()
-            res[dev] = {"sdf_tokens_per_s": _tokens(tok, [c for cs in cands for c in cs]) / (t1 - t0),
-                        "eval_tokens_per_s": _tokens(tok, [a[0] for a in answers]) / (t2 - t1), "dtype": str(dtype)}
+            res[dev] = {
+                "sdf_tokens_per_s": _tokens(tok, [c for cs in cands for c in cs]) / (t1 - t0),
+                "eval_tokens_per_s": _tokens(tok, [a[0] for a in answers]) / (t2 - t1),
+                "dtype": str(dtype),
+            }
             del model, base
         ok = all(r["sdf_tokens_per_s"] > 0 for r in res.values())
-        figures: dict[str, Any] = {f"{d}_{k}": (round(v, 1) if isinstance(v, float) else v)
-                                   for d, r in res.items() for k, v in r.items()}
+        figures: dict[str, Any] = {
+            f"{d}_{k}": (round(v, 1) if isinstance(v, float) else v) for d, r in res.items() for k, v in r.items()
+        }
         if not self.dry:
             for k in ("sdf_tokens_per_s", "eval_tokens_per_s"):
                 figures[f"gpu_over_cpu_{k.split('_')[0]}"] = round(res["cuda"][k] / res["cpu"][k], 1)
@@ -184,21 +225,40 @@ class Check:
         outs = student.generate(prompts, v1, 0, n, 1.0, 0.95, new, [BAIZE_HUMAN], 0)
         dt = time.perf_counter() - t0
         tps = _tokens(tok, [t for o in outs for t in o]) / dt
-        self.row("generate vllm", len(outs) == len(prompts), sdf_tokens_per_s=round(tps, 1),
-                 over_hf_gpu=round(tps / res["cuda"]["sdf_tokens_per_s"], 1) if "cuda" in res else None)
+        self.row(
+            "generate vllm",
+            len(outs) == len(prompts),
+            sdf_tokens_per_s=round(tps, 1),
+            over_hf_gpu=round(tps / res["cuda"]["sdf_tokens_per_s"], 1) if "cuda" in res else None,
+        )
 
     # --- 3. 7B-shaped throughput and MFU ----------------------------------------------------------------------------
     def mfu(self) -> None:
         data = self.dialogs(64 if self.dry else 800)
         run_dir = self.out / "mfu"
         shutil.rmtree(run_dir, ignore_errors=True)
-        model = ([f"model={self.model}"] if self.dry else
-                 ["model=7b", "model.source=tiny", "model.vocab_size=49152", "model.max_position_embeddings=2048"])
-        over = [*model, *self.tok, *self.device, "stages=[train]", f"train.data={data}", "logger=csv",
-                "trainer.enable_progress_bar=false", f"trainer.max_steps={3 if self.dry else 12}",
-                "trainer.max_epochs=100", "train.checkpoint_every_n_steps=0", "train.val_fraction=0",
-                f"train.max_length={256 if self.dry else 2048}", "train.batch_size=2", "train.packing=true",
-                "lora.r=8"]
+        model = (
+            [f"model={self.model}"]
+            if self.dry
+            else ["model=7b", "model.source=tiny", "model.vocab_size=49152", "model.max_position_embeddings=2048"]
+        )
+        over = [
+            *model,
+            *self.tok,
+            *self.device,
+            "stages=[train]",
+            f"train.data={data}",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+            f"trainer.max_steps={3 if self.dry else 12}",
+            "trainer.max_epochs=100",
+            "train.checkpoint_every_n_steps=0",
+            "train.val_fraction=0",
+            f"train.max_length={256 if self.dry else 2048}",
+            "train.batch_size=2",
+            "train.packing=true",
+            "lora.r=8",
+        ]
         rc = self.run_py("mfu", over, run_dir)
         label = "train 7B-shaped, LoRA r=8, bf16, packed 2048-token rows" if not self.dry else "train tiny (dry run)"
         if rc != 0:
@@ -206,17 +266,28 @@ class Check:
             return
         m = json.loads((run_dir / "metrics.json").read_text())["train"]
         loop_tps = m["tokens_per_s"] * m["seconds"] / m["loop_seconds"]
-        self.row(label, m.get("mfu", 0) > 0, tokens_per_s=round(loop_tps, 1), mfu=m.get("mfu"),
-                 probe_tflops=round(m["peak_flops"] / 1e12, 2), peak_mem_gb=m["peak_mem_gb"],
-                 params_b=round(m["params_total"] / 1e9, 2), target=">= 40% MFU" if not self.dry else None)
+        self.row(
+            label,
+            m.get("mfu", 0) > 0,
+            tokens_per_s=round(loop_tps, 1),
+            mfu=m.get("mfu"),
+            probe_tflops=round(m["peak_flops"] / 1e12, 2),
+            peak_mem_gb=m["peak_mem_gb"],
+            params_b=round(m["params_total"] / 1e9, 2),
+            target=">= 40% MFU" if not self.dry else None,
+        )
 
     def report(self, started: float) -> bool:
         import torch
 
         dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (dry run)"
-        lines = [f"GPU check on {dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
-                 f"{time.perf_counter() - started:.0f} s in all", "",
-                 "| check | status | figures |", "|---|---|---|"]
+        lines = [
+            f"GPU check on {dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
+            f"{time.perf_counter() - started:.0f} s in all",
+            "",
+            "| check | status | figures |",
+            "|---|---|---|",
+        ]
         for r in self.rows:
             figs = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("check", "status") and v is not None)
             lines.append(f"| {r['check']} | {r['status']} | {figs} |")

@@ -35,8 +35,16 @@ KEY_ENV = "BAIZE_BENCH_KEY"
 
 def judge_rate(cfg, base_url: str, jobs: list[dict], concurrency: int) -> tuple[float, int]:
     """(judgments/s, parsed judgments) through the eval stage's own judge path."""
-    client = ChatClient(base_url, os.environ[KEY_ENV], "judge-bench", max_tokens=cfg.judge.max_tokens,
-                        concurrency=concurrency, timeout_s=60, max_retries=2, role="judge")
+    client = ChatClient(
+        base_url,
+        os.environ[KEY_ENV],
+        "judge-bench",
+        max_tokens=cfg.judge.max_tokens,
+        concurrency=concurrency,
+        timeout_s=60,
+        max_retries=2,
+        role="judge",
+    )
     t0 = time.monotonic()
     records = run_judge(client, "single", jobs, cfg.eval.score_retry)
     dt = time.monotonic() - t0
@@ -57,15 +65,22 @@ def main() -> None:
         cfg = compose(config_name="config", overrides=["judge=openai"])
     questions = load_eval_questions(cfg.eval.questions, None)
     by_id = {q["question_id"]: q for q in questions}
-    answers = [{"question_id": q["question_id"], "category": q["category"], "model": f"m{i}",
-                "answer": f"An answer of model {i} to: {q['question']}"}
-               for i in range(a.judgments // len(questions) + 1) for q in questions][:a.judgments]
+    answers = [
+        {
+            "question_id": q["question_id"],
+            "category": q["category"],
+            "model": f"m{i}",
+            "answer": f"An answer of model {i} to: {q['question']}",
+        }
+        for i in range(a.judgments // len(questions) + 1)
+        for q in questions
+    ][: a.judgments]
     jobs = build_jobs("single", cfg.eval, by_id, answers)
 
     with tempfile.TemporaryDirectory(prefix="baize_bench_") as tmp:
         proc, base_url = spawn(a.latency, Path(tmp), KEY_ENV, reply="Score: 7")
         try:
-            base_rate, base_ok = judge_rate(cfg, base_url, jobs[:a.baseline_judgments], 1)
+            base_rate, base_ok = judge_rate(cfg, base_url, jobs[: a.baseline_judgments], 1)
             ours_rate, ours_ok = judge_rate(cfg, base_url, jobs, a.concurrency)
         finally:
             proc.terminate()

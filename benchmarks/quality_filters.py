@@ -22,8 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 def quantiles(v: list[float]) -> str:
     v = sorted(v)
-    return " ".join(f"p{q}={v[min(len(v) - 1, int(q / 100 * len(v)))]:.2f}" for q in (10, 50, 90, 99)) + \
-        f" max={v[-1]:.2f}"
+    return (
+        " ".join(f"p{q}={v[min(len(v) - 1, int(q / 100 * len(v)))]:.2f}" for q in (10, 50, 90, 99))
+        + f" max={v[-1]:.2f}"
+    )
 
 
 def main() -> None:
@@ -33,9 +35,18 @@ def main() -> None:
     args = ap.parse_args()
     run_dir = Path(args.run_dir)
     if not (run_dir / "collect" / "_COMPLETE.json").is_file():
-        r = subprocess.run([sys.executable, str(ROOT / "run.py"), "stages=[collect]", f"data.limit={args.seeds}",
-                            "collect.on_truncated=drop_turn", "logger=none", f"hydra.run.dir={run_dir}"],
-                           cwd=ROOT)
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "run.py"),
+                "stages=[collect]",
+                f"data.limit={args.seeds}",
+                "collect.on_truncated=drop_turn",
+                "logger=none",
+                f"hydra.run.dir={run_dir}",
+            ],
+            cwd=ROOT,
+        )
         if r.returncode != 0:
             raise SystemExit(f"collect failed (exit {r.returncode})")
 
@@ -56,22 +67,38 @@ def main() -> None:
     rows = []
     for d in teacher:
         t = d["turns"]
-        rows.append({"seed": d["seed"], "copy": qf.copy_score(t), "repeat": qf.most_repeated_line(t)[1],
-                     "echo": qf.echo_score(t)[0], "dup": qf.duplicate_of(t)[1], "turns": t})
+        rows.append(
+            {
+                "seed": d["seed"],
+                "copy": qf.copy_score(t),
+                "repeat": qf.most_repeated_line(t)[1],
+                "echo": qf.echo_score(t)[0],
+                "dup": qf.duplicate_of(t)[1],
+                "turns": t,
+            }
+        )
         qf.add(t)
     n = len(rows)
     parse_rejects = [r for r in rejects if "dialog" not in r]
-    print(f"{args.seeds} seeds -> {n} dialogs the parser accepted ({len(parse_rejects)} parse/length rejects); "
-          f"kept after the filters: {len(kept)}")
-    checks = [("template_copy", "copy", q.copy_overlap), ("repetitive", "repeat", q.repeat_lines),
-              ("echo", "echo", q.echo_overlap), ("near_duplicate", "dup", q.near_duplicate)]
+    print(
+        f"{args.seeds} seeds -> {n} dialogs the parser accepted ({len(parse_rejects)} parse/length rejects); "
+        f"kept after the filters: {len(kept)}"
+    )
+    checks = [
+        ("template_copy", "copy", q.copy_overlap),
+        ("repetitive", "repeat", q.repeat_lines),
+        ("echo", "echo", q.echo_overlap),
+        ("near_duplicate", "dup", q.near_duplicate),
+    ]
     print(f"{'filter':<15} {'threshold':>9} {'removes':>8} {'share':>6}  score distribution over all {n} dialogs")
     for name, key, thr in checks:
         hit = [r for r in rows if r[key] >= thr]
         print(f"{name:<15} {thr:>9} {len(hit):>8} {len(hit) / max(1, n):>6.1%}  {quantiles([r[key] for r in rows])}")
     survive = [r for r in rows if all(r[key] < thr for _, key, thr in checks)]
-    print(f"kept with these thresholds: {len(survive)} of {n} ({len(survive) / max(1, n):.0%}); any filter removes "
-          f"{n - len(survive)}")
+    print(
+        f"kept with these thresholds: {len(survive)} of {n} ({len(survive) / max(1, n):.0%}); any filter removes "
+        f"{n - len(survive)}"
+    )
     by_reason: dict[str, int] = {}
     for r in rejects:
         by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1

@@ -24,7 +24,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORDS = ["python", "list", "dict", "memory", "thread", "lock", "socket", "query", "index", "join", "table", "cache", "disk", "request", "error", "value", "string", "parse", "file", "stream", "buffer", "timeout", "server", "client", "array", "loop", "class", "method"]
+WORDS = [
+    "python",
+    "list",
+    "dict",
+    "memory",
+    "thread",
+    "lock",
+    "socket",
+    "query",
+    "index",
+    "join",
+    "table",
+    "cache",
+    "disk",
+    "request",
+    "error",
+    "value",
+    "string",
+    "parse",
+    "file",
+    "stream",
+    "buffer",
+    "timeout",
+    "server",
+    "client",
+    "array",
+    "loop",
+    "class",
+    "method",
+]
 
 
 def generate(path: Path, mb: int, seed: int = 0) -> int:
@@ -37,11 +66,17 @@ def generate(path: Path, mb: int, seed: int = 0) -> int:
         f.write('<?xml version="1.0" encoding="utf-8"?>\n<posts>\n')
         while f.tell() < mb * 2**20:
             n += 1
-            body = "&lt;p&gt;" + " ".join(rng.choices(WORDS, k=rng.randint(20, 80))) + "&lt;/p&gt;&#xA;&lt;pre&gt;&lt;code&gt;x = 1&#xA;&lt;/code&gt;&lt;/pre&gt;"
+            body = (
+                "&lt;p&gt;"
+                + " ".join(rng.choices(WORDS, k=rng.randint(20, 80)))
+                + "&lt;/p&gt;&#xA;&lt;pre&gt;&lt;code&gt;x = 1&#xA;&lt;/code&gt;&lt;/pre&gt;"
+            )
             if rng.random() < 0.4:
                 questions += 1
                 title = f"How do I {' '.join(rng.choices(WORDS, k=rng.randint(4, 10)))} ({n})?"
-                f.write(f'  <row Id="{n}" PostTypeId="1" Score="{rng.randint(0, 99)}" Title="{title}" Body="{body}" />\n')
+                f.write(
+                    f'  <row Id="{n}" PostTypeId="1" Score="{rng.randint(0, 99)}" Title="{title}" Body="{body}" />\n'
+                )
             else:
                 f.write(f'  <row Id="{n}" PostTypeId="2" ParentId="{max(1, n - 3)}" Score="1" Body="{body}" />\n')
         f.write("</posts>\n")
@@ -67,12 +102,20 @@ def side(name: str, path: Path) -> dict:
         import xml.etree.ElementTree as ET
 
         root = ET.parse(path).getroot()
-        qs = [S._so_seed(r.get("Title", ""), r.get("Body"), True) for r in root.iter("row")
-              if r.get("PostTypeId") == "1" and r.get("Title")]
+        qs = [
+            S._so_seed(r.get("Title", ""), r.get("Body"), True)
+            for r in root.iter("row")
+            if r.get("PostTypeId") == "1" and r.get("Title")
+        ]
         n, sample = len(qs), S.sample(qs, 1000, seed=0)
     dt = time.perf_counter() - t0
-    return {"records": n, "seconds": dt, "records_per_s": n / dt, "sampled": len(sample),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "records": n,
+        "seconds": dt,
+        "records_per_s": n / dt,
+        "sampled": len(sample),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
@@ -92,30 +135,44 @@ def main() -> None:
     big, small = d / f"Posts_{args.mb}MB.xml", d / f"Posts_{args.naive_mb}MB.xml"
     t0 = time.perf_counter()
     nq_big, nq_small = generate(big, args.mb), generate(small, args.naive_mb)
-    print(f"generated {big} ({big.stat().st_size / 2**20:.0f} MB, {nq_big} questions) and {small.name} "
-          f"({nq_small} questions) in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"generated {big} ({big.stat().st_size / 2**20:.0f} MB, {nq_big} questions) and {small.name} "
+        f"({nq_small} questions) in {time.perf_counter() - t0:.0f} s"
+    )
 
     def run(name: str, path: Path) -> dict:
-        r = subprocess.run([sys.executable, __file__, "--side", name, "--file", str(path)], capture_output=True,
-                           text=True, check=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--side", name, "--file", str(path)], capture_output=True, text=True, check=True
+        )
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     rows: dict[str, list[dict]] = {"naive small": [], "ours small": [], "ours big": []}
     for k in range(args.rounds):
-        for label, name, path in (("naive small", "naive", small), ("ours small", "ours", small),
-                                  ("ours big", "ours", big)):
+        for label, name, path in (
+            ("naive small", "naive", small),
+            ("ours small", "ours", small),
+            ("ours big", "ours", big),
+        ):
             rows[label].append(r := run(name, path))
-            print(f"  round {k + 1} {label:<12} {r['records_per_s']:>10.0f} records/s  peak RSS {r['peak_rss_mb']:>7.0f} MB",
-                  flush=True)
+            print(
+                f"  round {k + 1} {label:<12} {r['records_per_s']:>10.0f} records/s  "
+                f"peak RSS {r['peak_rss_mb']:>7.0f} MB",
+                flush=True,
+            )
     best = {k: max(v, key=lambda r: r["records_per_s"]) for k, v in rows.items()}
     print(f"\n{'side':<12} {'file MB':>8} {'records':>9} {'records/s':>10} {'peak RSS MB':>12}")
     for k, r in best.items():
         mb = args.mb if k.endswith("big") else args.naive_mb
         print(f"{k:<12} {mb:>8} {r['records']:>9} {r['records_per_s']:>10.0f} {r['peak_rss_mb']:>12.0f}")
-    speed = [o["records_per_s"] / n["records_per_s"] for o, n in zip(rows["ours small"], rows["naive small"], strict=True)]
-    print(f"ours / naive on the {args.naive_mb} MB file: records/s {min(speed):.2f}-{max(speed):.2f}x per round, "
-          f"peak RSS {best['ours small']['peak_rss_mb'] / best['naive small']['peak_rss_mb']:.3f}x; ours' peak RSS on "
-          f"{args.mb} MB vs {args.naive_mb} MB: {best['ours big']['peak_rss_mb'] / best['ours small']['peak_rss_mb']:.2f}x")
+    speed = [
+        o["records_per_s"] / n["records_per_s"] for o, n in zip(rows["ours small"], rows["naive small"], strict=True)
+    ]
+    print(
+        f"ours / naive on the {args.naive_mb} MB file: records/s {min(speed):.2f}-{max(speed):.2f}x per round, "
+        f"peak RSS {best['ours small']['peak_rss_mb'] / best['naive small']['peak_rss_mb']:.3f}x; ours' peak RSS on "
+        f"{args.mb} MB vs {args.naive_mb} MB: "
+        f"{best['ours big']['peak_rss_mb'] / best['ours small']['peak_rss_mb']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -19,26 +19,49 @@ import openai
 
 from baize_exp.serve import LocalServer
 
-TOPICS = ["sleep", "tea", "rust", "python lists", "volcanoes", "chess", "bread", "saving money", "jet lag",
-          "bees", "tides", "git rebase", "running shoes", "the moon", "compost", "SQL joins"]
+TOPICS = [
+    "sleep",
+    "tea",
+    "rust",
+    "python lists",
+    "volcanoes",
+    "chess",
+    "bread",
+    "saving money",
+    "jet lag",
+    "bees",
+    "tides",
+    "git rebase",
+    "running shoes",
+    "the moon",
+    "compost",
+    "SQL joins",
+]
 
 
 def request_settings(i: int, max_tokens: int, mixed: bool) -> dict:
     if not mixed:
         return dict(temperature=0.0, max_tokens=max_tokens)
-    return dict(temperature=[0.0, 0.5, 0.8, 1.0][i % 4], top_p=[1.0, 0.9, 0.95][i % 3], seed=i,
-                max_tokens=max_tokens - 8 * (i % 3))
+    return dict(
+        temperature=[0.0, 0.5, 0.8, 1.0][i % 4],
+        top_p=[1.0, 0.9, 0.95][i % 3],
+        seed=i,
+        max_tokens=max_tokens - 8 * (i % 3),
+    )
 
 
 def measure(model: str, max_batch: int, n: int, max_tokens: int, mixed: bool) -> tuple[float, int, float, dict]:
-    with LocalServer(model, max_batch=max_batch, cache_dir=os.environ.get("BAIZE_CACHE"),
-                     request_timeout_s=3600) as srv:  # one at a time, the last request waits long
+    with LocalServer(
+        model, max_batch=max_batch, cache_dir=os.environ.get("BAIZE_CACHE"), request_timeout_s=3600
+    ) as srv:  # one at a time, the last request waits long
         client = openai.OpenAI(base_url=srv.base_url, api_key=srv.api_key, max_retries=0, timeout=3600)
 
         def ask(i: int) -> int:
             r = client.chat.completions.create(
-                model="bench", messages=[{"role": "user", "content": f"Explain {TOPICS[i % len(TOPICS)]} in a "
-                                          "few sentences."}], **request_settings(i, max_tokens, mixed))
+                model="bench",
+                messages=[{"role": "user", "content": f"Explain {TOPICS[i % len(TOPICS)]} in a few sentences."}],
+                **request_settings(i, max_tokens, mixed),
+            )
             return r.usage.completion_tokens
 
         ask(0)  # warm up
@@ -63,8 +86,10 @@ def main() -> None:
     kind = "mixed sampling settings" if a.mixed else "greedy"
     print(f"{a.requests} concurrent requests, up to {a.max_tokens} new tokens each, {kind}, model {a.model}")
     print(f"max_batch=1 : {one[0]:7.1f} tok/s ({one[1]} tokens in {one[2]:.1f}s)")
-    print(f"max_batch={a.requests}: {batched[0]:7.1f} tok/s ({batched[1]} tokens in {batched[2]:.1f}s, "
-          f"peak {batched[3]['peak_rows']} rows in one step)")
+    print(
+        f"max_batch={a.requests}: {batched[0]:7.1f} tok/s ({batched[1]} tokens in {batched[2]:.1f}s, "
+        f"peak {batched[3]['peak_rows']} rows in one step)"
+    )
     print(f"ratio batched/one-at-a-time: {batched[0] / one[0]:.2f}x")
 
 

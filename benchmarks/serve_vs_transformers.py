@@ -39,8 +39,22 @@ def free_port() -> int:
 
 def start_transformers(model_dir: str, port: int) -> subprocess.Popen:
     exe = Path(sys.executable).parent / "transformers"
-    proc = subprocess.Popen([str(exe), "serve", model_dir, "--continuous-batching", "--device", "cpu", "--host",
-                             "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "serve",
+            model_dir,
+            "--continuous-batching",
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -56,9 +70,11 @@ def start_transformers(model_dir: str, port: int) -> subprocess.Popen:
 
 def workload(client: openai.OpenAI, model: str, questions: list[str], max_tokens: int) -> tuple[float, int]:
     """All questions at once, greedy; (seconds, completion tokens)."""
+
     def one(q: str) -> int:
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
-                                           max_tokens=max_tokens, temperature=0)
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": q}], max_tokens=max_tokens, temperature=0
+        )
         return r.usage.completion_tokens if r.usage else 0
 
     t0 = time.monotonic()
@@ -85,8 +101,9 @@ def features(client: openai.OpenAI, model: str) -> dict[str, str]:
         return "yes" if len(r.choices) == 2 else f"no ({len(r.choices)} choice)"
 
     def logprobs() -> str:
-        r = client.chat.completions.create(model=model, messages=msg, max_tokens=4, temperature=0, logprobs=True,
-                                           top_logprobs=5)
+        r = client.chat.completions.create(
+            model=model, messages=msg, max_tokens=4, temperature=0, logprobs=True, top_logprobs=5
+        )
         lp = r.choices[0].logprobs
         ok = lp is not None and lp.content and len(lp.content[0].top_logprobs) == 5
         return "yes" if ok else "no (no logprobs in the reply)"
@@ -98,14 +115,25 @@ def features(client: openai.OpenAI, model: str) -> dict[str, str]:
 
     def seed() -> str:
         def ask() -> str:
-            return client.chat.completions.create(model=model, messages=msg, max_tokens=16, temperature=1.0,
-                                                  seed=1234).choices[0].message.content or ""
+            return (
+                client.chat.completions.create(model=model, messages=msg, max_tokens=16, temperature=1.0, seed=1234)
+                .choices[0]
+                .message.content
+                or ""
+            )
 
         alone = [ask(), ask()]
         with ThreadPoolExecutor(4) as pool:  # the same seeded request beside three other sampled ones
-            others = [pool.submit(client.chat.completions.create, model=model, max_tokens=16, temperature=1.0,
-                                  messages=[{"role": "user", "content": f"Tell me about the number {k}."}])
-                      for k in range(3)]
+            others = [
+                pool.submit(
+                    client.chat.completions.create,
+                    model=model,
+                    max_tokens=16,
+                    temperature=1.0,
+                    messages=[{"role": "user", "content": f"Tell me about the number {k}."}],
+                )
+                for k in range(3)
+            ]
             batched = pool.submit(ask).result()
             for f in others:
                 f.result()
@@ -121,8 +149,13 @@ def features(client: openai.OpenAI, model: str) -> dict[str, str]:
         ok = ra.usage.completion_tokens <= 3 and rb.usage.completion_tokens > 3
         return "yes" if ok else f"no ({ra.usage.completion_tokens}, {rb.usage.completion_tokens} tokens)"
 
-    for name, fn in (("n", n2), ("logprobs/top_logprobs", logprobs), ("stop", stop), ("seed", seed),
-                     ("per-request max_tokens", max_tokens)):
+    for name, fn in (
+        ("n", n2),
+        ("logprobs/top_logprobs", logprobs),
+        ("stop", stop),
+        ("seed", seed),
+        ("per-request max_tokens", max_tokens),
+    ):
         probe(name, fn)
     return out
 
@@ -139,25 +172,40 @@ def main() -> None:
     theirs_proc = start_transformers(model_dir, port)
     try:
         with LocalServer("smollm2_135m", cache_dir=cache_dir(), max_batch=a.requests) as ours:
-            servers = {"ours (baize_exp.serve)": (openai.OpenAI(base_url=ours.base_url, api_key=ours.api_key,
-                                                                max_retries=0, timeout=None), "smollm2-135m-instruct"),
-                       "transformers serve --continuous-batching": (
-                           openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
-                                         timeout=None), model_dir)}
+            servers = {
+                "ours (baize_exp.serve)": (
+                    openai.OpenAI(base_url=ours.base_url, api_key=ours.api_key, max_retries=0, timeout=None),
+                    "smollm2-135m-instruct",
+                ),
+                "transformers serve --continuous-batching": (
+                    openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=None),
+                    model_dir,
+                ),
+            }
             for client, model in servers.values():  # warm-up: first requests load kernels and caches
                 workload(client, model, questions[:2], 4)
             runs: dict[str, list[tuple[float, int]]] = {name: [] for name in servers}
             for _ in range(a.rounds):
                 for name, (client, model) in servers.items():
                     runs[name].append(workload(client, model, questions, a.max_tokens))
-                    print(json.dumps({"server": name, "seconds": round(runs[name][-1][0], 2),
-                                      "completion_tokens": runs[name][-1][1]}), flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                "server": name,
+                                "seconds": round(runs[name][-1][0], 2),
+                                "completion_tokens": runs[name][-1][1],
+                            }
+                        ),
+                        flush=True,
+                    )
             feats = {name: features(client, model) for name, (client, model) in servers.items()}
     finally:
         theirs_proc.terminate()
         theirs_proc.wait(timeout=60)
-    print(f"\n| server | {a.requests} requests x <= {a.max_tokens} new tokens, greedy: completion tok/s per round "
-          f"| mean |")
+    print(
+        f"\n| server | {a.requests} requests x <= {a.max_tokens} new tokens, greedy: completion tok/s per round "
+        f"| mean |"
+    )
     print("|---|---|---|")
     for name, rs in runs.items():
         rates = [tok / s for s, tok in rs]

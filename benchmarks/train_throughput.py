@@ -49,8 +49,11 @@ def make_dialogs(n: int, seed: int = 0) -> list[dict]:
     exchanges, the human asks a seed question, the AI answers with the first sentence of a reference answer."""
     from baize_exp.data import SEEDS_DIR, load_eval_questions, load_seed_file
 
-    questions = [s.question for src in ("quora", "stackoverflow", "medical", "alpaca")
-                 for s in load_seed_file(SEEDS_DIR / f"{src}.jsonl", src)]
+    questions = [
+        s.question
+        for src in ("quora", "stackoverflow", "medical", "alpaca")
+        for s in load_seed_file(SEEDS_DIR / f"{src}.jsonl", src)
+    ]
     answers = [q["reference"].split(". ")[0].rstrip(".") + "." for q in load_eval_questions() if q.get("reference")]
     rng = random.Random(seed)
     out = []
@@ -103,17 +106,35 @@ def run_ours(args: argparse.Namespace, peak: float, variant: str) -> dict:
 
     out_dir = Path(args.out) / variant
     packing, fused_lora = variant != "ours_grouped", variant != "ours_stock_lora"
-    cfg = compose([f"model={args.model}", "logger=none", "trainer.enable_progress_bar=false", "trainer.max_epochs=1",
-                   "train.checkpoint_every_n_steps=0", "train.loss_on=ai", f"train.packing={packing}",
-                   f"train.fused_lora={fused_lora}",
-                   "train.batch_size=4", "train.max_length=512", f"train.peak_flops={peak}",
-                   "train.cache_tokenized=false", f"paths.output_dir={out_dir}"])
+    cfg = compose(
+        [
+            f"model={args.model}",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+            "trainer.max_epochs=1",
+            "train.checkpoint_every_n_steps=0",
+            "train.loss_on=ai",
+            f"train.packing={packing}",
+            f"train.fused_lora={fused_lora}",
+            "train.batch_size=4",
+            "train.max_length=512",
+            f"train.peak_flops={peak}",
+            "train.cache_tokenized=false",
+            f"paths.output_dir={out_dir}",
+        ]
+    )
     pm, tok = load(cfg)
     m = fit(pm, tok, make_dialogs(args.dialogs), [], cfg, out_dir, lr=2e-4, max_epochs=1)
     rank = json.loads((out_dir / "train_rank0.json").read_text())
-    return {"steps": m["steps"], "rows": m["train_rows"], "real_tokens": rank["tokens_seen"],
-            "supervised_tokens": rank["supervised_seen"], "train_seconds": m["loop_seconds"], "mfu": m["mfu"],
-            "peak_mem_gb": peak_memory_gb(torch.device("cpu"))}
+    return {
+        "steps": m["steps"],
+        "rows": m["train_rows"],
+        "real_tokens": rank["tokens_seen"],
+        "supervised_tokens": rank["supervised_seen"],
+        "train_seconds": m["loop_seconds"],
+        "mfu": m["mfu"],
+        "peak_mem_gb": peak_memory_gb(torch.device("cpu")),
+    }
 
 
 def run_baseline(args: argparse.Namespace, peak: float) -> dict:
@@ -134,8 +155,13 @@ def run_baseline(args: argparse.Namespace, peak: float) -> dict:
         real_tokens += len(ids)
         sq += len(ids) ** 2
         n = len(ids)
-        rows.append({"input_ids": ids + [tok.pad_token_id] * (width - n), "attention_mask": [1] * n + [0] * (width - n),
-                     "labels": ids + [IGNORE] * (width - n)})
+        rows.append(
+            {
+                "input_ids": ids + [tok.pad_token_id] * (width - n),
+                "attention_mask": [1] * n + [0] * (width - n),
+                "labels": ids + [IGNORE] * (width - n),
+            }
+        )
 
     class Data(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -145,15 +171,32 @@ def run_baseline(args: argparse.Namespace, peak: float) -> dict:
             return {k: torch.tensor(v) for k, v in rows[i].items()}
 
     timer = loop_timer()
-    targs = TrainingArguments(output_dir=str(Path(args.out) / "baseline"), per_device_train_batch_size=4,
-                              num_train_epochs=1, learning_rate=2e-4, logging_steps=10**6, save_strategy="no",
-                              report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    targs = TrainingArguments(
+        output_dir=str(Path(args.out) / "baseline"),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=2e-4,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+    )
     pm.train()
     Trainer(model=pm, args=targs, train_dataset=Data(), callbacks=[timer]).train()
     flops = model_flops(flop_counts(pm), real_tokens, real_tokens, sq)  # its LM head runs on every token
-    return {"steps": -(-len(rows) // 4), "rows": len(rows), "real_tokens": real_tokens, "padded_tokens": width * len(rows),
-            "supervised_tokens": ai_tokens, "train_seconds": timer.seconds, "mfu": flops / timer.seconds / peak,
-            "peak_mem_gb": peak_memory_gb(torch.device("cpu"))}
+    return {
+        "steps": -(-len(rows) // 4),
+        "rows": len(rows),
+        "real_tokens": real_tokens,
+        "padded_tokens": width * len(rows),
+        "supervised_tokens": ai_tokens,
+        "train_seconds": timer.seconds,
+        "mfu": flops / timer.seconds / peak,
+        "peak_mem_gb": peak_memory_gb(torch.device("cpu")),
+    }
 
 
 def run_trl(args: argparse.Namespace, peak: float) -> dict:
@@ -167,32 +210,66 @@ def run_trl(args: argparse.Namespace, peak: float) -> dict:
     cfg = compose([f"model={args.model}", "logger=none"])
     pm, tok = load(cfg)
     rows = [t for d in make_dialogs(args.dialogs) if (t := tokenize_dialog(d["turns"], tok, 512, "ai"))]
-    data = Dataset.from_list([{"input_ids": t["input_ids"], "assistant_masks": [int(x != IGNORE) for x in t["labels"]]}
-                              for t in rows])
+    data = Dataset.from_list(
+        [{"input_ids": t["input_ids"], "assistant_masks": [int(x != IGNORE) for x in t["labels"]]} for t in rows]
+    )
     real = sum(len(t["input_ids"]) for t in rows)
     ai = sum(1 for t in rows for x in t["labels"][1:] if x != IGNORE)
     sq = sum(len(t["input_ids"]) ** 2 for t in rows)  # padding-free: attention stays within each dialog
 
     timer = loop_timer()
-    targs = SFTConfig(output_dir=str(Path(args.out) / "trl"), per_device_train_batch_size=4, num_train_epochs=1,
-                      learning_rate=2e-4, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
-                      dataloader_num_workers=0, disable_tqdm=True, seed=0, packing=True, max_length=512,
-                      dataset_num_proc=None, gradient_checkpointing=False, bf16=False, fp16=False)
+    targs = SFTConfig(
+        output_dir=str(Path(args.out) / "trl"),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=2e-4,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        packing=True,
+        max_length=512,
+        dataset_num_proc=None,
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+    )
     # (TRL defaults to gradient checkpointing and bf16 autocast: ours runs fp32 without checkpointing on CPU)
     pm.train()
     trainer = SFTTrainer(model=pm, args=targs, train_dataset=data, processing_class=tok, callbacks=[timer])
     packed_rows = len(trainer.train_dataset)
     trainer.train()
     flops = model_flops(flop_counts(pm), real, real, sq)  # its LM head runs on every token
-    return {"steps": -(-packed_rows // 4), "rows": packed_rows, "real_tokens": real, "supervised_tokens": ai,
-            "train_seconds": timer.seconds, "mfu": flops / timer.seconds / peak,
-            "peak_mem_gb": peak_memory_gb(torch.device("cpu"))}
+    return {
+        "steps": -(-packed_rows // 4),
+        "rows": packed_rows,
+        "real_tokens": real,
+        "supervised_tokens": ai,
+        "train_seconds": timer.seconds,
+        "mfu": flops / timer.seconds / peak,
+        "peak_mem_gb": peak_memory_gb(torch.device("cpu")),
+    }
 
 
 def child(variant: str, args: argparse.Namespace) -> dict:
     """Run one variant in a fresh interpreter (its own peak RSS); it prints one JSON line last."""
-    cmd = [sys.executable, __file__, "--only", variant, "--model", args.model, "--dialogs", str(args.dialogs),
-           "--peak", str(args.peak), "--out", args.out]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--only",
+        variant,
+        "--model",
+        args.model,
+        "--dialogs",
+        str(args.dialogs),
+        "--peak",
+        str(args.peak),
+        "--out",
+        args.out,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if r.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{r.stderr[-3000:]}")
@@ -220,10 +297,16 @@ def main() -> None:
     from baize_exp.training.module import measure_matmul_peak
 
     args.peak = measure_matmul_peak("cpu", torch.float32, seconds=3.0)
-    print(f"matmul peak (fp32, 1024^3, best of 3 s): {args.peak / 1e9:.1f} GFLOP/s; {args.dialogs} dialogs, "
-          f"model={args.model}, torch threads={torch.get_num_threads()}, {args.rounds} interleaved rounds")
-    variants = (["baseline", "ours_packed"] + (["trl_sft"] if args.trl else []) + (["ours_grouped"] if args.grouped else [])
-                + (["ours_stock_lora"] if args.stock_lora else []))
+    print(
+        f"matmul peak (fp32, 1024^3, best of 3 s): {args.peak / 1e9:.1f} GFLOP/s; {args.dialogs} dialogs, "
+        f"model={args.model}, torch threads={torch.get_num_threads()}, {args.rounds} interleaved rounds"
+    )
+    variants = (
+        ["baseline", "ours_packed"]
+        + (["trl_sft"] if args.trl else [])
+        + (["ours_grouped"] if args.grouped else [])
+        + (["ours_stock_lora"] if args.stock_lora else [])
+    )
     rounds: list[dict[str, dict]] = []
     for k in range(args.rounds):
         rounds.append({})
@@ -236,14 +319,18 @@ def main() -> None:
     peak = max(args.peak, after)
     print(f"matmul peak after the runs: {after / 1e9:.1f} GFLOP/s; MFU below is against {peak / 1e9:.1f}")
     ai_rate = lambda r: r["supervised_tokens"] / r["train_seconds"]  # noqa: E731
-    print(f"{'variant (median)':<18} {'steps':>5} {'seconds':>8} {'real tok':>9} {'AI tok':>7} {'tok/s':>7} "
-          f"{'AI tok/s':>9} {'MFU':>6} {'peak RSS GB':>11}")
+    print(
+        f"{'variant (median)':<18} {'steps':>5} {'seconds':>8} {'real tok':>9} {'AI tok':>7} {'tok/s':>7} "
+        f"{'AI tok/s':>9} {'MFU':>6} {'peak RSS GB':>11}"
+    )
     for v in variants:
         runs = sorted((rd[v] for rd in rounds), key=ai_rate)
         r = runs[len(runs) // 2]
-        print(f"{v:<18} {r['steps']:>5} {r['train_seconds']:>8.1f} {r['real_tokens']:>9} {r['supervised_tokens']:>7} "
-              f"{r['real_tokens'] / r['train_seconds']:>7.1f} {ai_rate(r):>9.1f} "
-              f"{r['mfu'] * args.peak / peak:>6.1%} {max(x['peak_mem_gb'] for x in runs):>11.2f}")
+        print(
+            f"{v:<18} {r['steps']:>5} {r['train_seconds']:>8.1f} {r['real_tokens']:>9} {r['supervised_tokens']:>7} "
+            f"{r['real_tokens'] / r['train_seconds']:>7.1f} {ai_rate(r):>9.1f} "
+            f"{r['mfu'] * args.peak / peak:>6.1%} {max(x['peak_mem_gb'] for x in runs):>11.2f}"
+        )
     against = ["baseline"] + (["trl_sft"] if args.trl else [])
     for ref in against:
         for v in variants:
@@ -251,8 +338,10 @@ def main() -> None:
                 continue
             ratios = sorted(ai_rate(rd[v]) / ai_rate(rd[ref]) for rd in rounds)
             mem = max(rd[v]["peak_mem_gb"] for rd in rounds) / max(rd[ref]["peak_mem_gb"] for rd in rounds)
-            print(f"AI tokens/s, {v} / {ref}: median {statistics.median(ratios):.2f}x over {len(ratios)} rounds "
-                  f"(each: {', '.join(f'{x:.2f}' for x in ratios)}); peak RSS {mem:.2f}x")
+            print(
+                f"AI tokens/s, {v} / {ref}: median {statistics.median(ratios):.2f}x over {len(ratios)} rounds "
+                f"(each: {', '.join(f'{x:.2f}' for x in ratios)}); peak RSS {mem:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -49,11 +49,33 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FAULTS = ("ok", "429", "500", "400", "401", "403", "hang", "malformed", "empty_choices", "wrong_format",
-          "role_order", "short", "length", "empty", "too_long", "huge")
+FAULTS = (
+    "ok",
+    "429",
+    "500",
+    "400",
+    "401",
+    "403",
+    "hang",
+    "malformed",
+    "empty_choices",
+    "wrong_format",
+    "role_order",
+    "short",
+    "length",
+    "empty",
+    "too_long",
+    "huge",
+)
 _DIRECTIVE = re.compile(r"\[\[fault:([a-z0-9_]+?)(?:x(\d+))?\]\]")
-_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 429: "Too Many Requests",
-            500: "Internal Server Error"}
+_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+}
 
 
 class FaultServer:
@@ -70,9 +92,17 @@ class FaultServer:
             transcript when the prompt says "transcript", else a sentence.
     """
 
-    def __init__(self, latency_s: float = 0.0, api_key: str | None = None, default_fault: str = "ok",
-                 retry_after_s: float = 0.1, hang_s: float = 60.0, host: str = "127.0.0.1", port: int = 0,
-                 reply: Callable[[dict], str] | None = None):
+    def __init__(
+        self,
+        latency_s: float = 0.0,
+        api_key: str | None = None,
+        default_fault: str = "ok",
+        retry_after_s: float = 0.1,
+        hang_s: float = 60.0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        reply: Callable[[dict], str] | None = None,
+    ):
         if default_fault not in FAULTS:
             raise ValueError(f"default_fault={default_fault!r}: not one of {FAULTS}")
         if host not in ("127.0.0.1", "localhost", "::1"):
@@ -114,7 +144,8 @@ class FaultServer:
         def run() -> None:
             self._loop = asyncio.new_event_loop()
             self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._handle, self.host, self.port, backlog=1024))
+                asyncio.start_server(self._handle, self.host, self.port, backlog=1024)
+            )
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             self._loop.run_forever()
@@ -159,8 +190,11 @@ class FaultServer:
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
                 status, extra, payload = await self._route(method, path, headers, body)
                 reason = _REASONS.get(status, "OK")
-                out = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",
-                       f"Content-Length: {len(payload)}"] + [f"{k}: {v}" for k, v in extra.items()]
+                out = [
+                    f"HTTP/1.1 {status} {reason}",
+                    "Content-Type: application/json",
+                    f"Content-Length: {len(payload)}",
+                ] + [f"{k}: {v}" for k, v in extra.items()]
                 writer.write(("\r\n".join(out) + "\r\n\r\n").encode() + payload)
                 await writer.drain()
                 if headers.get("connection", "").lower() == "close":
@@ -195,13 +229,29 @@ class FaultServer:
             await asyncio.sleep(self.hang_s)
             fault = "ok"
         if fault == "too_long":
-            return 400, {}, json.dumps({"error": {
-                "message": "This model's maximum context length is 4096 tokens. However, your messages resulted in "
-                           "250000 tokens.", "type": "invalid_request_error", "param": "messages",
-                "code": "context_length_exceeded"}}).encode()
+            return (
+                400,
+                {},
+                json.dumps(
+                    {
+                        "error": {
+                            "message": "This model's maximum context length is 4096 tokens. "
+                            "However, your messages resulted in "
+                            "250000 tokens.",
+                            "type": "invalid_request_error",
+                            "param": "messages",
+                            "code": "context_length_exceeded",
+                        }
+                    }
+                ).encode(),
+            )
         if fault in ("400", "401", "403", "500"):
-            etype = {"400": "invalid_request_error", "401": "authentication_error", "403": "permission_error",
-                     "500": "server_error"}[fault]
+            etype = {
+                "400": "invalid_request_error",
+                "401": "authentication_error",
+                "403": "permission_error",
+                "500": "server_error",
+            }[fault]
             return int(fault), {}, _error(f"injected HTTP {fault}", etype)
         if req is None or not isinstance(req.get("messages"), list) or not req["messages"]:
             return 400, {}, _error("body must be JSON with a non-empty 'messages' list", "invalid_request_error")
@@ -214,8 +264,11 @@ class FaultServer:
     def _pick_fault(self, headers: dict, body: bytes, req: dict | None) -> str:
         if self.api_key and headers.get("authorization") != f"Bearer {self.api_key}":
             return "401"
-        text = " ".join(str(m.get("content", "")) for m in req.get("messages", []) if isinstance(m, dict)) \
-            if isinstance(req, dict) else ""
+        text = (
+            " ".join(str(m.get("content", "")) for m in req.get("messages", []) if isinstance(m, dict))
+            if isinstance(req, dict)
+            else ""
+        )
         m = _DIRECTIVE.search(text)
         if not m:
             return self.default_fault
@@ -243,8 +296,10 @@ def _completion(req: dict, fault: str, reply: Callable[[dict], str] | None = Non
     if reply is not None:
         text = reply(req)
     elif "transcript" in prompt.lower():
-        text = (f"Sure, here is a transcript.\n[Human] {topic}\n[AI] A careful answer about that.\n"
-                f"[Human] Can you say more?\n[AI] Yes: here are more details on {topic[:40]}.\n")
+        text = (
+            f"Sure, here is a transcript.\n[Human] {topic}\n[AI] A careful answer about that.\n"
+            f"[Human] Can you say more?\n[AI] Yes: here are more details on {topic[:40]}.\n"
+        )
     else:
         text = f"A reply after {len(messages)} messages about: {topic}"
     if fault == "wrong_format":
@@ -260,13 +315,26 @@ def _completion(req: dict, fault: str, reply: Callable[[dict], str] | None = Non
         text = ""
     elif fault == "huge":
         text = f"[Human] {topic}\n[AI] " + "and on " * 150_000 + "\n[Human] More?\n[AI] Yes."
-    choices = [] if fault == "empty_choices" else [
-        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}]
+    choices = (
+        []
+        if fault == "empty_choices"
+        else [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+        ]
+    )
     prompt_tokens, completion_tokens = len(prompt.split()), len(text.split())
-    return {"id": "chatcmpl-fault", "object": "chat.completion", "created": int(time.time()),
-            "model": req.get("model", "fault-model"), "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+    return {
+        "id": "chatcmpl-fault",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": req.get("model", "fault-model"),
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
 
 def spawn(latency_s: float, workdir: Path, api_key_env: str, reply: str | None = None) -> tuple[Any, str]:
@@ -276,8 +344,17 @@ def spawn(latency_s: float, workdir: Path, api_key_env: str, reply: str | None =
     import sys
 
     port_file = workdir / "fault_server.port"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--latency", str(latency_s),
-           "--port-file", str(port_file), "--api-key-env", api_key_env, *(["--reply", reply] if reply else [])]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--latency",
+        str(latency_s),
+        "--port-file",
+        str(port_file),
+        "--api-key-env",
+        api_key_env,
+        *(["--reply", reply] if reply else []),
+    ]
     proc = subprocess.Popen(cmd)
     for _ in range(200):
         if port_file.is_file() and port_file.read_text():
@@ -300,8 +377,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reply", default=None, help="a fixed reply text (e.g. a judge verdict) instead of the default")
     a = ap.parse_args(argv)
     key = os.environ.get(a.api_key_env) if a.api_key_env else None
-    srv = FaultServer(a.latency, key, a.default_fault, a.retry_after, a.hang, a.host, a.port,
-                      reply=None if a.reply is None else lambda _req: a.reply)
+    srv = FaultServer(
+        a.latency,
+        key,
+        a.default_fault,
+        a.retry_after,
+        a.hang,
+        a.host,
+        a.port,
+        reply=None if a.reply is None else lambda _req: a.reply,
+    )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(srv.serve(a.port_file))
 

@@ -36,9 +36,17 @@ def _ask(fault: str) -> list[dict]:
 
 # fault directive -> (attempts the client makes, whether the result is an error) with max_retries=2
 RECOVERABLE = {
-    "ok": (1, False), "429x2": (3, False), "500x1": (2, False), "hangx1": (2, False), "malformedx1": (2, False),
-    "empty_choicesx2": (3, False), "500": (3, True), "malformed": (3, True), "empty_choices": (3, True),
-    "hang": (3, True), "429": (3, True),
+    "ok": (1, False),
+    "429x2": (3, False),
+    "500x1": (2, False),
+    "hangx1": (2, False),
+    "malformedx1": (2, False),
+    "empty_choicesx2": (3, False),
+    "500": (3, True),
+    "malformed": (3, True),
+    "empty_choices": (3, True),
+    "hang": (3, True),
+    "429": (3, True),
 }
 
 
@@ -99,11 +107,13 @@ def test_the_first_request_goes_alone_then_the_rest_fan_out() -> None:
     """Read from when the requests arrive at the server (1 s each), not from wall times a busy machine stretches."""
     with FaultServer(latency_s=1.0) as srv:
         rs = ChatClient(srv.base_url, "k", "m", concurrency=16).complete_many(
-            [[{"role": "user", "content": f"q{i}"}] for i in range(17)])
+            [[{"role": "user", "content": f"q{i}"}] for i in range(17)]
+        )
         probed = list(srv.arrivals)
         ChatClient(srv.base_url, "k", "m", concurrency=16, probe_first=False).complete_many(
-            [[{"role": "user", "content": f"q{i}"}] for i in range(16)])
-        fanned = srv.arrivals[len(probed):]
+            [[{"role": "user", "content": f"q{i}"}] for i in range(16)]
+        )
+        fanned = srv.arrivals[len(probed) :]
     assert all(not r.error for r in rs)
     assert min(probed[1:]) - probed[0] >= 0.95  # the others waited for the first one's answer
     assert max(probed[1:]) - min(probed[1:]) < 0.95  # then went together
@@ -115,8 +125,13 @@ def test_a_400_about_one_request_is_that_requests_error_not_the_runs() -> None:
     before anything succeeded would hit every request (bad model name, bad sampling): that one stops the run."""
     with FaultServer() as srv:
         c = ChatClient(srv.base_url, "k", "m", concurrency=4, max_retries=3)
-        rs = c.complete_many([[{"role": "user", "content": "q [[fault:too_long]]"}],
-                              [{"role": "user", "content": "fine"}], [{"role": "user", "content": "q [[fault:400]]"}]])
+        rs = c.complete_many(
+            [
+                [{"role": "user", "content": "q [[fault:too_long]]"}],
+                [{"role": "user", "content": "fine"}],
+                [{"role": "user", "content": "q [[fault:400]]"}],
+            ]
+        )
         assert [bool(r.error) for r in rs] == [True, False, True] and not any(r.transient for r in rs)
         assert "maximum context length" in rs[0].error and "http 400" in rs[2].error
         assert srv.requests == 3  # no retry of a 400
@@ -131,8 +146,16 @@ def test_an_outage_stops_after_a_bounded_number_of_failures() -> None:
     from baize_exp.errors import Interrupted
 
     with FaultServer(default_fault="500") as srv:
-        c = ChatClient(srv.base_url, "k", "m", concurrency=4, max_retries=5, backoff_base_s=0.01,
-                       backoff_max_s=0.02, stop_after_failures=10)
+        c = ChatClient(
+            srv.base_url,
+            "k",
+            "m",
+            concurrency=4,
+            max_retries=5,
+            backoff_base_s=0.01,
+            backoff_max_s=0.02,
+            stop_after_failures=10,
+        )
         rs = c.complete_many([[{"role": "user", "content": f"q{i}"}] for i in range(100)])
         assert 10 <= srv.requests <= 10 + 4  # the bound, plus what was in flight when it tripped
     assert all(r.error and r.transient for r in rs)
@@ -165,7 +188,8 @@ def test_concurrency_bounds_the_requests_in_flight() -> None:
     (read from the arrival times, which a busy machine does not stretch much)."""
     with FaultServer(latency_s=1.0) as srv:
         ChatClient(srv.base_url, "k", "m", concurrency=16).complete_many(
-            [[{"role": "user", "content": f"q{i}"}] for i in range(32)])
+            [[{"role": "user", "content": f"q{i}"}] for i in range(32)]
+        )
         arrivals = sorted(srv.arrivals)
     in_flight = max(sum(1 for b in arrivals if a <= b < a + 0.95) for a in arrivals)
     assert in_flight == 16  # the bound, reached
@@ -226,8 +250,16 @@ def test_fault_server_cli_serves_and_counts() -> None:
     import tempfile
 
     port_file = Path(tempfile.mkdtemp()) / "port"
-    p = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fault_server.py"), "--port-file", str(port_file),
-                          "--default-fault", "500"])
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "fault_server.py"),
+            "--port-file",
+            str(port_file),
+            "--default-fault",
+            "500",
+        ]
+    )
     try:
         for _ in range(100):
             if port_file.is_file():
@@ -235,7 +267,8 @@ def test_fault_server_cli_serves_and_counts() -> None:
             time.sleep(0.1)
         base = f"http://127.0.0.1:{port_file.read_text()}"
         r = ChatClient(base + "/v1", "k", "m", max_retries=1, backoff_base_s=0.01).complete(
-            [{"role": "user", "content": "x"}])
+            [{"role": "user", "content": "x"}]
+        )
         assert r.error and "http 500" in r.error
         with urllib.request.urlopen(base + "/stats") as resp:
             assert json.loads(resp.read()) == {"status": "ok", "requests": 2, "faults": {"500": 2}}

@@ -22,8 +22,14 @@ from baize_exp.io import read_jsonl
 from baize_exp.stages.collect import collect, dialog_key
 
 SECRET = "sk-test-collect-0123456789abcdef-never-written"
-FAST = ["teacher=openai", "teacher.backoff_base_s=0.01", "teacher.backoff_max_s=0.05", "teacher.timeout_s=0.5",
-        "teacher.max_retries=2", "teacher.concurrency=8"]
+FAST = [
+    "teacher=openai",
+    "teacher.backoff_base_s=0.01",
+    "teacher.backoff_max_s=0.05",
+    "teacher.timeout_s=0.5",
+    "teacher.max_retries=2",
+    "teacher.concurrency=8",
+]
 
 
 def _setup(tmp_path: Path, *overrides: str):
@@ -43,10 +49,22 @@ def _seeds(faults: list[str]) -> list[Seed]:
 # fault directive in the seed -> what becomes of it (transcript mode, max_retries=2): a dialog, a reject with its
 # reason (final), or "failed" (transient: kept in failures.jsonl, asked again by every rerun)
 TRANSCRIPT_OUTCOMES = {
-    "": "dialog", "429x2": "dialog", "500x1": "dialog", "hangx1": "dialog", "malformedx1": "dialog",
-    "empty_choicesx1": "dialog", "wrong_format": "no_transcript", "role_order": "role_order",
-    "short": "too_few_turns", "length": "length", "empty": "empty", "too_long": "bad_request", "huge": "oversized",
-    "500": "failed", "malformed": "failed", "empty_choices": "failed",
+    "": "dialog",
+    "429x2": "dialog",
+    "500x1": "dialog",
+    "hangx1": "dialog",
+    "malformedx1": "dialog",
+    "empty_choicesx1": "dialog",
+    "wrong_format": "no_transcript",
+    "role_order": "role_order",
+    "short": "too_few_turns",
+    "length": "length",
+    "empty": "empty",
+    "too_long": "bad_request",
+    "huge": "oversized",
+    "500": "failed",
+    "malformed": "failed",
+    "empty_choices": "failed",
 }
 FAILS_FOREVER = ("500", "malformed", "empty_choices")
 
@@ -58,8 +76,11 @@ def test_transcript_mode_every_fault_ends_as_a_dialog_a_reject_or_a_failure_to_a
     out = tmp_path / "collect"
     with FaultServer(latency_s=0.01, api_key=SECRET, retry_after_s=0.05) as srv:
         client = _client(cfg, srv)
-        with pytest.raises(Interrupted, match=r"3 of 17 seeds are unfinished: 3 failed after their retries "
-                                              r"\(last: .*gave up after 3 attempts\)") as e:
+        with pytest.raises(
+            Interrupted,
+            match=r"3 of 17 seeds are unfinished: 3 failed after their retries "
+            r"\(last: .*gave up after 3 attempts\)",
+        ) as e:
             collect(seeds, client, cfg.collect, cfg.teacher, out)
         first = srv.requests
         assert "14 finished are kept" in str(e.value)
@@ -77,7 +98,8 @@ def test_transcript_mode_every_fault_ends_as_a_dialog_a_reject_or_a_failure_to_a
     outcome = {d["seed"]: "dialog" for d in dialogs} | {r["seed"]: r["reason"] for r in rejects}
     outcome |= {f["seed"]: "failed" for f in failures}
     assert outcome == {s.question: TRANSCRIPT_OUTCOMES[f] for s, f in zip(seeds, faults, strict=False)} | {
-        seeds[-1].question[:4000]: "too_long"}
+        seeds[-1].question[:4000]: "too_long"
+    }
     assert len(dialogs) + len(rejects) == len(seeds) - 3  # nothing lost, nothing twice
     assert len(failures) == 6 and all(f["error"] and f["key"] for f in failures)  # two attempts each, history
     assert sum(x["requests"] for x in dialogs + rejects + failures) == srv.requests  # every request accounted
@@ -101,7 +123,8 @@ def test_metrics_and_cost_of_a_clean_collection(tmp_path: Path) -> None:
     assert m["dialogs"] == m["new_dialogs"] == 2 and m["rejects_by_reason"] == {"no_transcript": 1}
     assert m["seeds_that_failed_before"] == m["failed_attempts"] == 0
     assert m["completion_tokens"] > 0 and m["cost_usd"] == pytest.approx(
-        (m["prompt_tokens"] * 0.5 + m["completion_tokens"] * 1.5) / 1e6)  # gpt-3.5-turbo in conf/teacher/openai
+        (m["prompt_tokens"] * 0.5 + m["completion_tokens"] * 1.5) / 1e6
+    )  # gpt-3.5-turbo in conf/teacher/openai
 
 
 def test_truncated_reply_can_keep_its_complete_turns(tmp_path: Path) -> None:
@@ -134,7 +157,10 @@ def test_turns_mode_plays_both_roles_turn_by_turn(tmp_path: Path) -> None:
         assert d["turns"][0]["text"] == d["seed"]  # the seed is the human's first turn
     assert dialogs[seeds[2].question]["requests"] == 10  # 5 turns, each 429 once then served
     assert {s: r["reason"] for s, r in rejects.items()} == {
-        seeds[3].question: "length", seeds[4].question: "empty", seeds[5].question: "role_order"}
+        seeds[3].question: "length",
+        seeds[4].question: "empty",
+        seeds[5].question: "role_order",
+    }
     # 5 requests per full dialog (+5 retries for the 429s); length and empty end the dialog on the first AI turn,
     # role_order on the first human turn (its reply speaks as the AI), 500 after 3 attempts
     assert n == client.requests == 5 * 3 + 5 + 1 + 1 + 2 + 3
@@ -205,8 +231,20 @@ def test_api_error_rejects_of_an_older_collection_are_asked_again(tmp_path: Path
         collect(seeds[1:], _client(cfg, srv), cfg.collect, cfg.teacher, out)
         key = dialog_key(seeds[0], cfg.collect, cfg.teacher)
         with open(out / "rejects.jsonl", "a") as f:
-            f.write(json.dumps({"seed": seeds[0].question, "source": "test", "key": key, "mode": "transcript",
-                                "reason": "api_error", "detail": "timeout after 300s", "raw": None}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "seed": seeds[0].question,
+                        "source": "test",
+                        "key": key,
+                        "mode": "transcript",
+                        "reason": "api_error",
+                        "detail": "timeout after 300s",
+                        "raw": None,
+                    }
+                )
+                + "\n"
+            )
         n = srv.requests
         m = collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)
         assert srv.requests - n == 1 and m["dialogs"] == 1 and m["seeds_that_failed_before"] == 1
@@ -224,12 +262,24 @@ def test_refused_key_stops_collection_with_nothing_written(tmp_path: Path) -> No
 
 
 def test_collect_config_is_validated() -> None:
-    cfg = compose_cfg(["collect.mode=chat", "collect.max_turns=1", "collect.on_truncated=keep",
-                       "teacher.requests_per_min=0", "collect.human_template=no history here"])
+    cfg = compose_cfg(
+        [
+            "collect.mode=chat",
+            "collect.max_turns=1",
+            "collect.on_truncated=keep",
+            "teacher.requests_per_min=0",
+            "collect.human_template=no history here",
+        ]
+    )
     with pytest.raises(ConfigError) as e:
         validate(cfg)
-    for key in ("collect.mode", "collect.max_turns", "collect.on_truncated", "teacher.requests_per_min",
-                "collect.human_template"):
+    for key in (
+        "collect.mode",
+        "collect.max_turns",
+        "collect.on_truncated",
+        "teacher.requests_per_min",
+        "collect.human_template",
+    ):
         assert key in str(e.value)
     assert compose_cfg(["collect=turns"]).collect.mode == "turns"
 
@@ -238,22 +288,52 @@ def test_export_to_baize_text_and_chatml(tmp_path: Path) -> None:
     src = tmp_path / "dialogs.jsonl"
     turns = [{"role": "human", "text": "Why is the sky blue?"}, {"role": "ai", "text": "Rayleigh scattering."}]
     src.write_text(json.dumps({"id": "d1", "seed": "sky", "turns": turns}) + "\n")
-    r = subprocess.run([sys.executable, "-m", "baize_exp.data.export", str(src), "--format", "baize", "--out",
-                        str(tmp_path / "baize.jsonl")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "baize_exp.data.export",
+            str(src),
+            "--format",
+            "baize",
+            "--out",
+            str(tmp_path / "baize.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     (b,) = read_jsonl(tmp_path / "baize.jsonl")
-    assert b == {"id": "d1", "topic": "sky", "input": "The conversation between human and AI assistant.\n"
-                 "[|Human|] Why is the sky blue?\n[|AI|] Rayleigh scattering.\n[|Human|]"}
+    assert b == {
+        "id": "d1",
+        "topic": "sky",
+        "input": "The conversation between human and AI assistant.\n"
+        "[|Human|] Why is the sky blue?\n[|AI|] Rayleigh scattering.\n[|Human|]",
+    }
     assert export(src, tmp_path / "chat.jsonl", "chatml", system="Be brief.") == 1
     (c,) = read_jsonl(tmp_path / "chat.jsonl")
-    assert c["messages"] == [{"role": "system", "content": "Be brief."},
-                             {"role": "user", "content": "Why is the sky blue?"},
-                             {"role": "assistant", "content": "Rayleigh scattering."}]
+    assert c["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Why is the sky blue?"},
+        {"role": "assistant", "content": "Rayleigh scattering."},
+    ]
     src.write_text(src.read_text() + json.dumps({"id": "d2", "turns": [{"role": "robot", "text": "x"}]}) + "\n")
     with pytest.raises(ExportError, match="dialogs.jsonl:2: turn 1 has role 'robot'"):
         export_records(src, "baize")
-    r = subprocess.run([sys.executable, "-m", "baize_exp.data.export", str(src), "--format", "chatml", "--out",
-                        str(tmp_path / "x.jsonl")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "baize_exp.data.export",
+            str(src),
+            "--format",
+            "chatml",
+            "--out",
+            str(tmp_path / "x.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "dialogs.jsonl:2:" in r.stderr and not (tmp_path / "x.jsonl").exists()
 
 
@@ -271,10 +351,19 @@ def test_kill_9_then_rerun_sends_exactly_the_missing_requests(tmp_path: Path) ->
     run_dir = tmp_path / "run"
     env = {**os.environ, "BAIZE_FAULT_KEY": SECRET}
     with FaultServer(latency_s=0.3, api_key=SECRET) as srv:
-        args = [sys.executable, "-c", "from baize_exp.cli import collect; collect()", "teacher=openai", f"teacher.base_url={srv.base_url}",
-                "teacher.api_key_env=BAIZE_FAULT_KEY", "teacher.concurrency=4", "data=file",
-                f"data.path={seeds_file}", f"hydra.run.dir={run_dir}",
-                "collect.shared=false"]  # write in the run dir itself, so the test can watch it grow and kill
+        args = [
+            sys.executable,
+            "-c",
+            "from baize_exp.cli import collect; collect()",
+            "teacher=openai",
+            f"teacher.base_url={srv.base_url}",
+            "teacher.api_key_env=BAIZE_FAULT_KEY",
+            "teacher.concurrency=4",
+            "data=file",
+            f"data.path={seeds_file}",
+            f"hydra.run.dir={run_dir}",
+            "collect.shared=false",
+        ]  # write in the run dir itself, so the test can watch it grow and kill
         store = run_dir / "collect" / "teacher"  # the teacher's dialogs as they come; the filtered ones beside
         dialogs = store / "dialogs.jsonl"
         with open(tmp_path / "first.log", "wb") as log:
@@ -329,12 +418,26 @@ def test_turns_mode_against_the_projects_own_server(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/health") as r:
             return json.loads(r.read())["requests"]
 
-    cfg = _setup(tmp_path, "collect=turns", "collect.max_turns=4", "collect.on_truncated=drop_turn",
-                 "teacher.max_tokens=128", "teacher.temperature=0", "teacher.timeout_s=600")
+    cfg = _setup(
+        tmp_path,
+        "collect=turns",
+        "collect.max_turns=4",
+        "collect.on_truncated=drop_turn",
+        "teacher.max_tokens=128",
+        "teacher.temperature=0",
+        "teacher.timeout_s=600",
+    )
     seeds = [Seed("q1", "test", "How do I make a cup of green tea?"), Seed("q2", "test", "What is a prime number?")]
     with LocalServer("smollm2_135m", cache_dir=os.environ["BAIZE_CACHE"], max_batch=4) as srv:
-        client = ChatClient(srv.base_url, srv.api_key, "smollm2-135m-instruct", temperature=0.0, max_tokens=128,
-                            concurrency=4, timeout_s=600)
+        client = ChatClient(
+            srv.base_url,
+            srv.api_key,
+            "smollm2-135m-instruct",
+            temperature=0.0,
+            max_tokens=128,
+            concurrency=4,
+            timeout_s=600,
+        )
         m = collect(seeds, client, cfg.collect, cfg.teacher, tmp_path / "c")
         n = served()
         assert collect(seeds, client, cfg.collect, cfg.teacher, tmp_path / "c")["requested"] == 0
@@ -354,9 +457,16 @@ def test_a_larger_limit_grows_the_shared_collection_and_asks_only_for_new_seeds(
     from baize_exp.pipeline import run_pipeline
 
     def run(name: str, limit: int) -> tuple[dict, int, Path]:
-        cfg = _setup(tmp_path, "stages=[collect]", "logger=none", f"data.limit={limit}", "collect.shared=true",
-                     f"teacher.base_url={srv.base_url}", "teacher.api_key_env=BAIZE_TEST_KEY",
-                     f"paths.output_dir={tmp_path / name}")
+        cfg = _setup(
+            tmp_path,
+            "stages=[collect]",
+            "logger=none",
+            f"data.limit={limit}",
+            "collect.shared=true",
+            f"teacher.base_url={srv.base_url}",
+            "teacher.api_key_env=BAIZE_TEST_KEY",
+            f"paths.output_dir={tmp_path / name}",
+        )
         n0 = srv.requests
         m = run_pipeline(cfg)["collect"]
         return m, srv.requests - n0, tmp_path / name / "collect"

@@ -8,11 +8,14 @@ from conftest import CONF, compose_cfg, run_cli
 from baize_exp.config import ConfigError, validate
 
 GROUP_OPTIONS = sorted(
-    (p.parent.name, p.stem) for p in CONF.glob("*/*.yaml")
+    (p.parent.name, p.stem)
+    for p in CONF.glob("*/*.yaml")
     if p.parent.name not in ("hydra", "sweep", "hparams_search")  # these set hydra.*: tests/test_sweeps.py
 )
-NEEDS = {("data", "file"): [f"data.path={CONF / 'config.yaml'}"],  # any existing file satisfies validate
-         ("data", "hf"): [f"data.hf.path={CONF / 'config.yaml'}"]}
+NEEDS = {
+    ("data", "file"): [f"data.path={CONF / 'config.yaml'}"],  # any existing file satisfies validate
+    ("data", "hf"): [f"data.hf.path={CONF / 'config.yaml'}"],
+}
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
@@ -28,8 +31,19 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
 
 def test_every_group_is_covered() -> None:
     groups = {g for g, _ in GROUP_OPTIONS}
-    assert {"data", "model", "lora", "sdf", "teacher", "judge", "trainer", "strategy", "logger", "paths",
-            "experiment"} <= groups
+    assert {
+        "data",
+        "model",
+        "lora",
+        "sdf",
+        "teacher",
+        "judge",
+        "trainer",
+        "strategy",
+        "logger",
+        "paths",
+        "experiment",
+    } <= groups
 
 
 def test_deepspeed_on_cpu_is_refused_with_the_reason() -> None:
@@ -88,8 +102,9 @@ def test_yaml_options_hold_only_what_differs_from_the_dataclass_defaults() -> No
             line = next((ln for ln in lines if ln.lstrip().startswith(f"{keys[-1]}:")), "")
             if "#" not in line or "default" not in line.split("#", 1)[1]:
                 repeated.append(f"{path.relative_to(CONF)}: {'.'.join(keys)}={value!r}")
-    assert not repeated, "options repeating a dataclass default (remove them, or say why on that line): " + \
-        "; ".join(repeated)
+    assert not repeated, "options repeating a dataclass default (remove them, or say why on that line): " + "; ".join(
+        repeated
+    )
 
 
 def test_the_shipped_defaults_are_the_dataclass_defaults() -> None:
@@ -103,18 +118,24 @@ def test_the_shipped_defaults_are_the_dataclass_defaults() -> None:
     for group in ("data", "lora", "teacher", "judge", "train", "trainer", "strategy", "plan", "logger", "paths"):
         assert cfg[group] == want[group], group
     for group in ("collect", "sdf", "eval"):
-        assert {k: v for k, v in cfg[group].items() if want[group][k] != "???"} == \
-            {k: v for k, v in want[group].items() if v != "???"}, group
+        assert {k: v for k, v in cfg[group].items() if want[group][k] != "???"} == {
+            k: v for k, v in want[group].items() if v != "???"
+        }, group
 
 
-@pytest.mark.parametrize(("entry", "needle"), [("collect", "baize-collect: self-chat collection only"),
-                                               ("plan", "baize-plan: will it fit?")])
+@pytest.mark.parametrize(
+    ("entry", "needle"), [("collect", "baize-collect: self-chat collection only"), ("plan", "baize-plan: will it fit?")]
+)
 def test_collect_and_plan_entry_points_have_their_own_help(entry: str, needle: str) -> None:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", f"from baize_exp.cli import {entry}; {entry}()", "--help"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", f"from baize_exp.cli import {entry}; {entry}()", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert needle in r.stdout and "stages" in r.stdout
 
@@ -136,9 +157,12 @@ def test_help_lists_groups_and_options() -> None:
     r = run_cli("--help")
     assert r.returncode == 0
     assert "baize_exp" in r.stdout
-    for line in ("model: 13b, 30b, 7b, random_1b, smollm2_135m, tiny", "teacher: local, openai, vllm",
-                 "strategy: auto, ddp, deepspeed_stage_2, deepspeed_stage_3, deepspeed_stage_3_offload",
-                 "data: quora, stackoverflow, medical, alpaca are the shipped 200-question samples unless data.path"):
+    for line in (
+        "model: 13b, 30b, 7b, random_1b, smollm2_135m, tiny",
+        "teacher: local, openai, vllm",
+        "strategy: auto, ddp, deepspeed_stage_2, deepspeed_stage_3, deepspeed_stage_3_offload",
+        "data: quora, stackoverflow, medical, alpaca are the shipped 200-question samples unless data.path",
+    ):
         assert line in r.stdout
 
 

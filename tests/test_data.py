@@ -25,8 +25,7 @@ from baize_exp.training.data import IGNORE, collate, tokenize_dialog
 
 
 def test_shipped_seed_sets_load_and_mix_by_weight() -> None:
-    cfg = compose_cfg(["data=mixed", "data.limit=40", "data.mix={quora:3,medical:1}",
-                       "data.sources=[quora,medical]"])
+    cfg = compose_cfg(["data=mixed", "data.limit=40", "data.mix={quora:3,medical:1}", "data.sources=[quora,medical]"])
     seeds = load_seeds(cfg.data)
     assert len(seeds) == 40
     by = {s: sum(x.source == s for x in seeds) for s in ("quora", "medical")}
@@ -60,17 +59,24 @@ def test_seed_files_of_each_format_dedup(tmp_path, fmt: str) -> None:
 BAD_SEED_FILES = {
     "empty.jsonl": (b"", r"empty.jsonl: no seeds"),
     "blank.txt": (b"\n  \n", r"blank.txt: no seeds"),
-    "field.jsonl": (b'{"question": "ok?"}\n\n{"text": ""}\n', r"field.jsonl:3: needs a non-empty string field 'question'"),
+    "field.jsonl": (
+        b'{"question": "ok?"}\n\n{"text": ""}\n',
+        r"field.jsonl:3: needs a non-empty string field 'question'",
+    ),
     "list.jsonl": (b'{"question": "ok?"}\n["a"]\n', r"list.jsonl:2: .*found a JSON list"),
     "torn.jsonl": (b'{"question": "ok?"}\n{"question": "cut', r"torn.jsonl:2: not valid JSON .*ends mid-line"),
     "nojson.jsonl": (b'{"question": "ok?"}\nquestion: what?\n{"question": "b"}\n', r"nojson.jsonl:2: not valid JSON"),
-    "latin1.jsonl": ('{"question": "ok?"}\n{"question": "caf\u00e9"}\n'.encode("latin-1"),
-                     r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\)"),
+    "latin1.jsonl": (
+        '{"question": "ok?"}\n{"question": "caf\u00e9"}\n'.encode("latin-1"),
+        r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\)",
+    ),
     "latin1.txt": ("one\ntwo\ncaf\u00e9?\n".encode("latin-1"), r"latin1.txt:3: not UTF-8"),
     "latin1.csv": ("question\ncaf\u00e9?\n".encode("latin-1"), r"latin1.csv:2: not UTF-8"),
     "nocol.csv": (b"title,body\na,b\n", r"nocol.csv:1: needs a 'question' .*\['title', 'body'\]"),
-    "quote.csv": (b'question\nWhat is a "good" thing?\n"Why do birds, fly?\n"Is it ok?"\nLast one\n',
-                  r"quote.csv:3-4: one CSV record runs over 2 lines"),
+    "quote.csv": (
+        b'question\nWhat is a "good" thing?\n"Why do birds, fly?\n"Is it ok?"\nLast one\n',
+        r"quote.csv:3-4: one CSV record runs over 2 lines",
+    ),
     "unclosed.csv": (b'question\nok\n"unclosed\nmore\n', r"unclosed.csv:3-4: one CSV record runs over 2 lines"),
     "commas.csv": (b"question\nwhy, though?\n", r"commas.csv:2: more fields than the header"),
     "x.parquet": (b"", "unsupported seed file type"),
@@ -143,10 +149,12 @@ def test_eval_questions_shipped_and_limit_spreads_categories() -> None:
 
 
 def test_labels_cover_only_ai_text(tokenizer) -> None:
-    turns = [{"role": "human", "text": "What is the capital of France?"},
-             {"role": "ai", "text": "Paris is the capital."},
-             {"role": "human", "text": "And of Italy?"},
-             {"role": "ai", "text": "Rome."}]
+    turns = [
+        {"role": "human", "text": "What is the capital of France?"},
+        {"role": "ai", "text": "Paris is the capital."},
+        {"role": "human", "text": "And of Italy?"},
+        {"role": "ai", "text": "Rome."},
+    ]
     ex = tokenize_dialog(turns, tokenizer, 512, "ai")
     supervised = tokenizer.decode([t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE])
     assert "Paris is the capital." in supervised and "Rome." in supervised
@@ -156,8 +164,12 @@ def test_labels_cover_only_ai_text(tokenizer) -> None:
 
 
 def test_cutoff_keeps_whole_exchanges(tokenizer) -> None:
-    turns = [{"role": "human", "text": "Q1"}, {"role": "ai", "text": "A1 " * 5},
-             {"role": "human", "text": "Q2"}, {"role": "ai", "text": "A2 " * 200}]
+    turns = [
+        {"role": "human", "text": "Q1"},
+        {"role": "ai", "text": "A1 " * 5},
+        {"role": "human", "text": "Q2"},
+        {"role": "ai", "text": "A2 " * 200},
+    ]
     ex = tokenize_dialog(turns, tokenizer, 64, "ai")
     text = tokenizer.decode(ex["input_ids"])
     assert "A1" in text and "Q2" not in text  # the second exchange does not fit: dropped whole

@@ -28,33 +28,55 @@ def tiny_judge():
 
 # --- parsing ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("reply", "score", "how"), [
-    ("Score: 7", 7.0, "ok"), ("**Score:** 9\nGood answer.", 9.0, "ok"), ("score=10", 10.0, "ok"),
-    ("Score: 8/10", 8.0, "ok"), ("Score: 3. Later: score: 3", 3.0, "ok"),
-    # strict by default: what the rubric did not ask for is not a score
-    ("I'd give it 8/10.", None, "failed"), ("8", None, "failed"), ("The answer is: 10.", None, "failed"),
-    ("Score: 3, no, Score: 8", None, "failed"), ("Score: 11", None, "failed"),
-    ("On a scale of 1 to 10 this is a 7", None, "failed"), ("great answer", None, "failed"), ("", None, "failed"),
-])
+
+@pytest.mark.parametrize(
+    ("reply", "score", "how"),
+    [
+        ("Score: 7", 7.0, "ok"),
+        ("**Score:** 9\nGood answer.", 9.0, "ok"),
+        ("score=10", 10.0, "ok"),
+        ("Score: 8/10", 8.0, "ok"),
+        ("Score: 3. Later: score: 3", 3.0, "ok"),
+        # strict by default: what the rubric did not ask for is not a score
+        ("I'd give it 8/10.", None, "failed"),
+        ("8", None, "failed"),
+        ("The answer is: 10.", None, "failed"),
+        ("Score: 3, no, Score: 8", None, "failed"),
+        ("Score: 11", None, "failed"),
+        ("On a scale of 1 to 10 this is a 7", None, "failed"),
+        ("great answer", None, "failed"),
+        ("", None, "failed"),
+    ],
+)
 def test_parse_score_is_strict_by_default(reply: str, score: float | None, how: str) -> None:
     got, got_how, err = J.parse_score(reply)
     assert (got, got_how) == (score, how)
     assert (err is None) == (score is not None)
 
 
-@pytest.mark.parametrize(("reply", "score", "how"), [
-    ("Score: 7", 7.0, "ok"), ("I'd give it 8/10.", 8.0, "tolerant"), ("6 out of 10", 6.0, "tolerant"),
-    ("8", 8.0, "tolerant"), ("The answer is: 10.", 10.0, "tolerant"), ("Score: 11", None, "failed"),
-    ("On a scale of 1 to 10 this is a 7", None, "failed"),
-])
+@pytest.mark.parametrize(
+    ("reply", "score", "how"),
+    [
+        ("Score: 7", 7.0, "ok"),
+        ("I'd give it 8/10.", 8.0, "tolerant"),
+        ("6 out of 10", 6.0, "tolerant"),
+        ("8", 8.0, "tolerant"),
+        ("The answer is: 10.", 10.0, "tolerant"),
+        ("Score: 11", None, "failed"),
+        ("On a scale of 1 to 10 this is a 7", None, "failed"),
+    ],
+)
 def test_parse_score_tolerant_fallback(reply: str, score: float | None, how: str) -> None:
     assert J.parse_score(reply, ["tolerant"])[:2] == (score, how)
 
 
 def test_logprob_fallback_reads_the_judges_choice_of_score() -> None:
     # the reply never states a score, but at its second token the judge put most mass on 6 and 7
-    content = [_lp("Well", -0.1, {"Well": -0.1, "I": -2.5}), _lp(" 7", -0.7, {" 7": -0.7, " 6": -1.2, " a": -3.0}),
-               _lp(".", -0.1, {".": -0.1})]
+    content = [
+        _lp("Well", -0.1, {"Well": -0.1, "I": -2.5}),
+        _lp(" 7", -0.7, {" 7": -0.7, " 6": -1.2, " a": -3.0}),
+        _lp(".", -0.1, {".": -0.1}),
+    ]
     reply = "Well 7."
     assert J.parse_score(reply, [], {"content": content})[:2] == (None, "failed")
     got, how, _ = J.parse_score(reply, ["logprob"], {"content": content})
@@ -65,16 +87,25 @@ def test_logprob_fallback_reads_the_judges_choice_of_score() -> None:
     odd = [_lp("Score: ", -0.1, {"Score: ": -0.1}), _lp("7", -0.5, {"7": -0.5, "²": -1.0, "6": -2.0})]
     assert J.parse_score("Score: 7", ["logprob"], {"content": odd})[:2] == (7.0, "ok")
     assert J.weighted_score("Score: 7", {"content": odd}) == pytest.approx(
-        (7 * np.exp(-0.5) + 6 * np.exp(-2.0)) / (np.exp(-0.5) + np.exp(-2.0)), abs=1e-4)
+        (7 * np.exp(-0.5) + 6 * np.exp(-2.0)) / (np.exp(-0.5) + np.exp(-2.0)), abs=1e-4
+    )
     assert J.logprob_score({"content": odd[1:]}) is not None
 
 
-@pytest.mark.parametrize(("reply", "verdict", "how", "fallbacks"), [
-    ("[[A]]", "A", "ok", []), ("After thought, [[B]] is better.", "B", "ok", []), ("[[C]]", "C", "ok", []),
-    ("B", None, "failed", []), ("B", "B", "tolerant", ["tolerant"]),
-    ("Assistant A is more helpful", "A", "tolerant", ["tolerant"]), ("Tie.", "C", "tolerant", ["tolerant"]),
-    ("[[A]] or maybe [[B]]", None, "failed", ["tolerant"]), ("Both are fine", None, "failed", ["tolerant"]),
-])
+@pytest.mark.parametrize(
+    ("reply", "verdict", "how", "fallbacks"),
+    [
+        ("[[A]]", "A", "ok", []),
+        ("After thought, [[B]] is better.", "B", "ok", []),
+        ("[[C]]", "C", "ok", []),
+        ("B", None, "failed", []),
+        ("B", "B", "tolerant", ["tolerant"]),
+        ("Assistant A is more helpful", "A", "tolerant", ["tolerant"]),
+        ("Tie.", "C", "tolerant", ["tolerant"]),
+        ("[[A]] or maybe [[B]]", None, "failed", ["tolerant"]),
+        ("Both are fine", None, "failed", ["tolerant"]),
+    ],
+)
 def test_parse_verdict(reply: str, verdict: str | None, how: str, fallbacks: list[str]) -> None:
     assert J.parse_verdict(reply, fallbacks)[:2] == (verdict, how)
 
@@ -85,12 +116,21 @@ def _lp(token: str, logprob: float, alts: dict[str, float]) -> dict:
 
 def test_weighted_score_reads_the_score_token_and_splits_ten() -> None:
     ln = np.log
-    content = [_lp("Score", 0, {}), _lp(":", 0, {}), _lp(" ", 0, {}),
-               _lp("7", ln(0.5), {"7": ln(0.5), "8": ln(0.3), "x": ln(0.1), "6": ln(0.1)})]
-    assert J.weighted_score("Score: 7", {"content": content}) == pytest.approx((7 * .5 + 8 * .3 + 6 * .1) / .9, abs=1e-4)
+    content = [
+        _lp("Score", 0, {}),
+        _lp(":", 0, {}),
+        _lp(" ", 0, {}),
+        _lp("7", ln(0.5), {"7": ln(0.5), "8": ln(0.3), "x": ln(0.1), "6": ln(0.1)}),
+    ]
+    assert J.weighted_score("Score: 7", {"content": content}) == pytest.approx(
+        (7 * 0.5 + 8 * 0.3 + 6 * 0.1) / 0.9, abs=1e-4
+    )
     # "10" as "1","0": P(1 then 0) goes to 10, the rest of "1" to 1
-    ten = content[:3] + [_lp("1", ln(0.6), {"1": ln(0.6), "9": ln(0.4)}), _lp("0", ln(0.75), {"0": ln(0.75), ".": ln(0.25)})]
-    assert J.weighted_score("Score: 10", {"content": ten}) == pytest.approx(10 * .45 + 1 * .15 + 9 * .4, abs=1e-4)
+    ten = content[:3] + [
+        _lp("1", ln(0.6), {"1": ln(0.6), "9": ln(0.4)}),
+        _lp("0", ln(0.75), {"0": ln(0.75), ".": ln(0.25)}),
+    ]
+    assert J.weighted_score("Score: 10", {"content": ten}) == pytest.approx(10 * 0.45 + 1 * 0.15 + 9 * 0.4, abs=1e-4)
     assert J.weighted_score("Score: 7", None) is None
     assert J.weighted_score("Score: 7", {"content": content[:2]}) is None  # tokens do not spell the reply
 
@@ -104,16 +144,33 @@ def test_pairwise_combination_needs_agreement() -> None:
 
 # --- statistics ---------------------------------------------------------------------------------------------
 
+
 def _synthetic() -> list[dict]:
     rng = np.random.default_rng(123)
     out = []
     for model, shift in (("m1", 0), ("m2", 2)):
         for cat in ("coding", "math", "writing"):
             for k in range(20):
-                out.append({"question_id": f"{cat}-{k}", "category": cat, "model": model, "mode": "single",
-                            "swap": False, "score": float(min(10, rng.integers(1, 9) + shift))})
-            out.append({"question_id": f"{cat}-x", "category": cat, "model": model, "mode": "single",
-                        "swap": False, "score": None})  # a parse failure per category
+                out.append(
+                    {
+                        "question_id": f"{cat}-{k}",
+                        "category": cat,
+                        "model": model,
+                        "mode": "single",
+                        "swap": False,
+                        "score": float(min(10, rng.integers(1, 9) + shift)),
+                    }
+                )
+            out.append(
+                {
+                    "question_id": f"{cat}-x",
+                    "category": cat,
+                    "model": model,
+                    "mode": "single",
+                    "swap": False,
+                    "score": None,
+                }
+            )  # a parse failure per category
     return out
 
 
@@ -126,13 +183,22 @@ def test_scores_csv_intervals_match_an_independent_bootstrap(tmp_path: Path) -> 
     assert list(rows[0]) == S.SCORES_COLUMNS
     assert len(rows) == 2 * 4
     for r in rows:
-        vals = [j["score"] for j in judgments if j["model"] == r["model"] and j["score"] is not None
-                and r["category"] in ("all", j["category"])]
+        vals = [
+            j["score"]
+            for j in judgments
+            if j["model"] == r["model"] and j["score"] is not None and r["category"] in ("all", j["category"])
+        ]
         assert int(r["n"]) == len(vals) == (60 if r["category"] == "all" else 20)
         assert int(r["parse_failures"]) == (3 if r["category"] == "all" else 1)  # counted, not zeros
         assert float(r["mean"]) == pytest.approx(np.mean(vals), abs=1e-4)
-        ref = bootstrap((np.array(vals),), np.mean, n_resamples=20000, method="percentile", confidence_level=0.95,
-                        random_state=np.random.default_rng(99)).confidence_interval
+        ref = bootstrap(
+            (np.array(vals),),
+            np.mean,
+            n_resamples=20000,
+            method="percentile",
+            confidence_level=0.95,
+            random_state=np.random.default_rng(99),
+        ).confidence_interval
         sem = np.std(vals, ddof=1) / np.sqrt(len(vals))
         assert float(r["ci_low"]) == pytest.approx(ref.low, abs=0.1 * sem)
         assert float(r["ci_high"]) == pytest.approx(ref.high, abs=0.1 * sem)
@@ -143,10 +209,25 @@ def test_scores_csv_intervals_match_an_independent_bootstrap(tmp_path: Path) -> 
 
 def test_pairwise_rows_are_win_rates_with_ties_and_failures() -> None:
     def j(qid: str, swap: bool, winner: str | None) -> dict:
-        return {"question_id": qid, "category": "math", "model": "v1", "mode": "pairwise", "swap": swap,
-                "winner": winner}
-    judgments = [j("a", False, "model"), j("a", True, "model"), j("b", False, "model"), j("b", True, "opponent"),
-                 j("c", False, "opponent"), j("c", True, "opponent"), j("d", False, None), j("d", True, "model")]
+        return {
+            "question_id": qid,
+            "category": "math",
+            "model": "v1",
+            "mode": "pairwise",
+            "swap": swap,
+            "winner": winner,
+        }
+
+    judgments = [
+        j("a", False, "model"),
+        j("a", True, "model"),
+        j("b", False, "model"),
+        j("b", True, "opponent"),
+        j("c", False, "opponent"),
+        j("c", True, "opponent"),
+        j("d", False, None),
+        j("d", True, "model"),
+    ]
     row = S.score_table(judgments, 200, 0)[0]
     assert (row["mode"], row["n"], row["parse_failures"]) == ("pairwise", 3, 1)
     assert row["mean"] == pytest.approx((1 + 0.5 + 0) / 3, abs=1e-4)
@@ -154,8 +235,10 @@ def test_pairwise_rows_are_win_rates_with_ties_and_failures() -> None:
 
 # --- the judge against a real server ------------------------------------------------------------------------
 
-QUESTIONS = {f"q{i}": {"question_id": f"q{i}", "category": "math", "question": f"What is {i} + {i}?",
-                       "reference": str(2 * i)} for i in range(3)}
+QUESTIONS = {
+    f"q{i}": {"question_id": f"q{i}", "category": "math", "question": f"What is {i} + {i}?", "reference": str(2 * i)}
+    for i in range(3)
+}
 
 
 def test_pairwise_judge_sees_both_orders(tiny_judge) -> None:
@@ -165,7 +248,7 @@ def test_pairwise_judge_sees_both_orders(tiny_judge) -> None:
     jobs = J.build_jobs("pairwise", e, QUESTIONS, answers, opponent)
     n0 = len(tiny_judge.received)
     recs = J.run_judge(tiny_judge.client(max_tokens=8, concurrency=8), "pairwise", jobs, e.verdict_retry)
-    first_round = tiny_judge.received[n0:n0 + len(jobs)]
+    first_round = tiny_judge.received[n0 : n0 + len(jobs)]
     for q in QUESTIONS:
         shown = [p for p in first_round if f"MODEL-ANSWER-{q}" in p]
         a_first = [p.index(f"MODEL-ANSWER-{q}") < p.index(f"OPPONENT-ANSWER-{q}") for p in shown]
@@ -186,7 +269,7 @@ def test_unparsable_judge_replies_are_retried_with_the_error_then_recorded(tiny_
     recs = J.run_judge(tiny_judge.client(max_tokens=2, concurrency=8), "single", jobs, e.score_retry, logprobs=True)
     sent = tiny_judge.received[n0:]
     assert len(sent) == 2 * len(jobs)  # every job once, then once more
-    retries = sent[len(jobs):]
+    retries = sent[len(jobs) :]
     assert all("I could not read a score in that: the reply has no 'Score: N'" in p for p in retries)
     for r in recs:
         assert r["parse"] == "failed" and r["score"] is None and r["weighted_score"] is None
@@ -196,6 +279,7 @@ def test_unparsable_judge_replies_are_retried_with_the_error_then_recorded(tiny_
 
 
 # --- the eval stage: answer cache, held-out loss, outputs ---------------------------------------------------
+
 
 def _health(backends: Backends) -> int:
     (srv,) = backends.servers.values()
@@ -217,13 +301,36 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
             p.data.normal_(0, 0.5)
     save_adapter(peft, tok, tmp_path / "adapter", {})
     heldout = tmp_path / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps({"id": f"h{i}", "turns": [
-        {"role": "human", "text": f"Tell me about {x}."}, {"role": "ai", "text": f"{x} is a fine topic."}]}) + "\n"
-        for i, x in enumerate(["cats", "rain", "tea"])))
+    heldout.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"h{i}",
+                    "turns": [
+                        {"role": "human", "text": f"Tell me about {x}."},
+                        {"role": "ai", "text": f"{x} is a fine topic."},
+                    ],
+                }
+            )
+            + "\n"
+            for i, x in enumerate(["cats", "rain", "tea"])
+        )
+    )
     srv = [f"{r}.{k}={v}" for r in ("teacher", "judge") for k, v in (("serve.model", "tiny"), ("model", "tiny"))]
-    cfg = compose_cfg(["model=tiny", "eval=pairwise", "eval.limit=4", "eval.max_new_tokens=8", "judge.max_tokens=4",
-                       f"eval.models=[base,{tmp_path / 'adapter'}]", f"eval.answer_cache={tmp_path / 'answers'}",
-                       f"eval.heldout={heldout}", "eval.bootstrap=200", *srv])
+    cfg = compose_cfg(
+        [
+            "model=tiny",
+            "eval=pairwise",
+            "eval.limit=4",
+            "eval.max_new_tokens=8",
+            "judge.max_tokens=4",
+            f"eval.models=[base,{tmp_path / 'adapter'}]",
+            f"eval.answer_cache={tmp_path / 'answers'}",
+            f"eval.heldout={heldout}",
+            "eval.bootstrap=200",
+            *srv,
+        ]
+    )
     calls = []
     real = M.generate_texts
     monkeypatch.setattr(M, "generate_texts", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
@@ -244,13 +351,17 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
     assert m1["judge_requests"] >= 2 * 2 * 4  # two models x two orders x four questions (+ retries)
     for name in ("base", str(tmp_path / "adapter")):
         assert m1[f"{name}/heldout_loss"] > 0 and m1[f"{name}/heldout_ppl"] == pytest.approx(
-            np.exp(m1[f"{name}/heldout_loss"]), rel=1e-6)
+            np.exp(m1[f"{name}/heldout_loss"]), rel=1e-6
+        )
     run1 = tmp_path / "run1" / "eval"
     rows = list(csv.DictReader(open(run1 / "scores.csv")))
     assert {r["mode"] for r in rows} == {"pairwise", "pairwise_lc"}  # the raw win rate and the length-controlled
     assert {r["model"] for r in rows} == {"base", str(tmp_path / "adapter")}
-    assert all(int(r["n"]) + int(r["parse_failures"]) == (4 if r["category"] == "all" else 1) for r in rows
-               if r["mode"] == "pairwise")
+    assert all(
+        int(r["n"]) + int(r["parse_failures"]) == (4 if r["category"] == "all" else 1)
+        for r in rows
+        if r["mode"] == "pairwise"
+    )
     assert (run1 / "scores.png").stat().st_size > 5000
     answers = [json.loads(x) for x in (run1 / "answers.jsonl").read_text().splitlines()]
     assert {a["model"] for a in answers} == {"base", str(tmp_path / "adapter"), "teacher"}
@@ -267,7 +378,8 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
     assert per == {(m, k) for m in ("base", str(tmp_path / "adapter")) for k in ("heldout", "ref_loglik")}
     held = [i for i in items if i["model"] == "base" and i["kind"] == "heldout"]
     assert -sum(i["logprob_sum"] for i in held) / sum(i["tokens"] for i in held) == pytest.approx(
-        m1["base/heldout_loss"], rel=1e-6)
+        m1["base/heldout_loss"], rel=1e-6
+    )
     paired = {r["metric"]: r for r in csv.DictReader(open(run1 / "paired.csv"))}
     assert set(paired) >= {"heldout_loss", "ref_loglik"}
     assert paired["heldout_loss"]["comparison"] == f"{tmp_path / 'adapter'} vs base"
@@ -281,7 +393,9 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
     tables = sorted(p.name.split("_")[0] for p in tmp_path.glob("wandb/offline-run-*/files/media/table/eval/*.json"))
     assert {"samples", "scores"} <= set(tables)
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/eval/chart_scores*.png"))
-    scores_table = json.loads(next(tmp_path.glob("wandb/offline-run-*/files/media/table/eval/scores_*.json")).read_text())
+    scores_table = json.loads(
+        next(tmp_path.glob("wandb/offline-run-*/files/media/table/eval/scores_*.json")).read_text()
+    )
     assert scores_table["columns"] == S.SCORES_COLUMNS and len(scores_table["data"]) == len(rows)
 
     calls.clear()
@@ -289,14 +403,21 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
     assert calls == [] and m2["answers_generated"] == 0 and m2["answers_cached"] == 8
     assert m2["teacher_answers_requested"] == 0 and req2 == m2["judge_requests"] == 0  # nothing was asked
     # the judge's replies are reused, read or not: at temperature 0 they are the replies
-    j1, j2 = ([json.loads(x) for x in (tmp_path / r / "eval" / "judgments.jsonl").read_text().splitlines()]
-              for r in ("run1", "run2"))
+    j1, j2 = (
+        [json.loads(x) for x in (tmp_path / r / "eval" / "judgments.jsonl").read_text().splitlines()]
+        for r in ("run1", "run2")
+    )
     assert m2["judge_cached"] == len(j1)  # the judge is greedy: even its unreadable replies are its replies
     for a, b in zip(j1, j2, strict=True):
         assert b["cached"] and (b["judge_reply"], b["verdict"], b["winner"], b["parse"]) == (
-            a["judge_reply"], a["verdict"], a["winner"], a["parse"])
+            a["judge_reply"],
+            a["verdict"],
+            a["winner"],
+            a["parse"],
+        )
     assert (tmp_path / "run2" / "eval" / "answers.jsonl").read_text().replace("true", "false") == (
-        run1 / "answers.jsonl").read_text().replace("true", "false")
+        run1 / "answers.jsonl"
+    ).read_text().replace("true", "false")
 
     # new adapter weights are a new model: only its answers are generated again
     peft.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.data.add_(0.3)
@@ -333,8 +454,10 @@ def test_each_model_is_prompted_in_the_format_it_was_trained_in(tmp_path: Path, 
         (tmp_path / name).mkdir()
         (tmp_path / name / "prompt_format.json").write_text(json.dumps({"format": fmt}))
     (tmp_path / "bare").mkdir()
-    chat, baize, bare, base = (model_prompts(tokenizer, q, a, True, "chat_template")[0]
-                               for a in (tmp_path / "chat", tmp_path / "baize", tmp_path / "bare", None))
+    chat, baize, bare, base = (
+        model_prompts(tokenizer, q, a, True, "chat_template")[0]
+        for a in (tmp_path / "chat", tmp_path / "baize", tmp_path / "bare", None)
+    )
     assert "<|im_start|>assistant" in chat and "[|AI|]" not in chat
     assert baize.endswith("[|AI|]") and "<|im_start|>" not in baize
     assert bare == chat == base
@@ -352,8 +475,10 @@ def test_judge_cache_reuses_parsed_replies_and_asks_failures_again(tmp_path: Pat
     answers = [{"question_id": q, "category": "generic", "model": "m", "answer": f"Answer {q}"} for q in questions]
     jobs = J.build_jobs("single", e, questions, answers)
     unreadable = {"Answer q3"}  # the judge never gives this one a score
-    with FaultServer(api_key="k", reply=lambda r: "no idea" if any(
-            u in m["content"] for m in r["messages"] for u in unreadable) else "Score: 7") as srv:
+    with FaultServer(
+        api_key="k",
+        reply=lambda r: "no idea" if any(u in m["content"] for m in r["messages"] for u in unreadable) else "Score: 7",
+    ) as srv:
         client = ChatClient(srv.base_url, "k", "judge-model", concurrency=4, max_retries=0)
         cache = KeyedJsonl(tmp_path / "judgments.jsonl")
         first = J.run_judge(client, "single", jobs, e.score_retry, cache=cache)
@@ -366,8 +491,10 @@ def test_judge_cache_reuses_parsed_replies_and_asks_failures_again(tmp_path: Pat
     assert [bool(r.get("cached")) for r in second] == [True, True, True, False]
     assert second[3]["parse"] == "failed" and "error" in second[3]
     # a greedy judge's unreadable reply is its reply: stored as the failure it was, not asked again
-    with FaultServer(api_key="k", reply=lambda r: "no idea" if any(
-            u in m["content"] for m in r["messages"] for u in unreadable) else "Score: 7") as srv:
+    with FaultServer(
+        api_key="k",
+        reply=lambda r: "no idea" if any(u in m["content"] for m in r["messages"] for u in unreadable) else "Score: 7",
+    ) as srv:
         greedy = ChatClient(srv.base_url, "k", "judge-model", concurrency=4, max_retries=0, temperature=0.0)
         J.run_judge(greedy, "single", jobs, e.score_retry, cache=KeyedJsonl(tmp_path / "greedy.jsonl"))
         n1 = srv.requests
@@ -391,8 +518,9 @@ def test_judge_requests_that_failed_are_marked_and_not_sent_back_with_a_parse_er
     answers[1]["answer"] += " [[fault:500x2]]"
     jobs = J.build_jobs("single", e, questions, answers)
     with FaultServer(api_key="k", reply=lambda r: "Score: 6") as srv:
-        client = ChatClient(srv.base_url, "k", "judge-model", concurrency=4, max_retries=1, backoff_base_s=0.01,
-                            backoff_max_s=0.02)
+        client = ChatClient(
+            srv.base_url, "k", "judge-model", concurrency=4, max_retries=1, backoff_base_s=0.01, backoff_max_s=0.02
+        )
         first = J.run_judge(client, "single", jobs, e.score_retry, cache=KeyedJsonl(tmp_path / "j.jsonl"))
         n1 = srv.requests
         second = J.run_judge(client, "single", jobs, e.score_retry, cache=KeyedJsonl(tmp_path / "j.jsonl"))

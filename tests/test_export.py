@@ -18,8 +18,14 @@ from baize_exp import models as M
 
 
 def _export_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "baize_exp.export", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ))
+    return subprocess.run(
+        [sys.executable, "-m", "baize_exp.export", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+    )
 
 
 @pytest.fixture
@@ -81,8 +87,7 @@ def _export_main(capsys, *args: str) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-def test_adapter_dir_outside_a_run_needs_model_and_a_wrong_base_is_named(trained_run, tmp_path: Path,
-                                                                        capsys) -> None:
+def test_adapter_dir_outside_a_run_needs_model_and_a_wrong_base_is_named(trained_run, tmp_path: Path, capsys) -> None:
     run, _, _ = trained_run
     lone = tmp_path / "lone_adapter"
     (run / "train" / "adapter").rename(lone)

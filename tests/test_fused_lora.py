@@ -95,7 +95,8 @@ def test_a_routed_model_trains_exactly_like_peft() -> None:
     assert use_fused_lora(fused) == 0
     seen = []
     fused.get_submodule("base_model.model.model.layers.0.self_attn.q_proj").register_forward_hook(
-        lambda mod, inp, out: seen.append(type(out.grad_fn).__name__))
+        lambda mod, inp, out: seen.append(type(out.grad_fn).__name__)
+    )
     ids = tok(["[|Human|] hello there [|AI|] hi, how can I help?"] * 2, return_tensors="pt")["input_ids"]
     losses, grads = [], []
     for m in (stock, fused):
@@ -128,7 +129,9 @@ def test_it_stands_aside_where_it_would_not_compute_the_same() -> None:
     assert use_fused_lora(pm) > 0
     layer.lora_dropout["default"].eval()  # a dropout switched off on its own: the fused layer must not drop either
     with torch.no_grad():
-        want = layer.get_base_layer()(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+        want = (
+            layer.get_base_layer()(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+        )
         torch.testing.assert_close(layer(x), want)
     layer.lora_dropout["default"].train()
     layer.eval()

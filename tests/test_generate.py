@@ -49,10 +49,16 @@ print("RESULT " + json.dumps({"cands": cands, "answers": answers}))
 def _run(world: int, shard_dir: Path | None) -> list[dict]:
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "BAIZE_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", _RANK, str(shard_dir) if shard_dir else "-"], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "BAIZE_THREADS": "1"}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _RANK, str(shard_dir) if shard_dir else "-"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
@@ -69,8 +75,10 @@ def test_two_ranks_give_exactly_what_one_process_gives(tmp_path: Path) -> None:
     assert len(single["cands"]) == 7 and all(len(c) == 3 for c in single["cands"])
     # every batch exactly once, on the rank it was dealt to (4 batches of 2: ranks 0, 1, 0, 1)
     for key in ("cands", "answers"):
-        done = {r: [json.loads(x)["batch"] for x in (shards / f"{key}.rank{r}.jsonl").read_text().splitlines()]
-                for r in (0, 1)}
+        done = {
+            r: [json.loads(x)["batch"] for x in (shards / f"{key}.rank{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)
+        }
         assert done == {0: [0, 2], 1: [1, 3]}
 
 
@@ -109,8 +117,16 @@ def test_vllm_backend_falls_back_to_hf_saying_why(caplog) -> None:
 
 def test_vllm_sampling_means_what_the_hf_path_means() -> None:
     sampled = vllm_sampling(4, 1.0, 0.95, 96, ["[|Human|]"], 7)
-    assert sampled == {"n": 4, "temperature": 1.0, "top_p": 0.95, "top_k": -1, "max_tokens": 96,
-                       "stop": ["[|Human|]"], "seed": 7, "skip_special_tokens": True}
+    assert sampled == {
+        "n": 4,
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "top_k": -1,
+        "max_tokens": 96,
+        "stop": ["[|Human|]"],
+        "seed": 7,
+        "skip_special_tokens": True,
+    }
     greedy = vllm_sampling(1, 0.0, 0.95, 128, [], 0)
     assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0  # greedy ignores top_p, as generate does
     assert [vllm_lora_rank(r) for r in (1, 8, 9, 64, 65)] == [8, 8, 16, 64, 128]

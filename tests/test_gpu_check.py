@@ -17,8 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_check_dry_run_trains_stops_resumes_generates_and_prints_one_table(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-dry-run", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900, env={**os.environ, "BAIZE_THREADS": "2"})
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-dry-run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "BAIZE_THREADS": "2"},
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = {row["check"].split(" (")[0]: row for row in json.loads((out / "gpu_check.json").read_text())["rows"]}
     assert set(rows) == {"train auto", "generate hf", "generate vllm", "train tiny"}

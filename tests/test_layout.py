@@ -12,9 +12,19 @@ import pytest
 import baize_exp
 
 PKG = Path(baize_exp.__file__).parent
-LOWER = ("baize_exp.io", "baize_exp.errors", "baize_exp.config", "baize_exp.cpu", "baize_exp.models",
-         "baize_exp.chat", "baize_exp.data", "baize_exp.serve", "baize_exp.training", "baize_exp.export",
-         "baize_exp.generate")
+LOWER = (
+    "baize_exp.io",
+    "baize_exp.errors",
+    "baize_exp.config",
+    "baize_exp.cpu",
+    "baize_exp.models",
+    "baize_exp.chat",
+    "baize_exp.data",
+    "baize_exp.serve",
+    "baize_exp.training",
+    "baize_exp.export",
+    "baize_exp.generate",
+)
 
 
 def _module(path: Path) -> str:
@@ -54,7 +64,7 @@ def test_no_import_cycle() -> None:
             if _within(n, m) and n != m:
                 continue
             if state.get(n) == 1:
-                pytest.fail("import cycle: " + " -> ".join([*path[path.index(n):], n]))
+                pytest.fail("import cycle: " + " -> ".join([*path[path.index(n) :], n]))
             if n in GRAPH and state.get(n) is None:
                 visit(n, [*path, n])
         state[m] = 2
@@ -65,8 +75,13 @@ def test_no_import_cycle() -> None:
 
 
 def test_lower_layers_never_import_a_stage_the_pipeline_or_an_entry_point() -> None:
-    bad = [f"{m} -> {n}" for m, deps in GRAPH.items() if any(_within(m, low) for low in LOWER)
-           for n in deps if any(_within(n, up) for up in ("baize_exp.stages", "baize_exp.pipeline", "baize_exp.cli"))]
+    bad = [
+        f"{m} -> {n}"
+        for m, deps in GRAPH.items()
+        if any(_within(m, low) for low in LOWER)
+        for n in deps
+        if any(_within(n, up) for up in ("baize_exp.stages", "baize_exp.pipeline", "baize_exp.cli"))
+    ]
     assert not bad, bad
 
 
@@ -77,7 +92,12 @@ def test_no_stage_imports_another_stage_or_the_pipeline() -> None:
             continue
         own = ".".join(m.split(".")[:3])  # baize_exp.stages.<stage>
         for n in deps:
-            if _within(n, "baize_exp.pipeline") or _within(n, "baize_exp.cli") or _within(n, "baize_exp.stages") and not (_within(n, own) or n == "baize_exp.stages.base"):
+            if (
+                _within(n, "baize_exp.pipeline")
+                or _within(n, "baize_exp.cli")
+                or _within(n, "baize_exp.stages")
+                and not (_within(n, own) or n == "baize_exp.stages.base")
+            ):
                 bad.append(f"{m} -> {n}")
     assert not bad, bad
 

@@ -64,8 +64,9 @@ def test_embedded_gguf_model_loads_and_generates() -> None:
     model, tok = M.load_model_and_tokenizer(cfg.model, Path(os.environ["BAIZE_CACHE"]))
     assert sum(p.numel() for p in model.parameters()) > 100e6
     assert not getattr(model, "is_quantized", False)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     [[text]] = M.generate_texts(model, tok, [prompt], max_new_tokens=16)
     assert "Paris" in text
 
@@ -75,12 +76,17 @@ def test_the_student_runs_where_the_trainer_runs_in_the_trainer_precision() -> N
     (here a bf16 student on the CPU; on a GPU machine the same code path with cuda)."""
     assert M.student_device("cpu") == torch.device("cpu")
     assert M.student_device("gpu") == torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    for precision, dtype in (("32-true", torch.float32), ("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16),
-                             ("bf16-true", torch.bfloat16)):
+    for precision, dtype in (
+        ("32-true", torch.float32),
+        ("bf16-mixed", torch.bfloat16),
+        ("16-mixed", torch.float16),
+        ("bf16-true", torch.bfloat16),
+    ):
         assert M.base_dtype(compose_cfg(["model=tiny"]).model, precision) == dtype
     cfg = compose_cfg(["model=tiny", "trainer.precision=bf16-mixed"])
-    model, tok = M.load_model_and_tokenizer(cfg.model, Path(os.environ["BAIZE_CACHE"]),
-                                            M.base_dtype(cfg.model, cfg.trainer.precision))
+    model, tok = M.load_model_and_tokenizer(
+        cfg.model, Path(os.environ["BAIZE_CACHE"]), M.base_dtype(cfg.model, cfg.trainer.precision)
+    )
     assert next(model.parameters()).dtype == torch.bfloat16
     (texts,) = M.generate_texts(model, tok, ["Hello there"], max_new_tokens=4)
     assert isinstance(texts[0], str)

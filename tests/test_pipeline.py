@@ -17,10 +17,20 @@ from baize_exp.serve import LocalServer
 
 SECRET = "sk-test-0123456789abcdef-do-not-log"
 # A greedy teacher makes the run deterministic (same dialogs, same rejects) on this machine.
-SMALL = ["model=tiny", "data.limit=8", "teacher.temperature=0", "teacher.max_tokens=160",
-         "collect.on_truncated=drop_turn", "sdf.num_prompts=3", "sdf.num_candidates=2",
-         "sdf.max_new_tokens=16", "eval.limit=3", "eval.max_new_tokens=16", "eval.bootstrap=200",
-         "trainer.max_epochs=1"]
+SMALL = [
+    "model=tiny",
+    "data.limit=8",
+    "teacher.temperature=0",
+    "teacher.max_tokens=160",
+    "collect.on_truncated=drop_turn",
+    "sdf.num_prompts=3",
+    "sdf.num_candidates=2",
+    "sdf.max_new_tokens=16",
+    "eval.limit=3",
+    "eval.max_new_tokens=16",
+    "eval.bootstrap=200",
+    "trainer.max_epochs=1",
+]
 
 
 def _served_requests(server: LocalServer) -> int:
@@ -40,9 +50,15 @@ def test_run_py_end_to_end_through_the_openai_backend(tmp_path: Path, teacher_se
     run_dir = tmp_path / "run"
     env = {"BAIZE_TEST_KEY": teacher_server.api_key}
     backend = [f"{role}={x}" for role in ("teacher", "judge") for x in ("openai",)] + [
-        f"{role}.{k}={v}" for role in ("teacher", "judge")
-        for k, v in (("base_url", teacher_server.base_url), ("api_key_env", "BAIZE_TEST_KEY"),
-                     ("model", "smollm2-135m-instruct"), ("concurrency", 16))]
+        f"{role}.{k}={v}"
+        for role in ("teacher", "judge")
+        for k, v in (
+            ("base_url", teacher_server.base_url),
+            ("api_key_env", "BAIZE_TEST_KEY"),
+            ("model", "smollm2-135m-instruct"),
+            ("concurrency", 16),
+        )
+    ]
     args = [*SMALL, *backend, "logger=wandb", f"hydra.run.dir={run_dir}"]
     n0 = _served_requests(teacher_server)
     r = run_cli(*args, env=env)
@@ -63,14 +79,24 @@ def test_run_py_end_to_end_through_the_openai_backend(tmp_path: Path, teacher_se
         ad = run_dir / stage / "adapter"
         assert (ad / "adapter_model.safetensors").is_file() and (ad / "prompt_format.json").is_file()
     assert (run_dir / "train" / "adapter" / "adapter_model.safetensors").read_bytes() != (
-        run_dir / "sdf" / "adapter" / "adapter_model.safetensors").read_bytes()
+        run_dir / "sdf" / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
     cands = [json.loads(x) for x in (run_dir / "sdf" / "candidates.jsonl").read_text().splitlines()]
     assert cands and all(len(c["candidates"]) == 2 and sorted(c["order"]) == [0, 1] for c in cands)
     # eval: scores.csv per model with the contract's columns, a plot, judgments for every answer
     rows = list(csv.DictReader(open(run_dir / "eval" / "scores.csv")))
     assert {r["model"] for r in rows} == {"base", "v1", "v2"}
-    assert list(rows[0].keys()) == ["model", "category", "mode", "n", "mean", "ci_low", "ci_high", "parse_failures",
-                                    "note"]  # the contract's columns, and the judge check's word on them
+    assert list(rows[0].keys()) == [
+        "model",
+        "category",
+        "mode",
+        "n",
+        "mean",
+        "ci_low",
+        "ci_high",
+        "parse_failures",
+        "note",
+    ]  # the contract's columns, and the judge check's word on them
     judgments = (run_dir / "eval" / "judgments.jsonl").read_text().splitlines()
     assert len(judgments) == 3 * 3
     assert (run_dir / "eval" / "scores.png").stat().st_size > 5000
@@ -110,13 +136,21 @@ def test_local_teacher_is_started_and_stopped_for_the_run(tmp_path: Path) -> Non
     run_dir = tmp_path / "run"
     # 160 tokens leave room for two complete turns; the requests are seeded from the dialog keys, so what the
     # teacher writes does not change from run to run
-    r = run_cli("model=tiny", "data.limit=2", "teacher.max_tokens=160", "collect.on_truncated=drop_turn",
-                "stages=[collect]", "logger=csv",
-                f"hydra.run.dir={run_dir}")
+    r = run_cli(
+        "model=tiny",
+        "data.limit=2",
+        "teacher.max_tokens=160",
+        "collect.on_truncated=drop_turn",
+        "stages=[collect]",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     serve_log = (run_dir / "serve-0.log").read_text()
     assert "serving smollm2-135m-instruct on http://127.0.0.1:" in serve_log
-    n = sum(1 for _ in open(run_dir / "collect" / "dialogs.jsonl")) + sum(1 for _ in open(run_dir / "collect" / "rejects.jsonl"))
+    n = sum(1 for _ in open(run_dir / "collect" / "dialogs.jsonl")) + sum(
+        1 for _ in open(run_dir / "collect" / "rejects.jsonl")
+    )
     assert n == 2
 
 
@@ -124,11 +158,13 @@ def test_local_teacher_is_started_and_stopped_for_the_run(tmp_path: Path) -> Non
 def test_train_from_another_runs_dialogs(tmp_path: Path) -> None:
     """A stage can take its input from another run: train.data=<dialogs.jsonl>, no collect, no teacher."""
     src = tmp_path / "dialogs.jsonl"
-    turns = lambda i: [{"role": "human", "text": f"Question {i}?"}, {"role": "ai", "text": f"Answer {i}."}]  # noqa: E731
+
+    def turns(i: int) -> list[dict]:
+        return [{"role": "human", "text": f"Question {i}?"}, {"role": "ai", "text": f"Answer {i}."}]
+
     src.write_text("".join(json.dumps({"id": f"d{i}", "turns": turns(i)}) + "\n" for i in range(8)))
     run_dir = tmp_path / "run"
-    r = run_cli("model=tiny", "stages=[train,report]", f"train.data={src}", "logger=csv",
-                f"hydra.run.dir={run_dir}")
+    r = run_cli("model=tiny", "stages=[train,report]", f"train.data={src}", "logger=csv", f"hydra.run.dir={run_dir}")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["train"]["train_dialogs"] + m["train"]["val_dialogs"] == 8

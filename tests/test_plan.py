@@ -25,8 +25,12 @@ def test_tiny_counts_equal_the_real_model_and_peft() -> None:
     real = M.attach_lora(M.load_model(cfg.model, CACHE()), cfg.lora)
     assert (sh.total, sh.trainable) == M.count_parameters(real)
     layers = real.get_base_model().model.layers
-    linears = sum(m.weight.numel() for layer in layers for m in layer.modules()
-                  if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+    linears = sum(
+        m.weight.numel()
+        for layer in layers
+        for m in layer.modules()
+        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+    )
     assert sh.frozen_linear == linears  # what an 8/4-bit base quantizes
     assert sh.lora_inputs == [64, 64, 128]  # q, v take the hidden size, down the intermediate size
     # nothing was allocated: the meta model has no storage
@@ -77,8 +81,9 @@ def test_sharding_divides_by_the_number_of_gpus() -> None:
     # offload: the GPU keeps only the working set; the node's CPU holds its 4 ranks' shards of the rest
     off = _row(eight, "deepspeed_stage_3_offload", "bf16-mixed")
     assert off["weights_gb"] == pytest.approx(working_set, abs=0.01) and off["optimizer_gb"] == 0
-    assert off["cpu_per_node_gb"] == pytest.approx((sh.total - sh.trainable) * 2 / P.GIB / 2 + 16 * sh.trainable / P.GIB / 2,
-                                                   rel=1e-2)
+    assert off["cpu_per_node_gb"] == pytest.approx(
+        (sh.total - sh.trainable) * 2 / P.GIB / 2 + 16 * sh.trainable / P.GIB / 2, rel=1e-2
+    )
 
 
 def test_precisions_and_quantized_bases_order_memory_as_they_should() -> None:
@@ -114,20 +119,37 @@ def _saved_bytes(model: torch.nn.Module, ids: torch.Tensor, autocast: bool) -> i
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+    ):
         out = model(input_ids=ids, labels=ids)
     return sum(storages.values()) + out.logits.untyped_storage().nbytes()
 
 
-@pytest.mark.parametrize("precision, attention, dropout", [
-    ("32-true", "sdpa", 0.0), ("32-true", "eager", 0.05), ("bf16-mixed", "sdpa", 0.05), ("bf16-mixed", "eager", 0.0),
-])
+@pytest.mark.parametrize(
+    "precision, attention, dropout",
+    [
+        ("32-true", "sdpa", 0.0),
+        ("32-true", "eager", 0.05),
+        ("bf16-mixed", "sdpa", 0.05),
+        ("bf16-mixed", "eager", 0.0),
+    ],
+)
 def test_activation_formula_matches_what_autograd_saves(precision: str, attention: str, dropout: float) -> None:
     """The activation estimate against the real bytes saved for the backward by a LoRA Llama on CPU."""
-    cfg = compose_cfg(["model=tiny", "model.hidden_size=256", "model.intermediate_size=688",
-                       "model.num_hidden_layers=4", "model.num_attention_heads=8", "model.num_key_value_heads=4",
-                       "model.vocab_size=2000", f"lora.dropout={dropout}"])
+    cfg = compose_cfg(
+        [
+            "model=tiny",
+            "model.hidden_size=256",
+            "model.intermediate_size=688",
+            "model.num_hidden_layers=4",
+            "model.num_attention_heads=8",
+            "model.num_key_value_heads=4",
+            "model.vocab_size=2000",
+            f"lora.dropout={dropout}",
+        ]
+    )
     mixed = precision != "32-true"
     model = M.load_model(cfg.model, CACHE(), dtype=torch.bfloat16 if mixed else torch.float32)
     model.config._attn_implementation = attention
@@ -138,8 +160,9 @@ def test_activation_formula_matches_what_autograd_saves(precision: str, attentio
     seq, batch = 128, 2
     ids = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     measured = _saved_bytes(peft, ids, autocast=mixed)
-    est = P.activation_bytes(P.model_shape(cfg.model, cfg.lora), seq, batch, precision, attention != "eager",
-                             cfg.lora.r, dropout)
+    est = P.activation_bytes(
+        P.model_shape(cfg.model, cfg.lora), seq, batch, precision, attention != "eager", cfg.lora.r, dropout
+    )
     # the estimate also counts the transient fp32 copy of the logits under mixed precision (peak, not saved)
     transient = seq * batch * cfg.model.vocab_size * 4 if mixed else 0
     assert 0.8 < (est["full"] - transient) / measured < 1.25, (est, measured)
@@ -157,9 +180,23 @@ def test_plan_config_is_validated() -> None:
 
 def test_cli_prints_the_table_and_writes_plan_files(tmp_path: Path) -> None:
     run = tmp_path / "p"
-    r = subprocess.run([sys.executable, "-c", "from baize_exp.cli import plan; plan()", "model=7b", "lora.r=16", "trainer.devices=2",
-                        "plan.gpu_memory_gb=24", f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=300, env=dict(os.environ))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from baize_exp.cli import plan; plan()",
+            "model=7b",
+            "lora.r=16",
+            "trainer.devices=2",
+            "plan.gpu_memory_gb=24",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| deepspeed_stage_3_offload | bf16-mixed |" in r.stdout and "total 6,7" in r.stdout
     assert "2 GPU(s)" in r.stdout and "24.0 GiB" in r.stdout
@@ -177,8 +214,15 @@ def test_run_py_plan_stage_runs_again_each_time(tmp_path: Path) -> None:
     m = json.loads((run / "metrics.json").read_text())["plan"]
     assert m["params_total"] > 13e9 and m["world_size"] == 1
     # no completion marker: a rerun with another card size plans again instead of refusing
-    r = run_cli("model=13b", "lora.r=8", "stages=[plan]", "logger=none", "plan.gpu_memory_gb=24",
-                f"hydra.run.dir={run}", timeout=300)
+    r = run_cli(
+        "model=13b",
+        "lora.r=8",
+        "stages=[plan]",
+        "logger=none",
+        "plan.gpu_memory_gb=24",
+        f"hydra.run.dir={run}",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((run / "plan" / "plan.json").read_text())["setup"]["gpu_memory_gb"] == 24
 
@@ -206,5 +250,6 @@ def test_planned_weight_bytes_are_the_loaded_models_bytes(option: str, precision
     # an explicit model.dtype wins in every row, for the trainer and the planner alike
     fixed = compose_cfg([f"model={option}", "model.dtype=fp32"])
     assert M.base_dtype(fixed.model, "bf16-mixed") == torch.float32
-    assert P.base_weight_bytes(P.model_shape(fixed.model, fixed.lora), fixed.model, "bf16-mixed") == \
-        sum(p.numel() * 4 for p in loaded.parameters())
+    assert P.base_weight_bytes(P.model_shape(fixed.model, fixed.lora), fixed.model, "bf16-mixed") == sum(
+        p.numel() * 4 for p in loaded.parameters()
+    )

@@ -26,22 +26,26 @@ WILSON_COPY = turns(
     "Why do you pinch the buds?",
     "Flowering makes the plant put its energy into seeds, and the leaves turn bitter.\n\nNow write a new transcript "
     "with at least two [Human] lines and two [AI] lines, in which a human asks an AI assistant about: Is Wilson "
-    "disease inherited, and what is the chance of passing it to a child?")
+    "disease inherited, and what is the chance of passing it to a child?",
+)
 
 # Also the embedded teacher's, for "How do vaccines train the immune system?": only the example's first answer is
 # copied, under a question of its own (a partial copy; the threshold was set so these go too).
 VACCINE_COPY = turns(
     "How do vaccines train the immune system?",
-    "Give it six hours of sun, water when the top of the soil is dry, and pinch off flower buds.", "Why?",
+    "Give it six hours of sun, water when the top of the soil is dry, and pinch off flower buds.",
+    "Why?",
     "Because they're creating the ability to learn, to adapt and to increase the amount of cells in the cells that "
     "are just one cell.\n\nSo, the next question is how vaccines train the immune system.\n\nNow write a new "
-    "transcript in the same format.")
+    "transcript in the same format.",
+)
 
 GOOD = turns(
     "Is Wilson disease inherited, and what is the chance of passing it to a child?",
     "Yes. It is autosomal recessive: a child is affected only with two faulty copies of the ATP7B gene.",
     "So if I carry one copy?",
-    "If your partner is not a carrier, your children cannot have the disease, though half may be carriers.")
+    "If your partner is not a carrier, your children cannot have the disease, though half may be carriers.",
+)
 
 
 def test_the_example_is_read_from_the_template(qf: QualityFilter) -> None:
@@ -56,31 +60,46 @@ def test_template_copies_are_rejected_and_real_dialogs_kept(qf: QualityFilter) -
     assert qf.check(VACCINE_COPY)[0] == "template_copy" and 0.3 <= qf.copy_score(VACCINE_COPY) < 0.5
     assert qf.check(GOOD) is None
     # a real dialog about basil shares words with the example but does not reproduce it
-    basil = turns("How often should I water basil on a windowsill?",
-                  "Water when the top inch of soil feels dry; in summer that can be every other day.",
-                  "Does it need fertiliser?", "A weak liquid feed every few weeks is plenty for potted basil.")
+    basil = turns(
+        "How often should I water basil on a windowsill?",
+        "Water when the top inch of soil feels dry; in summer that can be every other day.",
+        "Does it need fertiliser?",
+        "A weak liquid feed every few weeks is plenty for potted basil.",
+    )
     assert qf.copy_score(basil) < 0.2 and qf.check(basil) is None
 
 
 def test_a_dialog_that_loops_is_rejected(qf: QualityFilter) -> None:
-    loop = turns("What is a monad?", "A monad is a way to chain computations. " * 3 + "That is all.",
-                 "Anything else?", "No.")
+    loop = turns(
+        "What is a monad?", "A monad is a way to chain computations. " * 3 + "That is all.", "Anything else?", "No."
+    )
     reason, detail = qf.check(loop)
     assert reason == "repetitive" and "3 times" in detail
-    twice = turns("What is a monad?", "A monad is a way to chain computations. Really, a monad is a way to chain "
-                  "computations.", "Ok.", "Glad to help with that today.")
+    twice = turns(
+        "What is a monad?",
+        "A monad is a way to chain computations. Really, a monad is a way to chain computations.",
+        "Ok.",
+        "Glad to help with that today.",
+    )
     assert qf.check(twice) is None  # said twice (a summary) is still a dialog
 
 
 def test_echoing_and_empty_ai_turns_are_rejected(qf: QualityFilter) -> None:
-    echo = turns("How do I reverse a list in Python quickly?", "How do I reverse a list in Python quickly?",
-                 "Please answer.", "Use reversed() or slicing with [::-1].")
+    echo = turns(
+        "How do I reverse a list in Python quickly?",
+        "How do I reverse a list in Python quickly?",
+        "Please answer.",
+        "Use reversed() or slicing with [::-1].",
+    )
     assert qf.check(echo) == ("echo", "AI turn 2 is empty or 100% copied from the human turn before it")
     short = turns("Can you say yes?", "yes", "And more?", "More words about the question here, fully new.")
     assert qf.check(short)[0] == "echo"
-    quoting = turns("How do I reverse a list in Python?",
-                    "To reverse a list in Python, call its reverse() method or take a reversed slice.",
-                    "Thanks", "You're welcome.")
+    quoting = turns(
+        "How do I reverse a list in Python?",
+        "To reverse a list in Python, call its reverse() method or take a reversed slice.",
+        "Thanks",
+        "You're welcome.",
+    )
     assert qf.check(quoting) is None  # restating part of the question is how answers start
 
 
@@ -91,8 +110,12 @@ def test_near_duplicates_of_a_kept_dialog_are_rejected_exact_or_nearly(qf: Quali
     near[3]["text"] = near[3]["text"].replace("cannot", "can't")  # one word changed
     reason, detail = qf.check(near)
     assert reason == "near_duplicate" and "kept dialog #1" in detail
-    other = turns("What causes Wilson disease?", "A mutation in ATP7B stops the liver moving copper into bile.",
-                  "What are the signs?", "Liver disease, tremor, and Kayser-Fleischer rings in the eyes.")
+    other = turns(
+        "What causes Wilson disease?",
+        "A mutation in ATP7B stops the liver moving copper into bile.",
+        "What are the signs?",
+        "Liver disease, tremor, and Kayser-Fleischer rings in the eyes.",
+    )
     assert qf.check(other) is None  # same topic, another dialog
 
 

@@ -47,6 +47,7 @@ def _check(eval_cfg, mode: str, reply, n: int = 8) -> tuple[dict, list[dict]]:
 
 # --- the judge check ---------------------------------------------------------------------------------------
 
+
 def test_degradations_are_the_reference_made_worse_in_a_known_way() -> None:
     qs = load_eval_questions(None, None)
     items = R.check_items(qs, 9, seed=0)
@@ -72,6 +73,7 @@ def _score_by_reference(qs: list[dict]):
         question = text.split("Question: ", 1)[1].split("\n\nAnswer: ", 1)[0]
         answer = text.split("\n\nAnswer: ", 1)[1].rsplit("\n\nReply in the form", 1)[0]
         return "Score: 9" if answer.strip() == refs[question] else "Score: 2"
+
     return reply
 
 
@@ -103,6 +105,7 @@ def test_judge_check_pairwise_position_biased_judge_is_at_chance(eval_cfg) -> No
 
 # --- position agreement, self-consistency, parse shares ----------------------------------------------------
 
+
 def _pairwise_judgments(eval_cfg, reply, n: int = 12) -> list[dict]:
     qs = {f"q{i}": {"question_id": f"q{i}", "category": "generic", "question": f"Question {i}?"} for i in range(n)}
     answers = [{"question_id": q, "category": "generic", "model": "v1", "answer": f"mine {q}"} for q in qs]
@@ -128,6 +131,7 @@ def test_position_agreement_is_one_for_a_judge_that_reads_the_answers(eval_cfg) 
     def reply(req: dict) -> str:  # prefers "mine" wherever it is shown
         text = req["messages"][-1]["content"]
         return "[[A]]" if text.index("mine") < text.index("theirs") else "[[B]]"
+
     recs = _pairwise_judgments(eval_cfg, reply)
     pa = R.position_agreement(recs)["v1"]
     assert pa["agreement"] == 1.0 and pa["ci_low"] > 0.7
@@ -145,6 +149,7 @@ def test_self_consistency_counts_answers_whose_repeats_agree(eval_cfg) -> None:
         qid = re.search(r"answer (q\d)", req["messages"][-1]["content"]).group(1)
         calls[qid] = calls.get(qid, 0) + 1
         return "Score: 7" if qid in ("q0", "q1", "q2") else f"Score: {4 + calls[qid]}"
+
     srv, client = _judge(reply)
     try:
         recs = J.run_judge(client, "single", jobs, eval_cfg.score_retry)
@@ -164,6 +169,7 @@ def test_parse_shares_say_which_reader_decided() -> None:
 
 
 # --- length-controlled win rate ----------------------------------------------------------------------------
+
 
 def _lc_rows(n: int, base_logit: float, length_effect: float, longer_share: float, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
@@ -192,6 +198,7 @@ def test_lc_win_rate_keeps_a_real_advantage() -> None:
 
 
 # --- paired bootstrap --------------------------------------------------------------------------------------
+
 
 def test_paired_bootstrap_verdicts_on_known_differences() -> None:
     rng = np.random.default_rng(0)
@@ -226,11 +233,24 @@ def test_mde_shrinks_with_n() -> None:
 
 def test_paired_rows_compare_each_model_with_the_one_before() -> None:
     qids = [f"q{i}" for i in range(20)]
-    judgments = [{"model": m, "question_id": q, "category": "generic", "mode": "single", "swap": False,
-                  "score": s + (i % 3), "parse": "ok"}
-                 for m, s in (("base", 3), ("v1", 6), ("v2", 6)) for i, q in enumerate(qids)]
-    items = [{"model": m, "kind": "heldout", "item_id": f"d{i}", "tokens": 10, "logprob_sum": -10 * (loss + 0.01 * i)}
-             for m, loss in (("base", 3.0), ("v1", 2.0), ("v2", 2.0)) for i in range(15)]
+    judgments = [
+        {
+            "model": m,
+            "question_id": q,
+            "category": "generic",
+            "mode": "single",
+            "swap": False,
+            "score": s + (i % 3),
+            "parse": "ok",
+        }
+        for m, s in (("base", 3), ("v1", 6), ("v2", 6))
+        for i, q in enumerate(qids)
+    ]
+    items = [
+        {"model": m, "kind": "heldout", "item_id": f"d{i}", "tokens": 10, "logprob_sum": -10 * (loss + 0.01 * i)}
+        for m, loss in (("base", 3.0), ("v1", 2.0), ("v2", 2.0))
+        for i in range(15)
+    ]
     rows = evaluate.paired_rows(["base", "v1", "v2"], judgments, items, "single", 500, 0, "judge cannot discriminate")
     got = {(r["comparison"], r["metric"]): r for r in rows}
     assert got[("v1 vs base", "judge_single")]["verdict"] == "better"

@@ -71,43 +71,71 @@ def test_a_run_without_a_value_is_left_out_of_the_chart_and_named(tmp_path: Path
 
 
 def test_runs_given_by_hand_get_one_chart_per_metric(tmp_path: Path) -> None:
-    runs = [make_run(tmp_path / "a", ["lora.r=4", "train.learning_rate=1e-4"]),
-            make_run(tmp_path / "b", ["data=/data/a/very/long/path/to/a/seed/file_with_a_long_name.jsonl"],
-                     loss=1.8),
-            make_run(tmp_path / "c", ["sdf=off", "lora.dropout=0.1"], loss=1.9)]
+    runs = [
+        make_run(tmp_path / "a", ["lora.r=4", "train.learning_rate=1e-4"]),
+        make_run(tmp_path / "b", ["data=/data/a/very/long/path/to/a/seed/file_with_a_long_name.jsonl"], loss=1.8),
+        make_run(tmp_path / "c", ["sdf=off", "lora.dropout=0.1"], loss=1.9),
+    ]
     out = tmp_path / "cmp"
     report.compare(runs, out)
-    assert sorted(p.name for p in out.glob("final_*.png")) == ["final_heldout_loss_per_run.png",
-                                                              "final_judge_per_run.png"]
+    assert sorted(p.name for p in out.glob("final_*.png")) == [
+        "final_heldout_loss_per_run.png",
+        "final_judge_per_run.png",
+    ]
     # a grid over the same runs' parameters is a sweep: one chart per parameter
-    grid = [make_run(tmp_path / "g" / str(i), [f"lora.r={r}", f"sdf={s}"], loss=2 - 0.1 * i)
-            for i, (r, s) in enumerate([(4, "off"), (8, "off"), (4, "default")])]
+    grid = [
+        make_run(tmp_path / "g" / str(i), [f"lora.r={r}", f"sdf={s}"], loss=2 - 0.1 * i)
+        for i, (r, s) in enumerate([(4, "off"), (8, "off"), (4, "default")])
+    ]
     report.compare(grid, tmp_path / "gcmp")
-    assert {p.name for p in (tmp_path / "gcmp").glob("final_judge*.png")} == {"final_judge_vs_lora.r.png",
-                                                                            "final_judge_vs_sdf.png"}
+    assert {p.name for p in (tmp_path / "gcmp").glob("final_judge*.png")} == {
+        "final_judge_vs_lora.r.png",
+        "final_judge_vs_sdf.png",
+    }
 
 
 def test_run_labels_are_short_and_unique(tmp_path: Path) -> None:
-    recs = [report.RunRecord(tmp_path / n, ov, {}, "completed") for n, ov in [
-        ("0", {"data.path": "/very/long/directory/name/seeds_from_quora_2023.jsonl", "train.learning_rate": "1e-4"}),
-        ("1", {"data.path": "/x/y.jsonl", "train.learning_rate": "3e-4"}), ("2", {"train.learning_rate": "3e-4"})]]
+    recs = [
+        report.RunRecord(tmp_path / n, ov, {}, "completed")
+        for n, ov in [
+            (
+                "0",
+                {"data.path": "/very/long/directory/name/seeds_from_quora_2023.jsonl", "train.learning_rate": "1e-4"},
+            ),
+            ("1", {"data.path": "/x/y.jsonl", "train.learning_rate": "3e-4"}),
+            ("2", {"train.learning_rate": "3e-4"}),
+        ]
+    ]
     from baize_exp.stages.report.runs import run_labels
 
     labels = run_labels(recs, ["data.path", "train.learning_rate"])
     assert labels[1] == "path=y.jsonl lr=3e-4" and labels[2] == "lr=3e-4"
     assert all(len(lab) <= 36 for lab in labels) and len(set(labels)) == 3
     # long values alike but for a middle part: the part that differs is what the label keeps
-    recs = [report.RunRecord(tmp_path / str(i), {"data.path": f"/d/seeds_variant_{i}_of_the_big_mix.jsonl"}, {},
-                             "completed") for i in (1, 2)]
+    recs = [
+        report.RunRecord(
+            tmp_path / str(i), {"data.path": f"/d/seeds_variant_{i}_of_the_big_mix.jsonl"}, {}, "completed"
+        )
+        for i in (1, 2)
+    ]
     assert run_labels(recs, ["data.path"]) == ["path=…1…", "path=…2…"]
 
 
 def test_n0_category_has_no_bar_but_a_label(tmp_path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    js = [{"question_id": f"q{i}", "category": c, "model": m, "mode": "single", "score": None if c == "empty" else 7,
-           "swap": False} for m in ("base", "a/very/long/adapter/dir/name_of_some_checkpoint") for i, c in
-          enumerate(["good", "empty", "good"])]
+    js = [
+        {
+            "question_id": f"q{i}",
+            "category": c,
+            "model": m,
+            "mode": "single",
+            "score": None if c == "empty" else 7,
+            "swap": False,
+        }
+        for m in ("base", "a/very/long/adapter/dir/name_of_some_checkpoint")
+        for i, c in enumerate(["good", "empty", "good"])
+    ]
     rows = S.score_table(js, 100, 0)
     assert [r["n"] for r in rows if r["category"] == "empty"] == [0, 0]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -134,8 +162,12 @@ def test_run_report_has_every_section(tmp_path: Path) -> None:
     assert "| truncated | 7 | 0.5 |" in md and "position agreement" in md and "| 70% | 10% |" in md
     assert "| note |" in md and "| judge cannot discriminate |" in md  # scores.csv's note column
     assert "## Paired comparisons" in md and "| v2 vs base | heldout_loss (lower is better) | 8 |" in md
-    for png in ("eval/scores.png", "report_plots/win_rate.png", "report_plots/paired_forest.png",
-                "report_plots/loss_curves.png"):
+    for png in (
+        "eval/scores.png",
+        "report_plots/win_rate.png",
+        "report_plots/paired_forest.png",
+        "report_plots/loss_curves.png",
+    ):
         assert f"]({png})" in md and (d / png).is_file()
     # samples: 3 questions from 3 categories, question text from the shipped set, answers escaped
     assert md.count("](") == page.count("data:image/png;base64,") == 4
@@ -161,8 +193,9 @@ def test_cross_run_paired_verdicts(tmp_path: Path) -> None:
     same = make_run(tmp_path / "same", ["lora.r=16"])  # the same values item by item
     # a held-out dialog only the better run has is not paired
     with open(better / "eval" / "items.jsonl", "a") as f:
-        f.write(json.dumps({"model": "v2", "kind": "heldout", "item_id": "extra", "tokens": 5, "logprob_sum": -1})
-                + "\n")
+        f.write(
+            json.dumps({"model": "v2", "kind": "heldout", "item_id": "extra", "tokens": 5, "logprob_sum": -1}) + "\n"
+        )
     out = tmp_path / "cmp"
     assert report.main([str(base), str(better), str(same), "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "paired.csv")))
@@ -193,8 +226,10 @@ def test_cross_run_pairwise_uses_both_orders(tmp_path: Path) -> None:
     # the same verdicts in both runs: identical per-question outcomes; the empty category's failures are unpaired
     assert rows["judge_pairwise"]["n"] == "9" and float(rows["judge_pairwise"]["diff"]) == 0.0
     assert rows["judge_pairwise"]["note"] == "judge cannot discriminate" and rows["heldout_loss"]["note"] == ""
-    assert "judge cannot discriminate: judge-based results below are not evidence (runs: a)" in (
-        tmp_path / "cmp" / "report.md").read_text()
+    assert (
+        "judge cannot discriminate: judge-based results below are not evidence (runs: a)"
+        in (tmp_path / "cmp" / "report.md").read_text()
+    )
 
 
 def test_a_final_model_without_per_item_values_is_not_replaced_by_its_predecessor(tmp_path: Path) -> None:

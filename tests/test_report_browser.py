@@ -46,12 +46,16 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("reports")
     run = make_run(tmp / "run", ["eval=pairwise", "lora.r=8"], mode="pairwise", discriminates=False)
     _, run_page = report.write(run)
-    runs = [make_run(tmp / "cmp" / "2026-11-30_10-00-00", ["lora.r=4", "train.learning_rate=1e-4"], loss=2.1),
-            make_run(tmp / "cmp" / "2026-11-30_11-00-00",
-                     ["data=file", "data.path=/datasets/self_chat/quora_medical_stackoverflow_merged_v3.jsonl"],
-                     shift=1.0, loss=1.9),
-            make_run(tmp / "cmp" / "2026-11-30_12-00-00", ["sdf=off", "lora.dropout=0.1"], loss=2.0,
-                     discriminates=False)]
+    runs = [
+        make_run(tmp / "cmp" / "2026-11-30_10-00-00", ["lora.r=4", "train.learning_rate=1e-4"], loss=2.1),
+        make_run(
+            tmp / "cmp" / "2026-11-30_11-00-00",
+            ["data=file", "data.path=/datasets/self_chat/quora_medical_stackoverflow_merged_v3.jsonl"],
+            shift=1.0,
+            loss=1.9,
+        ),
+        make_run(tmp / "cmp" / "2026-11-30_12-00-00", ["sdf=off", "lora.dropout=0.1"], loss=2.0, discriminates=False),
+    ]
     report.compare(runs, tmp / "cmp" / "report")
     return {"run": run_page, "cross_run": tmp / "cmp" / "report" / "report.html"}
 
@@ -64,8 +68,9 @@ def test_report_page_renders_in_chromium(browser, pages: dict[str, Path], which:
     tables = page.locator("table")
     assert tables.count() >= (6 if which == "run" else 2)
     assert all(tables.nth(i).is_visible() for i in range(tables.count()))
-    imgs = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, "
-                         "i.getBoundingClientRect().right])")
+    imgs = page.evaluate(
+        "Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.getBoundingClientRect().right])"
+    )
     assert len(imgs) == 4, imgs
     assert all(ok and w > 0 for _, ok, w, _ in imgs), [alt for alt, ok, w, _ in imgs if not (ok and w > 0)]
     assert all(right <= WIDTH for *_, right in imgs)  # scaled to the page, not cut at its edge

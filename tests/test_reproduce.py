@@ -18,7 +18,28 @@ from fault_server import FaultServer
 from baize_exp.data import load_eval_questions
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["river", "stone", "light", "garden", "market", "signal", "method", "window", "number", "letter", "music", "paper", "planet", "theory", "habit", "engine", "bridge", "season", "memory", "pattern"]
+WORDS = [
+    "river",
+    "stone",
+    "light",
+    "garden",
+    "market",
+    "signal",
+    "method",
+    "window",
+    "number",
+    "letter",
+    "music",
+    "paper",
+    "planet",
+    "theory",
+    "habit",
+    "engine",
+    "bridge",
+    "season",
+    "memory",
+    "pattern",
+]
 
 
 def _words(key: str, n: int) -> str:
@@ -36,8 +57,11 @@ def _reply(refs: dict[str, str]):
             answer = text.split("\n\nAnswer: ", 1)[-1].rsplit("\n\nReply in the form", 1)[0].strip()
             return "Score: 9" if refs.get(question) == answer else "Score: 3"
         seed = text.strip().splitlines()[-1]  # a transcript of its own for every seed (no near-duplicates)
-        return (f"[Human] {seed}\n[AI] {_words(seed + 'a', 14)}.\n[Human] {_words(seed + 'h', 6)}?\n"
-                f"[AI] {_words(seed + 'b', 16)}.\n")
+        return (
+            f"[Human] {seed}\n[AI] {_words(seed + 'a', 14)}.\n[Human] {_words(seed + 'h', 6)}?\n"
+            f"[AI] {_words(seed + 'b', 16)}.\n"
+        )
+
     return reply
 
 
@@ -46,11 +70,25 @@ def test_reproduce_writes_results_with_a_verdict_for_every_claim(tmp_path: Path)
     refs = {q["question"]: q["reference"].strip() for q in load_eval_questions(None, None)}
     env = {**os.environ, "BAIZE_TEST_KEY": "k"}
     with FaultServer(api_key="k", reply=_reply(refs)) as srv:
-        backend = [f"{role}.{k}={v}" for role in ("teacher", "judge")
-                   for k, v in (("base_url", srv.base_url), ("api_key_env", "BAIZE_TEST_KEY"))]
-        small = ["teacher=openai", "judge=openai", *backend, "model=tiny", "data.limit=24", "eval.limit=6",
-                 "eval.judge_check=4", "eval.max_new_tokens=8", "sdf.num_prompts=3", "sdf.num_candidates=2",
-                 "sdf.max_new_tokens=8", "eval.judge_logprobs=false"]
+        backend = [
+            f"{role}.{k}={v}"
+            for role in ("teacher", "judge")
+            for k, v in (("base_url", srv.base_url), ("api_key_env", "BAIZE_TEST_KEY"))
+        ]
+        small = [
+            "teacher=openai",
+            "judge=openai",
+            *backend,
+            "model=tiny",
+            "data.limit=24",
+            "eval.limit=6",
+            "eval.judge_check=4",
+            "eval.max_new_tokens=8",
+            "sdf.num_prompts=3",
+            "sdf.num_candidates=2",
+            "sdf.max_new_tokens=8",
+            "eval.judge_logprobs=false",
+        ]
         out, runs = tmp_path / "results", tmp_path / "runs"
         cmd = [sys.executable, "-m", "baize_exp.reproduce", "--out", str(out), "--runs", str(runs), *small]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)
@@ -63,8 +101,15 @@ def test_reproduce_writes_results_with_a_verdict_for_every_claim(tmp_path: Path)
     assert {p.name for p in runs.iterdir()} == {"main", "loss_all", "r4", "r16", "r64", "seed43"}
     rows = list(csv.DictReader(open(out / "paired.csv")))
     claims = {row["claim"] for row in rows}
-    assert claims == {"v1 vs base", "v2 vs v1", "ai-only vs all-tokens", "rank 4 vs 8", "rank 16 vs 8",
-                      "rank 64 vs 8", "control: training seed 43 vs 42"}
+    assert claims == {
+        "v1 vs base",
+        "v2 vs v1",
+        "ai-only vs all-tokens",
+        "rank 4 vs 8",
+        "rank 16 vs 8",
+        "rank 64 vs 8",
+        "control: training seed 43 vs 42",
+    }
     # the same split under another training seed: the control pairs on the very same held-out dialogs
     control = {row["metric"]: row for row in rows if row["claim"].startswith("control")}
     main_v1 = {row["metric"]: row for row in rows if row["claim"] == "v1 vs base"}
@@ -79,7 +124,10 @@ def test_reproduce_writes_results_with_a_verdict_for_every_claim(tmp_path: Path)
         got = {row["metric"]: row for row in rows if row["claim"] == claim}
         assert {"heldout_loss", "ref_loglik", "judge_single"} <= set(got), (claim, set(got))
         assert int(got["heldout_loss"]["n"]) >= 4 and got["heldout_loss"]["verdict"] in (
-            "better", "worse", "no detectable difference")
+            "better",
+            "worse",
+            "no detectable difference",
+        )
         assert "judge cannot discriminate" not in got["judge_single"]["note"]  # the knowing judge passed its check
     report = (out / "report.md").read_text()
     assert "The judge discriminates" in report and "forest.png" in report and (out / "forest.png").is_file()

@@ -16,12 +16,17 @@ from baize_exp.config import ConfigError, validate
 from baize_exp.stages import sdf
 
 
-@pytest.mark.parametrize(("reply", "ranking", "how", "ranked"), [
-    ("3 > 1 > 2", [2, 0, 1], "ok", 3), ("Ranking:\n[2] > [3] > [1]", [1, 2, 0], "ok", 3),
-    ("Answer 2 is best, then answer 3.", [1, 2, 0], "tolerant", 2),
-    ("3 > 3 > 1", [2, 0, 1], "tolerant", 2),  # a malformed strict line falls back to first mentions
-    ("none of them", None, "failed", 0), ("7 > 8", None, "failed", 0),
-])
+@pytest.mark.parametrize(
+    ("reply", "ranking", "how", "ranked"),
+    [
+        ("3 > 1 > 2", [2, 0, 1], "ok", 3),
+        ("Ranking:\n[2] > [3] > [1]", [1, 2, 0], "ok", 3),
+        ("Answer 2 is best, then answer 3.", [1, 2, 0], "tolerant", 2),
+        ("3 > 3 > 1", [2, 0, 1], "tolerant", 2),  # a malformed strict line falls back to first mentions
+        ("none of them", None, "failed", 0),
+        ("7 > 8", None, "failed", 0),
+    ],
+)
 def test_parse_ranking(reply: str, ranking: list[int] | None, how: str, ranked: int) -> None:
     got, got_how, got_ranked, err = sdf.parse_ranking(reply, 3)
     assert (got, got_how, got_ranked) == (ranking, how, ranked)
@@ -60,8 +65,9 @@ def test_ranking_request_shows_the_recorded_shuffle_and_retries_with_the_error()
         assert rec["parse"] == "failed" and rec["ranking"] is None and rec["judge_reply_retry"] is not None
         assert rec["parse_error"]
     assert any(r["order"] != [0, 1, 2] for r in recs)
-    assert all("I could not read a ranking in that: the reply names none of the answer numbers 1..3" in p
-               for p in retries)
+    assert all(
+        "I could not read a ranking in that: the reply names none of the answer numbers 1..3" in p for p in retries
+    )
 
 
 def test_sdf_off_skips(tmp_path: Path) -> None:
@@ -81,10 +87,24 @@ def test_eval_questions_are_refused_as_sdf_prompts(tmp_path: Path) -> None:
 
 def test_bad_sdf_and_eval_keys_are_named() -> None:
     with pytest.raises(ConfigError) as e:
-        validate(compose_cfg(["sdf.select=top2", "sdf.top_p=0", "eval.judge_mode=elo", "eval.pairwise_against=gpt5",
-                              "sdf.prompts=/nonexistent/p.txt"]))
-    for key in ("sdf.select='top2'", "sdf.top_p=0", "eval.judge_mode='elo'", "eval.pairwise_against='gpt5'",
-                "sdf.prompts="):
+        validate(
+            compose_cfg(
+                [
+                    "sdf.select=top2",
+                    "sdf.top_p=0",
+                    "eval.judge_mode=elo",
+                    "eval.pairwise_against=gpt5",
+                    "sdf.prompts=/nonexistent/p.txt",
+                ]
+            )
+        )
+    for key in (
+        "sdf.select='top2'",
+        "sdf.top_p=0",
+        "eval.judge_mode='elo'",
+        "eval.pairwise_against='gpt5'",
+        "sdf.prompts=",
+    ):
         assert key in str(e.value)
 
 
@@ -97,12 +117,34 @@ def test_sdf_stage_with_tiny_model_writes_a_v2_adapter_that_differs_from_v1(tmp_
 
     dialogs = tmp_path / "dialogs.jsonl"
     topics = ["tea", "rain", "maps", "bread", "chess", "owls", "glass", "kites"]
-    dialogs.write_text("".join(json.dumps({"id": f"d{i}", "turns": [
-        {"role": "human", "text": f"What should I know about {t}?"},
-        {"role": "ai", "text": f"{t.capitalize()} is worth learning about slowly."}]}) + "\n" for i, t in enumerate(topics)))
-    overrides = ["model=tiny", "logger=none", f"train.data={dialogs}", "trainer.max_epochs=1",
-                 "sdf.num_prompts=3", "sdf.num_candidates=3", "sdf.max_new_tokens=12", "sdf.select=weighted",
-                 "sdf.max_epochs=2", "teacher.concurrency=8", "generate.backend=vllm"]
+    dialogs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"d{i}",
+                    "turns": [
+                        {"role": "human", "text": f"What should I know about {t}?"},
+                        {"role": "ai", "text": f"{t.capitalize()} is worth learning about slowly."},
+                    ],
+                }
+            )
+            + "\n"
+            for i, t in enumerate(topics)
+        )
+    )
+    overrides = [
+        "model=tiny",
+        "logger=none",
+        f"train.data={dialogs}",
+        "trainer.max_epochs=1",
+        "sdf.num_prompts=3",
+        "sdf.num_candidates=3",
+        "sdf.max_new_tokens=12",
+        "sdf.select=weighted",
+        "sdf.max_epochs=2",
+        "teacher.concurrency=8",
+        "generate.backend=vllm",
+    ]
     cfg = compose_cfg(overrides)
     validate(cfg)
     train.run(cfg, tmp_path)
@@ -119,7 +161,16 @@ def test_sdf_stage_with_tiny_model_writes_a_v2_adapter_that_differs_from_v1(tmp_
     recs = [json.loads(x) for x in (tmp_path / "sdf" / "candidates.jsonl").read_text().splitlines()]
     assert len(recs) == m["prompts"] == 3
     for r in recs:
-        assert {"prompt", "candidates", "order", "ranking", "judge_reply", "parse", "weights", "shuffle_seed"} <= r.keys()
+        assert {
+            "prompt",
+            "candidates",
+            "order",
+            "ranking",
+            "judge_reply",
+            "parse",
+            "weights",
+            "shuffle_seed",
+        } <= r.keys()
         assert len(r["candidates"]) == 3 and sorted(r["order"]) == [0, 1, 2]
         if r["ranking"] is not None:
             assert r["weights"] == sdf.candidate_weights(r, "weighted")
@@ -134,8 +185,9 @@ def test_sdf_stage_with_tiny_model_writes_a_v2_adapter_that_differs_from_v1(tmp_
     # training over): the ranked candidates are reused (no teacher is started, nothing sampled), only the
     # selection changes
     shutil.rmtree(tmp_path / "sdf" / "adapter")
-    cfg2 = compose_cfg([*(o for o in overrides if not o.startswith("sdf.select=")), "sdf.select=best",
-                        "train.resume=never"])
+    cfg2 = compose_cfg(
+        [*(o for o in overrides if not o.startswith("sdf.select=")), "sdf.select=best", "train.resume=never"]
+    )
     backends = Backends(cfg2, tmp_path, Path(os.environ["BAIZE_CACHE"]))
     try:
         m2 = sdf.run(cfg2, tmp_path, backends)
@@ -162,8 +214,13 @@ def test_candidates_key_follows_what_shapes_the_rankings(tmp_path: Path) -> None
 
     k = key()
     assert k == key("sdf.lr=3e-4", "sdf.max_epochs=5", "sdf.select=weighted")  # act after the ranking
-    for changed in (["sdf.num_candidates=2"], ["sdf.temperature=0.5"], ["sdf.seed=1"], ["teacher.model=other"],
-                    ["sdf.rank_max_tokens=8"]):
+    for changed in (
+        ["sdf.num_candidates=2"],
+        ["sdf.temperature=0.5"],
+        ["sdf.seed=1"],
+        ["teacher.model=other"],
+        ["sdf.rank_max_tokens=8"],
+    ):
         assert key(*changed) != k, changed
     assert key(p=["a?"]) != k
     (adapter / "adapter_model.safetensors").write_bytes(b"v1, trained again")
@@ -197,15 +254,40 @@ def test_rankings_that_failed_are_asked_again_and_only_they(tmp_path: Path, monk
 
     dialogs = tmp_path / "dialogs.jsonl"
     topics = ["tea", "rain [[fault:500x3]]", "maps", "bread", "chess [[fault:500x3]]", "owls", "glass", "kites"]
-    dialogs.write_text("".join(json.dumps({"id": f"d{i}", "turns": [
-        {"role": "human", "text": f"What should I know about {t}?"},
-        {"role": "ai", "text": f"{t.capitalize()} is worth learning about slowly."}]}) + "\n" for i, t in enumerate(topics)))
+    dialogs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"d{i}",
+                    "turns": [
+                        {"role": "human", "text": f"What should I know about {t}?"},
+                        {"role": "ai", "text": f"{t.capitalize()} is worth learning about slowly."},
+                    ],
+                }
+            )
+            + "\n"
+            for i, t in enumerate(topics)
+        )
+    )
     monkeypatch.setenv("BAIZE_TEST_KEY", "k")
     with FaultServer(api_key="k", reply=lambda r: "2 > 1 > 3") as srv:
-        cfg = compose_cfg(["model=tiny", "logger=none", f"train.data={dialogs}", "trainer.max_epochs=1",
-                           "sdf.num_prompts=null", "sdf.num_candidates=3", "sdf.max_new_tokens=8", "teacher=openai",
-                           f"teacher.base_url={srv.base_url}", "teacher.api_key_env=BAIZE_TEST_KEY",
-                           "teacher.max_retries=2", "teacher.backoff_base_s=0.01", "teacher.backoff_max_s=0.02"])
+        cfg = compose_cfg(
+            [
+                "model=tiny",
+                "logger=none",
+                f"train.data={dialogs}",
+                "trainer.max_epochs=1",
+                "sdf.num_prompts=null",
+                "sdf.num_candidates=3",
+                "sdf.max_new_tokens=8",
+                "teacher=openai",
+                f"teacher.base_url={srv.base_url}",
+                "teacher.api_key_env=BAIZE_TEST_KEY",
+                "teacher.max_retries=2",
+                "teacher.backoff_base_s=0.01",
+                "teacher.backoff_max_s=0.02",
+            ]
+        )
         validate(cfg)
         train.run(cfg, tmp_path)
         backends = Backends(cfg, tmp_path, Path(os.environ["BAIZE_CACHE"]))

@@ -48,10 +48,20 @@ def context_model_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("ctxmodel")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(Path(CACHE or "~/.cache/baize_exp").expanduser()))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=False, initializer_range=0.2, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         LlamaForCausalLM(cfg).save_pretrained(out)
@@ -91,8 +101,9 @@ def _msgs(text: str) -> list[dict]:
 
 def test_chat_completion_with_usage_n_and_logprobs(tiny_server) -> None:
     c = _openai(tiny_server)
-    r = c.chat.completions.create(model="tiny", messages=_msgs("Hello"), max_tokens=5, n=4, temperature=0.9,
-                                  logprobs=True, top_logprobs=2)
+    r = c.chat.completions.create(
+        model="tiny", messages=_msgs("Hello"), max_tokens=5, n=4, temperature=0.9, logprobs=True, top_logprobs=2
+    )
     assert len(r.choices) == 4 and [ch.index for ch in r.choices] == [0, 1, 2, 3]
     assert r.usage.completion_tokens == sum(len(ch.logprobs.content) for ch in r.choices) <= 20
     assert r.usage.prompt_tokens > 0
@@ -113,8 +124,7 @@ def test_greedy_is_identical_alone_and_inside_a_batch_of_16(ctx_server) -> None:
     max_tokens = [3 + 2 * i for i in range(16)]
 
     def ask(i: int) -> tuple[str, str, int]:
-        r = c.chat.completions.create(model="ctx", messages=_msgs(prompts[i]), max_tokens=max_tokens[i],
-                                      temperature=0)
+        r = c.chat.completions.create(model="ctx", messages=_msgs(prompts[i]), max_tokens=max_tokens[i], temperature=0)
         return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
 
     alone = [ask(i) for i in range(16)]
@@ -139,18 +149,23 @@ def test_seeded_sample_reproduces_alone_and_inside_a_mixed_batch(ctx_server) -> 
     c = _openai(ctx_server, max_retries=0)
 
     def seeded(seed: int) -> list[str]:
-        r = c.chat.completions.create(model="ctx", messages=_msgs("Write a poem"), max_tokens=12, temperature=1.0,
-                                      top_p=0.9, seed=seed, n=2)
+        r = c.chat.completions.create(
+            model="ctx", messages=_msgs("Write a poem"), max_tokens=12, temperature=1.0, top_p=0.9, seed=seed, n=2
+        )
         return [ch.message.content for ch in r.choices]
 
     alone = seeded(7)
     assert alone[0] != alone[1]  # the n answers are different draws
     assert seeded(8) != alone
-    others = [dict(temperature=t, top_p=p, max_tokens=m, stop=s) for t, p, m, s in
-              [(0.0, 1.0, 20, None), (0.7, 0.95, 9, ["e"]), (1.3, 0.5, 15, None), (1.0, 1.0, 30, None)] * 2]
+    others = [
+        dict(temperature=t, top_p=p, max_tokens=m, stop=s)
+        for t, p, m, s in [(0.0, 1.0, 20, None), (0.7, 0.95, 9, ["e"]), (1.3, 0.5, 15, None), (1.0, 1.0, 30, None)] * 2
+    ]
     with ThreadPoolExecutor(9) as pool:
-        futs = [pool.submit(c.chat.completions.create, model="ctx", messages=_msgs(f"Other {i}"), **kw)
-                for i, kw in enumerate(others)]
+        futs = [
+            pool.submit(c.chat.completions.create, model="ctx", messages=_msgs(f"Other {i}"), **kw)
+            for i, kw in enumerate(others)
+        ]
         mine = pool.submit(seeded, 7)
         rs = [f.result() for f in futs]
     assert mine.result() == alone
@@ -163,10 +178,16 @@ def test_seeded_sample_reproduces_alone_and_inside_a_mixed_batch(ctx_server) -> 
 def test_streaming_reassembles_to_the_non_streamed_text(ctx_server) -> None:
     c = _openai(ctx_server, max_retries=0)
     for kw in (dict(max_tokens=40), dict(max_tokens=40, stop=["e", "a"]), dict(max_tokens=1)):
-        full = c.chat.completions.create(model="ctx", messages=_msgs("Stream this"), temperature=0, logprobs=True,
-                                         **kw)
-        stream = c.chat.completions.create(model="ctx", messages=_msgs("Stream this"), temperature=0, stream=True,
-                                           logprobs=True, stream_options={"include_usage": True}, **kw)
+        full = c.chat.completions.create(model="ctx", messages=_msgs("Stream this"), temperature=0, logprobs=True, **kw)
+        stream = c.chat.completions.create(
+            model="ctx",
+            messages=_msgs("Stream this"),
+            temperature=0,
+            stream=True,
+            logprobs=True,
+            stream_options={"include_usage": True},
+            **kw,
+        )
         text, finish, lps, usage, ids = "", None, [], None, set()
         for chunk in stream:
             ids.add(chunk.id)
@@ -184,8 +205,9 @@ def test_streaming_reassembles_to_the_non_streamed_text(ctx_server) -> None:
 
 
 def test_streaming_n_and_the_project_client(tiny_server) -> None:
-    stream = _openai(tiny_server).chat.completions.create(model="tiny", messages=_msgs("hi"), n=3, max_tokens=6,
-                                                          temperature=1.0, stream=True)
+    stream = _openai(tiny_server).chat.completions.create(
+        model="tiny", messages=_msgs("hi"), n=3, max_tokens=6, temperature=1.0, stream=True
+    )
     finishes = {}
     for chunk in stream:
         for ch in chunk.choices:
@@ -207,8 +229,9 @@ def test_max_tokens_is_honoured_per_request_inside_a_batch(tiny_server) -> None:
 def test_full_queue_answers_429_with_retry_after_and_a_gone_client_frees_its_row(context_model_dir) -> None:
     with LocalServer(str(context_model_dir), cache_dir=CACHE, max_batch=1, queue_size=1, served_name="ctx") as s:
         c = _openai(s, max_retries=0)
-        long_stream = c.chat.completions.create(model="ctx", messages=_msgs("long"), max_tokens=1000,
-                                                temperature=0, stream=True)
+        long_stream = c.chat.completions.create(
+            model="ctx", messages=_msgs("long"), max_tokens=1000, temperature=0, stream=True
+        )
         next(iter(long_stream))
         _wait_for(lambda: _health(s)["active_rows"] == 1)  # it holds the only row now
         with ThreadPoolExecutor(1) as pool:
@@ -225,8 +248,9 @@ def test_full_queue_answers_429_with_retry_after_and_a_gone_client_frees_its_row
 
 
 def test_request_timeout_answers_504_and_frees_the_row(context_model_dir) -> None:
-    with LocalServer(str(context_model_dir), cache_dir=CACHE, max_batch=2, request_timeout_s=0.3,
-                     served_name="ctx") as s:
+    with LocalServer(
+        str(context_model_dir), cache_dir=CACHE, max_batch=2, request_timeout_s=0.3, served_name="ctx"
+    ) as s:
         c = _openai(s, max_retries=0)
         with pytest.raises(openai.InternalServerError) as e:
             c.chat.completions.create(model="ctx", messages=_msgs("long"), max_tokens=1000, temperature=0)
@@ -239,8 +263,13 @@ def test_sigterm_finishes_the_request_in_flight(context_model_dir) -> None:
     s = LocalServer(str(context_model_dir), cache_dir=CACHE, served_name="ctx").start()
     try:
         stream = _openai(s, max_retries=0).chat.completions.create(
-            model="ctx", messages=_msgs("keep going"), max_tokens=300, temperature=0, stream=True,
-            stream_options={"include_usage": True})
+            model="ctx",
+            messages=_msgs("keep going"),
+            max_tokens=300,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         chunks = iter(stream)
         next(chunks)
         s.proc.send_signal(signal.SIGTERM)
@@ -257,7 +286,8 @@ def test_sigterm_finishes_the_request_in_flight(context_model_dir) -> None:
 def test_concurrent_requests_share_batches(tiny_server) -> None:
     before = _health(tiny_server)
     rs = _client(tiny_server, temperature=0.0, max_tokens=4, concurrency=8).complete_many(
-        [_msgs(f"q{i}") for i in range(8)])
+        [_msgs(f"q{i}") for i in range(8)]
+    )
     after = _health(tiny_server)
     assert all(r.error is None for r in rs)
     assert after["requests"] - before["requests"] == 8
@@ -287,22 +317,35 @@ def test_bad_request_stops_with_a_clear_error(tiny_server) -> None:
         _client(tiny_server, max_retries=3).complete([{"role": "user", "content": "x"}], max_tokens=0)
 
 
-@pytest.mark.parametrize(("body", "needle"), [
-    ({"max_tokens": 0}, "max_tokens"), ({"n": 99}, "max_batch"), ({"top_p": 0}, "top_p"),
-    ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"), ({"messages": []}, "messages"),
-    ({"messages": [{"role": "user"}]}, "messages\\[0\\] needs 'content'"), ({"stop": 123}, "'stop' must be a string"),
-    ({"stop": ["ok", 5]}, "'stop' must be"), ({"temperature": 2.5}, "temperature=2.5"),
-    ({"temperature": float("nan")}, "temperature=nan"), ({"temperature": -0.1}, "temperature"),
-    ({"n": 5}, "n=5: .*max_n \\(4"), ({"max_tokens": "ten"}, "'max_tokens' must be an integer"),
-    ({"messages": [{"role": "user", "content": "x" * 9000}]}, "context_length_exceeded"),
-])
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 99}, "max_batch"),
+        ({"top_p": 0}, "top_p"),
+        ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user"}]}, "messages\\[0\\] needs 'content'"),
+        ({"stop": 123}, "'stop' must be a string"),
+        ({"stop": ["ok", 5]}, "'stop' must be"),
+        ({"temperature": 2.5}, "temperature=2.5"),
+        ({"temperature": float("nan")}, "temperature=nan"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"n": 5}, "n=5: .*max_n \\(4"),
+        ({"max_tokens": "ten"}, "'max_tokens' must be an integer"),
+        ({"messages": [{"role": "user", "content": "x" * 9000}]}, "context_length_exceeded"),
+    ],
+)
 def test_bad_request_is_a_400_naming_the_field(tiny_server_max_n_4, body: dict, needle: str) -> None:
     """What OpenAI answers 400 is a 400 with a JSON error here too (never a plain-text 500). Sent as raw JSON: the
     openai client itself refuses to send some of these (NaN)."""
     s = tiny_server_max_n_4
-    req = urllib.request.Request(f"{s.base_url}/chat/completions", method="POST",
-                                 data=json.dumps({"model": "tiny", "messages": _msgs("x"), **body}).encode(),
-                                 headers={"Authorization": f"Bearer {s.api_key}", "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{s.base_url}/chat/completions",
+        method="POST",
+        data=json.dumps({"model": "tiny", "messages": _msgs("x"), **body}).encode(),
+        headers={"Authorization": f"Bearer {s.api_key}", "Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     err = json.loads(e.value.read())["error"]
@@ -334,10 +377,13 @@ def test_vllm_configs_point_the_openai_client_at_a_server() -> None:
 
 
 def test_refuses_non_loopback_bind_unless_allowed() -> None:
-    r = subprocess.run([sys.executable, "-m", "baize_exp.serve", "--model", "tiny", "--host", "0.0.0.0"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "baize_exp.serve", "--model", "tiny", "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "--allow-remote" in r.stderr
-
 
 
 def test_serves_an_hf_dir_with_a_lora_adapter(context_model_dir, ctx_server, tmp_path) -> None:
@@ -347,17 +393,22 @@ def test_serves_an_hf_dir_with_a_lora_adapter(context_model_dir, ctx_server, tmp
     base = AutoModelForCausalLM.from_pretrained(context_model_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)  # non-zero LoRA weights, so the adapter changes the answers
-        get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-                       ).save_pretrained(tmp_path / "adapter")
+        get_peft_model(
+            base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        ).save_pretrained(tmp_path / "adapter")
     ask = dict(messages=_msgs("Tell me about dogs"), max_tokens=8, temperature=0)
     plain = _openai(ctx_server).chat.completions.create(model="ctx", **ask).choices[0].message.content
     with LocalServer(str(context_model_dir), adapter=str(tmp_path / "adapter"), cache_dir=CACHE) as s:
         c = _openai(s, max_retries=0)
         assert [m.id for m in c.models.list().data] == [f"{context_model_dir.name}+adapter"]
         with ThreadPoolExecutor(2) as pool:  # two rows of the same batch through the PEFT-wrapped model
-            texts = [f.result().choices[0].message.content
-                     for f in [pool.submit(c.chat.completions.create, model=f"{context_model_dir.name}+adapter",
-                                           **ask) for _ in range(2)]]
+            texts = [
+                f.result().choices[0].message.content
+                for f in [
+                    pool.submit(c.chat.completions.create, model=f"{context_model_dir.name}+adapter", **ask)
+                    for _ in range(2)
+                ]
+            ]
     assert texts[0] == texts[1] != plain
 
 
@@ -375,17 +426,20 @@ def test_top_p_sampler_draws_the_nucleus_in_proportion(top_p: float, allowed: li
         want = float(probs[rank_to_id[r]]) / mass
         assert abs(draws[rank_to_id[r]] / 4000 - want) < 0.03
     # the same generator state gives the same draws
-    assert [sample_top_p(probs, top_p, torch.Generator().manual_seed(5)) for _ in range(3)] == \
-        [sample_top_p(probs, top_p, torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert [sample_top_p(probs, top_p, torch.Generator().manual_seed(5)) for _ in range(3)] == [
+        sample_top_p(probs, top_p, torch.Generator().manual_seed(5)) for _ in range(3)
+    ]
 
 
 @pytest.mark.slow
 def test_local_server_dies_with_a_killed_parent(tmp_path: Path) -> None:
     """kill -9 of the run that started it must not leave a server holding the model (Linux parent-death signal)."""
     pid_file = tmp_path / "server.pid"
-    code = ("import sys, time; from baize_exp.serve import LocalServer\n"
-            f"s = LocalServer('tiny', cache_dir={os.environ['BAIZE_CACHE']!r}).start()\n"
-            f"open({str(pid_file)!r}, 'w').write(str(s.proc.pid)); time.sleep(600)\n")
+    code = (
+        "import sys, time; from baize_exp.serve import LocalServer\n"
+        f"s = LocalServer('tiny', cache_dir={os.environ['BAIZE_CACHE']!r}).start()\n"
+        f"open({str(pid_file)!r}, 'w').write(str(s.proc.pid)); time.sleep(600)\n"
+    )
     parent = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 300

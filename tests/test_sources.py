@@ -16,19 +16,34 @@ from baize_exp.io import read_jsonl
 
 FIX = Path(__file__).parent / "fixtures" / "sources"
 
-QUORA = {"How do I learn to cook rice without a rice cooker?", "What is the easiest way to cook rice on a stove?",
-         "Why is the sky blue during the day?", "What makes sunsets look red and orange?",
-         "Which countries eat the most rice per person?", "What is the best way to learn a second language as an adult?",
-         "Is it harder to learn a language after age 30?", "How do tides work?"}
-SO_TITLES = {"How to convert a Decimal to a Double in C#?", "How do I calculate someone's age based on a DateTime type "
-             "birthday?", "Why did the width collapse in the percentage width child element in an absolutely "
-             "positioned parent?"}
-MEDQUAD = {"What is (are) Adult Acute Lymphoblastic Leukemia ?", "Who is at risk for Adult Acute Lymphoblastic "
-           "Leukemia? ?", "Is Wilson disease inherited ?", "What are the treatments for Wilson disease ?"}
+QUORA = {
+    "How do I learn to cook rice without a rice cooker?",
+    "What is the easiest way to cook rice on a stove?",
+    "Why is the sky blue during the day?",
+    "What makes sunsets look red and orange?",
+    "Which countries eat the most rice per person?",
+    "What is the best way to learn a second language as an adult?",
+    "Is it harder to learn a language after age 30?",
+    "How do tides work?",
+}
+SO_TITLES = {
+    "How to convert a Decimal to a Double in C#?",
+    "How do I calculate someone's age based on a DateTime type birthday?",
+    "Why did the width collapse in the percentage width child element in an absolutely positioned parent?",
+}
+MEDQUAD = {
+    "What is (are) Adult Acute Lymphoblastic Leukemia ?",
+    "Who is at risk for Adult Acute Lymphoblastic Leukemia? ?",
+    "Is Wilson disease inherited ?",
+    "What are the treatments for Wilson disease ?",
+}
 
-ALPACA = {"Give three tips for staying healthy.", "Translate the sentence into French.\n\nThe library opens at nine.",
-          "Summarize the paragraph in one sentence.\n\nHoneybees communicate the location of food with a waggle "
-          "dance. The angle of the dance shows the direction relative to the sun, and its length shows the distance."}
+ALPACA = {
+    "Give three tips for staying healthy.",
+    "Translate the sentence into French.\n\nThe library opens at nine.",
+    "Summarize the paragraph in one sentence.\n\nHoneybees communicate the location of food with a waggle "
+    "dance. The angle of the dance shows the direction relative to the sun, and its length shows the distance.",
+}
 
 
 def test_quora_pairs_give_each_question_once() -> None:
@@ -37,7 +52,7 @@ def test_quora_pairs_give_each_question_once() -> None:
     csv_file = FIX.parent / "quora.csv"  # Kaggle's comma-separated train.csv layout
     hf = FIX / "quora_hf.jsonl"
     try:
-        csv_file.write_text("id,qid1,qid2,question1,question2,is_duplicate\n0,1,2,\"Why, really?\",What now?,0\n")
+        csv_file.write_text('id,qid1,qid2,question1,question2,is_duplicate\n0,1,2,"Why, really?",What now?,0\n')
         assert list(S.quora(csv_file)) == ["Why, really?", "What now?"]
         hf.write_text(json.dumps({"questions": {"id": [1, 2], "text": ["A?", "B?"]}, "is_duplicate": False}) + "\n")
         assert list(S.quora(hf)) == ["A?", "B?"]
@@ -49,14 +64,19 @@ def test_quora_pairs_give_each_question_once() -> None:
 def test_stackoverflow_posts_xml_questions_only_html_stripped(tmp_path: Path) -> None:
     assert set(S.stackoverflow(FIX / "Posts.xml")) == SO_TITLES  # answers (type 2) and wiki posts left out
     with_body = list(S.stackoverflow(FIX / "Posts.xml", with_body=True))
-    assert with_body[0] == ("How to convert a Decimal to a Double in C#?\n\nI want to assign the decimal variable "
-                            "trans to the double variable this.Opacity.")  # first paragraph, code block dropped
+    assert with_body[0] == (
+        "How to convert a Decimal to a Double in C#?\n\nI want to assign the decimal variable "
+        "trans to the double variable this.Opacity."
+    )  # first paragraph, code block dropped
     assert with_body[1].endswith("several children & one of them collapses.")
     table = tmp_path / "Questions.csv"
-    table.write_text('Id,OwnerUserId,CreationDate,ClosedDate,Score,Title,Body\n80,26,2008-08-01,NA,26,'
-                     '"SQLStatement.execute() - multiple queries in one statement","<p>I have written a script.</p>"\n')
+    table.write_text(
+        "Id,OwnerUserId,CreationDate,ClosedDate,Score,Title,Body\n80,26,2008-08-01,NA,26,"
+        '"SQLStatement.execute() - multiple queries in one statement","<p>I have written a script.</p>"\n'
+    )
     assert list(S.stackoverflow(table, with_body=True)) == [
-        "SQLStatement.execute() - multiple queries in one statement\n\nI have written a script."]
+        "SQLStatement.execute() - multiple queries in one statement\n\nI have written a script."
+    ]
 
 
 def test_medquad_folders_and_alpaca_with_its_input() -> None:
@@ -98,11 +118,16 @@ def test_any_dataset_through_datasets_with_a_field_format(tmp_path: Path) -> Non
     import pyarrow.parquet as pq
 
     path = tmp_path / "questions.parquet"
-    pq.write_table(pa.table({"title": ["Parquet title one", "Parquet title two"], "body": ["first body", None],
-                             "score": [1, 2]}), path)
+    pq.write_table(
+        pa.table({"title": ["Parquet title one", "Parquet title two"], "body": ["first body", None], "score": [1, 2]}),
+        path,
+    )
     cfg = compose_cfg(["data=hf", f"data.hf.path={path}", 'data.field="{title}\\n{body}"', "data.limit=null"])
     seeds = load_seeds(cfg.data)
-    assert sorted(s.question for s in seeds) == ["Parquet title one\nfirst body", "Parquet title two"]  # a missing body leaves the title
+    assert sorted(s.question for s in seeds) == [
+        "Parquet title one\nfirst body",
+        "Parquet title two",
+    ]  # a missing body leaves the title
     assert {s.source for s in seeds} == {"hf"}
     cfg = compose_cfg(["data=hf", f"data.hf.path={path}", "data.field=nope"])
     with pytest.raises(S.SourceError, match=r"data.field='nope': no column \['nope'\]"):
@@ -110,36 +135,62 @@ def test_any_dataset_through_datasets_with_a_field_format(tmp_path: Path) -> Non
 
 
 def test_a_mixture_of_real_sources_keeps_each_seed_source_and_the_weights() -> None:
-    cfg = compose_cfg(["data.sources=[quora,medical,stackoverflow]", f"data.paths.quora={FIX / 'quora_duplicate_questions.tsv'}",
-                       f"data.paths.medical={FIX / 'medquad'}", "data.mix={quora:2,medical:1,stackoverflow:1}",
-                       "data.limit=8"])
+    cfg = compose_cfg(
+        [
+            "data.sources=[quora,medical,stackoverflow]",
+            f"data.paths.quora={FIX / 'quora_duplicate_questions.tsv'}",
+            f"data.paths.medical={FIX / 'medquad'}",
+            "data.mix={quora:2,medical:1,stackoverflow:1}",
+            "data.limit=8",
+        ]
+    )
     seeds = load_seeds(cfg.data)
     by = {src: [s.question for s in seeds if s.source == src] for src in ("quora", "medical", "stackoverflow")}
     assert [len(by[s]) for s in by] == [4, 2, 2]  # weights 2:1:1 over 8
     assert set(by["quora"]) <= QUORA and set(by["medical"]) <= MEDQUAD
-    shipped = {json.loads(x)["question"] for x in (ROOT / "baize_exp/data/seeds/stackoverflow.jsonl").read_text().splitlines()}
+    shipped = {
+        json.loads(x)["question"] for x in (ROOT / "baize_exp/data/seeds/stackoverflow.jsonl").read_text().splitlines()
+    }
     assert set(by["stackoverflow"]) <= shipped  # no file given: the shipped sample
     assert load_seeds(cfg.data) == seeds  # deterministic for a seed
 
 
-@pytest.mark.parametrize(("group", "path", "expected"), [
-    ("quora", "quora_duplicate_questions.tsv", QUORA), ("stackoverflow", "Posts.xml", SO_TITLES),
-    ("medical", "medquad", MEDQUAD), ("alpaca", "alpaca_data.json", ALPACA)])
-def test_each_loader_through_run_py_collects_a_dialog_per_question(tmp_path: Path, group: str, path: str,
-                                                                    expected: set[str]) -> None:
+@pytest.mark.parametrize(
+    ("group", "path", "expected"),
+    [
+        ("quora", "quora_duplicate_questions.tsv", QUORA),
+        ("stackoverflow", "Posts.xml", SO_TITLES),
+        ("medical", "medquad", MEDQUAD),
+        ("alpaca", "alpaca_data.json", ALPACA),
+    ],
+)
+def test_each_loader_through_run_py_collects_a_dialog_per_question(
+    tmp_path: Path, group: str, path: str, expected: set[str]
+) -> None:
     from conftest import run_cli
 
     run_dir = tmp_path / "run"
     with FaultServer() as srv:
-        r = run_cli("stages=[collect,report]", f"data={group}", f"data.path={FIX / path}", "data.limit=null",
-                    "teacher=openai", f"teacher.base_url={srv.base_url}", "teacher.api_key_env=BAIZE_FAULT_KEY",
-                    "logger=none", f"hydra.run.dir={run_dir}", env={"BAIZE_FAULT_KEY": "k"}, timeout=300)
+        r = run_cli(
+            "stages=[collect,report]",
+            f"data={group}",
+            f"data.path={FIX / path}",
+            "data.limit=null",
+            "teacher=openai",
+            f"teacher.base_url={srv.base_url}",
+            "teacher.api_key_env=BAIZE_FAULT_KEY",
+            "logger=none",
+            f"hydra.run.dir={run_dir}",
+            env={"BAIZE_FAULT_KEY": "k"},
+            timeout=300,
+        )
     assert r.returncode == 0, r.stderr[-3000:]
     dialogs = read_jsonl(run_dir / "collect" / "dialogs.jsonl")
     assert {d["seed"] for d in dialogs} == expected and {d["source"] for d in dialogs} == {group}
     card = json.loads((run_dir / "collect" / "data_card.json").read_text())
-    assert card["seeds"] == len(expected) and card["sources"] == {group: {"seeds": len(expected),
-                                                                          "dialogs": len(dialogs)}}
+    assert card["seeds"] == len(expected) and card["sources"] == {
+        group: {"seeds": len(expected), "dialogs": len(dialogs)}
+    }
     assert card["turns_per_dialog"]["n"] == len(dialogs) and card["turns_per_dialog"]["min"] >= 2
     assert card["seed_length"]["max"] >= card["seed_length"]["median"] >= card["seed_length"]["min"] > 0
     assert card["duplicates_removed"] == {"seeds": 0, "dialogs": 0} and card["length_unit"] == "words"
@@ -155,26 +206,46 @@ def test_fastchat_question_files_load_as_eval_questions(caplog) -> None:
     assert "reference" not in mt[0] and mt[2]["category"] == "coding"
     assert "2 later turns of multi-turn questions are not asked" in caplog.text  # said, not silently dropped
     vicuna = load_eval_questions(FIX / "vicuna_question.jsonl", limit=1)
-    assert vicuna == [{"question_id": "1", "text": "How can I improve my time management skills?",
-                       "category": "generic", "question": "How can I improve my time management skills?"}]
+    assert vicuna == [
+        {
+            "question_id": "1",
+            "text": "How can I improve my time management skills?",
+            "category": "generic",
+            "question": "How can I improve my time management skills?",
+        }
+    ]
 
 
 def test_alpaca_as_training_data_joins_the_train_split_only(tmp_path: Path) -> None:
     from baize_exp.stages.base import training_dialogs
 
     dialogs = tmp_path / "dialogs.jsonl"
-    dialogs.write_text("".join(json.dumps({"id": f"d{i}", "turns": [
-        {"role": "human", "text": f"Question {i}?"}, {"role": "ai", "text": f"Answer {i}."}]}) + "\n" for i in range(10)))
+    dialogs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"d{i}",
+                    "turns": [{"role": "human", "text": f"Question {i}?"}, {"role": "ai", "text": f"Answer {i}."}],
+                }
+            )
+            + "\n"
+            for i in range(10)
+        )
+    )
     extra = tmp_path / "alpaca_data.json"
-    records = json.loads((FIX / "alpaca_data.json").read_text()) + [{"instruction": "Say hi.", "input": "", "output": ""}]
+    records = json.loads((FIX / "alpaca_data.json").read_text()) + [
+        {"instruction": "Say hi.", "input": "", "output": ""}
+    ]
     extra.write_text(json.dumps(records))
     cfg = compose_cfg([f"train.data={dialogs}", f"train.extra_data={extra}", "train.val_fraction=0.2"])
     _, train_d, val_d, rejects = training_dialogs(cfg, tmp_path)
     alpaca = [d for d in train_d if d.get("source") == "alpaca"]
     assert len(alpaca) == 4 and not [d for d in val_d if d.get("source") == "alpaca"]
     translate = next(d for d in alpaca if d["turns"][0]["text"].startswith("Translate"))
-    assert translate["turns"] == [{"role": "human", "text": "Translate the sentence into French.\n\nThe library opens at nine."},
-                                  {"role": "ai", "text": "La bibliothèque ouvre à neuf heures."}]
+    assert translate["turns"] == [
+        {"role": "human", "text": "Translate the sentence into French.\n\nThe library opens at nine."},
+        {"role": "ai", "text": "La bibliothèque ouvre à neuf heures."},
+    ]
     assert [r["reason"] for r in rejects] == ["no_output"]  # recorded, not dropped
     cfg = compose_cfg([f"train.data={dialogs}", f"train.extra_data={extra}", "train.extra_data_limit=2"])
     assert sum(d.get("source") == "alpaca" for d in training_dialogs(cfg, tmp_path)[1]) == 2

@@ -29,17 +29,33 @@ def test_auto_and_ddp_build_and_pass_devices_and_nodes_through() -> None:
     strategy = build_strategy(cfg.strategy, cfg.trainer, cfg.train.batch_size)
     assert isinstance(strategy, pl.strategies.DDPStrategy)
     tr = cfg.trainer
-    trainer = pl.Trainer(accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=strategy,
-                         logger=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        accelerator=tr.accelerator,
+        devices=tr.devices,
+        num_nodes=tr.num_nodes,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+    )
     assert trainer.strategy is strategy and trainer.world_size == 6 and trainer.num_nodes == 3
 
 
-@pytest.mark.parametrize("option, stage, offload", [("deepspeed_stage_2", 2, False), ("deepspeed_stage_3", 3, False),
-                                                    ("deepspeed_stage_3_offload", 3, True)])
+@pytest.mark.parametrize(
+    "option, stage, offload",
+    [("deepspeed_stage_2", 2, False), ("deepspeed_stage_3", 3, False), ("deepspeed_stage_3_offload", 3, True)],
+)
 @pytest.mark.parametrize("precision, half", [("bf16-mixed", "bf16"), ("16-mixed", "fp16"), ("32-true", None)])
 def test_deepspeed_configs_build_their_dict(option: str, stage: int, offload: bool, precision: str, half: str) -> None:
-    cfg = compose_cfg([f"strategy={option}", "trainer=gpu", f"trainer.precision={precision}",
-                       "trainer.accumulate_grad_batches=4", "trainer.gradient_clip_val=0.5", "train.batch_size=3"])
+    cfg = compose_cfg(
+        [
+            f"strategy={option}",
+            "trainer=gpu",
+            f"trainer.precision={precision}",
+            "trainer.accumulate_grad_batches=4",
+            "trainer.gradient_clip_val=0.5",
+            "train.batch_size=3",
+        ]
+    )
     validate(cfg)
     ds = deepspeed_config(cfg.strategy, cfg.trainer, cfg.train.batch_size)
     zero = ds["zero_optimization"]
@@ -83,11 +99,25 @@ def test_slurm_and_torchrun_environments_are_picked_up(monkeypatch: pytest.Monke
     tr = cfg.trainer
 
     def trainer() -> pl.Trainer:
-        return pl.Trainer(accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes,
-                          strategy=build_strategy(cfg.strategy, tr, 1), logger=False, enable_checkpointing=False)
+        return pl.Trainer(
+            accelerator=tr.accelerator,
+            devices=tr.devices,
+            num_nodes=tr.num_nodes,
+            strategy=build_strategy(cfg.strategy, tr, 1),
+            logger=False,
+            enable_checkpointing=False,
+        )
 
-    slurm = {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NAME": "baize", "SLURM_JOB_ID": "7",
-             "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NODELIST": "node[1-2]"}
+    slurm = {
+        "SLURM_NTASKS": "4",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_NAME": "baize",
+        "SLURM_JOB_ID": "7",
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_NODELIST": "node[1-2]",
+    }
     with monkeypatch.context() as m:
         for k, v in slurm.items():
             m.setenv(k, v)
@@ -95,8 +125,16 @@ def test_slurm_and_torchrun_environments_are_picked_up(monkeypatch: pytest.Monke
         assert isinstance(t.strategy.cluster_environment, SLURMEnvironment)
         assert (t.global_rank, t.local_rank, t.node_rank, t.world_size) == (3, 1, 1, 4)
 
-    elastic = {"TORCHELASTIC_RUN_ID": "r1", "RANK": "2", "LOCAL_RANK": "0", "GROUP_RANK": "1", "WORLD_SIZE": "4",
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}
+    elastic = {
+        "TORCHELASTIC_RUN_ID": "r1",
+        "RANK": "2",
+        "LOCAL_RANK": "0",
+        "GROUP_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29512",
+    }
     with monkeypatch.context() as m:
         for k in slurm:
             m.delenv(k, raising=False)
@@ -231,14 +269,29 @@ def _raw_zero(option: str, world: int, cwd: Path, script: str = _RAW_ZERO) -> li
     port = str(_free_port())
     procs = []
     for rank in range(world):
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "CUDA_VISIBLE_DEVICES": "",
-               # DeepSpeed JIT-compiles its CPU comm op (~20-35 s, minutes on a busy machine): build it once into
-               # the shared model cache (conftest points BAIZE_CACHE at a test-owned dir when it is not set)
-               "TORCH_EXTENSIONS_DIR": str(Path(os.environ["BAIZE_CACHE"]) / "torch_extensions")}
-        procs.append(subprocess.Popen([sys.executable, "-c", script, str(CONF), option, str(cwd),
-                                       os.environ["BAIZE_CACHE"]], cwd=cwd,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "DS_ACCELERATOR": "cpu",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "CUDA_VISIBLE_DEVICES": "",
+            # DeepSpeed JIT-compiles its CPU comm op (~20-35 s, minutes on a busy machine): build it once into
+            # the shared model cache (conftest points BAIZE_CACHE at a test-owned dir when it is not set)
+            "TORCH_EXTENSIONS_DIR": str(Path(os.environ["BAIZE_CACHE"]) / "torch_extensions"),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script, str(CONF), option, str(cwd), os.environ["BAIZE_CACHE"]],
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-4000:]
@@ -290,8 +343,12 @@ def test_two_rank_zero2_on_cpu_shards_the_optimizer_state(tmp_path: Path) -> Non
 
 
 def _dialogs(path: Path, n: int = 16) -> Path:
-    turns = lambda i: [{"role": "human", "text": f"What is {i} plus {i}?"},  # noqa: E731
-                       {"role": "ai", "text": f"{i} plus {i} is {2 * i}."}]
+    def turns(i: int) -> list[dict]:
+        return [
+            {"role": "human", "text": f"What is {i} plus {i}?"},
+            {"role": "ai", "text": f"{i} plus {i} is {2 * i}."},
+        ]
+
     path.write_text("".join(json.dumps({"id": f"d{i}", "turns": turns(i)}) + "\n" for i in range(n)))
     return path
 
@@ -311,9 +368,20 @@ def _train_losses(run_dir: Path) -> list[float]:
 @pytest.mark.parametrize("option", DS_OPTIONS)
 def test_zero_runs_through_run_py_change_the_loss(option: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    r = run_cli("model=tiny", "stages=[train]", f"train.data={_dialogs(tmp_path / 'd.jsonl')}", "logger=csv",
-                f"strategy={option}", "trainer=gpu", "trainer.devices=1", "trainer.max_epochs=4",
-                "trainer.log_every_n_steps=1", "train.lr=1e-2", "lora.dropout=0.0", f"hydra.run.dir={run_dir}")
+    r = run_cli(
+        "model=tiny",
+        "stages=[train]",
+        f"train.data={_dialogs(tmp_path / 'd.jsonl')}",
+        "logger=csv",
+        f"strategy={option}",
+        "trainer=gpu",
+        "trainer.devices=1",
+        "trainer.max_epochs=4",
+        "trainer.log_every_n_steps=1",
+        "train.lr=1e-2",
+        "lora.dropout=0.0",
+        f"hydra.run.dir={run_dir}",
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     losses = _train_losses(run_dir)
     assert len(losses) >= 4 and losses[-1] < losses[0], losses

@@ -60,19 +60,31 @@ def test_slurm_launcher_takes_gpus_and_nodes_from_the_trainer_config() -> None:
     assert "LocalLauncher" in local._target_
 
 
-def _fake_run(d: Path, overrides: list[str], status: str = "completed", loss: float = 2.0,
-              judge: float = 5.0, error: str | None = None) -> None:
+def _fake_run(
+    d: Path,
+    overrides: list[str],
+    status: str = "completed",
+    loss: float = 2.0,
+    judge: float = 5.0,
+    error: str | None = None,
+) -> None:
     """A run dir as the pipeline writes it (metrics.json, eval scores, a training CSV log)."""
     d.mkdir(parents=True)
     m = {"run": {"overrides": overrides, "status": status, "error": error}}
     if status == "completed":
-        m |= {"collect": {"dialogs": 7, "rejects": 1, "stage_seconds": 3.0},
-              "train": {"val_loss": loss + 0.1, "val_ppl": 9.0, "tokens_per_s": 100.0, "stage_seconds": 5.0},
-              "eval": {"v1/heldout_loss": loss, "v1/judge_mean": judge, "v1/judge_ci": [judge - 1, judge + 1],
-                       "v1/judge_n": 9, "stage_seconds": 2.5}}
+        m |= {
+            "collect": {"dialogs": 7, "rejects": 1, "stage_seconds": 3.0},
+            "train": {"val_loss": loss + 0.1, "val_ppl": 9.0, "tokens_per_s": 100.0, "stage_seconds": 5.0},
+            "eval": {
+                "v1/heldout_loss": loss,
+                "v1/judge_mean": judge,
+                "v1/judge_ci": [judge - 1, judge + 1],
+                "v1/judge_n": 9,
+                "stage_seconds": 2.5,
+            },
+        }
         (d / "train" / "logs").mkdir(parents=True)
-        (d / "train" / "logs" / "metrics.csv").write_text(
-            f"epoch,step,train/loss\n0,0,3.0\n0,1,2.5\n1,2,{loss}\n")
+        (d / "train" / "logs" / "metrics.csv").write_text(f"epoch,step,train/loss\n0,0,3.0\n0,1,2.5\n1,2,{loss}\n")
     (d / "metrics.json").write_text(json.dumps(m))
 
 
@@ -118,19 +130,42 @@ def teacher_server():
 
 def _openai_backend(server: LocalServer) -> list[str]:
     return [f"{role}=openai" for role in ("teacher", "judge")] + [
-        f"{role}.{k}={v}" for role in ("teacher", "judge")
-        for k, v in (("base_url", server.base_url), ("api_key_env", "BAIZE_TEST_KEY"),
-                     ("model", "smollm2-135m-instruct"), ("concurrency", 16))]
+        f"{role}.{k}={v}"
+        for role in ("teacher", "judge")
+        for k, v in (
+            ("base_url", server.base_url),
+            ("api_key_env", "BAIZE_TEST_KEY"),
+            ("model", "smollm2-135m-instruct"),
+            ("concurrency", 16),
+        )
+    ]
 
 
 @pytest.mark.slow
 def test_two_by_two_multirun_shares_one_collection_and_reports(tmp_path: Path, teacher_server: LocalServer) -> None:
     sweep_dir = tmp_path / "multirun"
     # lora.r=0 is invalid: those two jobs run first, fail, and must not stop the four others.
-    args = ["-m", "model=tiny", "lora.r=0,4,8", "sdf=default,off", "data.limit=10", "teacher.temperature=0",
-            "teacher.max_tokens=160", "collect.on_truncated=drop_turn", "train.val_fraction=0.3", "sdf.num_prompts=2", "sdf.num_candidates=2", "sdf.max_new_tokens=16",
-            "eval.limit=2", "eval.max_new_tokens=16", "eval.bootstrap=100", "trainer.max_epochs=1", "logger=csv",
-            *_openai_backend(teacher_server), f"hydra.sweep.dir={sweep_dir}"]
+    args = [
+        "-m",
+        "model=tiny",
+        "lora.r=0,4,8",
+        "sdf=default,off",
+        "data.limit=10",
+        "teacher.temperature=0",
+        "teacher.max_tokens=160",
+        "collect.on_truncated=drop_turn",
+        "train.val_fraction=0.3",
+        "sdf.num_prompts=2",
+        "sdf.num_candidates=2",
+        "sdf.max_new_tokens=16",
+        "eval.limit=2",
+        "eval.max_new_tokens=16",
+        "eval.bootstrap=100",
+        "trainer.max_epochs=1",
+        "logger=csv",
+        *_openai_backend(teacher_server),
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     r = run_cli(*args, env={"BAIZE_TEST_KEY": teacher_server.api_key})
     assert r.returncode != 0 and "lora.r" in r.stderr  # the sweep reports its failed jobs
 
@@ -138,8 +173,14 @@ def test_two_by_two_multirun_shares_one_collection_and_reports(tmp_path: Path, t
     assert len(jobs) == 6
     metrics = {j.name: json.loads((j / "metrics.json").read_text()) for j in jobs}
     status = {j: m["run"]["status"] for j, m in metrics.items()}
-    assert status == {"0": "failed", "1": "failed", "2": "completed", "3": "completed", "4": "completed",
-                      "5": "completed"}
+    assert status == {
+        "0": "failed",
+        "1": "failed",
+        "2": "completed",
+        "3": "completed",
+        "4": "completed",
+        "5": "completed",
+    }
     assert "lora.r" in metrics["0"]["run"]["error"]
     done = [metrics[j] for j in ("2", "3", "4", "5")]
     # one collection for all four: the first sent the requests, the others read the shared cache
@@ -155,8 +196,13 @@ def test_two_by_two_multirun_shares_one_collection_and_reports(tmp_path: Path, t
     assert rep.returncode == 0, rep.stderr
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert [(x["lora.r"], x["sdf"], x["status"]) for x in rows] == [
-        ("0", "default", "failed"), ("0", "off", "failed"), ("4", "default", "completed"),
-        ("4", "off", "completed"), ("8", "default", "completed"), ("8", "off", "completed")]
+        ("0", "default", "failed"),
+        ("0", "off", "failed"),
+        ("4", "default", "completed"),
+        ("4", "off", "completed"),
+        ("8", "default", "completed"),
+        ("8", "off", "completed"),
+    ]
     for row, m in zip(rows[2:], done, strict=True):
         assert m["eval"]["heldout_dialogs"] >= 1
         assert float(row["v1_heldout_loss"]) == pytest.approx(m["eval"]["v1/heldout_loss"])
@@ -166,15 +212,21 @@ def test_two_by_two_multirun_shares_one_collection_and_reports(tmp_path: Path, t
     for png in out.glob("*.png"):
         assert png.read_bytes().startswith(PNG) and png.stat().st_size > 8000
     assert {"loss_curves.png", "final_heldout_loss_vs_lora.r.png", "final_heldout_loss_vs_sdf.png"} <= {
-        p.name for p in out.glob("*.png")}
+        p.name for p in out.glob("*.png")
+    }
 
 
 def subprocess_report(*args: Path):
     import subprocess
 
     paths = [str(a) for a in args[:-1]]
-    return subprocess.run([sys.executable, "-m", "baize_exp.stages.report", *paths, "--out", str(args[-1])],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "baize_exp.stages.report", *paths, "--out", str(args[-1])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -197,16 +249,20 @@ def _wandb_run_record(path: Path) -> dict:
     """The run record (group, tags, config) of an offline .wandb file, read back with wandb's own inspector."""
     import subprocess
 
-    out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(path)],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     return next(r["run"] for r in map(json.loads, out.splitlines()) if r.get("type") == "run")
 
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_tiny_job(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sub"
-    r = run_cli("-m", "hydra/launcher=local", "stages=[report]", "logger=csv", "seed=3",
-                f"hydra.sweep.dir={sweep_dir}")
+    r = run_cli("-m", "hydra/launcher=local", "stages=[report]", "logger=csv", "seed=3", f"hydra.sweep.dir={sweep_dir}")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((sweep_dir / "0" / "metrics.json").read_text())
     assert m["run"]["status"] == "completed" and "seed=3" in m["run"]["overrides"]
@@ -216,11 +272,22 @@ def test_submitit_local_launcher_runs_a_tiny_job(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_optuna_study_resumes_from_sqlite(tmp_path: Path) -> None:
     dialogs = tmp_path / "dialogs.jsonl"
-    turns = lambda i: [{"role": "human", "text": f"Question {i}?"}, {"role": "ai", "text": f"Answer {i}."}]  # noqa: E731
+
+    def turns(i: int) -> list[dict]:
+        return [{"role": "human", "text": f"Question {i}?"}, {"role": "ai", "text": f"Answer {i}."}]
+
     dialogs.write_text("".join(json.dumps({"id": f"d{i}", "turns": turns(i)}) + "\n" for i in range(6)))
-    common = ["-m", "hparams_search=optuna", "model=tiny", "stages=[train]", f"train.data={dialogs}",
-              "logger=csv", "optimized_metric=train/val_loss", "hydra.sweeper.n_trials=1",
-              f"paths.output_dir={tmp_path}"]
+    common = [
+        "-m",
+        "hparams_search=optuna",
+        "model=tiny",
+        "stages=[train]",
+        f"train.data={dialogs}",
+        "logger=csv",
+        "optimized_metric=train/val_loss",
+        "hydra.sweeper.n_trials=1",
+        f"paths.output_dir={tmp_path}",
+    ]
     for i in range(2):
         r = run_cli(*common, f"hydra.sweep.dir={tmp_path}/sweep{i}")
         assert r.returncode == 0, r.stderr[-3000:]

@@ -28,8 +28,13 @@ from baize_exp.training.data import (
 )
 from baize_exp.training.module import LoraLM
 
-FAST = ["model=tiny", "logger=none", "trainer.enable_progress_bar=false", "train.peak_flops=1e11",
-        "train.checkpoint_every_n_steps=0"]
+FAST = [
+    "model=tiny",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "train.peak_flops=1e11",
+    "train.checkpoint_every_n_steps=0",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -75,10 +80,16 @@ class LossRecorder(pl.Callback):
 
 # --- label masking -----------------------------------------------------------------------------------------------
 
-TURNS = [{"role": "human", "text": "Tell me about zebras"}, {"role": "ai", "text": "Zebras are striped."},
-         {"role": "human", "text": "And giraffes"}, {"role": "ai", "text": "Giraffes are tall."}]
-EXPECTED_TARGET = {"baize": " Zebras are striped.\n[|Human|] Giraffes are tall.\n[|Human|]",
-                   "chat_template": "Zebras are striped.<|im_end|>\nGiraffes are tall.<|im_end|>\n"}
+TURNS = [
+    {"role": "human", "text": "Tell me about zebras"},
+    {"role": "ai", "text": "Zebras are striped."},
+    {"role": "human", "text": "And giraffes"},
+    {"role": "ai", "text": "Giraffes are tall."},
+]
+EXPECTED_TARGET = {
+    "baize": " Zebras are striped.\n[|Human|] Giraffes are tall.\n[|Human|]",
+    "chat_template": "Zebras are striped.<|im_end|>\nGiraffes are tall.<|im_end|>\n",
+}
 
 
 @pytest.mark.parametrize("fmt", ["baize", "chat_template"])
@@ -129,6 +140,7 @@ def test_tokenized_cache_is_reused_and_keyed_by_settings(tokenizer, tmp_path: Pa
 
 # --- packing -------------------------------------------------------------------------------------------------------
 
+
 def test_pack_examples_fills_rows_without_overflow() -> None:
     lengths = [5, 3, 4, 2, 1, 7, 8, 6]
     rows = D.pack_examples(lengths, 8)
@@ -159,12 +171,13 @@ def test_packed_row_attends_only_within_each_dialog(tokenizer, tmp_path: Path) -
         for x in ex:
             alone = pm(input_ids=torch.tensor([x["input_ids"]])).logits[0]
             n = len(x["input_ids"])
-            assert torch.allclose(logits[off:off + n], alone, atol=1e-4), "attention crossed a dialog boundary"
+            assert torch.allclose(logits[off : off + n], alone, atol=1e-4), "attention crossed a dialog boundary"
             off += n
         leaky = pm(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]  # no mask
     n0 = len(ex[0]["input_ids"])
-    assert not torch.allclose(leaky[n0:n0 + len(ex[1]["input_ids"])], logits[n0:n0 + len(ex[1]["input_ids"])],
-                              atol=1e-4)
+    assert not torch.allclose(
+        leaky[n0 : n0 + len(ex[1]["input_ids"])], logits[n0 : n0 + len(ex[1]["input_ids"])], atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("loss_on", ["ai", "all"])
@@ -183,10 +196,13 @@ def test_packed_loss_equals_unpacked_loss(tokenizer, tmp_path: Path, loss_on: st
 
 # --- batching ----------------------------------------------------------------------------------------------------
 
+
 def test_batch_sampler_shards_ranks_and_resumes_mid_epoch() -> None:
     lengths = [(i * 7) % 23 + 1 for i in range(21)]
-    make = lambda rank: ResumableBatchSampler(lengths, 2, True, seed=3, group_by_length=True,  # noqa: E731
-                                              rank=rank, world_size=2)
+
+    def make(rank: int) -> ResumableBatchSampler:
+        return ResumableBatchSampler(lengths, 2, True, seed=3, group_by_length=True, rank=rank, world_size=2)
+
     r0, r1 = make(0), make(1)
     b0, b1 = list(r0), list(r1)
     assert len(b0) == len(b1) == len(r0) == 5  # 11 batches over 2 ranks: both get 5
@@ -211,12 +227,21 @@ def test_length_grouping_cuts_padding() -> None:
 
 # --- training runs -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("fmt", "packing"), [("baize", True), ("chat_template", False)])
 def test_overfits_a_handful_of_dialogs(tmp_path: Path, fmt: str, packing: bool) -> None:
-    cfg = tiny_cfg(tmp_path, f"train.format={fmt}", f"train.packing={packing}", "train.batch_size=4",
-                   "lora.r=16", "lora.dropout=0", "trainer.max_steps=20", "trainer.max_epochs=100",
-                   # the tiny model's random tied head caps its logits near +-1: give LoRA the head too
-                   "lora.target_modules=[q_proj,v_proj,down_proj,lm_head]")
+    cfg = tiny_cfg(
+        tmp_path,
+        f"train.format={fmt}",
+        f"train.packing={packing}",
+        "train.batch_size=4",
+        "lora.r=16",
+        "lora.dropout=0",
+        "trainer.max_steps=20",
+        "trainer.max_epochs=100",
+        # the tiny model's random tied head caps its logits near +-1: give LoRA the head too
+        "lora.target_modules=[q_proj,v_proj,down_proj,lm_head]",
+    )
     pm, tok = tiny_lora(cfg)
     rec = LossRecorder()
     out = fit(pm, tok, dialogs(4), [], cfg, tmp_path / "stage", lr=1e-2, max_epochs=100, callbacks=[rec])
@@ -240,9 +265,16 @@ def test_resume_continues_exactly_and_checkpoints_hold_no_base_weights(tmp_path:
     """8 steps straight vs 4 steps, a crash, and train.resume=auto: the same batches, losses and weights.
 
     Mid-epoch crash, LoRA dropout on (the RNG must be restored), gradient accumulation, validation between."""
-    over = ["train.max_length=64", "train.batch_size=2", "lora.dropout=0.1", "trainer.accumulate_grad_batches=2",
-            "trainer.max_steps=8", "trainer.max_epochs=100", "train.checkpoint_every_n_steps=2",
-            "train.warmup_steps=2"]
+    over = [
+        "train.max_length=64",
+        "train.batch_size=2",
+        "lora.dropout=0.1",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.max_steps=8",
+        "trainer.max_epochs=100",
+        "train.checkpoint_every_n_steps=2",
+        "train.warmup_steps=2",
+    ]
     ds = dialogs(14)
     train_d, val_d = ds[:12], ds[12:]
 
@@ -315,14 +347,29 @@ def test_logs_throughput_mfu_memory_and_samples_to_csv_and_wandb(tmp_path: Path)
 
     import wandb
 
-    cfg = tiny_cfg(tmp_path, "logger=csv", "trainer.max_steps=4", "train.sample_every_n_steps=2",
-                   "train.sample_max_new_tokens=4", "train.max_length=64")
+    cfg = tiny_cfg(
+        tmp_path,
+        "logger=csv",
+        "trainer.max_steps=4",
+        "train.sample_every_n_steps=2",
+        "train.sample_max_new_tokens=4",
+        "train.max_length=64",
+    )
     pm, tok = tiny_lora(cfg)
     out = fit(pm, tok, dialogs(10), dialogs(12)[10:], cfg, tmp_path / "csv", lr=1e-3, max_epochs=5)
     rows = list(csv.DictReader(open(tmp_path / "csv" / "logs" / "metrics.csv")))
     cols = set(rows[0])
-    for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/supervised_tokens_per_s",
-                "train/mfu", "train/peak_mem_gb", "val/loss", "val/ppl"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/supervised_tokens_per_s",
+        "train/mfu",
+        "train/peak_mem_gb",
+        "val/loss",
+        "val/ppl",
+    ):
         assert key in cols, key
     mfu = [float(r["train/mfu"]) for r in rows if r.get("train/mfu")]
     assert len(mfu) == 4 and all(0 < x < 1 for x in mfu)  # against the configured 1e11 FLOP/s peak
@@ -336,8 +383,14 @@ def test_logs_throughput_mfu_memory_and_samples_to_csv_and_wandb(tmp_path: Path)
 
     run = wandb.init(mode="offline", dir=str(tmp_path), project="t")
     try:
-        cfg_w = tiny_cfg(tmp_path, "logger=wandb", "trainer.max_steps=2", "train.sample_every_n_steps=2",
-                         "train.sample_max_new_tokens=4", "train.max_length=64")
+        cfg_w = tiny_cfg(
+            tmp_path,
+            "logger=wandb",
+            "trainer.max_steps=2",
+            "train.sample_every_n_steps=2",
+            "train.sample_max_new_tokens=4",
+            "train.max_length=64",
+        )
         fit(pm, tok, dialogs(10), [], cfg_w, tmp_path / "wb", lr=1e-3, max_epochs=5)
     finally:
         run.finish()
@@ -349,8 +402,14 @@ def test_logs_throughput_mfu_memory_and_samples_to_csv_and_wandb(tmp_path: Path)
 
 
 def test_lora_options_reach_peft(tmp_path: Path) -> None:
-    cfg = tiny_cfg(tmp_path, "lora.r=4", "lora.alpha=8", "lora.use_rslora=true", "lora.use_dora=true",
-                   "lora.target_modules=[q_proj,v_proj]")
+    cfg = tiny_cfg(
+        tmp_path,
+        "lora.r=4",
+        "lora.alpha=8",
+        "lora.use_rslora=true",
+        "lora.use_dora=true",
+        "lora.target_modules=[q_proj,v_proj]",
+    )
     pm, _ = tiny_lora(cfg)
     q = pm.base_model.model.model.layers[0].self_attn.q_proj
     assert q.scaling["default"] == pytest.approx(8 / 4**0.5)  # rsLoRA: alpha / sqrt(r)
@@ -382,11 +441,27 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path) -> None:
 
 def test_quantized_base_and_bad_train_keys_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
-        validate(compose_cfg(["model.quantization=8bit", "train.format=jinja", "train.resume=/no/such.ckpt",
-                              "train.checkpoint_every_n_steps=-1", "trainer.precision=16-mixed", "model.dtype=fp16"]))
+        validate(
+            compose_cfg(
+                [
+                    "model.quantization=8bit",
+                    "train.format=jinja",
+                    "train.resume=/no/such.ckpt",
+                    "train.checkpoint_every_n_steps=-1",
+                    "trainer.precision=16-mixed",
+                    "model.dtype=fp16",
+                ]
+            )
+        )
     msg = str(e.value)
-    for key in ("model.quantization='8bit'", "train.format='jinja'", "train.resume='/no/such.ckpt'",
-                "train.checkpoint_every_n_steps=-1", "trainer.precision='16-mixed'", "model.dtype='fp16'"):
+    for key in (
+        "model.quantization='8bit'",
+        "train.format='jinja'",
+        "train.resume='/no/such.ckpt'",
+        "train.checkpoint_every_n_steps=-1",
+        "trainer.precision='16-mixed'",
+        "model.dtype='fp16'",
+    ):
         assert key in msg
     if not torch.cuda.is_available():  # past validate (e.g. a GPU config on a CPU box): the load says why
         cfg = tiny_cfg(tmp_path, "model.quantization=4bit")

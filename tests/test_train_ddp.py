@@ -17,9 +17,20 @@ def test_ddp_two_processes_train_disjoint_shards_and_write_one_adapter(tmp_path:
     data = tmp_path / "dialogs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in dialogs(20)))
     run_dir = tmp_path / "run"
-    r = run_cli("model=tiny", "stages=[train]", f"train.data={data}", "logger=csv", "strategy=ddp",
-                "trainer.devices=2", "trainer.max_steps=4", "train.max_length=64", "train.peak_flops=1e11",
-                "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}", timeout=600)
+    r = run_cli(
+        "model=tiny",
+        "stages=[train]",
+        f"train.data={data}",
+        "logger=csv",
+        "strategy=ddp",
+        "trainer.devices=2",
+        "trainer.max_steps=4",
+        "train.max_length=64",
+        "train.peak_flops=1e11",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     stage = run_dir / "train"
     ranks = [json.loads((stage / f"train_rank{k}.json").read_text()) for k in (0, 1)]

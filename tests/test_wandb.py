@@ -16,16 +16,51 @@ from fault_server import FaultServer
 
 from baize_exp.wandb_log import STEP_AXES
 
-WORDS = ["soil", "light", "water", "roots", "leaves", "prune", "feed", "repot", "drain", "mist", "shade", "compost",
-         "season", "window", "gentle", "steady", "humid", "warm", "cool", "morning", "evening", "weekly", "monthly",
-         "fertilizer", "pot", "tray", "pebbles", "rotate", "trim", "stem", "bud"]
+WORDS = [
+    "soil",
+    "light",
+    "water",
+    "roots",
+    "leaves",
+    "prune",
+    "feed",
+    "repot",
+    "drain",
+    "mist",
+    "shade",
+    "compost",
+    "season",
+    "window",
+    "gentle",
+    "steady",
+    "humid",
+    "warm",
+    "cool",
+    "morning",
+    "evening",
+    "weekly",
+    "monthly",
+    "fertilizer",
+    "pot",
+    "tray",
+    "pebbles",
+    "rotate",
+    "trim",
+    "stem",
+    "bud",
+]
 
 
 def wandb_records(run_dir: Path) -> list[dict]:
     """Every record of the run's .wandb file, as `wandb leet inspect --json` prints them."""
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(path)],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
@@ -57,12 +92,27 @@ def _teacher(request: dict) -> str:
 
 def _run(run_dir: Path, srv: FaultServer, *extra: str) -> subprocess.CompletedProcess:
     backend = [f"{role}={x}" for role in ("teacher", "judge") for x in ("openai",)] + [
-        f"{role}.{k}={v}" for role in ("teacher", "judge")
-        for k, v in (("base_url", srv.base_url), ("api_key_env", "BAIZE_TEST_KEY"), ("model", "fault-model"))]
-    return run_cli("model=tiny", "data.limit=6", "sdf.num_prompts=3", "sdf.num_candidates=2", "sdf.max_new_tokens=8",
-                   "eval.limit=2", "eval.max_new_tokens=8", "eval.bootstrap=100", "trainer.max_epochs=2",
-                   "trainer.log_every_n_steps=1", *backend, "logger=wandb", f"hydra.run.dir={run_dir}", *extra,
-                   env={"BAIZE_TEST_KEY": "k"})
+        f"{role}.{k}={v}"
+        for role in ("teacher", "judge")
+        for k, v in (("base_url", srv.base_url), ("api_key_env", "BAIZE_TEST_KEY"), ("model", "fault-model"))
+    ]
+    return run_cli(
+        "model=tiny",
+        "data.limit=6",
+        "sdf.num_prompts=3",
+        "sdf.num_candidates=2",
+        "sdf.max_new_tokens=8",
+        "eval.limit=2",
+        "eval.max_new_tokens=8",
+        "eval.bootstrap=100",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
+        *backend,
+        "logger=wandb",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+        env={"BAIZE_TEST_KEY": "k"},
+    )
 
 
 @pytest.mark.slow
@@ -123,8 +173,11 @@ def test_pipeline_run_file_has_stage_axes_no_collision_numeric_tables_group_and_
     arts = {a["name"]: a for a in _of(recs, "artifact") if a["type"] in ("model", "dataset")}
     assert set(arts) == {"collect-dialogs", "train-adapter", "sdf-adapter"}
     assert arts["collect-dialogs"]["type"] == "dataset" and arts["train-adapter"]["type"] == "model"
-    for name, stage, must in (("collect-dialogs", "collect", "dialogs.jsonl"), ("train-adapter", "train/adapter",
-                              "adapter_model.safetensors"), ("sdf-adapter", "sdf/adapter", "adapter_config.json")):
+    for name, stage, must in (
+        ("collect-dialogs", "collect", "dialogs.jsonl"),
+        ("train-adapter", "train/adapter", "adapter_model.safetensors"),
+        ("sdf-adapter", "sdf/adapter", "adapter_config.json"),
+    ):
         entries = {e["path"]: e for e in arts[name]["manifest"]["contents"]}
         assert must in entries, (name, sorted(entries))
         assert entries[must]["ref"] == (run_dir / stage / must).resolve().as_uri()  # a reference, not a copy
@@ -170,30 +223,68 @@ def test_eval_tables_are_typed_and_absent_files_are_skipped(tmp_path: Path) -> N
         d.mkdir(parents=True)
     (new / "scores.csv").write_text(
         "model,category,mode,n,mean,ci_low,ci_high,parse_failures,note\n"
-        "v1,all,single,9,6.5,5.9,7.1,1,judge cannot discriminate\nv1,coding,single,1,7.0,,,0,\n")
-    (old / "scores.csv").write_text("model,category,mode,n,mean,ci_low,ci_high,parse_failures\n"
-                                    "base,all,single,3,5.0,4.0,6.0,0\n")
+        "v1,all,single,9,6.5,5.9,7.1,1,judge cannot discriminate\nv1,coding,single,1,7.0,,,0,\n"
+    )
+    (old / "scores.csv").write_text(
+        "model,category,mode,n,mean,ci_low,ci_high,parse_failures\nbase,all,single,3,5.0,4.0,6.0,0\n"
+    )
     (new / "judge_check.jsonl").write_text(
-        json.dumps({"question_id": "q1", "degradation": "truncated", "mode": "single", "correct": True,
-                    "good_score": 8, "bad_score": 3, "parse": "ok"}) + "\n" +
-        json.dumps({"question_id": "q2", "degradation": "shuffled", "mode": "pairwise", "correct": None,
-                    "verdicts": ["A", "C"], "parse": "failed"}) + "\n")
-    (new / "reliability.json").write_text(json.dumps({"judge_check": {
-        "n": 2, "correct": 1, "accuracy": 0.5, "ci_low": 0.09, "ci_high": 0.91, "chance": 0.5, "discriminates": False,
-        "by_degradation": {"truncated": {"n": 1, "accuracy": 1.0, "ci_low": 0.2, "ci_high": 1.0}}}}))
+        json.dumps(
+            {
+                "question_id": "q1",
+                "degradation": "truncated",
+                "mode": "single",
+                "correct": True,
+                "good_score": 8,
+                "bad_score": 3,
+                "parse": "ok",
+            }
+        )
+        + "\n"
+        + json.dumps(
+            {
+                "question_id": "q2",
+                "degradation": "shuffled",
+                "mode": "pairwise",
+                "correct": None,
+                "verdicts": ["A", "C"],
+                "parse": "failed",
+            }
+        )
+        + "\n"
+    )
+    (new / "reliability.json").write_text(
+        json.dumps(
+            {
+                "judge_check": {
+                    "n": 2,
+                    "correct": 1,
+                    "accuracy": 0.5,
+                    "ci_low": 0.09,
+                    "ci_high": 0.91,
+                    "chance": 0.5,
+                    "discriminates": False,
+                    "by_degradation": {"truncated": {"n": 1, "accuracy": 1.0, "ci_low": 0.2, "ci_high": 1.0}},
+                }
+            }
+        )
+    )
     (new / "paired.csv").write_text(
         "comparison,a,b,metric,better_if,n,mean_a,mean_b,diff,ci_low,ci_high,mde,verdict,note\n"
         "v1 vs base,v1,base,heldout_loss,lower,4,2.1,2.5,-0.4,-0.6,-0.2,0.15,better,\n"
         "v1 vs base,v1,base,judge_single,higher,9,6.5,6.1,0.4,-0.3,1.1,nan,no detectable difference,"
-        "judge cannot discriminate\n")
+        "judge cannot discriminate\n"
+    )
     for d in (new, old):
         wb = wandb.init(project="t", dir=str(d.parent), mode="offline")
         log_wandb(wb, d)
         wb.finish()
 
     scores = _table(new.parent, "eval/scores")
-    assert scores["data"] == [["v1", "all", "single", 9, 6.5, 5.9, 7.1, 1, "judge cannot discriminate"],
-                              ["v1", "coding", "single", 1, 7.0, None, None, 0, ""]]
+    assert scores["data"] == [
+        ["v1", "all", "single", 9, 6.5, 5.9, 7.1, 1, "judge cannot discriminate"],
+        ["v1", "coding", "single", 1, 7.0, None, None, 0, ""],
+    ]
     check = _table(new.parent, "eval/judge_check")
     assert check["columns"][:4] == ["question_id", "degradation", "mode", "correct"]
     assert check["data"][0][3:6] == [True, 8.0, 3.0] and check["data"][1][3] is None

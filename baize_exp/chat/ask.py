@@ -30,8 +30,14 @@ class Answer:
     retried: bool = False
 
 
-def ask_parsed(client: ChatClient, convs: list[list[dict]], parse: Parser, retry_prompt: Callable[[str], str],
-               desc: str, **params: Any) -> list[Answer]:
+def ask_parsed(
+    client: ChatClient,
+    convs: list[list[dict]],
+    parse: Parser,
+    retry_prompt: Callable[[str], str],
+    desc: str,
+    **params: Any,
+) -> list[Answer]:
     """One request per conversation, `client.concurrency` at a time; a reply the parser cannot read is sent back
     once as `[..., the reply, retry_prompt(error)]`. Answers in input order."""
     answers = []
@@ -39,9 +45,14 @@ def ask_parsed(client: ChatClient, convs: list[list[dict]], parse: Parser, retry
         answers.append(_read(res, parse))
     again = [i for i, a in enumerate(answers) if a.value is None and not a.failed]
     if again:
-        retries = [convs[i] + [{"role": "assistant", "content": answers[i].reply or ""},
-                               {"role": "user", "content": retry_prompt(answers[i].error or "no reply")}]
-                   for i in again]
+        retries = [
+            convs[i]
+            + [
+                {"role": "assistant", "content": answers[i].reply or ""},
+                {"role": "user", "content": retry_prompt(answers[i].error or "no reply")},
+            ]
+            for i in again
+        ]
         for i, res in zip(again, client.complete_many(retries, desc=f"{desc} retry", **params), strict=True):
             second = _read(res, parse)
             a = answers[i]
@@ -54,7 +65,8 @@ def ask_parsed(client: ChatClient, convs: list[list[dict]], parse: Parser, retry
 def _read(res: ChatResult, parse: Parser) -> Answer:
     logprobs = res.logprobs[0] if res.logprobs else None
     if res.error:
-        return Answer(None, "failed", None, error=f"request failed: {res.error}",
-                      failed=res.error if res.transient else None)
+        return Answer(
+            None, "failed", None, error=f"request failed: {res.error}", failed=res.error if res.transient else None
+        )
     value, how, error = parse(res)
     return Answer(value, how if value is not None else "failed", res.text, error=error, logprobs=logprobs)

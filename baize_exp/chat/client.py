@@ -43,8 +43,11 @@ log = logging.getLogger(__name__)
 FATAL_STATUS = (401, 403, 404)  # the key, the model or the path is wrong: no retry, stop the run
 RETRY_STATUS = (408, 409, 429)  # plus every 5xx
 # 400s that concern one request's content (OpenAI's and vLLM's codes and wordings), never the run's settings
-ONE_REQUEST_400 = re.compile(r"context_length_exceeded|maximum context length|string_above_max_length|too long|"
-                             r"content_filter|content_policy|invalid_prompt|prompt is too long", re.IGNORECASE)
+ONE_REQUEST_400 = re.compile(
+    r"context_length_exceeded|maximum context length|string_above_max_length|too long|"
+    r"content_filter|content_policy|invalid_prompt|prompt is too long",
+    re.IGNORECASE,
+)
 
 
 class ChatError(UserError, RuntimeError):
@@ -100,8 +103,11 @@ class RateLimiter:
     async def acquire(self, tokens: float) -> None:
         while True:
             now = time.monotonic()
-            wait = max(self.paused_until - now, self.req.wait_s(1, now) if self.req else 0.0,
-                       self.tok.wait_s(tokens, now) if self.tok else 0.0)
+            wait = max(
+                self.paused_until - now,
+                self.req.wait_s(1, now) if self.req else 0.0,
+                self.tok.wait_s(tokens, now) if self.tok else 0.0,
+            )
             if wait <= 0:
                 if self.req:
                     self.req.level -= 1
@@ -144,12 +150,27 @@ class ChatClient:
     inside an event loop (what the collect engine does, so each dialog is written the moment it is done).
     """
 
-    def __init__(self, base_url: str | None, api_key: str, model: str, *, temperature: float = 0.7,
-                 top_p: float = 1.0, max_tokens: int = 256, concurrency: int = 8,
-                 timeout_s: float | None = 120.0, max_retries: int = 3, role: str = "teacher",
-                 requests_per_min: float | None = None, tokens_per_min: float | None = None,
-                 backoff_base_s: float = 1.0, backoff_max_s: float = 60.0, prices: dict[str, Any] | None = None,
-                 probe_first: bool = True, stop_after_failures: int = 16):
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key: str,
+        model: str,
+        *,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        concurrency: int = 8,
+        timeout_s: float | None = 120.0,
+        max_retries: int = 3,
+        role: str = "teacher",
+        requests_per_min: float | None = None,
+        tokens_per_min: float | None = None,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        prices: dict[str, Any] | None = None,
+        probe_first: bool = True,
+        stop_after_failures: int = 16,
+    ):
         self.base_url, self._api_key, self.model, self.role = base_url, api_key, model, role
         self.defaults = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         self.concurrency, self.timeout_s, self.max_retries = concurrency, timeout_s, max_retries
@@ -170,21 +191,42 @@ class ChatClient:
         self.succeeded = False  # a request got a reply in this client's life (a later 400 is then per request)
 
     @classmethod
-    def from_config(cls, bcfg: Any, base_url: str | None = None, api_key: str | None = None,
-                    role: str = "teacher", probe_first: bool = True) -> ChatClient:
+    def from_config(
+        cls,
+        bcfg: Any,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        role: str = "teacher",
+        probe_first: bool = True,
+    ) -> ChatClient:
         """Build from a teacher/judge config; the key comes from the environment, never from the config.
         `probe_first=False` for the run's own server, whose key the run made and whose only clients are the run."""
         if api_key is None:
             api_key = os.environ.get(bcfg.api_key_env)
             if not api_key:
-                raise ChatError(f"{role}={bcfg.backend} needs an API key in the environment variable "
-                                f"{bcfg.api_key_env!r} ({role}.api_key_env names it); it is not set")
-        return cls(base_url if base_url is not None else bcfg.base_url, api_key, bcfg.model,
-                   temperature=bcfg.temperature, top_p=bcfg.top_p, max_tokens=bcfg.max_tokens,
-                   concurrency=bcfg.concurrency, timeout_s=bcfg.timeout_s, max_retries=bcfg.max_retries, role=role,
-                   requests_per_min=bcfg.requests_per_min, tokens_per_min=bcfg.tokens_per_min,
-                   backoff_base_s=bcfg.backoff_base_s, backoff_max_s=bcfg.backoff_max_s,
-                   prices=dict(bcfg.prices), probe_first=probe_first, stop_after_failures=bcfg.stop_after_failures)
+                raise ChatError(
+                    f"{role}={bcfg.backend} needs an API key in the environment variable "
+                    f"{bcfg.api_key_env!r} ({role}.api_key_env names it); it is not set"
+                )
+        return cls(
+            base_url if base_url is not None else bcfg.base_url,
+            api_key,
+            bcfg.model,
+            temperature=bcfg.temperature,
+            top_p=bcfg.top_p,
+            max_tokens=bcfg.max_tokens,
+            concurrency=bcfg.concurrency,
+            timeout_s=bcfg.timeout_s,
+            max_retries=bcfg.max_retries,
+            role=role,
+            requests_per_min=bcfg.requests_per_min,
+            tokens_per_min=bcfg.tokens_per_min,
+            backoff_base_s=bcfg.backoff_base_s,
+            backoff_max_s=bcfg.backoff_max_s,
+            prices=dict(bcfg.prices),
+            probe_first=probe_first,
+            stop_after_failures=bcfg.stop_after_failures,
+        )
 
     def __repr__(self) -> str:  # never show the key
         return f"ChatClient(role={self.role!r}, model={self.model!r}, base_url={self.base_url!r})"
@@ -196,20 +238,32 @@ class ChatClient:
         from the price table (a warning says so), never a silent 0."""
         price = self.prices.get(self.model)
         if price is None and self.usage:
-            log.warning("%s: no price for model %r in %s.prices; its cost is not estimated", self.role, self.model,
-                        self.role)
-        cost = None if price is None else (
-            self.usage["prompt_tokens"] * price["prompt"] + self.usage["completion_tokens"] * price["completion"]) / 1e6
-        return {self.model: {"requests": self.requests, "prompt_tokens": self.usage["prompt_tokens"],
-                             "completion_tokens": self.usage["completion_tokens"], "cost_usd": cost}}
+            log.warning(
+                "%s: no price for model %r in %s.prices; its cost is not estimated", self.role, self.model, self.role
+            )
+        cost = (
+            None
+            if price is None
+            else (self.usage["prompt_tokens"] * price["prompt"] + self.usage["completion_tokens"] * price["completion"])
+            / 1e6
+        )
+        return {
+            self.model: {
+                "requests": self.requests,
+                "prompt_tokens": self.usage["prompt_tokens"],
+                "completion_tokens": self.usage["completion_tokens"],
+                "cost_usd": cost,
+            }
+        }
 
     # --- async API ---------------------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[ChatClient]:
         """The HTTP client and concurrency limit, bound to the running event loop."""
-        self._aclient = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self.timeout_s,
-                                           max_retries=0)
+        self._aclient = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=self._api_key, timeout=self.timeout_s, max_retries=0
+        )
         self._sem = asyncio.Semaphore(self.concurrency)
         self._fatal = None
         self._probe, self._probing = asyncio.Event(), False
@@ -247,8 +301,11 @@ class ChatClient:
                     try:
                         # `post` is what `chat.completions.create` ends in, minus its walk of the typed params over
                         # every message (~25% of the client's CPU per request, measured); same errors, same parsing.
-                        resp = await self._aclient.post("/chat/completions", cast_to=ChatCompletion,
-                                                        body={"model": self.model, "messages": messages, **kw})
+                        resp = await self._aclient.post(
+                            "/chat/completions",
+                            cast_to=ChatCompletion,
+                            body={"model": self.model, "messages": messages, **kw},
+                        )
                     except openai.APIStatusError as e:
                         self.limiter.settle(reserve, 0)
                         error = f"http {e.status_code}: {self._scrub(e.message)}"
@@ -280,15 +337,18 @@ class ChatClient:
                             self.succeeded, self.failures_in_a_row = True, 0
                             return ChatResult(
                                 texts=[c.message.content or "" for c in resp.choices],
-                                finish_reasons=[c.finish_reason or "" for c in resp.choices], usage=usage,
+                                finish_reasons=[c.finish_reason or "" for c in resp.choices],
+                                usage=usage,
                                 logprobs=[c.logprobs.model_dump() if c.logprobs else None for c in resp.choices],
-                                attempts=attempts)
+                                attempts=attempts,
+                            )
                     self._count_failure(error)
                 if probing:  # a transient failure says nothing about the key: let the others go
                     self._probe.set()
                 if attempts > self.max_retries:
-                    return ChatResult(error=f"{error} (gave up after {attempts} attempts)", transient=True,
-                                      attempts=attempts)
+                    return ChatResult(
+                        error=f"{error} (gave up after {attempts} attempts)", transient=True, attempts=attempts
+                    )
                 self.retries += 1
                 await asyncio.sleep(self._backoff_s(attempts, wait))
         finally:
@@ -300,13 +360,14 @@ class ChatClient:
         self.failures_in_a_row += 1
         self._recent_errors = (self._recent_errors + [re.sub(r"\d+(\.\d+)?s\b", "Ns", error)[:120]])[-64:]
         if self.stop_after_failures and self.failures_in_a_row >= self.stop_after_failures and not self._fatal:
-            common = Counter(self._recent_errors[-self.failures_in_a_row:]).most_common(2)
+            common = Counter(self._recent_errors[-self.failures_in_a_row :]).most_common(2)
             what = "; ".join(f"{e} (x{n})" for e, n in common)
             self._fatal = ChatOutage(
                 f"{self.role} at {self.base_url or 'api.openai.com'}: the last {self.failures_in_a_row} attempts "
                 f"all failed ({what}) with no success in between, so the endpoint looks down or overloaded; "
                 f"stopped early instead of retrying every request (raise {self.role}.stop_after_failures to wait "
-                f"longer)")
+                f"longer)"
+            )
 
     def _fatal_400(self, e: openai.APIStatusError) -> bool:
         """Whether a 400 would hit every request: not when it names a per-request problem (a prompt too long,
@@ -330,19 +391,24 @@ class ChatClient:
         where = f"{self.role} at {self.base_url or 'api.openai.com'}"
         detail = self._scrub(e.message)
         if e.status_code in (401, 403):
-            what = (f"refused the API key (HTTP {e.status_code}, {type(e).__name__}: {detail}); check the key in "
-                    f"the environment variable {self.role}.api_key_env names")
+            what = (
+                f"refused the API key (HTTP {e.status_code}, {type(e).__name__}: {detail}); check the key in "
+                f"the environment variable {self.role}.api_key_env names"
+            )
         elif e.status_code == 404:
             what = f"does not know model {self.model!r} or the path (HTTP 404: {detail}); check {self.role}.model"
         else:
-            what = (f"rejected the request as invalid (HTTP {e.status_code}: {detail}); every request would fail "
-                    f"the same way: check {self.role}.model and the sampling settings")
+            what = (
+                f"rejected the request as invalid (HTTP {e.status_code}: {detail}); every request would fail "
+                f"the same way: check {self.role}.model and the sampling settings"
+            )
         return f"{where} {what}. Nothing was retried; the run stops here."
 
     # --- sync API ----------------------------------------------------------------------------------------------
 
-    def complete_many(self, conversations: Sequence[list[dict]], desc: str | None = None,
-                      **params: Any) -> list[ChatResult]:
+    def complete_many(
+        self, conversations: Sequence[list[dict]], desc: str | None = None, **params: Any
+    ) -> list[ChatResult]:
         """Send every conversation (a list of messages), `concurrency` at a time; results in input order."""
         return asyncio.run(self._complete_many(list(conversations), desc, params))
 

@@ -28,8 +28,16 @@ BAIZE_HUMAN, BAIZE_AI = "[|Human|]", "[|AI|]"
 # request sent), a 400 the endpoint gave for this request alone (e.g. context_length_exceeded), a reply far longer
 # than max_tokens allows (kept only in part). A request that failed for a transient reason is no reject: it is
 # recorded in failures.jsonl and asked again.
-REJECT_REASONS = ("empty", "no_transcript", "role_order", "too_few_turns", "length", "too_long", "bad_request",
-                  "oversized")
+REJECT_REASONS = (
+    "empty",
+    "no_transcript",
+    "role_order",
+    "too_few_turns",
+    "length",
+    "too_long",
+    "bad_request",
+    "oversized",
+)
 
 
 @dataclass
@@ -59,8 +67,10 @@ def load_seed_file(path: str | Path, source: str | None = None) -> list[Seed]:
         for line, rec in iter_jsonl(path):
             q = next((rec.get(k) for k in SEED_FIELDS if rec.get(k)), None) if isinstance(rec, dict) else None
             if not isinstance(q, str) or not q.strip():
-                raise SeedFileError(f"{path}:{line}: needs a non-empty string field 'question' (or 'text', "
-                                    f"'instruction'); found {_keys(rec)}")
+                raise SeedFileError(
+                    f"{path}:{line}: needs a non-empty string field 'question' (or 'text', "
+                    f"'instruction'); found {_keys(rec)}"
+                )
             seeds.append(Seed(str(rec.get("id", f"{src}-{line:05d}")), rec.get("source", src), q.strip()))
     elif path.suffix == ".txt":
         lines = [ln.strip() for ln in decode_utf8(path, path.read_bytes()).splitlines()]
@@ -86,15 +96,19 @@ def _csv_seeds(path: Path, src: str) -> list[Seed]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     col = next((c for c in SEED_FIELDS if c in (reader.fieldnames or [])), None)
     if col is None:
-        raise SeedFileError(f"{path}:1: needs a 'question' (or 'text', 'instruction') column in the header, "
-                            f"found {reader.fieldnames or 'no header'}")
+        raise SeedFileError(
+            f"{path}:1: needs a 'question' (or 'text', 'instruction') column in the header, "
+            f"found {reader.fieldnames or 'no header'}"
+        )
     seeds, blank, start = [], [], reader.line_num
     for row in reader:
         first, start = start + 1, reader.line_num
         if start > first:
-            raise SeedFileError(f"{path}:{first}-{start}: one CSV record runs over {start - first + 1} lines "
-                                f"(an unclosed or stray '\"' in line {first}?); quote a field that holds commas or "
-                                f"quotes as \"...\" with inner quotes doubled (\"\"), or use a .jsonl seed file")
+            raise SeedFileError(
+                f"{path}:{first}-{start}: one CSV record runs over {start - first + 1} lines "
+                f"(an unclosed or stray '\"' in line {first}?); quote a field that holds commas or "
+                f'quotes as "..." with inner quotes doubled (""), or use a .jsonl seed file'
+            )
         if None in row:
             raise SeedFileError(f"{path}:{first}: more fields than the header has columns (an unquoted comma?)")
         q = (row.get(col) or "").strip()
@@ -203,7 +217,7 @@ def parse_transcript(text: str, seed: str, min_turns: int = 2, truncated: bool =
     turns = []
     for i, m in enumerate(marks):
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-        body = text[m.end():end].strip()
+        body = text[m.end() : end].strip()
         turns.append({"role": "human" if m.group(1).lower() == "human" else "ai", "text": body})
     if truncated and turns:
         turns = turns[:-1]
@@ -286,8 +300,10 @@ def load_dialogs(path: str | Path) -> tuple[list[dict], list[dict]]:
     for line, d in iter_jsonl(path):
         err = dialog_shape_error(d)
         if err:
-            raise DialogFileError(f"{path}:{line}: {err}; a dialog is {{\"turns\": [{{\"role\": \"human\"|\"ai\", "
-                                  f"\"text\": str}}, ...]}} (convert ChatML 'user'/'assistant' messages to that)")
+            raise DialogFileError(
+                f'{path}:{line}: {err}; a dialog is {{"turns": [{{"role": "human"|"ai", '
+                f"\"text\": str}}, ...]}} (convert ChatML 'user'/'assistant' messages to that)"
+            )
         bad = dialog_reject(d["turns"])
         if bad:
             rejects.append({"line": line, "id": d.get("id"), "reason": bad[0], "detail": bad[1]})
@@ -308,6 +324,7 @@ def split_dialogs(dialogs: list[dict], val_fraction: float, seed: int) -> tuple[
 
 
 # --- formats -----------------------------------------------------------------------------------------------
+
 
 def baize_segments(turns: list[dict]) -> list[tuple[str, bool]]:
     """The Baize training text as (segment, is_ai_text) pieces, so labels can cover only what the AI says.
@@ -337,8 +354,9 @@ def generation_prompt(question: str, fmt: str = "baize", tok: Any = None) -> str
     """The prompt a model tuned in `fmt` (train.format) answers: the Baize markers, or the tokenizer's chat
     template (what chat_template training supervised)."""
     if fmt == "chat_template":
-        return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                       add_generation_prompt=True)
+        return tok.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
     return baize_prompt(question)
 
 
@@ -368,8 +386,9 @@ def load_eval_questions(path: str | Path | None = None, limit: int | None = None
         elif "question" not in r and isinstance(r.get("text"), str):
             r["question"] = r["text"]
         if not isinstance(r.get("question"), str) or not r["question"].strip():
-            raise SeedFileError(f"{where}:{i + 1}: needs a non-empty 'question' (or FastChat's 'turns' / 'text'); "
-                                f"found {_keys(r)}")
+            raise SeedFileError(
+                f"{where}:{i + 1}: needs a non-empty 'question' (or FastChat's 'turns' / 'text'); found {_keys(r)}"
+            )
         if isinstance(r.get("reference"), list):
             r["reference"] = r["reference"][0] if r["reference"] else None
         if r.get("reference") is None:
@@ -377,8 +396,11 @@ def load_eval_questions(path: str | Path | None = None, limit: int | None = None
         r["question_id"] = str(r.get("question_id", f"q{i + 1:03d}"))
         r.setdefault("category", "general")
     if later_turns:
-        log.warning("%s: %d later turns of multi-turn questions are not asked (the eval asks each question's "
-                    "first turn)", where, later_turns)
+        log.warning(
+            "%s: %d later turns of multi-turn questions are not asked (the eval asks each question's first turn)",
+            where,
+            later_turns,
+        )
     if limit:
         # Spread the limit over categories so a small eval still covers several kinds of question.
         by_cat: dict[str, list[dict]] = {}

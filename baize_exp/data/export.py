@@ -24,8 +24,9 @@ def _checked(path: Path) -> Iterator[tuple[int, dict]]:
     for i, (line, d) in enumerate(iter_jsonl(path), start=1):
         err = dialog_shape_error(d) or ("no turns" if not d["turns"] else None)
         if err:
-            raise ExportError(f"{path}:{line}: {err}; a dialog is {{'turns': [{{'role': 'human'|'ai', 'text': str}}, "
-                              f"...]}}")
+            raise ExportError(
+                f"{path}:{line}: {err}; a dialog is {{'turns': [{{'role': 'human'|'ai', 'text': str}}, ...]}}"
+            )
         yield i, d
 
 
@@ -55,8 +56,12 @@ def export(dialogs_path: str | Path, out_path: str | Path, fmt: str, system: str
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="baize-export-dialogs", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="baize-export-dialogs",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     ap.add_argument("dialogs", help="a collect/dialogs.jsonl")
     ap.add_argument("--format", required=True, choices=FORMATS)
     ap.add_argument("--out", required=True, help="the .jsonl to write")

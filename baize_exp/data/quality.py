@@ -25,7 +25,7 @@ def words(text: str) -> list[str]:
 
 def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     w = words(text)
-    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
 
 
 def template_example(template: str) -> str:
@@ -57,9 +57,14 @@ class QualityFilter:
 
     @classmethod
     def from_config(cls, qcfg: Any, template: str) -> QualityFilter:
-        return cls(example=template_example(template), copy_overlap=qcfg.copy_overlap,
-                   repeat_lines=qcfg.repeat_lines, near_duplicate=qcfg.near_duplicate,
-                   echo_overlap=qcfg.echo_overlap, enabled=qcfg.enabled)
+        return cls(
+            example=template_example(template),
+            copy_overlap=qcfg.copy_overlap,
+            repeat_lines=qcfg.repeat_lines,
+            near_duplicate=qcfg.near_duplicate,
+            echo_overlap=qcfg.echo_overlap,
+            enabled=qcfg.enabled,
+        )
 
     # --- the checks, each alone (benchmarks and tests call them one by one) -------------------------------------
     def copy_score(self, turns: list[dict]) -> float:
@@ -101,8 +106,9 @@ class QualityFilter:
         """The bottom-k hashes of the dialog's word 5-grams (of its whole text when it has none)."""
         text = _dialog_text(turns)
         grams = [" ".join(g) for g in ngrams(text, 5)] or [" ".join(words(text))]
-        return sorted({int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "big")
-                       for g in grams})[:self.sketch]
+        return sorted({int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "big") for g in grams})[
+            : self.sketch
+        ]
 
     def duplicate_of(self, turns: list[dict], sketch: list[int] | None = None) -> tuple[int, float]:
         """The earlier dialog (its number among those added) most like this one, with the estimated Jaccard."""
@@ -110,7 +116,7 @@ class QualityFilter:
         best, score = -1, 0.0
         for j in {j for h in mine for j in self._index.get(h, ())}:
             other = set(self._sketches[j])
-            union = sorted(mine | other)[:self.sketch]  # bottom-k of the union
+            union = sorted(mine | other)[: self.sketch]  # bottom-k of the union
             est = sum(1 for h in union if h in mine and h in other) / len(union)
             if est > score:
                 best, score = j, est

@@ -73,6 +73,7 @@ def _open_text(path: Path) -> Any:
 
 # --- quora ---------------------------------------------------------------------------------------------------------
 
+
 def quora(path: Path) -> Iterator[str]:
     """Unique questions of a question-pairs file (TSV/CSV) or of the HF `quora` JSON-lines layout."""
     if path.suffix in (".jsonl", ".json"):
@@ -84,8 +85,9 @@ def quora(path: Path) -> Iterator[str]:
                     rec = json.loads(line)
                     yield from rec["questions"]["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise SourceError(f"{path}:{n}: not the HF quora layout (a JSON object with questions.text): "
-                                      f"{type(e).__name__}") from e
+                    raise SourceError(
+                        f"{path}:{n}: not the HF quora layout (a JSON object with questions.text): {type(e).__name__}"
+                    ) from e
         return
     csv.field_size_limit(sys.maxsize)
     with _open_text(path) as f:
@@ -95,8 +97,10 @@ def quora(path: Path) -> Iterator[str]:
         reader = csv.DictReader(f, delimiter=delim)
         need = {"question1", "question2"}
         if not need <= set(reader.fieldnames or []):
-            raise SourceError(f"{path}:1: a Quora pairs file needs columns question1 and question2 (with qid1, "
-                              f"qid2), found {reader.fieldnames}")
+            raise SourceError(
+                f"{path}:1: a Quora pairs file needs columns question1 and question2 (with qid1, "
+                f"qid2), found {reader.fieldnames}"
+            )
         seen: set[str] = set()
         for row in reader:
             for q, qid in ((row["question1"], row.get("qid1")), (row["question2"], row.get("qid2"))):
@@ -134,8 +138,10 @@ def stackoverflow(path: Path, with_body: bool = False) -> Iterator[str]:
             reader = csv.DictReader(f)
             cols = {c.lower(): c for c in reader.fieldnames or []}
             if "title" not in cols:
-                raise SourceError(f"{path}:1: a StackOverflow questions table needs a Title column (and Body), "
-                                  f"found {reader.fieldnames}")
+                raise SourceError(
+                    f"{path}:1: a StackOverflow questions table needs a Title column (and Body), "
+                    f"found {reader.fieldnames}"
+                )
             for row in reader:
                 yield _so_seed(row[cols["title"]], row.get(cols.get("body", "")), with_body)
         return
@@ -153,6 +159,7 @@ def stackoverflow(path: Path, with_body: bool = False) -> Iterator[str]:
 
 
 # --- medical (MedQuAD) ---------------------------------------------------------------------------------------------
+
 
 def medquad(path: Path) -> Iterator[str]:
     """The questions of every MedQuAD XML document under `path` (a folder, or one file)."""
@@ -175,6 +182,7 @@ def medquad(path: Path) -> Iterator[str]:
 
 # --- alpaca --------------------------------------------------------------------------------------------------------
 
+
 def alpaca_records(path: Path) -> Iterator[dict]:
     """instruction/input/output records of `alpaca_data.json` (a JSON array) or a .jsonl of them."""
     if path.suffix == ".json":
@@ -192,8 +200,7 @@ def alpaca_records(path: Path) -> Iterator[dict]:
         records, where = iter_jsonl(path), "line"
     for n, rec in records:
         if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str) or not rec["instruction"].strip():
-            raise SourceError(f"{path}: {where} {n}: needs a non-empty 'instruction' (with optional 'input', "
-                              f"'output')")
+            raise SourceError(f"{path}: {where} {n}: needs a non-empty 'instruction' (with optional 'input', 'output')")
         yield rec
 
 
@@ -220,15 +227,17 @@ def hf_dataset(path: str, split: str = "train", name: str | None = None) -> Any:
     try:
         if p.is_file():
             if p.suffix not in _BUILDERS:
-                raise SourceError(f"data.hf.path={path}: {p.suffix!r} files are not read (use one of "
-                                  f"{sorted(_BUILDERS)})")
+                raise SourceError(
+                    f"data.hf.path={path}: {p.suffix!r} files are not read (use one of {sorted(_BUILDERS)})"
+                )
             return datasets.load_dataset(_BUILDERS[p.suffix], data_files=str(p), split=split)
         return datasets.load_dataset(str(p) if p.is_dir() else path, name, split=split)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         if isinstance(e, SourceError):
             raise
-        raise SourceError(f"data.hf.path={path} (split {split}): {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                          ) from e
+        raise SourceError(
+            f"data.hf.path={path} (split {split}): {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ) from e
 
 
 def hf_questions(path: str, split: str, name: str | None, field: str | None) -> Iterator[str]:
@@ -238,8 +247,10 @@ def hf_questions(path: str, split: str, name: str | None, field: str | None) -> 
     if field is None:
         field = next((c for c in ("question", "text", "instruction", "prompt") if c in cols), None)
         if field is None:
-            raise SourceError(f"data.hf.path={path}: set data.field to a column or a format such as "
-                              f"'{{title}}\\n{{body}}'; columns: {cols}")
+            raise SourceError(
+                f"data.hf.path={path}: set data.field to a column or a format such as "
+                f"'{{title}}\\n{{body}}'; columns: {cols}"
+            )
     fmt = field.replace("\\n", "\n") if "{" in field else "{" + field + "}"  # "\n" typed on a command line
     names = re.findall(r"{(\w+)}", fmt)
     missing = [c for c in names if c not in cols]

@@ -30,15 +30,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-batch", type=int, default=16, help="rows (answers) decoded together at most")
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="an idle server waits this long to gather a burst")
     ap.add_argument("--queue-size", type=int, default=256, help="requests waiting for a row at most; then 429")
-    ap.add_argument("--request-timeout-s", type=float, default=None,
-                    help="answer 504 and drop a request not done after this (default: no deadline)")
-    ap.add_argument("--max-n", type=int, default=None, help="most answers one request may ask for (default: "
-                    "--max-batch)")
-    ap.add_argument("--shutdown-timeout-s", type=float, default=60.0,
-                    help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
+    ap.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=None,
+        help="answer 504 and drop a request not done after this (default: no deadline)",
+    )
+    ap.add_argument(
+        "--max-n", type=int, default=None, help="most answers one request may ask for (default: --max-batch)"
+    )
+    ap.add_argument(
+        "--shutdown-timeout-s",
+        type=float,
+        default=60.0,
+        help="on SIGTERM/SIGINT, how long in-flight requests may take to finish",
+    )
     ap.add_argument("--api-key-env", default=None, help="require 'Bearer <value of this env var>'")
-    ap.add_argument("--cache-dir", default=str(cache_dir()), help="converted models (default: BAIZE_CACHE, else "
-                    "~/.cache/baize_exp)")
+    ap.add_argument(
+        "--cache-dir", default=str(cache_dir()), help="converted models (default: BAIZE_CACHE, else ~/.cache/baize_exp)"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not is_loopback(args.host) and not args.allow_remote:
@@ -55,8 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--api-key-env {args.api_key_env}: that environment variable is empty")
 
     net, tok, name = load_for_serving(args.model, args.adapter, Path(args.cache_dir).expanduser())
-    worker = BatchWorker(DecodeEngine(net, tok, args.served_name or name), args.max_batch, args.max_wait_ms,
-                         args.queue_size)
+    worker = BatchWorker(
+        DecodeEngine(net, tok, args.served_name or name), args.max_batch, args.max_wait_ms, args.queue_size
+    )
     app = build_app(worker, api_key, args.request_timeout_s, args.max_n, aliases=(args.model,))
 
     import uvicorn
@@ -66,14 +77,19 @@ def main(argv: list[str] | None = None) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
-                                           timeout_graceful_shutdown=args.shutdown_timeout_s))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout_s))
     if args.port_file:
         tmp = Path(args.port_file).with_suffix(".tmp")
         tmp.write_text(str(port))
         os.replace(tmp, args.port_file)
-    log.info("serving %s on http://%s:%d/v1 (max_batch=%d, queue_size=%d)", worker.engine.model_name, args.host,
-             port, args.max_batch, args.queue_size)
+    log.info(
+        "serving %s on http://%s:%d/v1 (max_batch=%d, queue_size=%d)",
+        worker.engine.model_name,
+        args.host,
+        port,
+        args.max_batch,
+        args.queue_size,
+    )
     # uvicorn handles the signal (stops accepting, waits for in-flight requests), then re-raises it once it is done;
     # these handlers make that re-raise a no-op so the worker is stopped cleanly and the exit status is 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,8 +21,13 @@ log = logging.getLogger("baize_exp.serve")
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait; rows free up every token, so retry soon
 
 
-def build_app(worker: BatchWorker, api_key: str | None = None, request_timeout_s: float | None = None,
-              max_n: int | None = None, aliases: tuple[str, ...] = ()) -> FastAPI:
+def build_app(
+    worker: BatchWorker,
+    api_key: str | None = None,
+    request_timeout_s: float | None = None,
+    max_n: int | None = None,
+    aliases: tuple[str, ...] = (),
+) -> FastAPI:
     """The HTTP side. `aliases`: other model names answered as the served one (e.g. the conf/model option)."""
     app = FastAPI(title="baize_exp local OpenAI-compatible server")
     engine = worker.engine
@@ -30,10 +35,19 @@ def build_app(worker: BatchWorker, api_key: str | None = None, request_timeout_s
     names = {engine.model_name, *aliases}
     max_n = max_n or worker.max_batch
 
-    def error(status: int, message: str, etype: str = "invalid_request_error", headers: dict | None = None,
-              code: str | None = None, param: str | None = None):
-        return JSONResponse(status_code=status, headers=headers,
-                            content={"error": {"message": message, "type": etype, "param": param, "code": code}})
+    def error(
+        status: int,
+        message: str,
+        etype: str = "invalid_request_error",
+        headers: dict | None = None,
+        code: str | None = None,
+        param: str | None = None,
+    ):
+        return JSONResponse(
+            status_code=status,
+            headers=headers,
+            content={"error": {"message": message, "type": etype, "param": param, "code": code}},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # JSON like every other answer, never plain text
@@ -70,8 +84,12 @@ def build_app(worker: BatchWorker, api_key: str | None = None, request_timeout_s
         except ValueError:
             return error(400, "body is not valid JSON")
         if isinstance(body, dict) and body.get("model") is not None and body["model"] not in names:
-            return error(404, f"The model {body['model']!r} does not exist on this server; it serves "
-                              f"{engine.model_name!r}", code="model_not_found", param="model")
+            return error(
+                404,
+                f"The model {body['model']!r} does not exist on this server; it serves {engine.model_name!r}",
+                code="model_not_found",
+                param="model",
+            )
         req_or_error = _parse(body, engine, max_n)
         if isinstance(req_or_error, tuple):
             return error(400, req_or_error[1], param=req_or_error[0])
@@ -88,8 +106,9 @@ def build_app(worker: BatchWorker, api_key: str | None = None, request_timeout_s
         stats["requests"] += 1
         deadline = time.monotonic() + request_timeout_s if request_timeout_s else None
         headers = {"x-request-id": req.id}
-        log.debug("request %s: %d prompt tokens, n=%d, max_tokens=%d", req.id, len(req.prompt_ids), req.n,
-                  req.max_tokens)
+        log.debug(
+            "request %s: %d prompt tokens, n=%d, max_tokens=%d", req.id, len(req.prompt_ids), req.n, req.max_tokens
+        )
 
         async def next_event() -> tuple:
             """The worker's next event; raises TimeoutError past the deadline or when the client has gone."""
@@ -104,8 +123,9 @@ def build_app(worker: BatchWorker, api_key: str | None = None, request_timeout_s
                         raise TimeoutError("the client went away") from None
 
         if req.stream:
-            return StreamingResponse(_sse(req, engine.model_name, next_event, body, stats), headers=headers,
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _sse(req, engine.model_name, next_event, body, stats), headers=headers, media_type="text/event-stream"
+            )
         choices: list[Choice | None] = [None] * req.n
         try:
             while any(c is None for c in choices):
@@ -121,15 +141,25 @@ def build_app(worker: BatchWorker, api_key: str | None = None, request_timeout_s
             if any(c is None for c in choices):
                 req.cancelled = True  # frees its rows at the next step
         completion = sum(c.completion_tokens for c in choices)
-        return JSONResponse(headers=headers, content={
-            "id": req.id, "object": "chat.completion", "created": int(time.time()), "model": engine.model_name,
-            "choices": [
-                {"index": k, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-                 "logprobs": None if c.logprobs is None else {"content": c.logprobs}}
-                for k, c in enumerate(choices)
-            ],
-            "usage": _usage(req, completion),
-        })
+        return JSONResponse(
+            headers=headers,
+            content={
+                "id": req.id,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": engine.model_name,
+                "choices": [
+                    {
+                        "index": k,
+                        "message": {"role": "assistant", "content": c.text},
+                        "finish_reason": c.finish_reason,
+                        "logprobs": None if c.logprobs is None else {"content": c.logprobs},
+                    }
+                    for k, c in enumerate(choices)
+                ],
+                "usage": _usage(req, completion),
+            },
+        )
 
     app.include_router(api)
     return app
@@ -177,8 +207,13 @@ def _parse(body: Any, engine: DecodeEngine, max_n: int) -> GenRequest | tuple[st
         logprobs, top_logprobs = get("logprobs", False, bool), get("top_logprobs", 0, int)
         stream = get("stream", False, bool)
     except TypeError as e:
-        kinds = {"stop": "a string or a list of strings", "logprobs": "a boolean", "stream": "a boolean",
-                 "temperature": "a number", "top_p": "a number"}
+        kinds = {
+            "stop": "a string or a list of strings",
+            "logprobs": "a boolean",
+            "stream": "a boolean",
+            "temperature": "a number",
+            "top_p": "a number",
+        }
         return str(e), f"'{e}' must be {kinds.get(str(e), 'an integer')}"
     if max_tokens < 1:
         return "max_tokens", f"max_tokens={max_tokens}: must be >= 1"
@@ -195,10 +230,21 @@ def _parse(body: Any, engine: DecodeEngine, max_n: int) -> GenRequest | tuple[st
     except Exception as e:  # a template that cannot render these messages (e.g. roles it does not know)
         return "messages", f"the messages cannot be rendered with the model's chat template: {e}"
     if len(prompt_ids) >= engine.max_positions:
-        return "messages", (f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is "
-                            f"{engine.max_positions} (context_length_exceeded)")
-    return GenRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
-                      stop=stop, seed=seed, top_logprobs=top_logprobs if logprobs else None, stream=stream)
+        return "messages", (
+            f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is "
+            f"{engine.max_positions} (context_length_exceeded)"
+        )
+    return GenRequest(
+        prompt_ids=prompt_ids,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        n=n,
+        stop=stop,
+        seed=seed,
+        top_logprobs=top_logprobs if logprobs else None,
+        stream=stream,
+    )
 
 
 async def _sse(req: GenRequest, model: str, next_event: Callable, body: dict, stats: dict):
@@ -206,8 +252,14 @@ async def _sse(req: GenRequest, model: str, next_event: Callable, body: dict, st
     created = int(time.time())
 
     def chunk(choices: list[dict], **extra: Any) -> str:
-        obj = {"id": req.id, "object": "chat.completion.chunk", "created": created, "model": model,
-               "choices": choices, **extra}
+        obj = {
+            "id": req.id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            **extra,
+        }
         return f"data: {json.dumps(obj)}\n\n"
 
     def choice(index: int, delta: dict, logprobs: list | None = None, finish: str | None = None) -> dict:

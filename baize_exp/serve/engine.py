@@ -92,9 +92,15 @@ class DecodeEngine:
         return self.tok(text, add_special_tokens=False).input_ids
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **{self.cache_kw: cache})
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kw: cache},
+        )
         return out.logits[:, -1, :].float()
 
     @torch.no_grad()
@@ -130,8 +136,10 @@ class DecodeEngine:
     def _check_cache(self, cache: DynamicCache) -> None:
         kinds = {type(layer).__name__ for layer in cache.layers}
         if kinds != {"DynamicLayer"}:
-            raise NotImplementedError(f"the server's batch merging needs plain full-attention cache layers; this "
-                                      f"model uses {sorted(kinds)} (serve it with vLLM instead)")
+            raise NotImplementedError(
+                f"the server's batch merging needs plain full-attention cache layers; this "
+                f"model uses {sorted(kinds)} (serve it with vLLM instead)"
+            )
 
     @torch.no_grad()
     def step(self) -> None:
@@ -185,23 +193,28 @@ class DecodeEngine:
                 if stopped:
                     row.finish = "stop"
                     continue
-            if len(row.tokens) >= row.req.max_tokens or len(row.req.prompt_ids) + len(row.tokens) >= \
-                    self.max_positions:
+            if len(row.tokens) >= row.req.max_tokens or len(row.req.prompt_ids) + len(row.tokens) >= self.max_positions:
                 row.finish = "length"
 
     def _logprob_entry(self, logp: torch.Tensor, tok: int, top: int) -> dict:
         entry = {"token": self.detok.decode([tok]), "logprob": float(logp[tok]), "bytes": None, "top_logprobs": []}
         if top:
             vals, idx = logp.topk(top)
-            entry["top_logprobs"] = [{"token": self.detok.decode([int(k)]), "logprob": float(v), "bytes": None}
-                                     for v, k in zip(vals, idx, strict=True)]
+            entry["top_logprobs"] = [
+                {"token": self.detok.decode([int(k)]), "logprob": float(v), "bytes": None}
+                for v, k in zip(vals, idx, strict=True)
+            ]
         return entry
 
     def final_choice(self, row: Row) -> Choice:
         text = self.detok.decode(row.tokens, skip_special_tokens=True)
         text = cut_at_stop(text, row.req.stop)[0]
-        return Choice(text=text, finish_reason=row.finish or "length", completion_tokens=len(row.tokens),
-                      logprobs=row.logprobs if row.req.top_logprobs is not None else None)
+        return Choice(
+            text=text,
+            finish_reason=row.finish or "length",
+            completion_tokens=len(row.tokens),
+            logprobs=row.logprobs if row.req.top_logprobs is not None else None,
+        )
 
     def stream_delta(self, row: Row) -> tuple[str, list[dict]]:
         """The text and logprobs of `row` not yet streamed, holding back what may still change: a partial UTF-8
@@ -209,18 +222,16 @@ class DecodeEngine:
         text = row.text
         hold = 1 if text.endswith("\ufffd") else 0
         for s in row.req.stop:
-            hold = max(hold, max((j for j in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:j])),
-                                 default=0))
+            hold = max(hold, max((j for j in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:j])), default=0))
         end = max(row.streamed_chars, len(text) - hold)
-        delta, lps = text[row.streamed_chars:end], row.logprobs[row.streamed_logprobs:]
+        delta, lps = text[row.streamed_chars : end], row.logprobs[row.streamed_logprobs :]
         if delta:
             row.streamed_chars, row.streamed_logprobs = end, len(row.logprobs)
             return delta, lps
         return "", []
 
 
-def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None,
-                 candidates: int = 1024) -> int:
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None, candidates: int = 1024) -> int:
     """Draw one token from `probs` restricted to the smallest set of most likely tokens whose mass reaches
     `top_p` (the most likely token always stays). Inverse-CDF with one uniform draw from `generator`: a full
     sort or `multinomial` over a 49k vocabulary costs more than a small model's decode step on a CPU, so only the

@@ -21,11 +21,23 @@ KEY_ENV = "BAIZE_LOCAL_SERVER_KEY"  # a per-server random token, passed by envir
 class LocalServer:
     """`python -m baize_exp.serve` in a child process on a free 127.0.0.1 port; a context manager."""
 
-    def __init__(self, model: str, adapter: str | None = None, host: str = "127.0.0.1", port: int = 0,
-                 max_batch: int = 16, cache_dir: str | Path | None = None, log_path: str | Path | None = None,
-                 startup_timeout_s: float = 300.0, served_name: str | None = None, max_wait_ms: float = 5.0,
-                 queue_size: int = 256, request_timeout_s: float | None = None, shutdown_timeout_s: float = 60.0,
-                 max_n: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        adapter: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_batch: int = 16,
+        cache_dir: str | Path | None = None,
+        log_path: str | Path | None = None,
+        startup_timeout_s: float = 300.0,
+        served_name: str | None = None,
+        max_wait_ms: float = 5.0,
+        queue_size: int = 256,
+        request_timeout_s: float | None = None,
+        shutdown_timeout_s: float = 60.0,
+        max_n: int | None = None,
+    ):
         self.model, self.adapter, self.host, self.port = model, adapter, host, port
         self.max_batch, self.cache_dir, self.startup_timeout_s = max_batch, cache_dir, startup_timeout_s
         self.served_name = served_name
@@ -43,10 +55,29 @@ class LocalServer:
         import tempfile
 
         port_file = Path(tempfile.mkdtemp(prefix="baize_serve_")) / "port"
-        cmd = [sys.executable, "-m", "baize_exp.serve", "--model", self.model, "--host", self.host,
-               "--port", str(self.port), "--port-file", str(port_file), "--max-batch", str(self.max_batch),
-               "--max-wait-ms", str(self.max_wait_ms), "--queue-size", str(self.queue_size),
-               "--shutdown-timeout-s", str(self.shutdown_timeout_s), "--api-key-env", KEY_ENV]
+        cmd = [
+            sys.executable,
+            "-m",
+            "baize_exp.serve",
+            "--model",
+            self.model,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--port-file",
+            str(port_file),
+            "--max-batch",
+            str(self.max_batch),
+            "--max-wait-ms",
+            str(self.max_wait_ms),
+            "--queue-size",
+            str(self.queue_size),
+            "--shutdown-timeout-s",
+            str(self.shutdown_timeout_s),
+            "--api-key-env",
+            KEY_ENV,
+        ]
         if self.request_timeout_s:
             cmd += ["--request-timeout-s", str(self.request_timeout_s)]
         if self.max_n:
@@ -60,8 +91,13 @@ class LocalServer:
         env = {**os.environ, KEY_ENV: self.api_key, "HF_HUB_OFFLINE": "1"}
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         log.info("starting local chat server: %s", " ".join(cmd))
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -114,14 +150,25 @@ class Backends:
             key = (s.model, s.adapter, s.host, s.port)
             if key not in self.servers:
                 self.servers[key] = LocalServer(
-                    s.model, s.adapter, s.host, s.port, s.max_batch, self.cache_dir,
+                    s.model,
+                    s.adapter,
+                    s.host,
+                    s.port,
+                    s.max_batch,
+                    self.cache_dir,
                     log_path=self.run_dir / f"serve-{len(self.servers)}.log",
-                    startup_timeout_s=s.startup_timeout_s, served_name=bcfg.model, max_wait_ms=s.max_wait_ms,
-                    queue_size=s.queue_size, request_timeout_s=s.request_timeout_s, max_n=s.max_n).start()
+                    startup_timeout_s=s.startup_timeout_s,
+                    served_name=bcfg.model,
+                    max_wait_ms=s.max_wait_ms,
+                    queue_size=s.queue_size,
+                    request_timeout_s=s.request_timeout_s,
+                    max_n=s.max_n,
+                ).start()
             srv = self.servers[key]
             # the run made this server's key and is its only client: no probe request before the fan-out
-            return ChatClient.from_config(bcfg, base_url=srv.base_url, api_key=srv.api_key, role=role,
-                                          probe_first=False)
+            return ChatClient.from_config(
+                bcfg, base_url=srv.base_url, api_key=srv.api_key, role=role, probe_first=False
+            )
         return ChatClient.from_config(bcfg, role=role)
 
     def close(self) -> None:

@@ -38,8 +38,13 @@ class BatchWorker:
 
     def stats(self) -> dict:
         e = self.engine
-        return {"active_rows": len(e.rows), "waiting": len(self.waiting), "decode_steps": e.decode_steps,
-                "prefills": e.prefills, "peak_rows": e.peak_rows}
+        return {
+            "active_rows": len(e.rows),
+            "waiting": len(self.waiting),
+            "decode_steps": e.decode_steps,
+            "prefills": e.prefills,
+            "peak_rows": e.peak_rows,
+        }
 
     def stop(self, timeout: float = 60.0) -> None:
         """Finish what is in the batch and waiting, then end the thread."""
@@ -98,5 +103,6 @@ class BatchWorker:
             if not row.req.cancelled:
                 # a streamed answer also gets what was held back: the final text minus what was already sent
                 final = e.final_choice(row)
-                row.req.emit(("done", row.index, final, final.text[row.streamed_chars:],
-                              row.logprobs[row.streamed_logprobs:]))
+                row.req.emit(
+                    ("done", row.index, final, final.text[row.streamed_chars :], row.logprobs[row.streamed_logprobs :])
+                )

@@ -22,10 +22,27 @@ from baize_exp.io import content_hash
 
 # Keys of a chat backend block (teacher, judge) that change how fast or how persistently it is asked, or where it
 # is served from, never what it answers: a finished stage is not redone for them.
-BACKEND_KNOBS = frozenset({
-    "concurrency", "timeout_s", "max_retries", "backoff_base_s", "backoff_max_s", "requests_per_min",
-    "tokens_per_min", "stop_after_failures", "prices", "port", "host", "max_batch", "max_wait_ms", "queue_size",
-    "request_timeout_s", "startup_timeout_s", "max_n"})
+BACKEND_KNOBS = frozenset(
+    {
+        "concurrency",
+        "timeout_s",
+        "max_retries",
+        "backoff_base_s",
+        "backoff_max_s",
+        "requests_per_min",
+        "tokens_per_min",
+        "stop_after_failures",
+        "prices",
+        "port",
+        "host",
+        "max_batch",
+        "max_wait_ms",
+        "queue_size",
+        "request_timeout_s",
+        "startup_timeout_s",
+        "max_n",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,7 @@ def _strip(node: Any, ignores: frozenset[str]) -> Any:
 
 # --- the dialogs the train and SDF stages both read -------------------------------------------------------------
 
+
 def dialogs_path(cfg: Any, run_dir: Path) -> Path:
     """This run's collected dialogs, or `train.data` (dialogs from another run or tool)."""
     p = Path(cfg.train.data).expanduser() if cfg.train.data else run_dir / "collect" / "dialogs.jsonl"
@@ -81,9 +99,11 @@ def training_dialogs(cfg: Any, run_dir: Path) -> tuple[Path, list[dict], list[di
     dialogs, rejects = load_dialogs(src)
     if not dialogs:
         counts = Counter(r["reason"] for r in rejects)
-        raise UserError(f"train: no usable dialog in {src}: {len(rejects)} record(s), all rejected "
-                        f"({', '.join(f'{k}: {v}' for k, v in counts.most_common()) or 'the file is empty'}); "
-                        f"each dialog needs a human turn then an AI turn, alternating, with text in every turn")
+        raise UserError(
+            f"train: no usable dialog in {src}: {len(rejects)} record(s), all rejected "
+            f"({', '.join(f'{k}: {v}' for k, v in counts.most_common()) or 'the file is empty'}); "
+            f"each dialog needs a human turn then an AI turn, alternating, with text in every turn"
+        )
     split_seed = cfg.train.seed if cfg.train.get("split_seed") is None else cfg.train.split_seed
     train_d, val_d = split_dialogs(dialogs, cfg.train.val_fraction, split_seed)
     if cfg.train.get("extra_data"):  # instruction data mixed into training only: held-out loss stays on self-chat
@@ -100,8 +120,10 @@ def instruction_dialogs(path: str, limit: int | None, seed: int) -> tuple[list[d
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UserError(f"train.extra_data={path}: no such file (an alpaca_data.json or a .jsonl of "
-                        f"instruction/input/output records)")
+        raise UserError(
+            f"train.extra_data={path}: no such file (an alpaca_data.json or a .jsonl of "
+            f"instruction/input/output records)"
+        )
     source = p.stem.split("_")[0] or "extra"
     dialogs, rejects = [], []
     for n, rec in enumerate(alpaca_records(p), 1):
@@ -110,8 +132,13 @@ def instruction_dialogs(path: str, limit: int | None, seed: int) -> tuple[list[d
         if not isinstance(out, str) or not out.strip():
             rejects.append({"line": n, "id": did, "reason": "no_output", "detail": f"{p}: record {n} has no output"})
             continue
-        dialogs.append({"id": did, "source": source, "turns": [{"role": "human", "text": alpaca_prompt(rec)},
-                                                               {"role": "ai", "text": out.strip()}]})
+        dialogs.append(
+            {
+                "id": did,
+                "source": source,
+                "turns": [{"role": "human", "text": alpaca_prompt(rec)}, {"role": "ai", "text": out.strip()}],
+            }
+        )
     if limit is not None and limit < len(dialogs):
         dialogs = random.Random(seed).sample(dialogs, limit)
     return dialogs, rejects

@@ -54,11 +54,13 @@ def dialog_key(seed: Seed, ccfg: Any, tcfg: Any) -> str:
     sampling = {"temperature": tcfg.temperature, "top_p": tcfg.top_p, "max_tokens": tcfg.max_tokens}
     if ccfg.mode == "transcript":
         return content_hash(seed.question, ccfg.mode, ccfg.template, tcfg.model, sampling)
-    return content_hash(seed.question, ccfg.mode, [ccfg.human_template, ccfg.ai_system, ccfg.max_turns],
-                        tcfg.model, sampling)
+    return content_hash(
+        seed.question, ccfg.mode, [ccfg.human_template, ccfg.ai_system, ccfg.max_turns], tcfg.model, sampling
+    )
 
 
 # --- one dialog --------------------------------------------------------------------------------------------
+
 
 def request_seed(key: str, turn: int = 0) -> int:
     """The sampling seed sent with a dialog's request (OpenAI's `seed`; our server and vLLM honour it): drawn from
@@ -79,7 +81,7 @@ def _clean_turn(text: str, role: str) -> tuple[str, str | None]:
         return "", "role_order"
     for prefix in (own, own.strip("[]") + ":"):
         if text.startswith(prefix):
-            text = text[len(prefix):].lstrip(" :")
+            text = text[len(prefix) :].lstrip(" :")
     text = text.split(other, 1)[0].strip()
     return text, None if text else "empty"
 
@@ -98,14 +100,19 @@ def _unusable(res: ChatResult, max_tokens: int, raw: str | None = None) -> dict 
             return {"failed": res.error}
         return {"reason": "bad_request", "detail": res.error, "raw": raw}
     if len(res.text) > OVERSIZED_CHARS_PER_TOKEN * max_tokens:
-        return {"reason": "oversized", "detail": f"a {len(res.text)}-character reply for max_tokens={max_tokens}; "
-                f"the endpoint ignores max_tokens", "raw": res.text[:RAW_KEEP_CHARS], "raw_chars": len(res.text)}
+        return {
+            "reason": "oversized",
+            "detail": f"a {len(res.text)}-character reply for max_tokens={max_tokens}; the endpoint ignores max_tokens",
+            "raw": res.text[:RAW_KEEP_CHARS],
+            "raw_chars": len(res.text),
+        }
     return None
 
 
 async def _transcript_dialog(seed: Seed, key: str, client: ChatClient, ccfg: Any) -> tuple[dict, list[ChatResult]]:
-    res = await client.acomplete([{"role": "user", "content": ccfg.template.format(seed=seed.question)}],
-                                 seed=request_seed(key))
+    res = await client.acomplete(
+        [{"role": "user", "content": ccfg.template.format(seed=seed.question)}], seed=request_seed(key)
+    )
     bad = _unusable(res, client.defaults["max_tokens"])
     if bad:
         return bad, [res]
@@ -126,38 +133,51 @@ async def _turns_dialog(seed: Seed, key: str, client: ChatClient, ccfg: Any) -> 
         role = "ai" if turns[-1]["role"] == "human" else "human"
         if role == "ai":
             messages = [{"role": "system", "content": ccfg.ai_system.format(seed=seed.question)}] + [
-                {"role": "user" if t["role"] == "human" else "assistant", "content": t["text"]} for t in turns]
+                {"role": "user" if t["role"] == "human" else "assistant", "content": t["text"]} for t in turns
+            ]
         else:
-            messages = [{"role": "user", "content": ccfg.human_template.format(seed=seed.question,
-                                                                               history=_history(turns))}]
+            messages = [
+                {"role": "user", "content": ccfg.human_template.format(seed=seed.question, history=_history(turns))}
+            ]
         res = await client.acomplete(messages, seed=request_seed(key, len(turns)))
         results.append(res)
         bad = _unusable(res, client.defaults["max_tokens"], _history(turns))
         if bad:
             where = f"turn {len(turns) + 1}: "
-            return ({**bad, "detail": where + bad["detail"]} if "reason" in bad else
-                    {"failed": where + bad["failed"]}), results
+            return (
+                {**bad, "detail": where + bad["detail"]} if "reason" in bad else {"failed": where + bad["failed"]}
+            ), results
         raw = f"{_history(turns)}\n[{'AI' if role == 'ai' else 'Human'}] {res.text}"
         finish = res.finish_reasons[0]
         if finish == "length":
             if ccfg.on_truncated == "reject":
-                return {"reason": "length", "detail": f"turn {len(turns) + 1} cut by teacher.max_tokens",
-                        "raw": raw}, results
+                return {
+                    "reason": "length",
+                    "detail": f"turn {len(turns) + 1} cut by teacher.max_tokens",
+                    "raw": raw,
+                }, results
             break  # drop_turn: keep the complete turns before it
         text, bad = _clean_turn(res.text, role)
         if bad:
-            return {"reason": bad, "detail": f"turn {len(turns) + 1} ({role}): nothing said as the {role}",
-                    "raw": raw}, results
+            return {
+                "reason": bad,
+                "detail": f"turn {len(turns) + 1} ({role}): nothing said as the {role}",
+                "raw": raw,
+            }, results
         turns.append({"role": role, "text": text})
     if turns[-1]["role"] == "human":
         turns.pop()  # a dialog ends on an answer
     if len(turns) < ccfg.min_turns:
-        return {"reason": "too_few_turns", "detail": f"{len(turns)} complete turns, need {ccfg.min_turns}",
-                "raw": _history(turns)}, results
+        return {
+            "reason": "too_few_turns",
+            "detail": f"{len(turns)} complete turns, need {ccfg.min_turns}",
+            "raw": _history(turns),
+        }, results
     return {"turns": turns, "finish_reason": finish}, results
 
 
 # --- progress ----------------------------------------------------------------------------------------------
+
 
 class Progress:
     """Counts for the bar (dialogs/s, tokens/s, retries, rejects), and the same figures to W&B when a run is live."""
@@ -166,17 +186,24 @@ class Progress:
         self.client, self.t0 = client, time.monotonic()
         self.dialogs, self.rejects, self.failed = 0, Counter(), 0
         self.tokens = 0
-        self.bar = tqdm(total=total, desc="collect", unit="dialog", mininterval=0.5, dynamic_ncols=True,
-                        disable=total == 0)
+        self.bar = tqdm(
+            total=total, desc="collect", unit="dialog", mininterval=0.5, dynamic_ncols=True, disable=total == 0
+        )
         self._next_postfix = self._next_wandb = 0.0
         self.wandb_every_s = wandb_every_s
         self.wb = _wandb_run()
 
     def figures(self) -> dict[str, float]:
         dt = max(1e-9, time.monotonic() - self.t0)
-        return {"dialogs": self.dialogs, "rejects": sum(self.rejects.values()), "failed": self.failed,
-                "dialogs_per_s": round(self.dialogs / dt, 3), "tokens_per_s": round(self.tokens / dt, 1),
-                "requests": self.client.requests, "retries": self.client.retries}
+        return {
+            "dialogs": self.dialogs,
+            "rejects": sum(self.rejects.values()),
+            "failed": self.failed,
+            "dialogs_per_s": round(self.dialogs / dt, 3),
+            "tokens_per_s": round(self.tokens / dt, 1),
+            "requests": self.client.requests,
+            "retries": self.client.retries,
+        }
 
     def update(self, out: dict, results: list[ChatResult]) -> None:
         if "failed" in out:
@@ -191,9 +218,11 @@ class Progress:
         if now >= self._next_postfix:  # formatting every dialog would cost more CPU than the requests
             self._next_postfix = now + 0.5
             f = self.figures()
-            self.bar.set_postfix_str(f"{f['dialogs_per_s']:.1f} dlg/s {f['tokens_per_s']:.0f} tok/s "
-                                     f"retries={f['retries']} rejects={f['rejects']} failed={f['failed']}",
-                                     refresh=False)
+            self.bar.set_postfix_str(
+                f"{f['dialogs_per_s']:.1f} dlg/s {f['tokens_per_s']:.0f} tok/s "
+                f"retries={f['retries']} rejects={f['rejects']} failed={f['failed']}",
+                refresh=False,
+            )
         if self.wb is not None and now >= self._next_wandb:
             self._next_wandb = now + self.wandb_every_s
             self._log_wandb()
@@ -228,13 +257,21 @@ def _log_samples(dialogs: list[dict], n: int) -> None:
 
 # --- the engine --------------------------------------------------------------------------------------------
 
-async def _run_all(todo: list[tuple[Seed, str]], client: ChatClient, ccfg: Any, tcfg: Any, writers: dict,
-                   progress: Progress, new_dialogs: list[dict], history: dict[str, list[dict]]) -> str | None:
+
+async def _run_all(
+    todo: list[tuple[Seed, str]],
+    client: ChatClient,
+    ccfg: Any,
+    tcfg: Any,
+    writers: dict,
+    progress: Progress,
+    new_dialogs: list[dict],
+    history: dict[str, list[dict]],
+) -> str | None:
     """Every seed of `todo`, `concurrency` at a time; each outcome is written the moment it is known. Returns the
     outage message if the endpoint went down (the seeds not yet asked stay unfinished), else None."""
     make = _transcript_dialog if ccfg.mode == "transcript" else _turns_dialog
-    teacher = {"model": tcfg.model, "temperature": tcfg.temperature, "top_p": tcfg.top_p,
-               "max_tokens": tcfg.max_tokens}
+    teacher = {"model": tcfg.model, "temperature": tcfg.temperature, "top_p": tcfg.top_p, "max_tokens": tcfg.max_tokens}
     pending = iter(todo)
     outage: list[str] = []
 
@@ -256,8 +293,15 @@ async def _run_all(todo: list[tuple[Seed, str]], client: ChatClient, ccfg: Any, 
                 writers["failures"].write(rec)
                 history.setdefault(key, []).append(rec)
             elif "turns" in out:
-                rec = {"id": f"{seed.id}-{key[:8]}", **base, "turns": out["turns"], "teacher": teacher,
-                       "finish_reason": out["finish_reason"], **spent, **earlier}
+                rec = {
+                    "id": f"{seed.id}-{key[:8]}",
+                    **base,
+                    "turns": out["turns"],
+                    "teacher": teacher,
+                    "finish_reason": out["finish_reason"],
+                    **spent,
+                    **earlier,
+                }
                 writers["dialogs"].write(rec)
                 new_dialogs.append(rec)
             else:
@@ -281,16 +325,29 @@ def _too_long(seeds: list[tuple[Seed, str]], ccfg: Any, tokenizer: Any) -> list[
     out = []
     for seed, key in seeds:
         if tokenizer is not None:
-            n = len(seed.question) // 2 if len(seed.question) > 16 * ccfg.max_seed_tokens else \
-                len(tokenizer(seed.question, add_special_tokens=False).input_ids)  # a huge seed: no need to count
+            n = (
+                len(seed.question) // 2
+                if len(seed.question) > 16 * ccfg.max_seed_tokens
+                else len(tokenizer(seed.question, add_special_tokens=False).input_ids)
+            )  # a huge seed: no need to count
             over, unit = n > ccfg.max_seed_tokens, "tokens"
         else:
             n, unit = len(seed.question), "characters"
             over = n > 4 * ccfg.max_seed_tokens
         if over:
-            out.append({"seed": seed.question[:RAW_KEEP_CHARS], "source": seed.source, "key": key, "mode": ccfg.mode,
-                        "reason": "too_long", "raw": None, "seed_chars": len(seed.question), "requests": 0,
-                        "detail": f"the seed has {n} {unit}; collect.max_seed_tokens={ccfg.max_seed_tokens}"})
+            out.append(
+                {
+                    "seed": seed.question[:RAW_KEEP_CHARS],
+                    "source": seed.source,
+                    "key": key,
+                    "mode": ccfg.mode,
+                    "reason": "too_long",
+                    "raw": None,
+                    "seed_chars": len(seed.question),
+                    "requests": 0,
+                    "detail": f"the seed has {n} {unit}; collect.max_seed_tokens={ccfg.max_seed_tokens}",
+                }
+            )
     return out
 
 
@@ -303,8 +360,14 @@ def _failure_history(out_dir: Path, old_rejects: list[dict]) -> tuple[dict[str, 
     if legacy:
         with JsonlWriter(out_dir / "failures.jsonl") as w:
             for r in legacy:
-                rec = {"seed": r["seed"], "source": r.get("source"), "key": r["key"], "mode": r.get("mode"),
-                       "error": r.get("detail"), "requests": r.get("requests", 0)}
+                rec = {
+                    "seed": r["seed"],
+                    "source": r.get("source"),
+                    "key": r["key"],
+                    "mode": r.get("mode"),
+                    "error": r.get("detail"),
+                    "requests": r.get("requests", 0),
+                }
                 w.write(rec)
                 failures.append(rec)
         old_rejects = [r for r in old_rejects if r.get("reason") != "api_error"]
@@ -315,8 +378,15 @@ def _failure_history(out_dir: Path, old_rejects: list[dict]) -> tuple[dict[str, 
     return history, old_rejects
 
 
-def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir: Path,
-            copy_to: Path | None = None, tokenizer: Any = None) -> dict:
+def collect(
+    seeds: list[Seed],
+    client: ChatClient,
+    ccfg: Any,
+    tcfg: Any,
+    out_dir: Path,
+    copy_to: Path | None = None,
+    tokenizer: Any = None,
+) -> dict:
     """Collect a dialog for every seed that has no dialog or reject yet in `out_dir`; return the stage metrics.
     Raises Interrupted (after writing everything that finished) when seeds are left whose requests failed.
 
@@ -336,8 +406,13 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
             todo.append((s, k))
             queued.add(k)
     retrying = sum(k in history for _, k in todo)
-    log.info("collect: %d seeds, %d already done, %d to request%s", len(seeds), len(seeds) - len(todo), len(todo),
-             f" ({retrying} of them failed before, for a transient reason)" if retrying else "")
+    log.info(
+        "collect: %d seeds, %d already done, %d to request%s",
+        len(seeds),
+        len(seeds) - len(todo),
+        len(todo),
+        f" ({retrying} of them failed before, for a transient reason)" if retrying else "",
+    )
 
     t0, cpu0 = time.monotonic(), time.process_time()
     new_dialogs: list[dict] = []
@@ -346,16 +421,28 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
     try:
         if todo:
             # each record is flushed as it completes (a kill loses nothing written); fsyncs grouped per second
-            with JsonlWriter(dialogs_path, sync_every_s=1.0) as dw, JsonlWriter(rejects_path, sync_every_s=1.0) as rw, \
-                    JsonlWriter(out_dir / "failures.jsonl", sync_every_s=1.0) as fw:
+            with (
+                JsonlWriter(dialogs_path, sync_every_s=1.0) as dw,
+                JsonlWriter(rejects_path, sync_every_s=1.0) as rw,
+                JsonlWriter(out_dir / "failures.jsonl", sync_every_s=1.0) as fw,
+            ):
                 too_long = _too_long(todo, ccfg, tokenizer)
                 for rec in too_long:
                     rw.write(rec)
                     progress.update(rec, [])
                 long_keys = {r["key"] for r in too_long}
-                outage = asyncio.run(_run_all([(s, k) for s, k in todo if k not in long_keys], client, ccfg, tcfg,
-                                              {"dialogs": dw, "rejects": rw, "failures": fw}, progress,
-                                              new_dialogs, history))
+                outage = asyncio.run(
+                    _run_all(
+                        [(s, k) for s, k in todo if k not in long_keys],
+                        client,
+                        ccfg,
+                        tcfg,
+                        {"dialogs": dw, "rejects": rw, "failures": fw},
+                        progress,
+                        new_dialogs,
+                        history,
+                    )
+                )
     finally:
         progress.close()
     elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
@@ -373,7 +460,8 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
         why = outage or f"{len(failed)} failed after their retries (last: {last})"
         raise Interrupted(
             f"collect: {len(unfinished)} of {len(wanted)} seeds are unfinished: {why}. The {len(finished)} finished "
-            f"are kept in {out_dir}; the unfinished ones are asked again by a rerun")
+            f"are kept in {out_dir}; the unfinished ones are asked again by a rerun"
+        )
     teacher_dialogs = len(all_dialogs)
     all_dialogs, quality_rejects = filter_quality(all_dialogs, keys, ccfg)
     all_rejects += quality_rejects
@@ -391,26 +479,43 @@ def collect(seeds: list[Seed], client: ChatClient, ccfg: Any, tcfg: Any, out_dir
     n_ok = len(new_dialogs)
     recovered = [k for k in wanted if k in history]
     metrics = {
-        "seeds": len(seeds), "requested": len(todo), "new_dialogs": n_ok,
-        "new_rejects": sum(progress.rejects.values()), "new_rejects_by_reason": dict(progress.rejects),
-        "dialogs": len(all_dialogs), "rejects": len(all_rejects), "teacher_dialogs": teacher_dialogs,
+        "seeds": len(seeds),
+        "requested": len(todo),
+        "new_dialogs": n_ok,
+        "new_rejects": sum(progress.rejects.values()),
+        "new_rejects_by_reason": dict(progress.rejects),
+        "dialogs": len(all_dialogs),
+        "rejects": len(all_rejects),
+        "teacher_dialogs": teacher_dialogs,
         "quality_rejects": dict(Counter(r["reason"] for r in quality_rejects)),
         "rejects_by_reason": dict(Counter(r["reason"] for r in all_rejects)),
         # seeds whose requests failed (transient) on some attempt before they got their dialog or reject
         "seeds_that_failed_before": len(recovered),
         "failed_attempts": sum(len(history[k]) for k in recovered),
         "last_failure": max((f for k in recovered for f in history[k]), key=lambda f: f.get("time", 0))["error"]
-        if recovered else None,
-        "requests": client.requests, "retries": client.retries,
-        "prompt_tokens": client.usage["prompt_tokens"], "completion_tokens": client.usage["completion_tokens"],
-        "usage_by_model": by_model, "cost_usd": None if None in costs else sum(costs),
-        "seconds": round(elapsed, 2), "cpu_seconds": round(cpu, 3),
+        if recovered
+        else None,
+        "requests": client.requests,
+        "retries": client.retries,
+        "prompt_tokens": client.usage["prompt_tokens"],
+        "completion_tokens": client.usage["completion_tokens"],
+        "usage_by_model": by_model,
+        "cost_usd": None if None in costs else sum(costs),
+        "seconds": round(elapsed, 2),
+        "cpu_seconds": round(cpu, 3),
         "dialogs_per_s": round(n_ok / elapsed, 3) if elapsed and n_ok else 0.0,
         "tokens_per_s": round(progress.tokens / elapsed, 1) if elapsed else 0.0,
         "avg_turns": round(sum(len(d["turns"]) for d in all_dialogs) / max(1, len(all_dialogs)), 2),
     }
-    log.info("collect: %d new dialogs, %d new rejects %s, %d requests (%d retries) in %.1fs", n_ok,
-             metrics["new_rejects"], dict(progress.rejects), client.requests, client.retries, elapsed)
+    log.info(
+        "collect: %d new dialogs, %d new rejects %s, %d requests (%d retries) in %.1fs",
+        n_ok,
+        metrics["new_rejects"],
+        dict(progress.rejects),
+        client.requests,
+        client.retries,
+        elapsed,
+    )
     return metrics
 
 
@@ -442,8 +547,17 @@ def filter_quality(dialogs: list[dict], keys: list[str], ccfg: Any) -> tuple[lis
         if why is None:
             kept.append(d)
         else:
-            rejects.append({"seed": d["seed"], "source": d["source"], "key": d["key"], "mode": d["mode"],
-                            "reason": why[0], "detail": why[1], "dialog": d})
+            rejects.append(
+                {
+                    "seed": d["seed"],
+                    "source": d["source"],
+                    "key": d["key"],
+                    "mode": d["mode"],
+                    "reason": why[0],
+                    "detail": why[1],
+                    "dialog": d,
+                }
+            )
     return kept, rejects
 
 
@@ -451,8 +565,10 @@ def no_usable_dialog(metrics: dict, rejects_path: Path) -> UserError:
     by_reason = Counter(metrics.get("rejects_by_reason") or {})
     counts = ", ".join(f"{r}: {n}" for r, n in by_reason.most_common()) or "no rejects either"
     advice = "; ".join(f"{r}: {ADVICE[r]}" for r, _ in by_reason.most_common(3) if r in ADVICE)
-    return UserError(f"collect: no usable dialog out of {metrics['seeds']} seeds ({counts}; see {rejects_path}). "
-                     f"What to change: {advice or 'a stronger teacher'}")
+    return UserError(
+        f"collect: no usable dialog out of {metrics['seeds']} seeds ({counts}; see {rejects_path}). "
+        f"What to change: {advice or 'a stronger teacher'}"
+    )
 
 
 def teacher_tokenizer(cfg: Any) -> Any:
@@ -487,8 +603,14 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
         metrics["shared_dir"] = str(shared)
     else:  # the teacher's dialogs in the run, the filtered ones beside them
         metrics = collect(seeds, client, cfg.collect, cfg.teacher, out / "teacher", copy_to=out, tokenizer=tokenizer)
-    card = data_card(seeds, read_jsonl(out / "dialogs.jsonl"), read_jsonl(out / "rejects.jsonl"), metrics,
-                     tokenizer, seed_stats.get("duplicate_seeds", 0))
+    card = data_card(
+        seeds,
+        read_jsonl(out / "dialogs.jsonl"),
+        read_jsonl(out / "rejects.jsonl"),
+        metrics,
+        tokenizer,
+        seed_stats.get("duplicate_seeds", 0),
+    )
     write_json(out / "data_card.json", card)
     (out / "data_card.md").write_text(card_markdown(card))
     metrics["duplicate_seeds"] = card["duplicates_removed"]["seeds"]
@@ -498,9 +620,10 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
 
 
 STAGE = Stage(
-    "collect", run, shapes=("data", "collect", "teacher"),
+    "collect",
+    run,
+    shapes=("data", "collect", "teacher"),
     ignores=BACKEND_KNOBS | {"shared", "samples_to_log"},
     writes=("collect/dialogs.jsonl", "collect/rejects.jsonl", "collect/failures.jsonl", "collect/data_card.json"),
     log_wandb=log_dialogs,  # the dialogs, rejects and data card as a `dataset` artifact (logger.artifacts)
 )
-

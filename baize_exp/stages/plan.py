@@ -103,8 +103,10 @@ def model_shape(mcfg: Any, lcfg: Any) -> ModelShape:
     total, trainable = M.count_parameters(peft_model)
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:  # the activation formulas are for LLaMA-style decoders (Llama, Mistral, Qwen, SmolLM, ...)
-        raise ValueError(f"model={mcfg.name}: {type(base).__name__} has no `model.layers`; the planner supports "
-                         f"LLaMA-style decoder models")
+        raise ValueError(
+            f"model={mcfg.name}: {type(base).__name__} has no `model.layers`; the planner supports "
+            f"LLaMA-style decoder models"
+        )
     frozen_linear = 0
     for layer in layers:
         # inside a decoder layer the frozen 2-D parameters are exactly the linear weights (norms are 1-D)
@@ -113,19 +115,28 @@ def model_shape(mcfg: Any, lcfg: Any) -> ModelShape:
     if base.get_output_embeddings() is not None:
         blocks.append(base.get_output_embeddings().weight.numel())
     head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
-    lora_inputs = [m.in_features for n, m in layers[0].named_modules()
-                   if hasattr(m, "lora_A") and hasattr(m, "in_features")]
+    lora_inputs = [
+        m.in_features for n, m in layers[0].named_modules() if hasattr(m, "lora_A") and hasattr(m, "in_features")
+    ]
     return ModelShape(
-        total=total, trainable=trainable, frozen_linear=frozen_linear,
-        frozen_other=total - trainable - frozen_linear, largest_block=max(blocks), layers=len(layers),
-        hidden=conf.hidden_size, intermediate=conf.intermediate_size,
-        kv_width=conf.num_key_value_heads * head_dim, heads=conf.num_attention_heads, vocab=conf.vocab_size,
+        total=total,
+        trainable=trainable,
+        frozen_linear=frozen_linear,
+        frozen_other=total - trainable - frozen_linear,
+        largest_block=max(blocks),
+        layers=len(layers),
+        hidden=conf.hidden_size,
+        intermediate=conf.intermediate_size,
+        kv_width=conf.num_key_value_heads * head_dim,
+        heads=conf.num_attention_heads,
+        vocab=conf.vocab_size,
         lora_inputs=lora_inputs,
     )
 
 
-def activation_bytes(sh: ModelShape, seq: int, batch: int, precision: str, flash: bool, lora_r: int,
-                     lora_dropout: float) -> dict[str, float]:
+def activation_bytes(
+    sh: ModelShape, seq: int, batch: int, precision: str, flash: bool, lora_r: int, lora_dropout: float
+) -> dict[str, float]:
     """Activation bytes of one micro-batch on one GPU: per layer, logits, and the totals without (`full`) and with
     (`ckpt`) gradient checkpointing; see the module doc."""
     fp32 = precision == "32-true"
@@ -144,8 +155,13 @@ def activation_bytes(sh: ModelShape, seq: int, batch: int, precision: str, flash
             layer += sb * d_in * (5 if fp32 else 4)
     logits = sb * sh.vocab * (8.0 if fp32 else 10.0)
     kept_hidden = sh.layers * sb * sh.hidden * 2 * scale
-    return {"per_layer": layer, "logits": logits, "checkpointed_hidden": kept_hidden,
-            "full": sh.layers * layer + logits, "ckpt": kept_hidden + layer + logits}
+    return {
+        "per_layer": layer,
+        "logits": logits,
+        "checkpointed_hidden": kept_hidden,
+        "full": sh.layers * layer + logits,
+        "ckpt": kept_hidden + layer + logits,
+    }
 
 
 def base_bytes_per_param(mcfg: Any, precision: str) -> tuple[float, float]:
@@ -163,8 +179,17 @@ def base_weight_bytes(sh: ModelShape, mcfg: Any, precision: str) -> float:
     return sh.frozen_linear * linear_b + sh.frozen_other * other_b
 
 
-def memory_row(sh: ModelShape, mcfg: Any, strategy: str, precision: str, world: int, per_node: int,
-               act: dict[str, float], overhead_gb: float, gpu_gb: float) -> dict:
+def memory_row(
+    sh: ModelShape,
+    mcfg: Any,
+    strategy: str,
+    precision: str,
+    world: int,
+    per_node: int,
+    act: dict[str, float],
+    overhead_gb: float,
+    gpu_gb: float,
+) -> dict:
     """Bytes per GPU (and per node's CPU, for offload) of one strategy × precision; see the module doc."""
     row: dict[str, Any] = {"strategy": strategy, "precision": precision}
     quantized = precision.endswith("base")
@@ -191,10 +216,19 @@ def memory_row(sh: ModelShape, mcfg: Any, strategy: str, precision: str, world: 
     total = weights + grads + optim + act["full"] + over
     total_ckpt = weights + grads + optim + act["ckpt"] + over
     gb = lambda x: round(x / GIB, 4)  # noqa: E731
-    return {**row, "weights_gb": gb(weights), "grads_gb": gb(grads), "optimizer_gb": gb(optim),
-            "activations_gb": gb(act["full"]), "activations_ckpt_gb": gb(act["ckpt"]), "total_gb": gb(total),
-            "total_ckpt_gb": gb(total_ckpt), "cpu_per_node_gb": gb(cpu) if cpu else None,
-            "fits": total <= gpu_gb * GIB, "fits_ckpt": total_ckpt <= gpu_gb * GIB}
+    return {
+        **row,
+        "weights_gb": gb(weights),
+        "grads_gb": gb(grads),
+        "optimizer_gb": gb(optim),
+        "activations_gb": gb(act["full"]),
+        "activations_ckpt_gb": gb(act["ckpt"]),
+        "total_gb": gb(total),
+        "total_ckpt_gb": gb(total_ckpt),
+        "cpu_per_node_gb": gb(cpu) if cpu else None,
+        "fits": total <= gpu_gb * GIB,
+        "fits_ckpt": total_ckpt <= gpu_gb * GIB,
+    }
 
 
 def gpus_per_node(cfg: Any) -> tuple[int, str]:
@@ -207,8 +241,11 @@ def gpus_per_node(cfg: Any) -> tuple[int, str]:
     if str(dev).lstrip("-").isdigit() and int(dev) >= 1:
         return int(dev), "trainer.devices"
     n = torch.cuda.device_count()
-    return max(n, 1), (f"trainer.devices={dev}: the {n} visible CUDA GPUs" if n else
-                       f"trainer.devices={dev} and no visible GPU: 1 (set plan.gpus_per_node or trainer.devices)")
+    return max(n, 1), (
+        f"trainer.devices={dev}: the {n} visible CUDA GPUs"
+        if n
+        else f"trainer.devices={dev} and no visible GPU: 1 (set plan.gpus_per_node or trainer.devices)"
+    )
 
 
 def make_plan(cfg: Any) -> dict:
@@ -223,19 +260,36 @@ def make_plan(cfg: Any) -> dict:
     for strategy in STRATEGIES:
         for precision in PRECISIONS:
             act = activation_bytes(sh, seq, batch, precision, p.flash_attention, cfg.lora.r, cfg.lora.dropout)
-            rows.append(memory_row(sh, cfg.model, strategy, precision, world, per_node, act, p.overhead_gb,
-                                   p.gpu_memory_gb))
-    chosen = ("auto/ddp" if cfg.strategy.name in ("auto", "ddp") else
-              f"deepspeed_stage_{cfg.strategy.stage}" + ("_offload" if cfg.strategy.offload_parameters else ""))
+            rows.append(
+                memory_row(sh, cfg.model, strategy, precision, world, per_node, act, p.overhead_gb, p.gpu_memory_gb)
+            )
+    chosen = (
+        "auto/ddp"
+        if cfg.strategy.name in ("auto", "ddp")
+        else f"deepspeed_stage_{cfg.strategy.stage}" + ("_offload" if cfg.strategy.offload_parameters else "")
+    )
     return {
-        "model": cfg.model.name, "source": cfg.model.source,
+        "model": cfg.model.name,
+        "source": cfg.model.source,
         "lora": {"r": cfg.lora.r, "target_modules": list(cfg.lora.target_modules), "dropout": cfg.lora.dropout},
-        "params": {"total": sh.total, "trainable": sh.trainable, "base": sh.total - sh.trainable,
-                   "trainable_percent": round(100 * sh.trainable / sh.total, 4)},
+        "params": {
+            "total": sh.total,
+            "trainable": sh.trainable,
+            "base": sh.total - sh.trainable,
+            "trainable_percent": round(100 * sh.trainable / sh.total, 4),
+        },
         "shape": {k: v for k, v in asdict(sh).items() if k not in ("total", "trainable")},
-        "setup": {"gpus_per_node": per_node, "gpus_per_node_from": source, "num_nodes": int(cfg.trainer.num_nodes),
-                  "world_size": world, "gpu_memory_gb": p.gpu_memory_gb, "seq_len": seq, "micro_batch_size": batch,
-                  "flash_attention": p.flash_attention, "overhead_gb": p.overhead_gb},
+        "setup": {
+            "gpus_per_node": per_node,
+            "gpus_per_node_from": source,
+            "num_nodes": int(cfg.trainer.num_nodes),
+            "world_size": world,
+            "gpu_memory_gb": p.gpu_memory_gb,
+            "seq_len": seq,
+            "micro_batch_size": batch,
+            "flash_attention": p.flash_attention,
+            "overhead_gb": p.overhead_gb,
+        },
         "configured": {"strategy": chosen, "precision": str(cfg.trainer.precision)},
         "rows": rows,
         "recommendation": recommend(rows),
@@ -251,7 +305,8 @@ def recommend(rows: list[dict]) -> str | None:
         r = by[(s, prec)]
         if r.get("fits_ckpt" if ck else "fits"):
             return f"strategy={s.replace('auto/ddp', 'ddp')} precision={prec}" + (
-                " with gradient checkpointing" if ck else "")
+                " with gradient checkpointing" if ck else ""
+            )
     return None
 
 
@@ -292,9 +347,14 @@ def format_table(plan: dict) -> str:
         lines.append(
             f"| {r['strategy']}{star} | {r['precision']} | {r['weights_gb']:.2f} | {r['grads_gb']:.3f} | "
             f"{r['optimizer_gb']:.3f} | {r['activations_gb']:.2f} | {r['activations_ckpt_gb']:.2f} | "
-            f"{r['total_gb']:.2f} | {r['total_ckpt_gb']:.2f} | {cpu} | {fit} |")
-    lines += ["", f"first fit (fastest first): {plan['recommendation'] or 'nothing fits: more GPUs or a smaller model'}",
-              "", "Formulas: see `baize_exp/plan.py` (module docstring)."]
+            f"{r['total_gb']:.2f} | {r['total_ckpt_gb']:.2f} | {cpu} | {fit} |"
+        )
+    lines += [
+        "",
+        f"first fit (fastest first): {plan['recommendation'] or 'nothing fits: more GPUs or a smaller model'}",
+        "",
+        "Formulas: see `baize_exp/plan.py` (module docstring).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -307,10 +367,13 @@ def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
     table = format_table(plan)
     (out / "plan.md").write_text(table)
     print(table, flush=True)  # the answer the user asked for: on the console, not only in the log
-    return {"params_total": plan["params"]["total"], "params_trainable": plan["params"]["trainable"],
-            "world_size": plan["setup"]["world_size"],
-            "fitting_setups": sum(1 for r in plan["rows"] if r.get("fits")),
-            "fitting_setups_ckpt": sum(1 for r in plan["rows"] if r.get("fits_ckpt"))}
+    return {
+        "params_total": plan["params"]["total"],
+        "params_trainable": plan["params"]["trainable"],
+        "world_size": plan["setup"]["world_size"],
+        "fitting_setups": sum(1 for r in plan["rows"] if r.get("fits")),
+        "fitting_setups_ckpt": sum(1 for r in plan["rows"] if r.get("fits_ckpt")),
+    }
 
 
 # It only describes (reads nothing, writes its estimate): it runs every time and leaves no completion marker.

@@ -89,6 +89,7 @@ def ranking_from_logprobs(logprobs: dict | None, n: int) -> list[int] | None:
 def _ranking_parser(n: int) -> Any:
     """A reply's ranking: strict, then tolerant, then from the logprobs of the first candidate number (which counts
     the whole ranking as given). Value: (ranking as shown positions, how many were ranked)."""
+
     def parse(res: Any) -> tuple[tuple[list[int], int] | None, str, str | None]:
         ranking, how, ranked, err = parse_ranking(res.text, n)
         if ranking is None:
@@ -101,8 +102,9 @@ def _ranking_parser(n: int) -> Any:
     return parse
 
 
-def rank_candidates(client: Any, s: Any, prompts: list[str], cands: list[list[str]],
-                    index: list[int] | None = None) -> list[dict]:
+def rank_candidates(
+    client: Any, s: Any, prompts: list[str], cands: list[list[str]], index: list[int] | None = None
+) -> list[dict]:
     """Ask the teacher to rank each prompt's candidates in one request each; records in candidates.jsonl shape.
     `index`: each prompt's position in the stage's prompt list (its shuffle seed), when ranking a subset again.
 
@@ -116,17 +118,28 @@ def rank_candidates(client: Any, s: Any, prompts: list[str], cands: list[list[st
         shuffle_seed = s.seed * 100003 + i
         random.Random(shuffle_seed).shuffle(order)  # presentation order: position k shows cs[order[k]]
         shown = "\n\n".join(f"Answer {k + 1}: {cs[j]}" for k, j in enumerate(order))
-        convs.append([{"role": "user", "content": s.rank_template.format(n=n, prompt=p, candidates=shown,
-                                                                         example=example)}])
+        convs.append(
+            [{"role": "user", "content": s.rank_template.format(n=n, prompt=p, candidates=shown, example=example)}]
+        )
         records.append({"prompt": p, "candidates": cs, "order": order, "shuffle_seed": shuffle_seed})
     params = dict(temperature=0.0, max_tokens=s.rank_max_tokens, logprobs=True, top_logprobs=20)
-    answers = ask_parsed(client, convs, _ranking_parser(n),
-                         lambda err: s.retry_template.format(error=err, n=n, example=example), "sdf ranking",
-                         **params)
+    answers = ask_parsed(
+        client,
+        convs,
+        _ranking_parser(n),
+        lambda err: s.retry_template.format(error=err, n=n, example=example),
+        "sdf ranking",
+        **params,
+    )
     for rec, a in zip(records, answers, strict=True):
         shown, ranked = a.value or (None, 0)
-        rec.update(judge_reply=a.reply, parse=a.how, ranked=ranked, parse_error=None if shown else a.error,
-                   ranking=[rec["order"][k] for k in shown] if shown else None)  # candidate indices, best first
+        rec.update(
+            judge_reply=a.reply,
+            parse=a.how,
+            ranked=ranked,
+            parse_error=None if shown else a.error,
+            ranking=[rec["order"][k] for k in shown] if shown else None,
+        )  # candidate indices, best first
         if a.retried:
             rec["judge_reply_retry"] = a.retry_reply
         if a.failed:
@@ -134,9 +147,20 @@ def rank_candidates(client: Any, s: Any, prompts: list[str], cands: list[list[st
     return records
 
 
-def sample_candidates(model: torch.nn.Module, tok: Any, prompts: list[str], n: int, max_new_tokens: int,
-                      temperature: float, top_p: float, batch_size: int = 8, stop: list[str] | None = None,
-                      seed: int = 0, shard_dir: Path | None = None, key: str = "candidates") -> list[list[str]] | None:
+def sample_candidates(
+    model: torch.nn.Module,
+    tok: Any,
+    prompts: list[str],
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int = 8,
+    stop: list[str] | None = None,
+    seed: int = 0,
+    shard_dir: Path | None = None,
+    key: str = "candidates",
+) -> list[list[str]] | None:
     """`n` sampled answers per prompt, `batch_size` prompts per `generate` (left padding, KV cache).
 
     Unlike `generate(num_return_sequences=n)`, which runs the prompt through the model n times, each prompt is
@@ -158,17 +182,23 @@ def sample_candidates(model: torch.nn.Module, tok: Any, prompts: list[str], n: i
         ids, mask = enc.input_ids.to(dev), enc.attention_mask.to(dev)
         # the cache covers all but the last prompt token, which generate feeds to make the first new token
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        past = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
-                     use_cache=True).past_key_values
+        past = model(
+            input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True
+        ).past_key_values
         past.batch_repeat_interleave(n)
         kw: dict[str, Any] = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         if temperature <= 0:
             kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        seqs = model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
-                              past_key_values=past, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                              **kw)[:, ids.shape[1]:]
+        seqs = model.generate(
+            input_ids=ids.repeat_interleave(n, 0),
+            attention_mask=mask.repeat_interleave(n, 0),
+            past_key_values=past,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            **kw,
+        )[:, ids.shape[1] :]
         texts = tok.batch_decode(seqs, skip_special_tokens=True)
-        return [[M.cut_at_stop(t, stop or [])[0].strip() for t in texts[j:j + n]] for j in range(0, len(texts), n)]
+        return [[M.cut_at_stop(t, stop or [])[0].strip() for t in texts[j : j + n]] for j in range(0, len(texts), n)]
 
     try:
         return sample_with(one_batch, prompts, batch_size, shard_dir, key)
@@ -203,8 +233,10 @@ def load_prompts(cfg: Any, train_dialogs: list[dict]) -> list[str]:
         prompts = list(dict.fromkeys(d["turns"][0]["text"] for d in train_dialogs if d["turns"]))
     leaked = {q["question"].strip() for q in load_eval_questions(cfg.eval.questions)} & {p.strip() for p in prompts}
     if leaked:
-        raise ValueError(f"sdf: {len(leaked)} prompt(s) are eval questions (e.g. {sorted(leaked)[0][:80]!r}); "
-                         f"remove them from {s.prompts or 'the dialogs'} so evaluation stays held out")
+        raise ValueError(
+            f"sdf: {len(leaked)} prompt(s) are eval questions (e.g. {sorted(leaked)[0][:80]!r}); "
+            f"remove them from {s.prompts or 'the dialogs'} so evaluation stays held out"
+        )
     return prompts[: s.num_prompts] if s.num_prompts else prompts
 
 
@@ -217,8 +249,15 @@ def candidates_key(cfg: Any, v1: Path, prompts: list[str], backend: str = "hf") 
     ranking settings, the generation backend that sampled them, and the teacher."""
     s = {k: v for k, v in to_container(cfg.sdf).items() if k not in AFTER_RANKING}
     t = cfg.teacher
-    return content_hash(M.adapter_hash(v1), to_container(cfg.model), cfg.train.format, s, prompts,
-                        [t.backend, t.model, t.temperature, t.top_p], *([backend] if backend != "hf" else []))
+    return content_hash(
+        M.adapter_hash(v1),
+        to_container(cfg.model),
+        cfg.train.format,
+        s,
+        prompts,
+        [t.backend, t.model, t.temperature, t.top_p],
+        *([backend] if backend != "hf" else []),
+    )
 
 
 def _finished_candidates(path: Path, key: str) -> list[dict] | None:
@@ -265,12 +304,38 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
         texts = [generation_prompt(p, cfg.train.format, tok) for p in prompts]
         if backend == "vllm":
             student = VllmStudent(cfg, tok)
-            return sample_with(lambda batch, b: student.generate(
-                batch, v1, b * s.batch_size, s.num_candidates, s.temperature, s.top_p, s.max_new_tokens,
-                [BAIZE_HUMAN], s.seed), texts, s.batch_size, shards, key)
+            return sample_with(
+                lambda batch, b: student.generate(
+                    batch,
+                    v1,
+                    b * s.batch_size,
+                    s.num_candidates,
+                    s.temperature,
+                    s.top_p,
+                    s.max_new_tokens,
+                    [BAIZE_HUMAN],
+                    s.seed,
+                ),
+                texts,
+                s.batch_size,
+                shards,
+                key,
+            )
         model.to(M.student_device(cfg.trainer.accelerator))  # v1 samples where training runs
-        return sample_candidates(model, tok, texts, s.num_candidates, s.max_new_tokens, s.temperature, s.top_p,
-                                 s.batch_size, stop=[BAIZE_HUMAN], seed=s.seed, shard_dir=shards, key=key)
+        return sample_candidates(
+            model,
+            tok,
+            texts,
+            s.num_candidates,
+            s.max_new_tokens,
+            s.temperature,
+            s.top_p,
+            s.batch_size,
+            stop=[BAIZE_HUMAN],
+            seed=s.seed,
+            shard_dir=shards,
+            key=key,
+        )
 
     if global_rank() > 0 and (records is None or any(r.get("failed") for r in records)):
         if records is None:
@@ -279,16 +344,27 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     if records is None:
         cands = sample()
         if global_rank() == 0:  # the candidates are kept before any ranking request: a crash keeps the samples
-            write_jsonl(cand_path, [{"prompt": p, "candidates": c, "key": key, "failed": "not ranked yet"}
-                                    for p, c in zip(prompts, cands, strict=True)])
+            write_jsonl(
+                cand_path,
+                [
+                    {"prompt": p, "candidates": c, "key": key, "failed": "not ranked yet"}
+                    for p, c in zip(prompts, cands, strict=True)
+                ],
+            )
         records = [{**r, "key": key} for r in rank_candidates(backends.client("teacher"), s, prompts, cands)]
     else:
-        log.info("sdf: reusing the %d sampled prompts in %s (same v1 adapter, prompts and settings)", len(records),
-                 cand_path)
+        log.info(
+            "sdf: reusing the %d sampled prompts in %s (same v1 adapter, prompts and settings)", len(records), cand_path
+        )
         todo = [i for i, r in enumerate(records) if r.get("failed")]
         if todo and global_rank() == 0:  # rankings that failed for a transient reason: asked again, only those
-            again = rank_candidates(backends.client("teacher"), s, [records[i]["prompt"] for i in todo],
-                                    [records[i]["candidates"] for i in todo], index=todo)
+            again = rank_candidates(
+                backends.client("teacher"),
+                s,
+                [records[i]["prompt"] for i in todo],
+                [records[i]["candidates"] for i in todo],
+                index=todo,
+            )
             for i, rec in zip(todo, again, strict=True):
                 records[i] = {**rec, "key": key}
     cands = [r["candidates"] for r in records]
@@ -297,37 +373,60 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     for i, rec in enumerate(records):
         rec["weights"] = candidate_weights(rec, s.select)
         for j, w in enumerate(rec["weights"]):
-            chosen += [{"id": f"sdf-{i}-{j}", "turns": [{"role": "human", "text": rec["prompt"]},
-                                                        {"role": "ai", "text": rec["candidates"][j]}]}] * w
+            chosen += [
+                {
+                    "id": f"sdf-{i}-{j}",
+                    "turns": [{"role": "human", "text": rec["prompt"]}, {"role": "ai", "text": rec["candidates"][j]}],
+                }
+            ] * w
     if global_rank() == 0:  # before training: a crash there loses none of the teacher's rankings
         write_jsonl(cand_path, records)
     failed = [r for r in records if r.get("failed")]
     if failed:
-        raise Interrupted(f"sdf: {len(failed)} of {len(records)} rankings are unfinished: the teacher's requests "
-                          f"failed (last: {failed[-1]['failed']}). The candidates and the {len(records) - len(failed)} "
-                          f"rankings that came back are kept in {cand_path}; a rerun asks only for the missing ones")
+        raise Interrupted(
+            f"sdf: {len(failed)} of {len(records)} rankings are unfinished: the teacher's requests "
+            f"failed (last: {failed[-1]['failed']}). The candidates and the {len(records) - len(failed)} "
+            f"rankings that came back are kept in {cand_path}; a rerun asks only for the missing ones"
+        )
     parse = Counter(r["parse"] for r in records)
-    metrics: dict[str, Any] = {"prompts": len(prompts), "candidates": len(prompts) * s.num_candidates,
-                               "empty_candidates": sum(not c.strip() for cs in cands for c in cs),
-                               **{f"parse_{k}": parse[k] for k in ("ok", "tolerant", "logprobs", "retried", "failed")},
-                               "generate_backend": backend, "select": s.select, "selected_examples": len(chosen),
-                               "prompts_used": sum(any(r["weights"]) for r in records)}
+    metrics: dict[str, Any] = {
+        "prompts": len(prompts),
+        "candidates": len(prompts) * s.num_candidates,
+        "empty_candidates": sum(not c.strip() for cs in cands for c in cs),
+        **{f"parse_{k}": parse[k] for k in ("ok", "tolerant", "logprobs", "retried", "failed")},
+        "generate_backend": backend,
+        "select": s.select,
+        "selected_examples": len(chosen),
+        "prompts_used": sum(any(r["weights"]) for r in records),
+    }
     if not chosen:
-        raise UserError(f"sdf: no candidate was selected: every ranking was unparsable or every candidate empty "
-                        f"(see {cand_path}); a stronger teacher ranks reliably, a larger sdf.max_new_tokens gives "
-                        f"longer candidates")
+        raise UserError(
+            f"sdf: no candidate was selected: every ranking was unparsable or every candidate empty "
+            f"(see {cand_path}); a stronger teacher ranks reliably, a larger sdf.max_new_tokens gives "
+            f"longer candidates"
+        )
     metrics.update(fit(model, tok, chosen, val_d, cfg, stage_dir, s.lr, s.max_epochs, prefix="sdf/"))
     weights = trainable_state(model)  # every rank: under ZeRO-3 this gathers the shards
     if metrics["rank"] == 0:  # under DDP every rank gets here; one writes the adapter (as train.run does)
-        save_adapter(model, tok, stage_dir / "adapter", {"model": cfg.model.name, "from": str(v1),
-                                                        "sdf": to_container(s), "metrics": metrics},
-                     fmt=cfg.train.format, state_dict=weights)
+        save_adapter(
+            model,
+            tok,
+            stage_dir / "adapter",
+            {"model": cfg.model.name, "from": str(v1), "sdf": to_container(s), "metrics": metrics},
+            fmt=cfg.train.format,
+            state_dict=weights,
+        )
     return metrics
 
 
 STAGE = Stage(
-    "sdf", run, reads=("train",), shapes=("sdf", "teacher", "generate.backend"), ignores=BACKEND_KNOBS,
-    writes=("sdf/candidates.jsonl", "sdf/adapter", "sdf/checkpoints", "sdf/logs"), joins_ddp=True,
+    "sdf",
+    run,
+    reads=("train",),
+    shapes=("sdf", "teacher", "generate.backend"),
+    ignores=BACKEND_KNOBS,
+    writes=("sdf/candidates.jsonl", "sdf/adapter", "sdf/checkpoints", "sdf/logs"),
+    joins_ddp=True,
     preflight=check_machine,
     log_wandb=lambda wb, stage_dir: log_adapter(wb, stage_dir, "sdf"),  # v2 as a `model` artifact
 )

@@ -34,17 +34,33 @@ def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
         write_jsonl(stage_dir / "val_dialogs.jsonl", val_d)  # the held-out dialogs eval scores loss on
         write_jsonl(stage_dir / "rejected_dialogs.jsonl", rejects)
     if rejects:
-        log.warning("train: %d dialog(s) of %s are not trained on (%s); see %s", len(rejects), src,
-                    dict(Counter(r["reason"] for r in rejects)), stage_dir / "rejected_dialogs.jsonl")
+        log.warning(
+            "train: %d dialog(s) of %s are not trained on (%s); see %s",
+            len(rejects),
+            src,
+            dict(Counter(r["reason"] for r in rejects)),
+            stage_dir / "rejected_dialogs.jsonl",
+        )
     model, tok = load_base_for_training(cfg)
     pl.seed_everything(cfg.train.seed, verbose=False)  # the LoRA A init is random: same seed, same start
     peft_model = M.attach_lora(model, cfg.lora)
     metrics = fit(peft_model, tok, train_d, val_d, cfg, stage_dir, cfg.train.lr, cfg.trainer.max_epochs)
     weights = trainable_state(peft_model)  # every rank: under ZeRO-3 this gathers the shards
     if metrics["rank"] == 0:  # under DDP every rank gets here; one writes the adapter
-        save_adapter(peft_model, tok, stage_dir / "adapter",
-                     {"model": cfg.model.name, "lora": to_container(cfg.lora), "train": to_container(cfg.train),
-                      "data": str(src), "metrics": metrics}, fmt=cfg.train.format, state_dict=weights)
+        save_adapter(
+            peft_model,
+            tok,
+            stage_dir / "adapter",
+            {
+                "model": cfg.model.name,
+                "lora": to_container(cfg.lora),
+                "train": to_container(cfg.train),
+                "data": str(src),
+                "metrics": metrics,
+            },
+            fmt=cfg.train.format,
+            state_dict=weights,
+        )
     metrics["data"] = str(src)
     metrics["rejected_dialogs"] = len(rejects)
     metrics["rejected_by_reason"] = dict(Counter(r["reason"] for r in rejects))
@@ -53,12 +69,27 @@ def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
 
 
 STAGE = Stage(
-    "train", run, reads=("collect",),
-    shapes=("model", "lora", "train", "trainer.max_epochs", "trainer.max_steps", "trainer.precision",
-            "trainer.accumulate_grad_batches", "trainer.gradient_clip_val"),
+    "train",
+    run,
+    reads=("collect",),
+    shapes=(
+        "model",
+        "lora",
+        "train",
+        "trainer.max_epochs",
+        "trainer.max_steps",
+        "trainer.precision",
+        "trainer.accumulate_grad_batches",
+        "trainer.gradient_clip_val",
+    ),
     ignores=NOT_TRAINING,  # the same keys a checkpoint stays resumable across
-    writes=("train/adapter", "train/checkpoints", "train/logs", "train/val_dialogs.jsonl",
-            "train/rejected_dialogs.jsonl"),
+    writes=(
+        "train/adapter",
+        "train/checkpoints",
+        "train/logs",
+        "train/val_dialogs.jsonl",
+        "train/rejected_dialogs.jsonl",
+    ),
     log_wandb=lambda wb, stage_dir: log_adapter(wb, stage_dir, "train"),  # v1 as a `model` artifact
     # dialogs from another run (train.data) stand in for this run's collect stage: their content is hashed
     external=lambda cfg: {"collect": cfg.train.data} if cfg.train.data else {},

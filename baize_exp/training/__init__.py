@@ -3,7 +3,8 @@
 `fit` trains a PEFT model's LoRA weights on dialogs (packing, loss on AI turns, resumable checkpoints of the
 trainable weights only, MFU and throughput figures, CSV + W&B logs); `save_adapter` writes an adapter folder that
 describes itself (held-out loss per dialog is the eval stage's: `stages/evaluate/likelihood.py`). The pieces:
-`data` (tokenize, pack, batch), `module` (the LightningModule), `fused_lora` (the CPU LoRA layer), `strategy` (DDP / DeepSpeed ZeRO).
+`data` (tokenize, pack, batch), `module` (the LightningModule), `fused_lora` (the CPU LoRA layer),
+`strategy` (DDP / DeepSpeed ZeRO).
 """
 
 from __future__ import annotations
@@ -36,13 +37,23 @@ from baize_exp.training.strategy import build_strategy
 from baize_exp.wandb_log import step_key
 
 log = logging.getLogger(__name__)
-PROMPT_FORMAT = {"format": "baize", "header": BAIZE_HEADER, "human": BAIZE_HUMAN, "ai": BAIZE_AI,
-                 "stop": [BAIZE_HUMAN]}
+PROMPT_FORMAT = {"format": "baize", "header": BAIZE_HEADER, "human": BAIZE_HUMAN, "ai": BAIZE_AI, "stop": [BAIZE_HUMAN]}
 CHAT_TEMPLATE_FORMAT = {"format": "chat_template", "note": "prompts through the saved tokenizer's chat template"}
 # train keys that change neither the weights nor the data order: a checkpoint stays resumable across them, and the
 # train stage's fingerprint leaves them out too (the dialogs themselves are hashed, not train.data's path)
-NOT_TRAINING = frozenset({"resume", "checkpoint_every_n_steps", "stop_at_step", "peak_flops", "sample_every_n_steps",
-                          "sample_prompts", "sample_max_new_tokens", "cache_tokenized", "data"})
+NOT_TRAINING = frozenset(
+    {
+        "resume",
+        "checkpoint_every_n_steps",
+        "stop_at_step",
+        "peak_flops",
+        "sample_every_n_steps",
+        "sample_prompts",
+        "sample_max_new_tokens",
+        "cache_tokenized",
+        "data",
+    }
+)
 
 
 class ResumedCSVLogger(CSVLogger):
@@ -123,8 +134,10 @@ def check_machine(cfg: Any) -> None:
     """Before any work: what training asks of this machine (a GPU trainer needs a GPU), and a loadable model."""
     M.check_loadable(cfg.model)
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} (trainer=gpu) but no CUDA GPU is visible "
-                        f"here (torch {torch.__version__}); use trainer=cpu on this machine, or run on a GPU machine")
+        raise UserError(
+            f"trainer.accelerator={cfg.trainer.accelerator} (trainer=gpu) but no CUDA GPU is visible "
+            f"here (torch {torch.__version__}); use trainer=cpu on this machine, or run on a GPU machine"
+        )
 
 
 def _device(cfg: Any) -> torch.device:
@@ -150,9 +163,19 @@ def _fingerprint(cfg: Any, lr: float, max_epochs: int, prefix: str, train_dialog
     """What a checkpoint's weights and data order depend on; resuming from another config is refused."""
     t = {k: v for k, v in to_container(cfg.train).items() if k not in NOT_TRAINING}
     tr = cfg.trainer
-    return content_hash(to_container(cfg.model), to_container(cfg.lora), t, lr, max_epochs, prefix,
-                        tr.max_steps, tr.accumulate_grad_batches, tr.gradient_clip_val, str(tr.precision),
-                        [d["turns"] for d in train_dialogs])
+    return content_hash(
+        to_container(cfg.model),
+        to_container(cfg.lora),
+        t,
+        lr,
+        max_epochs,
+        prefix,
+        tr.max_steps,
+        tr.accumulate_grad_batches,
+        tr.gradient_clip_val,
+        str(tr.precision),
+        [d["turns"] for d in train_dialogs],
+    )
 
 
 def _resume_path(cfg: Any, ckpt_dir: Path) -> str | None:
@@ -178,7 +201,12 @@ class StopAtStep(pl.Callback):
         self.armed = trainer.global_step < self.step
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self.armed and trainer.global_step >= self.step and not self.stopped and trainer.global_step < trainer.max_steps:
+        if (
+            self.armed
+            and trainer.global_step >= self.step
+            and not self.stopped
+            and trainer.global_step < trainer.max_steps
+        ):
             trainer.save_checkpoint(str(self.ckpt))  # every rank: DeepSpeed writes its shards
             trainer.should_stop = self.stopped = True
 
@@ -194,8 +222,9 @@ class FitThreads(pl.Callback):
 class SampleCallback(pl.Callback):
     """Every N optimizer steps, greedy answers to fixed prompts: a W&B table and `<stage>/samples.jsonl`."""
 
-    def __init__(self, tok: Any, prompts: list[str], every: int, max_new_tokens: int, fmt: str, out: Path,
-                 prefix: str = ""):
+    def __init__(
+        self, tok: Any, prompts: list[str], every: int, max_new_tokens: int, fmt: str, out: Path, prefix: str = ""
+    ):
         self.tok, self.every, self.max_new_tokens, self.out, self.prefix = tok, every, max_new_tokens, out, prefix
         self.prompts = [generation_prompt(p, fmt, tok) for p in prompts]
         self.stop: list[str] = [] if fmt == "chat_template" else [BAIZE_HUMAN]
@@ -222,9 +251,18 @@ class SampleCallback(pl.Callback):
                 lg.log_table(key=f"{self.prefix}train/samples", columns=["step", "prompt", "sample"], data=rows)
 
 
-def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_dialogs: list[dict], cfg: Any,
-        stage_dir: Path, lr: float, max_epochs: int, prefix: str = "",
-        callbacks: list[pl.Callback] | None = None) -> dict:
+def fit(
+    peft_model: torch.nn.Module,
+    tok: Any,
+    train_dialogs: list[dict],
+    val_dialogs: list[dict],
+    cfg: Any,
+    stage_dir: Path,
+    lr: float,
+    max_epochs: int,
+    prefix: str = "",
+    callbacks: list[pl.Callback] | None = None,
+) -> dict:
     """Train the LoRA weights of `peft_model` in place with Lightning; return metrics.
 
     Checkpoints (trainable weights + optimizer/scheduler/loop/RNG state) go to `<stage_dir>/checkpoints`;
@@ -233,8 +271,18 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
     t, tr = cfg.train, cfg.trainer
     peak = _peak_flops(cfg)  # before seeding: the probe must not shift the seeded RNG stream
     pl.seed_everything(t.seed, workers=True, verbose=False)
-    dm = DialogDataModule(train_dialogs, val_dialogs, tok, t.max_length, t.batch_size, t.loss_on, t.seed,
-                          fmt=t.format, packing=t.packing, cache=cache_dir(cfg) if t.cache_tokenized else None)
+    dm = DialogDataModule(
+        train_dialogs,
+        val_dialogs,
+        tok,
+        t.max_length,
+        t.batch_size,
+        t.loss_on,
+        t.seed,
+        fmt=t.format,
+        packing=t.packing,
+        cache=cache_dir(cfg) if t.cache_tokenized else None,
+    )
     if t.gradient_checkpointing:
         # non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads trick needed)
         if hasattr(peft_model, "activation_checkpointing_enable"):  # transformers >= 5 name
@@ -243,31 +291,65 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
             peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if t.fused_lora:
         use_fused_lora(peft_model)
-    module = LoraLM(peft_model, lr=lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, log_prefix=prefix,
-                    min_lr_ratio=t.min_lr_ratio, peak_flops=peak,
-                    fingerprint=_fingerprint(cfg, lr, max_epochs, prefix, train_dialogs))
+    module = LoraLM(
+        peft_model,
+        lr=lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        log_prefix=prefix,
+        min_lr_ratio=t.min_lr_ratio,
+        peak_flops=peak,
+        fingerprint=_fingerprint(cfg, lr, max_epochs, prefix, train_dialogs),
+    )
     ckpt_dir = stage_dir / "checkpoints"
     cbs: list[pl.Callback] = [*(callbacks or []), FitThreads()]
     if t.checkpoint_every_n_steps > 0:
         from pytorch_lightning.callbacks import ModelCheckpoint
 
-        cbs.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step}", save_top_k=0, save_last=True,
-                                   every_n_train_steps=t.checkpoint_every_n_steps, auto_insert_metric_name=False))
+        cbs.append(
+            ModelCheckpoint(
+                dirpath=str(ckpt_dir),
+                filename="step{step}",
+                save_top_k=0,
+                save_last=True,
+                every_n_train_steps=t.checkpoint_every_n_steps,
+                auto_insert_metric_name=False,
+            )
+        )
     if t.sample_every_n_steps > 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        cbs.append(SampleCallback(tok, list(t.sample_prompts), t.sample_every_n_steps, t.sample_max_new_tokens,
-                                  t.format, stage_dir / f"{prefix.strip('/') or 'train'}_samples.jsonl", prefix))
+        cbs.append(
+            SampleCallback(
+                tok,
+                list(t.sample_prompts),
+                t.sample_every_n_steps,
+                t.sample_max_new_tokens,
+                t.format,
+                stage_dir / f"{prefix.strip('/') or 'train'}_samples.jsonl",
+                prefix,
+            )
+        )
     stop = StopAtStep(t.stop_at_step, ckpt_dir / "last.ckpt") if t.stop_at_step else None
     cbs += [stop] if stop else []
     ckpt_path = _resume_path(cfg, ckpt_dir)
     trainer = pl.Trainer(
-        accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, precision=tr.precision,
-        strategy=build_strategy(cfg.strategy, cfg.trainer, cfg.train.batch_size), max_epochs=max_epochs, max_steps=tr.max_steps,
-        accumulate_grad_batches=tr.accumulate_grad_batches, gradient_clip_val=tr.gradient_clip_val,
-        log_every_n_steps=tr.log_every_n_steps, enable_progress_bar=tr.enable_progress_bar,
+        accelerator=tr.accelerator,
+        devices=tr.devices,
+        num_nodes=tr.num_nodes,
+        precision=tr.precision,
+        strategy=build_strategy(cfg.strategy, cfg.trainer, cfg.train.batch_size),
+        max_epochs=max_epochs,
+        max_steps=tr.max_steps,
+        accumulate_grad_batches=tr.accumulate_grad_batches,
+        gradient_clip_val=tr.gradient_clip_val,
+        log_every_n_steps=tr.log_every_n_steps,
+        enable_progress_bar=tr.enable_progress_bar,
         logger=build_logger(cfg, stage_dir, prefix, _checkpoint_step(ckpt_path)),
         enable_checkpointing=t.checkpoint_every_n_steps > 0,
-        callbacks=cbs, enable_model_summary=False, default_root_dir=str(stage_dir), num_sanity_val_steps=0,
+        callbacks=cbs,
+        enable_model_summary=False,
+        default_root_dir=str(stage_dir),
+        num_sanity_val_steps=0,
         limit_val_batches=1.0 if dm.val_set else 0,
         use_distributed_sampler=False,  # our batch sampler shards by rank itself and can resume mid-epoch
     )
@@ -279,20 +361,30 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     elapsed = time.perf_counter() - t0
     if stop and stop.stopped:
-        raise Interrupted(f"{prefix or 'train/'}: stopped after step {trainer.global_step} as train.stop_at_step="
-                          f"{t.stop_at_step} asks; the checkpoint is {ckpt_dir / 'last.ckpt'}; the same command "
-                          f"continues from it")
+        raise Interrupted(
+            f"{prefix or 'train/'}: stopped after step {trainer.global_step} as train.stop_at_step="
+            f"{t.stop_at_step} asks; the checkpoint is {ckpt_dir / 'last.ckpt'}; the same command "
+            f"continues from it"
+        )
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
     total, trainable = M.count_parameters(peft_model)
     world = trainer.world_size
     out = {
-        "train_dialogs": len(dm.train_examples), "val_dialogs": len(dm.val_set), "dropped_too_long": dm.dropped,
-        "train_rows": len(dm.train_set), "steps": trainer.global_step, "epochs": trainer.current_epoch,
-        "seconds": round(elapsed, 2), "resumed_from": ckpt_path, "world_size": world,
+        "train_dialogs": len(dm.train_examples),
+        "val_dialogs": len(dm.val_set),
+        "dropped_too_long": dm.dropped,
+        "train_rows": len(dm.train_set),
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "seconds": round(elapsed, 2),
+        "resumed_from": ckpt_path,
+        "world_size": world,
         # this process's work over the whole fit (setup and validation included); per-step rates are logged
         "tokens_per_s": round(world * module.run_tokens / elapsed, 1),
         "supervised_tokens_per_s": round(world * module.run_supervised / elapsed, 1),
-        "params_total": total, "params_trainable": trainable, "peak_flops": peak,
+        "params_total": total,
+        "params_trainable": trainable,
+        "peak_flops": peak,
         "peak_mem_gb": round(peak_memory_gb(module.device), 3),
         "train_loss": m.get(f"{prefix}train/loss"),
     }
@@ -303,10 +395,17 @@ def fit(peft_model: torch.nn.Module, tok: Any, train_dialogs: list[dict], val_di
         out["val_loss"] = m[f"{prefix}val/loss"]
         out["val_ppl"] = math.exp(min(out["val_loss"], 50))
     # what each rank did: a DDP run can be checked rank by rank (equal batch counts, disjoint shards)
-    write_json(stage_dir / f"{prefix.strip('/') or 'train'}_rank{trainer.global_rank}.json",
-               {"rank": trainer.global_rank, "world_size": world, "batches_trained": module.batches_trained,
-                "tokens_seen": module.tokens_seen, "supervised_seen": module.supervised_seen,
-                "last_losses": module.step_losses[-5:]})
+    write_json(
+        stage_dir / f"{prefix.strip('/') or 'train'}_rank{trainer.global_rank}.json",
+        {
+            "rank": trainer.global_rank,
+            "world_size": world,
+            "batches_trained": module.batches_trained,
+            "tokens_seen": module.tokens_seen,
+            "supervised_seen": module.supervised_seen,
+            "last_losses": module.step_losses[-5:],
+        },
+    )
     out["rank"] = trainer.global_rank
     return out
 
@@ -325,8 +424,14 @@ def trainable_state(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in named}
 
 
-def save_adapter(peft_model: Any, tok: Any, out: Path, extra: dict, fmt: str = "baize",
-                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def save_adapter(
+    peft_model: Any,
+    tok: Any,
+    out: Path,
+    extra: dict,
+    fmt: str = "baize",
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """An adapter folder that describes itself: peft weights + config, tokenizer, prompt format, provenance.
     `state_dict`: the weights to write (`trainable_state`, gathered under ZeRO-3), else the model's own."""
     out.mkdir(parents=True, exist_ok=True)
@@ -344,8 +449,10 @@ def load_base_for_training(cfg: Any) -> tuple[torch.nn.Module, Any]:
     if q == "none":
         return M.load_model_and_tokenizer(cfg.model, cache_dir(cfg), M.base_dtype(cfg.model, cfg.trainer.precision))
     if not torch.cuda.is_available():
-        raise UserError(f"model.quantization={q}: bitsandbytes quantization needs a CUDA GPU and none is visible; "
-                        f"use model.quantization=none on CPU")
+        raise UserError(
+            f"model.quantization={q}: bitsandbytes quantization needs a CUDA GPU and none is visible; "
+            f"use model.quantization=none on CPU"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
@@ -355,14 +462,21 @@ def load_base_for_training(cfg: Any) -> tuple[torch.nn.Module, Any]:
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    qc = (BitsAndBytesConfig(load_in_8bit=True) if q == "8bit" else
-          BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16))
+    qc = (
+        BitsAndBytesConfig(load_in_8bit=True)
+        if q == "8bit"
+        else BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    )
     tok = M.load_tokenizer(cfg.model, cache_dir(cfg))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    model = AutoModelForCausalLM.from_pretrained(M.resolve_model_dir(cfg.model, cache_dir(cfg)),
-                                                 quantization_config=qc, device_map={"": local_rank})
+    model = AutoModelForCausalLM.from_pretrained(
+        M.resolve_model_dir(cfg.model, cache_dir(cfg)), quantization_config=qc, device_map={"": local_rank}
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
-

@@ -47,7 +47,7 @@ def _baize_segments(turns: list[dict]) -> list[Segment]:
     for text, is_ai in baize_segments(turns):
         if not is_ai and prev_ai and text.startswith(f"\n{BAIZE_HUMAN}"):
             out.append((f"\n{BAIZE_HUMAN}", True, True))
-            text = text[len(f"\n{BAIZE_HUMAN}"):]
+            text = text[len(f"\n{BAIZE_HUMAN}") :]
         elif is_ai and text == f"\n{BAIZE_HUMAN}":  # the closing marker after the last AI turn
             out.append((text, True, True))
             prev_ai = False
@@ -72,19 +72,22 @@ def _chat_template_segments(turns: list[dict], tok: Any) -> list[Segment]:
         if m["role"] != "assistant":
             continue
         prompt = tok.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template(msgs[:k + 1], tokenize=False)
+        full = tok.apply_chat_template(msgs[: k + 1], tokenize=False)
         if not (full.startswith(prompt) and prompt.startswith(done)):
-            raise ValueError("train.format=chat_template: this tokenizer's template does not render a conversation "
-                             "as a prefix of its continuation, so assistant tokens cannot be located; use "
-                             "train.format=baize")
-        out.append((prompt[len(done):], False, False))
-        out.append((full[len(prompt):], True, True))
+            raise ValueError(
+                "train.format=chat_template: this tokenizer's template does not render a conversation "
+                "as a prefix of its continuation, so assistant tokens cannot be located; use "
+                "train.format=baize"
+            )
+        out.append((prompt[len(done) :], False, False))
+        out.append((full[len(prompt) :], True, True))
         done = full
     return out
 
 
-def tokenize_dialog(turns: list[dict], tok: Any, max_length: int, loss_on: str = "ai",
-                    fmt: str = "baize") -> dict | None:
+def tokenize_dialog(
+    turns: list[dict], tok: Any, max_length: int, loss_on: str = "ai", fmt: str = "baize"
+) -> dict | None:
     """Token ids and labels for one dialog.
 
     Labels cover only the AI's turns (with what closes them) when `loss_on="ai"`, every token when "all".
@@ -127,12 +130,21 @@ def tokenizer_fingerprint(tok: Any) -> str:
     """A hash of what the tokenizer does (vocab, merges, special tokens, chat template), not where it lives."""
     backend = getattr(tok, "backend_tokenizer", None)
     spec = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
-    return hashlib.sha256("\0".join([spec, str(getattr(tok, "chat_template", "")), str(tok.bos_token),
-                                     str(getattr(tok, "add_bos_token", False))]).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        "\0".join(
+            [
+                spec,
+                str(getattr(tok, "chat_template", "")),
+                str(tok.bos_token),
+                str(getattr(tok, "add_bos_token", False)),
+            ]
+        ).encode()
+    ).hexdigest()[:16]
 
 
-def encode_dialogs(dialogs: list[dict], tok: Any, max_length: int, loss_on: str = "ai", fmt: str = "baize",
-                   cache: Path | None = None) -> tuple[list[dict], list[str]]:
+def encode_dialogs(
+    dialogs: list[dict], tok: Any, max_length: int, loss_on: str = "ai", fmt: str = "baize", cache: Path | None = None
+) -> tuple[list[dict], list[str]]:
     """Tokenize dialogs (from the disk cache when it holds this exact input); return (examples, dropped ids).
 
     The cache key is the tokenizer's content, the format, loss_on, max_length and the dialogs themselves.
@@ -142,8 +154,9 @@ def encode_dialogs(dialogs: list[dict], tok: Any, max_length: int, loss_on: str 
             raise ValueError(f"dialog {d.get('id', i) if isinstance(d, dict) else i!r}: {err}")
     path = None
     if cache is not None:
-        key = content_hash(TOKENIZED_VERSION, tokenizer_fingerprint(tok), fmt, loss_on, max_length,
-                           [d["turns"] for d in dialogs], n=24)
+        key = content_hash(
+            TOKENIZED_VERSION, tokenizer_fingerprint(tok), fmt, loss_on, max_length, [d["turns"] for d in dialogs], n=24
+        )
         path = Path(cache) / "tokenized" / f"{key}.pt"
         if path.is_file():
             blob = torch.load(path, weights_only=True)
@@ -159,13 +172,20 @@ def encode_dialogs(dialogs: list[dict], tok: Any, max_length: int, loss_on: str 
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write at once; rename is atomic
-        torch.save({"input_ids": [x["input_ids"] for x in examples], "labels": [x["labels"] for x in examples],
-                    "dropped": dropped}, tmp)
+        torch.save(
+            {
+                "input_ids": [x["input_ids"] for x in examples],
+                "labels": [x["labels"] for x in examples],
+                "dropped": dropped,
+            },
+            tmp,
+        )
         tmp.replace(path)
     return examples, dropped
 
 
 # --- packing -----------------------------------------------------------------------------------------------------
+
 
 def pack_examples(lengths: list[int], max_length: int) -> list[list[int]]:
     """Group example indices into rows of at most `max_length` tokens (best-fit decreasing; deterministic)."""
@@ -248,6 +268,7 @@ def attention_sq_lengths(batch: dict[str, torch.Tensor]) -> int:
 
 # --- batching that can resume mid-epoch --------------------------------------------------------------------------
 
+
 class ResumableBatchSampler(Sampler[list[int]]):
     """Batches of dataset indices whose order depends only on (seed, epoch), sharded over ranks.
 
@@ -257,8 +278,16 @@ class ResumableBatchSampler(Sampler[list[int]]):
     start after the first n batches of this rank, so a resumed run sees exactly the batches it would have seen.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int, group_by_length: bool,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        group_by_length: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.lengths, self.batch_size, self.shuffle, self.seed = lengths, batch_size, shuffle, seed
         self.group_by_length, self.rank, self.world_size = group_by_length, rank, world_size
         self.epoch = 0
@@ -273,9 +302,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
         order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
         if self.group_by_length:
             chunk = self.batch_size * 64
-            order = [i for c in range(0, n, chunk)
-                     for i in sorted(order[c:c + chunk], key=lambda i: -self.lengths[i])]
-        batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+            order = [
+                i for c in range(0, n, chunk) for i in sorted(order[c : c + chunk], key=lambda i: -self.lengths[i])
+            ]
+        batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
         if self.shuffle and self.group_by_length:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         while len(batches) < self.world_size:
@@ -286,7 +316,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return max(-(-len(self.lengths) // self.batch_size), self.world_size) // self.world_size
 
     def __iter__(self):
-        mine = self._all_batches()[self.rank::self.world_size][:len(self)]
+        mine = self._all_batches()[self.rank :: self.world_size][: len(self)]
         skip, self._skip = self._skip, 0
         yield from mine[skip:]
 
@@ -296,9 +326,19 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 
 class DialogDataModule(pl.LightningDataModule):
-    def __init__(self, train_dialogs: list[dict], val_dialogs: list[dict], tok: Any, max_length: int,
-                 batch_size: int, loss_on: str = "ai", seed: int = 0, fmt: str = "baize", packing: bool = False,
-                 cache: Path | None = None):
+    def __init__(
+        self,
+        train_dialogs: list[dict],
+        val_dialogs: list[dict],
+        tok: Any,
+        max_length: int,
+        batch_size: int,
+        loss_on: str = "ai",
+        seed: int = 0,
+        fmt: str = "baize",
+        packing: bool = False,
+        cache: Path | None = None,
+    ):
         super().__init__()
         self.tok, self.batch_size, self.seed, self.packing = tok, batch_size, seed, packing
         self.train_examples, dropped_train = encode_dialogs(train_dialogs, tok, max_length, loss_on, fmt, cache)
@@ -306,11 +346,17 @@ class DialogDataModule(pl.LightningDataModule):
         self.dropped_ids = dropped_train + dropped_val
         self.dropped = len(self.dropped_ids)
         if self.dropped:
-            log.warning("train: %d dialog(s) whose first exchange exceeds train.max_length=%d were left out: %s",
-                        self.dropped, max_length, self.dropped_ids[:10])
+            log.warning(
+                "train: %d dialog(s) whose first exchange exceeds train.max_length=%d were left out: %s",
+                self.dropped,
+                max_length,
+                self.dropped_ids[:10],
+            )
         if not self.train_examples:
-            raise UserError(f"train: no training dialog fits train.max_length={max_length} tokens (all "
-                            f"{len(dropped_train)} have a first exchange longer than that); raise train.max_length")
+            raise UserError(
+                f"train: no training dialog fits train.max_length={max_length} tokens (all "
+                f"{len(dropped_train)} have a first exchange longer than that); raise train.max_length"
+            )
         # Packed rows are built once (deterministic); their order changes per epoch through the sampler.
         if packing:
             rows = pack_examples([len(x["input_ids"]) for x in self.train_examples], max_length)
@@ -320,12 +366,22 @@ class DialogDataModule(pl.LightningDataModule):
         self.val_set = self.val_examples  # unpacked: val loss per dialog, comparable across packing settings
 
     def _loader(self, data: list[dict], shuffle: bool, rank: int, world_size: int) -> DataLoader:
-        sampler = ResumableBatchSampler([len(x["input_ids"]) for x in data], self.batch_size, shuffle, self.seed,
-                                        group_by_length=not self.packing or not shuffle, rank=rank,
-                                        world_size=world_size)
+        sampler = ResumableBatchSampler(
+            [len(x["input_ids"]) for x in data],
+            self.batch_size,
+            shuffle,
+            self.seed,
+            group_by_length=not self.packing or not shuffle,
+            rank=rank,
+            world_size=world_size,
+        )
         # A generator of our own: the loader must not draw from the global RNG (exact resume depends on it).
-        return DataLoader(data, batch_sampler=sampler, generator=torch.Generator().manual_seed(self.seed),
-                          collate_fn=lambda b: collate(b, self.tok.pad_token_id))
+        return DataLoader(
+            data,
+            batch_sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=lambda b: collate(b, self.tok.pad_token_id),
+        )
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer

@@ -42,8 +42,16 @@ class _LoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                b: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scaling: float,
+        p: float,
+    ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.nn.functional.linear(x2, weight, bias)
         keep = keep_mask(x2.shape, p) if p > 0 else None
@@ -86,8 +94,13 @@ def _fusable(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> str | No
         return None
     base = layer.get_base_layer()
     a, b = layer.lora_A[name], layer.lora_B[name]
-    if (type(base) is not torch.nn.Linear or getattr(layer, "fan_in_fan_out", False) or base.weight.requires_grad
-            or b.bias is not None or not isinstance(layer.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity))):
+    if (
+        type(base) is not torch.nn.Linear
+        or getattr(layer, "fan_in_fan_out", False)
+        or base.weight.requires_grad
+        or b.bias is not None
+        or not isinstance(layer.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity))
+    ):
         return None
     if not (x.dtype == base.weight.dtype == a.weight.dtype == b.weight.dtype):
         return None
@@ -102,8 +115,15 @@ def _forward(layer: Any, peft_forward: Any, x: torch.Tensor, *args: Any, **kwarg
         return peft_forward(x, *args, **kwargs)
     base, drop = layer.get_base_layer(), layer.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
-    return _LoraLinear.apply(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                             float(layer.scaling[name]), float(p))
+    return _LoraLinear.apply(
+        x,
+        base.weight,
+        base.bias,
+        layer.lora_A[name].weight,
+        layer.lora_B[name].weight,
+        float(layer.scaling[name]),
+        float(p),
+    )
 
 
 def use_fused_lora(model: torch.nn.Module) -> int:

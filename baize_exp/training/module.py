@@ -8,8 +8,9 @@ MFU (model FLOPs utilisation) counts the FLOPs the model needs for the real (non
 forward 2·N_frozen + 2·N_lora, backward 2·N_frozen (gradients flow through the frozen weights to the inputs, but
 no weight gradient is formed for them) + 4·N_lora, so 4·N_frozen + 6·N_lora in all (6·N for full fine-tuning);
 N_frozen counts the frozen matmul weights (every nn.Linear; the embedding lookup is not a matmul). The LM head's
-4·N_head is counted only for tokens that are targets, since `LoraLM.loss` runs the head only there. Causal attention adds 6·n_layers·d_attn·len² per dialog (QKᵀ and AV, forward 2·d·len², backward twice
-that). Activation recomputation (gradient checkpointing) is not counted: it is overhead, not model work. The
+4·N_head is counted only for tokens that are targets, since `LoraLM.loss` runs the head only there. Causal
+attention adds 6·n_layers·d_attn·len² per dialog (QKᵀ and AV, forward 2·d·len², backward twice that).
+Activation recomputation (gradient checkpointing) is not counted: it is overhead, not model work. The
 figure is divided by a peak measured in this process with a matmul probe (`measure_matmul_peak`) or configured.
 """
 
@@ -26,8 +27,9 @@ import torch
 from baize_exp.training.data import IGNORE, attention_sq_lengths, block_causal_mask, tokens_in
 
 
-def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                        seconds: float = 1.0) -> float:
+def measure_matmul_peak(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seconds: float = 1.0
+) -> float:
     """Best FLOP/s of square matmuls on `device` over about `seconds` (the ceiling MFU is measured against)."""
     device = torch.device(device)
     n = 4096 if device.type == "cuda" else 1024
@@ -49,8 +51,9 @@ def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype =
 
 def flop_counts(model: torch.nn.Module) -> dict[str, int]:
     """Parameter counts the FLOP formula needs (see the module docstring)."""
-    frozen = sum(m.weight.numel() for m in model.modules()
-                 if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+    frozen = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+    )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_n = head.weight.numel() if head is not None and not head.weight.requires_grad else 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -58,14 +61,22 @@ def flop_counts(model: torch.nn.Module) -> dict[str, int]:
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
     heads = getattr(cfg, "num_attention_heads", 0) or 0
     head_dim = getattr(cfg, "head_dim", None) or ((getattr(cfg, "hidden_size", 0) or 0) // max(heads, 1))
-    return {"frozen_matmul": frozen - head_n, "lm_head": head_n, "trainable": trainable, "layers": layers,
-            "d_attn": heads * head_dim}
+    return {
+        "frozen_matmul": frozen - head_n,
+        "lm_head": head_n,
+        "trainable": trainable,
+        "layers": layers,
+        "d_attn": heads * head_dim,
+    }
 
 
 def model_flops(f: dict[str, int], tokens: int, head_tokens: int, sq_lengths: int) -> float:
     """FLOPs of one forward+backward over `tokens` real tokens (the LM head over `head_tokens` of them)."""
-    return ((4 * f["frozen_matmul"] + 6 * f["trainable"]) * tokens + 4 * f["lm_head"] * head_tokens
-            + 6 * f["layers"] * f["d_attn"] * sq_lengths)
+    return (
+        (4 * f["frozen_matmul"] + 6 * f["trainable"]) * tokens
+        + 4 * f["lm_head"] * head_tokens
+        + 6 * f["layers"] * f["d_attn"] * sq_lengths
+    )
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -89,9 +100,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 class LoraLM(pl.LightningModule):
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 log_prefix: str = "", min_lr_ratio: float = 0.1, peak_flops: float | None = None,
-                 fingerprint: str | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lr: float,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        log_prefix: str = "",
+        min_lr_ratio: float = 0.1,
+        peak_flops: float | None = None,
+        fingerprint: str | None = None,
+    ):
         super().__init__()
         self.model = model  # a peft model: only LoRA weights require grad
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
@@ -118,7 +137,9 @@ class LoraLM(pl.LightningModule):
             if "flash" not in str(impl):  # flash-attention finds the boundaries from position_ids alone
                 mask = block_causal_mask(batch["doc_ids"])
                 if impl == "eager":  # eager adds the mask to the scores
-                    mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+                    mask = torch.zeros(mask.shape, device=mask.device).masked_fill(
+                        ~mask, torch.finfo(torch.float32).min
+                    )
                 kw["attention_mask"] = mask
         else:
             kw["attention_mask"] = batch["attention_mask"]
@@ -175,7 +196,11 @@ class LoraLM(pl.LightningModule):
         self.run_flops += flops
         self.batches_trained += 1
         w = self._window
-        w["tokens"], w["supervised"], w["flops"] = w["tokens"] + tokens, w["supervised"] + supervised, w["flops"] + flops
+        w["tokens"], w["supervised"], w["flops"] = (
+            w["tokens"] + tokens,
+            w["supervised"] + supervised,
+            w["flops"] + flops,
+        )
         self.step_losses.append(float(loss.detach()))
         self.log(f"{self.prefix}train/loss", loss, prog_bar=True, batch_size=max(supervised, 1))
         return loss
@@ -232,18 +257,24 @@ class LoraLM(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["baize"] = {"batches_trained": self.batches_trained, "rng": _rng_state(),
-                               "fingerprint": self.fingerprint, "tokens_seen": self.tokens_seen,
-                               "supervised_seen": self.supervised_seen}
+        checkpoint["baize"] = {
+            "batches_trained": self.batches_trained,
+            "rng": _rng_state(),
+            "fingerprint": self.fingerprint,
+            "tokens_seen": self.tokens_seen,
+            "supervised_seen": self.supervised_seen,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("baize")
         if state is None:
             raise ValueError("checkpoint was not written by baize_exp (no 'baize' state); cannot resume from it")
         if self.fingerprint and state.get("fingerprint") and state["fingerprint"] != self.fingerprint:
-            raise ValueError(f"checkpoint was written for a different model/LoRA/train config or data "
-                             f"({state['fingerprint']} != {self.fingerprint}); set train.resume=never or use a "
-                             f"new run dir")
+            raise ValueError(
+                f"checkpoint was written for a different model/LoRA/train config or data "
+                f"({state['fingerprint']} != {self.fingerprint}); set train.resume=never or use a "
+                f"new run dir"
+            )
         missing = self._trainable_keys() - set(checkpoint["state_dict"])
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} trainable weight(s), e.g. {sorted(missing)[:3]}")

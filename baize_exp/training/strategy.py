@@ -60,8 +60,14 @@ def deepspeed_config(scfg: Any, tcfg: Any, micro_batch_size: int) -> dict[str, A
         cfg["bf16"] = {"enabled": True}
     elif half == "fp16":
         # Dynamic loss scaling (loss_scale 0) as fp16 training needs; the rest are DeepSpeed's defaults spelt out.
-        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                       "hysteresis": 2, "min_loss_scale": 1}
+        cfg["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
     return cfg
 
 
@@ -112,8 +118,10 @@ def build_strategy(scfg: Any, tcfg: Any = None, micro_batch_size: int = 1) -> An
         return DDPStrategy(find_unused_parameters=bool(scfg.find_unused_parameters))
     if scfg.name == "deepspeed":
         if tcfg is None:
-            raise ValueError("build_strategy(strategy.name=deepspeed) needs the trainer config for precision, "
-                             "clipping and accumulation")
+            raise ValueError(
+                "build_strategy(strategy.name=deepspeed) needs the trainer config for precision, "
+                "clipping and accumulation"
+            )
         config = deepspeed_config(scfg, tcfg, micro_batch_size)
         # Lightning sets accumulation from Trainer(accumulate_grad_batches=...) and refuses it in the dict.
         config.pop("gradient_accumulation_steps")

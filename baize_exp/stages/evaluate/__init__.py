@@ -72,12 +72,20 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     if e.judge_mode == "reference" or (e.judge_mode == "pairwise" and e.pairwise_against == "reference"):
         missing = [q["question_id"] for q in questions if not q.get("reference")]
         if missing:
-            raise ValueError(f"eval.judge_mode={e.judge_mode} needs a 'reference' answer for every question; "
-                             f"{e.questions or 'the shipped set'} lacks one for {missing[:10]}")
+            raise ValueError(
+                f"eval.judge_mode={e.judge_mode} needs a 'reference' answer for every question; "
+                f"{e.questions or 'the shipped set'} lacks one for {missing[:10]}"
+            )
     val_path, val_dialogs = _heldout(cfg, run_dir)
     specs, skipped = resolve_models(list(e.models), run_dir)
-    metrics: dict[str, Any] = {"questions": len(questions), "judge_mode": e.judge_mode, "skipped_models": skipped,
-                               "heldout_dialogs": len(val_dialogs), "answers_generated": 0, "answers_cached": 0}
+    metrics: dict[str, Any] = {
+        "questions": len(questions),
+        "judge_mode": e.judge_mode,
+        "skipped_models": skipped,
+        "heldout_dialogs": len(val_dialogs),
+        "answers_generated": 0,
+        "answers_cached": 0,
+    }
     if not val_dialogs:  # said, not silently missing: too few dialogs for a split, or train.val_fraction=0
         log.warning("eval: no held-out dialogs in %s; held-out loss is not computed", val_path)
 
@@ -134,16 +142,28 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     retry = e.verdict_retry if e.judge_mode == "pairwise" else e.score_retry
     judge_cache = KeyedJsonl(answer_cache_dir(cfg) / "judgments" / f"{chat_identity(cfg.judge)}.jsonl")
     # the models' judgments and the judge check in one batch of requests: the client keeps them all in flight
-    everything = run_judge(backends.client("judge"), e.judge_mode, jobs + check_jobs, retry,
-                           logprobs=e.judge_logprobs, cache=judge_cache, fallbacks=tuple(e.judge_fallbacks))
-    judgments, check_judgments = everything[:len(jobs)], everything[len(jobs):]
+    everything = run_judge(
+        backends.client("judge"),
+        e.judge_mode,
+        jobs + check_jobs,
+        retry,
+        logprobs=e.judge_logprobs,
+        cache=judge_cache,
+        fallbacks=tuple(e.judge_fallbacks),
+    )
+    judgments, check_judgments = everything[: len(jobs)], everything[len(jobs) :]
     write_jsonl(stage_dir / "judgments.jsonl", judgments)
     failed = [x for x in answers + everything if x.get("failed")]
     if failed:  # the answers and the judgments that came back are cached: a rerun sends only these again
-        raise Interrupted(f"eval: {len(failed)} judge or teacher request(s) failed (last: {failed[-1]['failed']}). "
-                          f"Everything that came back is cached; a rerun asks only for the missing ones")
-    sent = [j for job, j in zip(jobs + check_jobs, everything, strict=True)
-            if job["messages"] is not None and not j.get("cached")]
+        raise Interrupted(
+            f"eval: {len(failed)} judge or teacher request(s) failed (last: {failed[-1]['failed']}). "
+            f"Everything that came back is cached; a rerun asks only for the missing ones"
+        )
+    sent = [
+        j
+        for job, j in zip(jobs + check_jobs, everything, strict=True)
+        if job["messages"] is not None and not j.get("cached")
+    ]
     metrics["judge_requests"] = len(sent) + sum("judge_reply_retry" in j for j in sent)
     metrics["judge_cached"] = sum(bool(j.get("cached")) for j in judgments)  # of the models' judgments
     for how in ("ok", "tolerant", "logprob", "retried", "failed"):
@@ -153,13 +173,28 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     check = reliability.get("judge_check")
     note = CANNOT_DISCRIMINATE if check is not None and not check["discriminates"] else ""
     if check is not None:
-        metrics.update({"judge_check/accuracy": check["accuracy"], "judge_check/ci": [check["ci_low"],
-                        check["ci_high"]], "judge_check/n": check["n"], "judge_check/discriminates":
-                        check["discriminates"]})
+        metrics.update(
+            {
+                "judge_check/accuracy": check["accuracy"],
+                "judge_check/ci": [check["ci_low"], check["ci_high"]],
+                "judge_check/n": check["n"],
+                "judge_check/discriminates": check["discriminates"],
+            }
+        )
     rows = score_table(judgments, e.bootstrap, e.seed)
     for model, lc in reliability.get("lc_win_rate", {}).items():
-        rows.append({"model": model, "category": "all", "mode": "pairwise_lc", "n": lc["n"], "mean": round(lc["lc"], 4),
-                     "ci_low": round(lc["ci_low"], 4), "ci_high": round(lc["ci_high"], 4), "parse_failures": 0})
+        rows.append(
+            {
+                "model": model,
+                "category": "all",
+                "mode": "pairwise_lc",
+                "n": lc["n"],
+                "mean": round(lc["lc"], 4),
+                "ci_low": round(lc["ci_low"], 4),
+                "ci_high": round(lc["ci_high"], 4),
+                "parse_failures": 0,
+            }
+        )
         metrics[f"{model}/lc_win_rate"] = lc["lc"]
     for model, pa in reliability.get("position_agreement", {}).items():
         metrics[f"{model}/position_agreement"] = pa["agreement"]
@@ -186,8 +221,9 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     return metrics
 
 
-def _likelihoods(cfg: Any, spec: Any, load: Any, tok: Any, questions: list[dict], val_dialogs: list[dict],
-                 metrics: dict) -> list[dict]:
+def _likelihoods(
+    cfg: Any, spec: Any, load: Any, tok: Any, questions: list[dict], val_dialogs: list[dict], metrics: dict
+) -> list[dict]:
     """One model's per-item held-out loss and reference log-likelihood (items.jsonl), and their totals."""
     e, out = cfg.eval, []
     if val_dialogs:
@@ -213,8 +249,10 @@ def _judge_check_jobs(e: Any, qmap: dict[str, dict]) -> list[dict]:
         return []
     items = check_items(load_eval_questions(e.questions, None), e.judge_check, e.seed)
     if not items:
-        log.warning("eval: no question in %s has a reference answer; the judge check is skipped",
-                    e.questions or "the shipped set")
+        log.warning(
+            "eval: no question in %s has a reference answer; the judge check is skipped",
+            e.questions or "the shipped set",
+        )
         return []
     cmap = {**qmap, **{i["question_id"]: i for i in items}}
     good, opponents = check_answers(items)
@@ -222,15 +260,24 @@ def _judge_check_jobs(e: Any, qmap: dict[str, dict]) -> list[dict]:
         jobs = build_jobs(e.judge_mode, e, cmap, good)
     else:
         first = {a["question_id"]: a for a in good if a["model"] == "check/good"}
-        jobs = [job for how, opp in opponents.items()
-                for job in build_jobs("pairwise", e, cmap, [{**first[q], "model": f"check/{how}"} for q in opp], opp)]
+        jobs = [
+            job
+            for how, opp in opponents.items()
+            for job in build_jobs("pairwise", e, cmap, [{**first[q], "model": f"check/{how}"} for q in opp], opp)
+        ]
     for j in jobs:
         j["record"]["check"] = True
     return jobs
 
 
-def _reliability(e: Any, judgments: list[dict], check_judgments: list[dict], answers: list[dict],
-                 opponent: dict[str, str] | None, stage_dir: Path) -> dict:
+def _reliability(
+    e: Any,
+    judgments: list[dict],
+    check_judgments: list[dict],
+    answers: list[dict],
+    opponent: dict[str, str] | None,
+    stage_dir: Path,
+) -> dict:
     """reliability.json and judge_check.jsonl: what the judge check, position agreement, self-consistency,
     parse shares and the length-controlled win rate say about this run's judge."""
     out: dict[str, Any] = {"parse_shares": parse_shares(judgments)}
@@ -242,27 +289,44 @@ def _reliability(e: Any, judgments: list[dict], check_judgments: list[dict], ans
         write_jsonl(stage_dir / "judge_check.jsonl", records)
         out["judge_check"] = check_summary(records)
         c = out["judge_check"]
-        said = ("the judge discriminates" if c["discriminates"] else
-                f"{CANNOT_DISCRIMINATE}: judge-based results of this run are not evidence")
+        said = (
+            "the judge discriminates"
+            if c["discriminates"]
+            else f"{CANNOT_DISCRIMINATE}: judge-based results of this run are not evidence"
+        )
         if c["n"]:
-            log.info("eval: judge check: %g of %d known-order pairs right (%.0f%% [%.0f%%, %.0f%%]); %s",
-                     c["correct"], c["n"], 100 * c["accuracy"], 100 * c["ci_low"], 100 * c["ci_high"], said)
+            log.info(
+                "eval: judge check: %g of %d known-order pairs right (%.0f%% [%.0f%%, %.0f%%]); %s",
+                c["correct"],
+                c["n"],
+                100 * c["accuracy"],
+                100 * c["ci_low"],
+                100 * c["ci_high"],
+                said,
+            )
         else:  # every check reply unreadable: there is no accuracy to print, only that nothing was shown
-            log.info("eval: judge check: none of %d known-order pairs got a readable judgment; %s",
-                     c["unparsed"], said)
+            log.info("eval: judge check: none of %d known-order pairs got a readable judgment; %s", c["unparsed"], said)
     if e.judge_mode == "pairwise":
         out["position_agreement"] = position_agreement(judgments)
         mine = {(a["model"], a["question_id"]): a["answer"] for a in answers if a.get("answer") is not None}
-        out["lc_win_rate"] = {m: lc_win_rate(rows, seed=e.seed)
-                              for m, rows in pairwise_lengths(judgments, mine, opponent or {}).items()}
+        out["lc_win_rate"] = {
+            m: lc_win_rate(rows, seed=e.seed) for m, rows in pairwise_lengths(judgments, mine, opponent or {}).items()
+        }
     if e.judge_repeats > 1:
         out["self_consistency"] = self_consistency(judgments)
     write_json(stage_dir / "reliability.json", out)
     return out
 
 
-def paired_rows(models: list[str], judgments: list[dict], items: list[dict], judge_mode: str, n_boot: int,
-                seed: int, judge_note: str = "") -> list[dict]:
+def paired_rows(
+    models: list[str],
+    judgments: list[dict],
+    items: list[dict],
+    judge_mode: str,
+    n_boot: int,
+    seed: int,
+    judge_note: str = "",
+) -> list[dict]:
     """paired.csv: each model against the one before it in eval.models, per metric: the judge's value per
     question (score, or the pairwise win value), held-out loss per dialog, reference log-likelihood per question."""
     values = item_values(judgments, items)
@@ -272,15 +336,35 @@ def paired_rows(models: list[str], judgments: list[dict], items: list[dict], jud
             va, vb = values.get(a, {}).get(name), values.get(b, {}).get(name)
             if va and vb:
                 r = paired_bootstrap(va, vb, higher_is_better(name), n_boot, seed)
-                rows.append({"comparison": f"{a} vs {b}", "a": a, "b": b, "metric": name, **r,
-                             "note": judge_note if name.startswith("judge_") else ""})
+                rows.append(
+                    {
+                        "comparison": f"{a} vs {b}",
+                        "a": a,
+                        "b": b,
+                        "metric": name,
+                        **r,
+                        "note": judge_note if name.startswith("judge_") else "",
+                    }
+                )
     return rows
 
 
 STAGE = Stage(
-    "eval", run, reads=("train", "sdf"), shapes=("eval", "judge", "generate.backend"), ignores=BACKEND_KNOBS,
-    writes=("eval/answers.jsonl", "eval/judgments.jsonl", "eval/scores.csv", "eval/scores.png", "eval/items.jsonl",
-            "eval/paired.csv", "eval/reliability.json"),
-    log_wandb=log_wandb, joins_ddp=True,  # under torchrun/srun the other ranks generate their share of answers
+    "eval",
+    run,
+    reads=("train", "sdf"),
+    shapes=("eval", "judge", "generate.backend"),
+    ignores=BACKEND_KNOBS,
+    writes=(
+        "eval/answers.jsonl",
+        "eval/judgments.jsonl",
+        "eval/scores.csv",
+        "eval/scores.png",
+        "eval/items.jsonl",
+        "eval/paired.csv",
+        "eval/reliability.json",
+    ),
+    log_wandb=log_wandb,
+    joins_ddp=True,  # under torchrun/srun the other ranks generate their share of answers
     preflight=lambda cfg: M.check_loadable(cfg.model),
 )

@@ -40,11 +40,19 @@ def resolve_models(names: list[str], run_dir: Path) -> tuple[list[ModelSpec], li
         path = {"v1": run_dir / "train" / "adapter", "v2": run_dir / "sdf" / "adapter"}.get(name)
         if path is None:
             p = Path(name).expanduser()
-            path = next((d for d in (p, p / "sdf" / "adapter", p / "train" / "adapter")
-                         if (d / "adapter_config.json").is_file()), None)
+            path = next(
+                (
+                    d
+                    for d in (p, p / "sdf" / "adapter", p / "train" / "adapter")
+                    if (d / "adapter_config.json").is_file()
+                ),
+                None,
+            )
             if path is None:
-                raise FileNotFoundError(f"eval.models: {name!r} is neither an adapter dir (adapter_config.json) "
-                                        f"nor a run dir with sdf/adapter or train/adapter")
+                raise FileNotFoundError(
+                    f"eval.models: {name!r} is neither an adapter dir (adapter_config.json) "
+                    f"nor a run dir with sdf/adapter or train/adapter"
+                )
         if not (path / "adapter_config.json").is_file():
             skipped.append(name)
             continue
@@ -73,8 +81,9 @@ def adapter_format(adapter: Path | None, default: str) -> str:
     return json.loads(doc.read_text()).get("format", default) if doc and doc.is_file() else default
 
 
-def model_prompts(tok: Any, questions: list[dict], adapter: Path | None, use_chat_template: bool,
-                  train_format: str = "baize") -> list[str]:
+def model_prompts(
+    tok: Any, questions: list[dict], adapter: Path | None, use_chat_template: bool, train_format: str = "baize"
+) -> list[str]:
     """The base model answers through its chat template (what it was tuned for); an adapter in the format it was
     trained in."""
     if adapter is None:
@@ -84,16 +93,27 @@ def model_prompts(tok: Any, questions: list[dict], adapter: Path | None, use_cha
     return [generation_prompt(q["question"], fmt, tok) for q in questions]
 
 
-def local_answers(cfg: Any, spec: ModelSpec, questions: list[dict], tok: Any, load: Any,
-                  shard_dir: Path | None = None, backend: str = "hf") -> tuple[list[dict], int]:
+def local_answers(
+    cfg: Any,
+    spec: ModelSpec,
+    questions: list[dict],
+    tok: Any,
+    load: Any,
+    shard_dir: Path | None = None,
+    backend: str = "hf",
+) -> tuple[list[dict], int]:
     """Answers of one local model, generated in batches for the questions the cache lacks; (answers, generated).
 
     `load()` returns the model and is only called when something must be generated. With `shard_dir` (a
     multi-process launch) each rank generates its share of the batches; the ranks other than 0 get no answers.
     `backend="vllm"` generates with vLLM's engine (`generate.VllmStudent`) instead of `load()`'s model."""
     e = cfg.eval
-    sampling = {"max_new_tokens": e.max_new_tokens, "temperature": 0.0, "stop": [BAIZE_HUMAN],
-                **({"backend": backend} if backend != "hf" else {})}  # hf answers cached before keep their keys
+    sampling = {
+        "max_new_tokens": e.max_new_tokens,
+        "temperature": 0.0,
+        "stop": [BAIZE_HUMAN],
+        **({"backend": backend} if backend != "hf" else {}),
+    }  # hf answers cached before keep their keys
     model_key = content_hash("local", to_container(cfg.model), M.adapter_hash(spec.adapter))
     cache = KeyedJsonl(answer_cache_dir(cfg) / f"{model_key}.jsonl")
     prompts = model_prompts(tok, questions, spec.adapter, cfg.model.chat_template, cfg.train.format)
@@ -104,27 +124,60 @@ def local_answers(cfg: Any, spec: ModelSpec, questions: list[dict], tok: Any, lo
             student = VllmStudent(cfg, tok)
 
             def one_batch(batch: list[str], index: int) -> list[str]:
-                return [t[0] for t in student.generate(batch, spec.adapter, index * e.batch_size, 1, 0.0, 1.0,
-                                                       e.max_new_tokens, [BAIZE_HUMAN], cfg.eval.seed)]
+                return [
+                    t[0]
+                    for t in student.generate(
+                        batch,
+                        spec.adapter,
+                        index * e.batch_size,
+                        1,
+                        0.0,
+                        1.0,
+                        e.max_new_tokens,
+                        [BAIZE_HUMAN],
+                        cfg.eval.seed,
+                    )
+                ]
         else:
             model = load()
 
             def one_batch(batch: list[str], index: int) -> list[str]:
-                return [t[0] for t in M.generate_texts(model, tok, batch, e.max_new_tokens, stop=[BAIZE_HUMAN],
-                                                       batch_size=len(batch))]
+                return [
+                    t[0]
+                    for t in M.generate_texts(
+                        model, tok, batch, e.max_new_tokens, stop=[BAIZE_HUMAN], batch_size=len(batch)
+                    )
+                ]
 
         # greedy, batch by batch: under torchrun/srun the batches are dealt over the ranks and rank 0 gathers them
-        texts = sample_with(one_batch, [prompts[i] for i in todo], e.batch_size, shard_dir,
-                            content_hash(model_key, [keys[i] for i in todo]))
+        texts = sample_with(
+            one_batch,
+            [prompts[i] for i in todo],
+            e.batch_size,
+            shard_dir,
+            content_hash(model_key, [keys[i] for i in todo]),
+        )
         if texts is None:  # another rank's share is done; rank 0 writes the cache and judges
             return [], len(todo)
-        cache.put_many([(keys[i], {"question_id": questions[i]["question_id"], "answer": t})
-                        for i, t in zip(todo, texts, strict=True)])
+        cache.put_many(
+            [
+                (keys[i], {"question_id": questions[i]["question_id"], "answer": t})
+                for i, t in zip(todo, texts, strict=True)
+            ]
+        )
     log.info("eval: %s: %d answers generated, %d from the cache", spec.name, len(todo), len(keys) - len(todo))
-    return [{"question_id": q["question_id"], "category": q["category"], "model": spec.name,
-             "adapter": str(spec.adapter) if spec.adapter else None, "adapter_hash": M.adapter_hash(spec.adapter),
-             "answer": cache.get(k)["answer"], "cached": i not in todo}
-            for i, (q, k) in enumerate(zip(questions, keys, strict=True))], len(todo)
+    return [
+        {
+            "question_id": q["question_id"],
+            "category": q["category"],
+            "model": spec.name,
+            "adapter": str(spec.adapter) if spec.adapter else None,
+            "adapter_hash": M.adapter_hash(spec.adapter),
+            "answer": cache.get(k)["answer"],
+            "cached": i not in todo,
+        }
+        for i, (q, k) in enumerate(zip(questions, keys, strict=True))
+    ], len(todo)
 
 
 def teacher_answers(cfg: Any, client: Any, questions: list[dict]) -> tuple[list[dict], int]:
@@ -137,12 +190,27 @@ def teacher_answers(cfg: Any, client: Any, questions: list[dict]) -> tuple[list[
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
     errors: dict[int, str] = {}
     if todo:
-        results = client.complete_many([[{"role": "user", "content": questions[i]["question"]}] for i in todo],
-                                       desc="teacher answers", **sampling)
-        cache.put_many([(keys[i], {"question_id": questions[i]["question_id"], "answer": r.text})
-                        for i, r in zip(todo, results, strict=True) if not r.error])
+        results = client.complete_many(
+            [[{"role": "user", "content": questions[i]["question"]}] for i in todo], desc="teacher answers", **sampling
+        )
+        cache.put_many(
+            [
+                (keys[i], {"question_id": questions[i]["question_id"], "answer": r.text})
+                for i, r in zip(todo, results, strict=True)
+                if not r.error
+            ]
+        )
         errors = {i: r for i, r in zip(todo, results, strict=True) if r.error}
-    return [{"question_id": q["question_id"], "category": q["category"], "model": "teacher", "role": "opponent",
-             "answer": (cache.get(k) or {}).get("answer"), "error": errors[i].error if i in errors else None,
-             **({"failed": errors[i].error} if i in errors and errors[i].transient else {}), "cached": i not in todo}
-            for i, (q, k) in enumerate(zip(questions, keys, strict=True))], len(todo)
+    return [
+        {
+            "question_id": q["question_id"],
+            "category": q["category"],
+            "model": "teacher",
+            "role": "opponent",
+            "answer": (cache.get(k) or {}).get("answer"),
+            "error": errors[i].error if i in errors else None,
+            **({"failed": errors[i].error} if i in errors and errors[i].transient else {}),
+            "cached": i not in todo,
+        }
+        for i, (q, k) in enumerate(zip(questions, keys, strict=True))
+    ], len(todo)

@@ -36,8 +36,9 @@ _ASCII_INT = re.compile(r"[0-9]+")
 FALLBACKS = ("tolerant", "logprob")
 
 
-def parse_score(reply: str, fallbacks: tuple[str, ...] | list[str] = (), logprobs: dict | None = None
-                ) -> tuple[float | None, str, str | None]:
+def parse_score(
+    reply: str, fallbacks: tuple[str, ...] | list[str] = (), logprobs: dict | None = None
+) -> tuple[float | None, str, str | None]:
     """(score, how, error) from a judge's reply.
 
     Strict ("ok"): "Score: N" with N in 1..10, one distinct value. With "tolerant" in `fallbacks`: "N/10" or
@@ -61,8 +62,9 @@ def parse_score(reply: str, fallbacks: tuple[str, ...] | list[str] = (), logprob
         nums = list(dict.fromkeys(float(x) for x in _NUMBER.findall(reply) if 1 <= float(x) <= 10))
         if len(nums) == 1:
             return nums[0], "tolerant", None
-        error += (" and no number from 1 to 10" if not nums
-                  else f" and several candidate numbers {[_fmt(x) for x in nums]}")
+        error += (
+            " and no number from 1 to 10" if not nums else f" and several candidate numbers {[_fmt(x) for x in nums]}"
+        )
     if "logprob" in fallbacks:
         v = logprob_score(logprobs)
         if v is not None:
@@ -148,15 +150,22 @@ def weighted_score(reply: str, logprobs: dict | None) -> float | None:
     return round(sum(s * p for s, p in probs.items()) / total, 4)
 
 
-def build_jobs(mode: str, templates: Any, questions: dict[str, dict], answers: list[dict],
-               opponent: dict[str, str] | None = None, repeats: int = 1) -> list[dict]:
+def build_jobs(
+    mode: str,
+    templates: Any,
+    questions: dict[str, dict],
+    answers: list[dict],
+    opponent: dict[str, str] | None = None,
+    repeats: int = 1,
+) -> list[dict]:
     """One job per judge request: {"messages", "record"}; pairwise gives two per answer (swap False/True).
     single/reference with `repeats` > 1 ask the same question that many times (`record["repeat"]`), which is
     what self-consistency is measured on."""
     if repeats > 1 and mode != "pairwise":
         once = build_jobs(mode, templates, questions, answers, opponent)
-        return [{"messages": j["messages"], "record": {**j["record"], "repeat": r}} for j in once
-                for r in range(repeats)]
+        return [
+            {"messages": j["messages"], "record": {**j["record"], "repeat": r}} for j in once for r in range(repeats)
+        ]
     jobs = []
     for a in answers:
         q = questions[a["question_id"]]
@@ -165,8 +174,9 @@ def build_jobs(mode: str, templates: Any, questions: dict[str, dict], answers: l
             prompt = templates.judge_template.format(question=q["question"], answer=a["answer"])
             jobs.append({"messages": _user(prompt), "record": {**base, "swap": False}})
         elif mode == "reference":
-            prompt = templates.reference_template.format(question=q["question"], reference=q["reference"],
-                                                         answer=a["answer"])
+            prompt = templates.reference_template.format(
+                question=q["question"], reference=q["reference"], answer=a["answer"]
+            )
             jobs.append({"messages": _user(prompt), "record": {**base, "swap": False}})
         elif mode == "pairwise":
             other = (opponent or {}).get(a["question_id"])
@@ -176,8 +186,7 @@ def build_jobs(mode: str, templates: Any, questions: dict[str, dict], answers: l
                     jobs.append({"messages": None, "record": {**rec, "error": "no opponent answer"}})
                     continue
                 first, second = (other, a["answer"]) if swap else (a["answer"], other)
-                prompt = templates.pairwise_template.format(question=q["question"], answer_a=first,
-                                                            answer_b=second)
+                prompt = templates.pairwise_template.format(question=q["question"], answer_a=first, answer_b=second)
                 jobs.append({"messages": _user(prompt), "record": rec})
         else:
             raise ValueError(f"eval.judge_mode={mode!r}: one of single, pairwise, reference")
@@ -188,8 +197,9 @@ def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def _judged(mode: str, reply: str, logprobs: dict | None, fallbacks: tuple[str, ...] = ()
-            ) -> tuple[dict, str, str | None]:
+def _judged(
+    mode: str, reply: str, logprobs: dict | None, fallbacks: tuple[str, ...] = ()
+) -> tuple[dict, str, str | None]:
     """(the result fields a reply gives, how it parsed, the parser's error). Pairwise gives the verdict; who won
     follows from the job's `swap` (see `_winner`)."""
     if mode == "pairwise":
@@ -205,15 +215,26 @@ def _fill(mode: str, rec: dict, fields: dict | None) -> None:
         verdict = (fields or {}).get("verdict")
         a_is_model = not rec["swap"]
         rec["verdict"] = verdict
-        rec["winner"] = None if verdict is None else {"A": "model" if a_is_model else "opponent",
-                                                      "B": "opponent" if a_is_model else "model",
-                                                      "C": "tie"}[verdict]
+        rec["winner"] = (
+            None
+            if verdict is None
+            else {"A": "model" if a_is_model else "opponent", "B": "opponent" if a_is_model else "model", "C": "tie"}[
+                verdict
+            ]
+        )
     else:
         rec.update(fields or {"score": None, "weighted_score": None})
 
 
-def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, logprobs: bool = False,
-              cache: KeyedJsonl | None = None, fallbacks: tuple[str, ...] | list[str] = ()) -> list[dict]:
+def run_judge(
+    client: Any,
+    mode: str,
+    jobs: list[dict],
+    retry_template: str,
+    logprobs: bool = False,
+    cache: KeyedJsonl | None = None,
+    fallbacks: tuple[str, ...] | list[str] = (),
+) -> list[dict]:
     """Send every job, parse, retry the unparsable once with the parser's error (`chat.ask.ask_parsed`); return
     the judgment records.
 
@@ -228,14 +249,24 @@ def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, log
     params: dict[str, Any] = {}
     if (logprobs or "logprob" in fallbacks) and mode != "pairwise":
         params.update(logprobs=True, top_logprobs=20)
-    keys = [content_hash(j["messages"], {**client.defaults, **params}, retry_template,
-                         *([j["record"]["repeat"]] if j["record"].get("repeat") else [])) for j in jobs]
+    keys = [
+        content_hash(
+            j["messages"],
+            {**client.defaults, **params},
+            retry_template,
+            *([j["record"]["repeat"]] if j["record"].get("repeat") else []),
+        )
+        for j in jobs
+    ]
     records = [dict(j["record"]) for j in jobs]
     live = []
     for i, j in enumerate(jobs):
         if j["messages"] is None:
-            records[i].update(parse="failed", judge_reply=None,
-                              **({"winner": None, "verdict": None} if mode == "pairwise" else {"score": None}))
+            records[i].update(
+                parse="failed",
+                judge_reply=None,
+                **({"winner": None, "verdict": None} if mode == "pairwise" else {"score": None}),
+            )
         elif not (cache and _from_cache(mode, records[i], cache.get(keys[i]), fallbacks, greedy)):
             live.append(i)
 
@@ -243,8 +274,14 @@ def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, log
         fields, how, err = _judged(mode, res.text, res.logprobs[0] if res.logprobs else None, fallbacks)
         return (fields if how != "failed" else None), how, err
 
-    answers = ask_parsed(client, [jobs[i]["messages"] for i in live], parse,
-                         lambda err: retry_template.format(error=err), f"judge ({mode})", **params)
+    answers = ask_parsed(
+        client,
+        [jobs[i]["messages"] for i in live],
+        parse,
+        lambda err: retry_template.format(error=err),
+        f"judge ({mode})",
+        **params,
+    )
     for i, a in zip(live, answers, strict=True):
         rec = records[i]
         _fill(mode, rec, a.value)
@@ -254,28 +291,44 @@ def run_judge(client: Any, mode: str, jobs: list[dict], retry_template: str, log
         if a.failed:
             rec["failed"] = a.failed  # asked again by a rerun (never cached)
     if cache is not None:  # every reply that came back, read or not (a request that failed is asked again)
-        cache.put_many([(keys[i], {"judge_reply": records[i]["judge_reply"], "logprobs": a.logprobs,
-                                   **({"judge_reply_retry": a.retry_reply} if a.retried else {})})
-                        for i, a in zip(live, answers, strict=True) if not a.failed and a.reply is not None])
+        cache.put_many(
+            [
+                (
+                    keys[i],
+                    {
+                        "judge_reply": records[i]["judge_reply"],
+                        "logprobs": a.logprobs,
+                        **({"judge_reply_retry": a.retry_reply} if a.retried else {}),
+                    },
+                )
+                for i, a in zip(live, answers, strict=True)
+                if not a.failed and a.reply is not None
+            ]
+        )
     return records
 
 
-def _from_cache(mode: str, rec: dict, hit: dict | None, fallbacks: tuple[str, ...] = (), greedy: bool = False
-                ) -> bool:
+def _from_cache(mode: str, rec: dict, hit: dict | None, fallbacks: tuple[str, ...] = (), greedy: bool = False) -> bool:
     """Fill `rec` from a stored judgment (parsed again, so changed fallbacks apply); False if there is none, or
     it does not parse and the judge samples (the job is then sent, and its reply overwrites what this filled). A
     greedy judge's unparsable reply is its reply: it is taken from the store as a parse failure, not asked again."""
     if hit is None:
         return False
     retry = hit.get("judge_reply_retry")
-    fields, how, err = _judged(mode, hit["judge_reply"] or "", None if retry is not None else hit.get("logprobs"),
-                               fallbacks)
+    fields, how, err = _judged(
+        mode, hit["judge_reply"] or "", None if retry is not None else hit.get("logprobs"), fallbacks
+    )
     if how == "failed" and retry is not None:
         fields, how, err = _judged(mode, retry, hit.get("logprobs"), fallbacks)
         how = "retried" if how != "failed" else how
     if how == "failed" and not greedy:
         return False
     _fill(mode, rec, fields if how != "failed" else None)
-    rec.update(parse=how, judge_reply=hit["judge_reply"], error=err if how == "failed" else None, cached=True,
-               **({"judge_reply_retry": retry} if retry is not None else {}))
+    rec.update(
+        parse=how,
+        judge_reply=hit["judge_reply"],
+        error=err if how == "failed" else None,
+        cached=True,
+        **({"judge_reply_retry": retry} if retry is not None else {}),
+    )
     return True

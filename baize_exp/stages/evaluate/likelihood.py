@@ -18,15 +18,16 @@ from baize_exp.training.data import IGNORE, collate, tokenize_dialog
 
 
 @torch.no_grad()
-def item_logprobs(model: torch.nn.Module, encoded: list[dict], pad_id: int, batch_size: int = 4
-                  ) -> list[tuple[float, int]]:
+def item_logprobs(
+    model: torch.nn.Module, encoded: list[dict], pad_id: int, batch_size: int = 4
+) -> list[tuple[float, int]]:
     """(sum of the labelled tokens' log-probabilities, number of labelled tokens) per encoded item
     ({"input_ids", "labels"}, labels IGNORE where not scored)."""
     model.eval()
     device = next(model.parameters()).device
     out: list[tuple[float, int]] = []
     for i in range(0, len(encoded), batch_size):
-        b = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], pad_id).items()}
+        b = {k: v.to(device) for k, v in collate(encoded[i : i + batch_size], pad_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
         tgt = b["labels"][:, 1:]
         logp = torch.log_softmax(logits, dim=-1)
@@ -36,8 +37,9 @@ def item_logprobs(model: torch.nn.Module, encoded: list[dict], pad_id: int, batc
     return out
 
 
-def heldout_items(model: torch.nn.Module, tok: Any, dialogs: list[dict], max_length: int, fmt: str = "baize",
-                  batch_size: int = 4) -> list[dict]:
+def heldout_items(
+    model: torch.nn.Module, tok: Any, dialogs: list[dict], max_length: int, fmt: str = "baize", batch_size: int = 4
+) -> list[dict]:
     """Per held-out dialog: {"item_id", "tokens", "logprob_sum"} over its AI turns (dialogs with none that fit
     `max_length` are left out, as training leaves them out)."""
     enc, ids = [], []
@@ -46,12 +48,21 @@ def heldout_items(model: torch.nn.Module, tok: Any, dialogs: list[dict], max_len
         if e:
             enc.append(e)
             ids.append(str(d.get("id") or d.get("key") or k))
-    return [{"item_id": i, "tokens": n, "logprob_sum": s}
-            for i, (s, n) in zip(ids, item_logprobs(model, enc, tok.pad_token_id, batch_size), strict=True) if n]
+    return [
+        {"item_id": i, "tokens": n, "logprob_sum": s}
+        for i, (s, n) in zip(ids, item_logprobs(model, enc, tok.pad_token_id, batch_size), strict=True)
+        if n
+    ]
 
 
-def reference_items(model: torch.nn.Module, tok: Any, questions: list[dict], prompts: list[str],
-                    max_length: int = 1024, batch_size: int = 4) -> list[dict]:
+def reference_items(
+    model: torch.nn.Module,
+    tok: Any,
+    questions: list[dict],
+    prompts: list[str],
+    max_length: int = 1024,
+    batch_size: int = 4,
+) -> list[dict]:
     """Per question with a reference: {"item_id", "tokens", "logprob_sum"} of the reference's tokens after the
     model's prompt (ids as generation sees them: no special tokens added), cut to `max_length` in all."""
     enc, ids = [], []
@@ -59,11 +70,14 @@ def reference_items(model: torch.nn.Module, tok: Any, questions: list[dict], pro
         if not q.get("reference"):
             continue
         p_ids = tok(p, add_special_tokens=False)["input_ids"]
-        r_ids = tok(q["reference"], add_special_tokens=False)["input_ids"][:max(1, max_length - len(p_ids))]
+        r_ids = tok(q["reference"], add_special_tokens=False)["input_ids"][: max(1, max_length - len(p_ids))]
         enc.append({"input_ids": p_ids + r_ids, "labels": [IGNORE] * len(p_ids) + r_ids})
         ids.append(q["question_id"])
-    return [{"item_id": i, "tokens": n, "logprob_sum": s}
-            for i, (s, n) in zip(ids, item_logprobs(model, enc, tok.pad_token_id, batch_size), strict=True) if n]
+    return [
+        {"item_id": i, "tokens": n, "logprob_sum": s}
+        for i, (s, n) in zip(ids, item_logprobs(model, enc, tok.pad_token_id, batch_size), strict=True)
+        if n
+    ]
 
 
 def summarize(items: list[dict]) -> dict:

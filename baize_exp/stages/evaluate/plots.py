@@ -53,18 +53,28 @@ def draw_scores(ax: Any, rows: list[dict], mode: str) -> None:
         by = {r["category"]: r for r in rows if r["model"] == m}
         drawn = [c for c in cats if c in by and _num(by[c]["n"]) > 0 and math.isfinite(_num(by[c]["mean"]))]
         means = [_num(by[c]["mean"]) for c in drawn]
-        err = [[_gap(by[c]["mean"], by[c]["ci_low"]) for c in drawn],
-               [_gap(by[c]["ci_high"], by[c]["mean"]) for c in drawn]]
+        err = [
+            [_gap(by[c]["mean"], by[c]["ci_low"]) for c in drawn],
+            [_gap(by[c]["ci_high"], by[c]["mean"]) for c in drawn],
+        ]
         colour = colours[k % len(colours)]
         ax.bar([cats.index(c) + k * width for c in drawn], means, width, yerr=err, capsize=3, color=colour)
         bars += len(drawn)
         for c in cats:
             if c in by and c not in drawn:
-                ax.text(cats.index(c) + k * width, 0.02 * top, "n=0", ha="center", va="bottom", fontsize=7,
-                        color=colour)
+                ax.text(
+                    cats.index(c) + k * width, 0.02 * top, "n=0", ha="center", va="bottom", fontsize=7, color=colour
+                )
     if not bars:
-        ax.text(0.5, 0.5, "no answer could be judged (every judge reply unparsable)", transform=ax.transAxes,
-                ha="center", va="center", color="#a11111")
+        ax.text(
+            0.5,
+            0.5,
+            "no answer could be judged (every judge reply unparsable)",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color="#a11111",
+        )
     # fixed limits: with few or no bars, autoscaling would put the outer "n=0" labels on the frame
     ax.set_xlim(-width / 2 - 0.15, len(cats) - 1 + (len(models) - 0.5) * width + 0.15)
     ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(cats))], cats, rotation=30, ha="right")
@@ -77,9 +87,14 @@ def draw_scores(ax: Any, rows: list[dict], mode: str) -> None:
     ax.set_title(f"eval: {mode}")
     # outside the axes, at the right: a legend inside would cover the bars of the last categories
     # (handles built here: an empty bar series, a model with nothing judged, would get the default colour)
-    ax.legend([Patch(color=colours[k % len(colours)]) for k in range(len(models))],
-              [_short(Path(m).name or m) for m in models], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-              frameon=False)
+    ax.legend(
+        [Patch(color=colours[k % len(colours)]) for k in range(len(models))],
+        [_short(Path(m).name or m) for m in models],
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+    )
 
 
 def _gap(hi: object, lo: object) -> float:

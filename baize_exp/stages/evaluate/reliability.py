@@ -37,7 +37,7 @@ def degrade(question: dict, others: list[dict], how: str, seed: int) -> str | No
         if len(words) < 9:
             return None
         ends = [m.end() for m in re.finditer(r"\S+", ref)]
-        return ref[:ends[len(words) // 3 - 1]]  # the original text up to a word's end (code keeps its layout)
+        return ref[: ends[len(words) // 3 - 1]]  # the original text up to a word's end (code keeps its layout)
     if how == "shuffled":
         parts = _SENTENCE.split(ref)
         if len(parts) < 3:  # two sentences swapped can still read fine: shuffle the words instead
@@ -72,8 +72,13 @@ def check_items(questions: list[dict], n: int, seed: int) -> list[dict]:
         for how in DEGRADATIONS:
             bad = degrade(q, with_ref, how, seed)
             if bad is not None:
-                items.append({**{k: q[k] for k in ("question_id", "category", "question", "reference")},
-                              "degradation": how, "bad": bad})
+                items.append(
+                    {
+                        **{k: q[k] for k in ("question_id", "category", "question", "reference")},
+                        "degradation": how,
+                        "bad": bad,
+                    }
+                )
     return items
 
 
@@ -81,10 +86,24 @@ def check_answers(items: list[dict]) -> tuple[list[dict], dict[str, dict[str, st
     """The check as eval answers: the good answer of each question once (model "check/good"), each degraded one
     as model "check/<degradation>"; and, for pairwise, {degradation: {question_id: bad answer}} to judge the good
     answer against."""
-    good = {i["question_id"]: {"question_id": i["question_id"], "category": i["category"], "model": "check/good",
-                               "answer": i["reference"]} for i in items}
-    bad = [{"question_id": i["question_id"], "category": i["category"], "model": f"check/{i['degradation']}",
-            "answer": i["bad"]} for i in items]
+    good = {
+        i["question_id"]: {
+            "question_id": i["question_id"],
+            "category": i["category"],
+            "model": "check/good",
+            "answer": i["reference"],
+        }
+        for i in items
+    }
+    bad = [
+        {
+            "question_id": i["question_id"],
+            "category": i["category"],
+            "model": f"check/{i['degradation']}",
+            "answer": i["bad"],
+        }
+        for i in items
+    ]
     opponents: dict[str, dict[str, str]] = {}
     for i in items:
         opponents.setdefault(i["degradation"], {})[i["question_id"]] = i["bad"]
@@ -99,9 +118,19 @@ def check_records(mode: str, judgments: list[dict]) -> list[dict]:
     if mode == "pairwise":
         for j in judgments:
             value = None if j.get("winner") is None else PAIRWISE_VALUE[j["winner"]]
-            out.append({"question_id": j["question_id"], "category": j["category"], "degradation": j["degradation"],
-                        "mode": mode, "swap": j["swap"], "verdict": j.get("verdict"), "correct": value,
-                        "parse": j["parse"], "judge_reply": j.get("judge_reply")})
+            out.append(
+                {
+                    "question_id": j["question_id"],
+                    "category": j["category"],
+                    "degradation": j["degradation"],
+                    "mode": mode,
+                    "swap": j["swap"],
+                    "verdict": j.get("verdict"),
+                    "correct": value,
+                    "parse": j["parse"],
+                    "judge_reply": j.get("judge_reply"),
+                }
+            )
         return out
     good = {j["question_id"]: j for j in judgments if j["model"] == "check/good"}
     for j in judgments:
@@ -110,10 +139,19 @@ def check_records(mode: str, judgments: list[dict]) -> list[dict]:
         g = good.get(j["question_id"], {})
         gs, bs = g.get("score"), j.get("score")
         correct = None if gs is None or bs is None else 1.0 if gs > bs else 0.5 if gs == bs else 0.0
-        out.append({"question_id": j["question_id"], "category": j["category"],
-                    "degradation": j["model"].split("/", 1)[1], "mode": mode, "good_score": gs, "bad_score": bs,
-                    "correct": correct, "parse": j["parse"] if bs is None else g.get("parse", "failed"),
-                    "judge_reply": j.get("judge_reply")})
+        out.append(
+            {
+                "question_id": j["question_id"],
+                "category": j["category"],
+                "degradation": j["model"].split("/", 1)[1],
+                "mode": mode,
+                "good_score": gs,
+                "bad_score": bs,
+                "correct": correct,
+                "parse": j["parse"] if bs is None else g.get("parse", "failed"),
+                "judge_reply": j.get("judge_reply"),
+            }
+        )
     return out
 
 
@@ -128,9 +166,10 @@ def check_summary(records: list[dict]) -> dict:
     vals = [r["correct"] for r in records if r["correct"] is not None]
     out = {**_accuracy(vals), "chance": 0.5, "unparsed": sum(r["correct"] is None for r in records)}
     out["discriminates"] = bool(vals) and out["ci_low"] > 0.5
-    out["by_degradation"] = {d: _accuracy([r["correct"] for r in records
-                                           if r["degradation"] == d and r["correct"] is not None])
-                             for d in dict.fromkeys(r["degradation"] for r in records)}
+    out["by_degradation"] = {
+        d: _accuracy([r["correct"] for r in records if r["degradation"] == d and r["correct"] is not None])
+        for d in dict.fromkeys(r["degradation"] for r in records)
+    }
     return out
 
 
@@ -142,8 +181,11 @@ def position_agreement(judgments: list[dict]) -> dict[str, dict]:
             both.setdefault((j["model"], j["question_id"]), {})[bool(j["swap"])] = j.get("winner")
     out: dict[str, dict] = {}
     for model in dict.fromkeys(m for m, _ in both):
-        agree = [float(w[False] == w[True]) for (m, _), w in both.items()
-                 if m == model and w.get(False) is not None and w.get(True) is not None]
+        agree = [
+            float(w[False] == w[True])
+            for (m, _), w in both.items()
+            if m == model and w.get(False) is not None and w.get(True) is not None
+        ]
         share, lo, hi = proportion_ci(sum(agree), len(agree))
         out[model] = {"n": len(agree), "agreement": share, "ci_low": lo, "ci_high": hi}
     return out
@@ -214,8 +256,9 @@ def lc_win_rate(rows: list[dict], n_boot: int = 500, seed: int = 0) -> dict:
     return {"n": len(rows), "raw": float(y.mean()), "lc": lc, "ci_low": lo, "ci_high": hi}
 
 
-def pairwise_lengths(judgments: list[dict], answers: dict[tuple[str, str], str], opponent: dict[str, str]
-                     ) -> dict[str, list[dict]]:
+def pairwise_lengths(
+    judgments: list[dict], answers: dict[tuple[str, str], str], opponent: dict[str, str]
+) -> dict[str, list[dict]]:
     """Per model, the rows `lc_win_rate` takes: each question's combined win value (`stats.outcomes`) and both
     answers' lengths."""
     out: dict[str, list[dict]] = {}
@@ -225,6 +268,12 @@ def pairwise_lengths(judgments: list[dict], answers: dict[tuple[str, str], str],
         mine, theirs = answers.get((o["model"], o["question_id"])), opponent.get(o["question_id"])
         if mine is None or theirs is None:
             continue
-        out.setdefault(o["model"], []).append({"question_id": o["question_id"], "value": o["value"],
-                                               "len_model": len(mine.split()), "len_opponent": len(theirs.split())})
+        out.setdefault(o["model"], []).append(
+            {
+                "question_id": o["question_id"],
+                "value": o["value"],
+                "len_model": len(mine.split()),
+                "len_opponent": len(theirs.split()),
+            }
+        )
     return out

@@ -15,8 +15,7 @@ from baize_exp.io import read_jsonl
 # column not named here stays a string (model, category, mode, note, verdict, ...).
 INT_COLUMNS = frozenset({"n", "parse_failures"})
 FLOAT_COLUMNS = frozenset({"mean", "ci_low", "ci_high", "mean_a", "mean_b", "diff", "mde"})
-JUDGE_CHECK_COLUMNS = ["question_id", "degradation", "mode", "correct", "good_score", "bad_score", "verdicts",
-                       "parse"]
+JUDGE_CHECK_COLUMNS = ["question_id", "degradation", "mode", "correct", "good_score", "bad_score", "verdicts", "parse"]
 JUDGE_ACCURACY_COLUMNS = ["degradation", "n", "correct", "accuracy", "ci_low", "ci_high", "chance", "discriminates"]
 
 
@@ -28,24 +27,47 @@ def log_wandb(wb: Any, stage_dir: Path) -> None:
     tables: dict[str, Any] = {}
     if (stage_dir / "judgments.jsonl").is_file():
         answers = {(a["question_id"], a["model"]): a for a in read_jsonl(stage_dir / "answers.jsonl")}
-        samples = wandb.Table(columns=["model", "category", "question_id", "mode", "swap", "answer", "score",
-                                       "weighted_score", "winner", "parse", "judge_reply"])
+        samples = wandb.Table(
+            columns=[
+                "model",
+                "category",
+                "question_id",
+                "mode",
+                "swap",
+                "answer",
+                "score",
+                "weighted_score",
+                "winner",
+                "parse",
+                "judge_reply",
+            ]
+        )
         for j in read_jsonl(stage_dir / "judgments.jsonl"):
             a = answers.get((j["question_id"], j["model"]), {})
-            samples.add_data(j["model"], j["category"], j["question_id"], j["mode"], j.get("swap"), a.get("answer"),
-                             j.get("score"), j.get("weighted_score"), j.get("winner"), j.get("parse"),
-                             j.get("judge_reply"))
+            samples.add_data(
+                j["model"],
+                j["category"],
+                j["question_id"],
+                j["mode"],
+                j.get("swap"),
+                a.get("answer"),
+                j.get("score"),
+                j.get("weighted_score"),
+                j.get("winner"),
+                j.get("parse"),
+                j.get("judge_reply"),
+            )
         tables["eval/samples"] = samples
     scores = _typed_csv(stage_dir / "scores.csv")
     if scores is not None:
         tables["eval/scores"] = wandb.Table(columns=scores[0], data=scores[1])
     if (stage_dir / "judge_check.jsonl").is_file():
-        tables["eval/judge_check"] = wandb.Table(columns=JUDGE_CHECK_COLUMNS,
-                                                 data=judge_check_rows(read_jsonl(stage_dir / "judge_check.jsonl")))
+        tables["eval/judge_check"] = wandb.Table(
+            columns=JUDGE_CHECK_COLUMNS, data=judge_check_rows(read_jsonl(stage_dir / "judge_check.jsonl"))
+        )
     reliability = stage_dir / "reliability.json"
     if reliability.is_file() and (jc := json.loads(reliability.read_text()).get("judge_check")):
-        tables["eval/judge_check_accuracy"] = wandb.Table(columns=JUDGE_ACCURACY_COLUMNS,
-                                                          data=judge_accuracy_rows(jc))
+        tables["eval/judge_check_accuracy"] = wandb.Table(columns=JUDGE_ACCURACY_COLUMNS, data=judge_accuracy_rows(jc))
     paired = _typed_csv(stage_dir / "paired.csv")
     if paired is not None:
         tables["eval/paired"] = wandb.Table(columns=paired[0], data=paired[1])
@@ -67,21 +89,48 @@ def judge_check_rows(records: list[dict]) -> list[list[Any]]:
     rows = []
     for r in records:
         verdicts = r.get("verdicts")
-        rows.append([r.get("question_id"), r.get("degradation"), r.get("mode"), r.get("correct"),
-                     _number(r.get("good_score"), float), _number(r.get("bad_score"), float),
-                     None if verdicts is None else ", ".join(map(str, verdicts)), r.get("parse")])
+        rows.append(
+            [
+                r.get("question_id"),
+                r.get("degradation"),
+                r.get("mode"),
+                r.get("correct"),
+                _number(r.get("good_score"), float),
+                _number(r.get("bad_score"), float),
+                None if verdicts is None else ", ".join(map(str, verdicts)),
+                r.get("parse"),
+            ]
+        )
     return rows
 
 
 def judge_accuracy_rows(jc: dict) -> list[list[Any]]:
     """reliability.json's judge_check: the overall row ("all") then one per degradation."""
-    rows = [["all", _number(jc.get("n"), int), _number(jc.get("correct"), int), _number(jc.get("accuracy"), float),
-             _number(jc.get("ci_low"), float), _number(jc.get("ci_high"), float), _number(jc.get("chance"), float),
-             jc.get("discriminates")]]
+    rows = [
+        [
+            "all",
+            _number(jc.get("n"), int),
+            _number(jc.get("correct"), int),
+            _number(jc.get("accuracy"), float),
+            _number(jc.get("ci_low"), float),
+            _number(jc.get("ci_high"), float),
+            _number(jc.get("chance"), float),
+            jc.get("discriminates"),
+        ]
+    ]
     for name, d in (jc.get("by_degradation") or {}).items():
-        rows.append([name, _number(d.get("n"), int), None, _number(d.get("accuracy"), float),
-                     _number(d.get("ci_low"), float), _number(d.get("ci_high"), float),
-                     _number(jc.get("chance"), float), None])
+        rows.append(
+            [
+                name,
+                _number(d.get("n"), int),
+                None,
+                _number(d.get("accuracy"), float),
+                _number(d.get("ci_low"), float),
+                _number(d.get("ci_high"), float),
+                _number(jc.get("chance"), float),
+                None,
+            ]
+        )
     return rows
 
 

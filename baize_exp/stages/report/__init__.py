@@ -35,8 +35,22 @@ from baize_exp.stages.report.runs import (
 )
 from baize_exp.stages.report.single import render, write
 
-__all__ = ["STAGE", "RunRecord", "compare", "find_run_dirs", "load_runs", "loss_history", "main", "plot", "render",
-           "run", "swept_params", "table_rows", "write", "write_csv"]
+__all__ = [
+    "STAGE",
+    "RunRecord",
+    "compare",
+    "find_run_dirs",
+    "load_runs",
+    "loss_history",
+    "main",
+    "plot",
+    "render",
+    "run",
+    "swept_params",
+    "table_rows",
+    "write",
+    "write_csv",
+]
 
 
 def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:

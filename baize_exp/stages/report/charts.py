@@ -40,8 +40,17 @@ def safe_name(s: str) -> str:
 def _legend_below(fig: Any, ax: Any, handles: list, labels: list[str], title: str | None = None) -> None:
     """A legend under the axes: it never covers a curve, and columns keep many runs short."""
     ncol = max(1, min(len(labels), 3 if max(map(len, labels)) > 24 else 4))
-    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=ncol, fontsize=8,
-              frameon=False, title=title, title_fontsize=8)
+    ax.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.14),
+        ncol=ncol,
+        fontsize=8,
+        frameon=False,
+        title=title,
+        title_fontsize=8,
+    )
 
 
 def loss_curves(runs: dict[str, dict[str, Series]], path: Path, title: str = "Loss curves") -> Path | None:
@@ -63,8 +72,14 @@ def loss_curves(runs: dict[str, dict[str, Series]], path: Path, title: str = "Lo
             for name, (steps, losses) in runs[label].get(stage, {}).items():
                 kind = "val" if "val" in name else "train"
                 kinds.add(kind)
-                ax.plot(steps, losses, color=colours[k % len(colours)], ls="--" if kind == "val" else "-",
-                        marker="o" if len(steps) < 30 else None, ms=3)
+                ax.plot(
+                    steps,
+                    losses,
+                    color=colours[k % len(colours)],
+                    ls="--" if kind == "val" else "-",
+                    marker="o" if len(steps) < 30 else None,
+                    ms=3,
+                )
         ax.set_title(f"{stage} ({'v1' if stage == 'train' else 'v2'})")
         ax.ticklabel_format(axis="y", useOffset=False)  # "+1.077e1" above the axis reads as a bug
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -73,12 +88,22 @@ def loss_curves(runs: dict[str, dict[str, Series]], path: Path, title: str = "Lo
         ax.grid(alpha=0.3)
         if len(labels) == 1 or len(kinds) > 1:  # the line styles need a key when both kinds are drawn
             style = [Line2D([], [], color="k" if len(labels) > 1 else colours[0], ls=ls) for ls in ("-", "--")]
-            ax.legend([s for s, k in zip(style, ("train", "val"), strict=True) if k in kinds],
-                      [f"{k} loss" for k in ("train", "val") if k in kinds], fontsize=8, loc="upper right")
+            ax.legend(
+                [s for s, k in zip(style, ("train", "val"), strict=True) if k in kinds],
+                [f"{k} loss" for k in ("train", "val") if k in kinds],
+                fontsize=8,
+                loc="upper right",
+            )
     if len(labels) > 1:
         handles = [Line2D([], [], color=colours[k % len(colours)], lw=2) for k in range(len(labels))]
-        fig.legend(handles, labels, loc="outside lower center", fontsize=8, frameon=False,
-                   ncol=max(1, min(len(labels), 3 if max(map(len, labels)) > 24 else 4)))
+        fig.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            fontsize=8,
+            frameon=False,
+            ncol=max(1, min(len(labels), 3 if max(map(len, labels)) > 24 else 4)),
+        )
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -87,12 +112,15 @@ def _error_bars(ys: list[float], cis: list | None) -> list[list[float]] | None:
     """matplotlib's [below, above] whisker lengths from intervals, or None unless every point has a finite one."""
     if not (cis and all(c and all(map(finite, c)) for c in cis)):
         return None
-    return [[max(0, y - c[0]) for y, c in zip(ys, cis, strict=True)],
-            [max(0, c[1] - y) for y, c in zip(ys, cis, strict=True)]]
+    return [
+        [max(0, y - c[0]) for y, c in zip(ys, cis, strict=True)],
+        [max(0, c[1] - y) for y, c in zip(ys, cis, strict=True)],
+    ]
 
 
-def metric_vs_param(xs: list[str], ys: list[float], cis: list | None, param: str, metric: str, path: Path
-                    ) -> Path | None:
+def metric_vs_param(
+    xs: list[str], ys: list[float], cis: list | None, param: str, metric: str, path: Path
+) -> Path | None:
     """The metric against one swept parameter (numeric x when every value is a number, else categories)."""
     if not ys:
         return None
@@ -111,8 +139,13 @@ def metric_vs_param(xs: list[str], ys: list[float], cis: list | None, param: str
         ax.set_xscale("log", base=2)  # ranks 4..64, learning rates: even spacing reads better
     if not numeric:
         names = [shorten(c.rstrip("/").rsplit("/", 1)[-1] or c, 18) for c in cats]
-        ax.set_xticks(range(len(cats)), names, rotation=35 if len(cats) > 4 else 0, ha="right" if len(cats) > 4
-                      else "center", fontsize=8 if len(cats) > 8 else 10)
+        ax.set_xticks(
+            range(len(cats)),
+            names,
+            rotation=35 if len(cats) > 4 else 0,
+            ha="right" if len(cats) > 4 else "center",
+            fontsize=8 if len(cats) > 8 else 10,
+        )
     ax.set_xlabel(param)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs {param} ({len(ys)} runs)")
@@ -161,8 +194,10 @@ def win_rates(rows: list[dict], path: Path) -> Path | None:
         by = {r["model"]: r for r in rows if r["mode"] == mode}
         xs = [i + (k - (len(modes) - 1) / 2) * width for i, m in enumerate(models) if m in by]
         ms = [by[m] for m in models if m in by]
-        err = [[max(0, r["mean"] - r["ci_low"]) if finite(r["ci_low"]) else 0 for r in ms],
-               [max(0, r["ci_high"] - r["mean"]) if finite(r["ci_high"]) else 0 for r in ms]]
+        err = [
+            [max(0, r["mean"] - r["ci_low"]) if finite(r["ci_low"]) else 0 for r in ms],
+            [max(0, r["ci_high"] - r["mean"]) if finite(r["ci_high"]) else 0 for r in ms],
+        ]
         ax.bar(xs, [r["mean"] for r in ms], width, yerr=err, capsize=4, label=names[mode])
         for x, r in zip(xs, ms, strict=True):
             ax.text(x, 0.02, f"n={r['n']}", ha="center", fontsize=7, color="white")
@@ -177,8 +212,10 @@ def win_rates(rows: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-METRIC_AXIS = {"heldout_loss": "held-out loss difference (nats/token; lower is better)",
-               "ref_loglik": "reference log-lik difference (nats/token; higher is better)"}
+METRIC_AXIS = {
+    "heldout_loss": "held-out loss difference (nats/token; lower is better)",
+    "ref_loglik": "reference log-lik difference (nats/token; higher is better)",
+}
 VERDICT_COLOUR = {"better": "#176d2c", "worse": "#a11111"}
 
 
@@ -198,8 +235,14 @@ def forest(rows: list[dict], path: Path, title: str = "Paired differences (a - b
         title = f"{title}\nagainst {shorten(common[4:], 60)}"
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
     sizes = [sum(r["metric"] == m for r in rows) for m in metrics]
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 0.9 * len(metrics) + 0.38 * sum(sizes) + 0.8),
-                             height_ratios=[s + 1.2 for s in sizes], squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        len(metrics),
+        1,
+        figsize=(8, 0.9 * len(metrics) + 0.38 * sum(sizes) + 0.8),
+        height_ratios=[s + 1.2 for s in sizes],
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
         sel = [r for r in rows if r["metric"] == metric]
         pos = list(range(len(sel)))[::-1]
@@ -208,14 +251,24 @@ def forest(rows: list[dict], path: Path, title: str = "Paired differences (a - b
             if finite(r.get("ci_low")) and finite(r.get("ci_high")):
                 ax.plot([r["ci_low"], r["ci_high"]], [p, p], color=colour, lw=2)
             ax.plot([r["diff"]], [p], "o", color=colour)
-            ax.text(1.02, p, f"{r['verdict']} (n={r['n']})", transform=ax.get_yaxis_transform(), va="center",
-                    fontsize=8, color=colour)
+            ax.text(
+                1.02,
+                p,
+                f"{r['verdict']} (n={r['n']})",
+                transform=ax.get_yaxis_transform(),
+                va="center",
+                fontsize=8,
+                color=colour,
+            )
         ax.axvline(0, color="grey", lw=1, ls="--")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=6))  # small differences: long tick labels must not collide
         ax.set_yticks(pos, [shorten(r["comparison"].removesuffix(common), 40) for r in sel], fontsize=8)
         ax.set_ylim(-0.7, len(sel) - 0.3)
-        unit = METRIC_AXIS.get(metric) or (f"{metric} difference (win rate; higher is better)"
-                                           if "pairwise" in metric else f"{metric} difference (higher is better)")
+        unit = METRIC_AXIS.get(metric) or (
+            f"{metric} difference (win rate; higher is better)"
+            if "pairwise" in metric
+            else f"{metric} difference (higher is better)"
+        )
         ax.set_xlabel(unit, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title)
@@ -227,7 +280,7 @@ def shorten(s: str, cap: int) -> str:
     if len(s) <= cap:
         return s
     head = (cap - 1) * 2 // 3
-    return s[:head] + "…" + s[len(s) - (cap - 1 - head):]
+    return s[:head] + "…" + s[len(s) - (cap - 1 - head) :]
 
 
 def _as_number(v: str) -> float | None:

@@ -33,8 +33,9 @@ def plot(records: list[RunRecord], out_dir: Path, metrics: list[str]) -> list[Im
     labels = dict(zip((id(r) for r in records), run_labels(records, params), strict=True))
     images: list[Image] = []
     curves = {labels[id(r)]: loss_history(r.path) for r in records}
-    if png := charts.loss_curves({k: v for k, v in curves.items() if v}, out_dir / "loss_curves.png",
-                                 "Loss curves per run"):
+    if png := charts.loss_curves(
+        {k: v for k, v in curves.items() if v}, out_dir / "loss_curves.png", "Loss curves per run"
+    ):
         images.append(Image(png, "loss curves"))
     done = [r for r in records if r.status == "completed"]
     per_param = is_sweep(records, params) and bool(params)
@@ -48,12 +49,19 @@ def plot(records: list[RunRecord], out_dir: Path, metrics: list[str]) -> list[Im
         cis = [r.values.get(f"{metric}_ci") for r in have] if metric.endswith("_judge") else None
         if per_param:
             for p in params:
-                png = charts.metric_vs_param([r.overrides.get(p, "-") for r in have], ys, cis, p, metric,
-                                             out_dir / f"{metric}_vs_{charts.safe_name(p)}.png")
+                png = charts.metric_vs_param(
+                    [r.overrides.get(p, "-") for r in have],
+                    ys,
+                    cis,
+                    p,
+                    metric,
+                    out_dir / f"{metric}_vs_{charts.safe_name(p)}.png",
+                )
                 if png:
                     images.append(Image(png, f"{metric} vs {p}", cap))
-        elif png := charts.metric_per_run([labels[id(r)] for r in have], ys, cis, metric,
-                                          out_dir / f"{charts.safe_name(metric)}_per_run.png"):
+        elif png := charts.metric_per_run(
+            [labels[id(r)] for r in have], ys, cis, metric, out_dir / f"{charts.safe_name(metric)}_per_run.png"
+        ):
             images.append(Image(png, f"{metric} per run", cap))
     return images
 
@@ -66,12 +74,14 @@ def resolve_baseline(records: list[RunRecord], labels: list[str], baseline: str 
     for i, r in enumerate(records):
         if want in (r.path.name, labels[i]) or Path(want).resolve() == r.path.resolve():
             return i
-    raise FileNotFoundError(f"report: --baseline {want} is none of the runs: "
-                            + ", ".join(r.path.name for r in records))
+    raise FileNotFoundError(
+        f"report: --baseline {want} is none of the runs: " + ", ".join(r.path.name for r in records)
+    )
 
 
-def blocks_for(records: list[RunRecord], images: list[Image], paired: list[dict], notes: list[str],
-               baseline: str, out_dir: Path) -> list[Block]:
+def blocks_for(
+    records: list[RunRecord], images: list[Image], paired: list[dict], notes: list[str], baseline: str, out_dir: Path
+) -> list[Block]:
     header, rows = table_rows(records)
     _, common = swept_params(records)
     blocks: list[Block] = []
@@ -80,12 +90,15 @@ def blocks_for(records: list[RunRecord], images: list[Image], paired: list[dict]
     blind = [r.path.name for r in records if judge_discriminates(r.path) is False]
     if blind:
         blocks.append(Text(f"{WARNING} (runs: {', '.join(blind)})", warn=True))
-    blocks.append(Table(header, rows, row_classes=[r.status for r in records],
-                        row_titles=[r.error or "" for r in records]))
+    blocks.append(
+        Table(header, rows, row_classes=[r.status for r in records], row_titles=[r.error or "" for r in records])
+    )
     failed = [r for r in records if r.status != "completed"]
     if failed:
-        blocks += [Heading("Runs that did not complete"),
-                   *[Text(f"`{r.path}` ({r.status}): {r.error or 'no error recorded'}") for r in failed]]
+        blocks += [
+            Heading("Runs that did not complete"),
+            *[Text(f"`{r.path}` ({r.status}): {r.error or 'no error recorded'}") for r in failed],
+        ]
     blocks.append(Text("Judge scores: mean on 1-10 [95% bootstrap CI] n=judged answers. Losses: held-out dialogs."))
     what = f"each run's final model against `{baseline}`, on the same items"
     blocks += paired_blocks(paired, out_dir, what) or ([Heading(f"Paired comparisons ({what})")] if notes else [])
@@ -95,8 +108,9 @@ def blocks_for(records: list[RunRecord], images: list[Image], paired: list[dict]
     return blocks
 
 
-def compare(paths: list[Path], out_dir: Path, metrics: list[str] | None = None,
-            baseline: str | Path | None = None) -> list[RunRecord]:
+def compare(
+    paths: list[Path], out_dir: Path, metrics: list[str] | None = None, baseline: str | Path | None = None
+) -> list[RunRecord]:
     """Write the comparison of the runs under `paths` into `out_dir` (report.md, report.csv, report.html,
     paired.csv, PNG charts); return what was read. `baseline`: the run the others are paired against (a run dir,
     its name or its label; default the first run)."""
@@ -107,8 +121,11 @@ def compare(paths: list[Path], out_dir: Path, metrics: list[str] | None = None,
     base = resolve_baseline(records, labels, baseline)
     images = plot(records, out_dir, metrics or DEFAULT_METRICS)
     finals = [r.values.get("final_model") for r in records]
-    paired, notes = cross_run_rows([(lab, r.path, f) for lab, r, f in zip(labels, records, finals, strict=True)],
-                                   base) if len(records) > 1 else ([], [])
+    paired, notes = (
+        cross_run_rows([(lab, r.path, f) for lab, r, f in zip(labels, records, finals, strict=True)], base)
+        if len(records) > 1
+        else ([], [])
+    )
     write_csv_rows(paired, out_dir / "paired.csv", PAIRED_COLUMNS)
     title = f"Ablation report: {len(records)} runs"
     blocks = blocks_for(records, images, paired, notes, labels[base], out_dir)
@@ -123,15 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     from baize_exp.stages import report
 
     doc = report.__doc__ or ""
-    ap = argparse.ArgumentParser(prog="baize-report", description=doc[doc.find("As a command"):],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="baize-report",
+        description=doc[doc.find("As a command") :],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("paths", nargs="+", type=Path, help="a multirun dir, or run dirs, or both")
     ap.add_argument("--out", type=Path, help="where to write (default: <path>/report for one path, else ./report)")
-    ap.add_argument("--metric", action="append", dest="metrics",
-                    help="metric to chart (repeatable); default: final_heldout_loss and final_judge; any column "
-                         "of the table works, e.g. val_loss, v1_judge")
-    ap.add_argument("--baseline", help="the run every other run's final model is paired against, item by item "
-                                       "(a run dir or its name; default: the first run of the table)")
+    ap.add_argument(
+        "--metric",
+        action="append",
+        dest="metrics",
+        help="metric to chart (repeatable); default: final_heldout_loss and final_judge; any column "
+        "of the table works, e.g. val_loss, v1_judge",
+    )
+    ap.add_argument(
+        "--baseline",
+        help="the run every other run's final model is paired against, item by item "
+        "(a run dir or its name; default: the first run of the table)",
+    )
     args = ap.parse_args(argv)
     out = args.out or (args.paths[0] / "report" if len(args.paths) == 1 else Path("report"))
     try:

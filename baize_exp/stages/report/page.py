@@ -208,8 +208,10 @@ def _samples_html(b: Samples) -> str:
     head = "<tr><th>question</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in b.models) + "</tr>"
     rows = []
     for it in b.items:
-        q = (f"<strong>{html.escape(it['category'])}</strong> <code>{html.escape(it['question_id'])}</code>\n"
-             + html.escape(it.get("question") or "(question text not recorded)"))
+        q = (
+            f"<strong>{html.escape(it['category'])}</strong> <code>{html.escape(it['question_id'])}</code>\n"
+            + html.escape(it.get("question") or "(question text not recorded)")
+        )
         cells = "".join(f"<td>{html.escape(_answer_text(it['answers'].get(m)))}</td>" for m in b.models)
         rows.append(f"<tr><td>{q}</td>{cells}</tr>")
     return "<div class='scroll'><table class='samples'>" + head + "".join(rows) + "</table></div>"
@@ -217,9 +219,12 @@ def _samples_html(b: Samples) -> str:
 
 def to_html(title: str, blocks: list[Block]) -> str:
     """One self-contained page: plots inlined, so it can be mailed or attached as is."""
-    out = ["<!doctype html><html><head><meta charset='utf-8'>",
-           "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-           f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>", f"<h1>{_inline(title)}</h1>"]
+    out = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{_inline(title)}</h1>",
+    ]
     for b in blocks:
         if isinstance(b, Heading):
             out.append(f"<h{b.level}>{_inline(b.text)}</h{b.level}>")

@@ -58,8 +58,9 @@ def item_values(run_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
     `stats.item_values` as the eval stage computes its own paired.csv (so the report and the stage cannot
     disagree)."""
     ev = run_dir / "eval"
-    return stats_item_values(*(read_jsonl(ev / f) if (ev / f).is_file() else []
-                               for f in ("judgments.jsonl", "items.jsonl")))
+    return stats_item_values(
+        *(read_jsonl(ev / f) if (ev / f).is_file() else [] for f in ("judgments.jsonl", "items.jsonl"))
+    )
 
 
 def pick_final(models: list[str], metrics_final: str | None) -> str | None:
@@ -70,8 +71,9 @@ def pick_final(models: list[str], metrics_final: str | None) -> str | None:
     return next((m for m in CHAIN if m in models), None)
 
 
-def cross_run_rows(runs: list[tuple[str, Path, str | None]], baseline: int, n_boot: int = 2000, seed: int = 0
-                   ) -> tuple[list[dict], list[str]]:
+def cross_run_rows(
+    runs: list[tuple[str, Path, str | None]], baseline: int, n_boot: int = 2000, seed: int = 0
+) -> tuple[list[dict], list[str]]:
     """Rows of paired.csv: each run's final model against the baseline run's, on the items both have.
 
     `runs` are (label, run dir, final model from metrics.json or None). Returns (rows, notes) where the notes
@@ -82,8 +84,10 @@ def cross_run_rows(runs: list[tuple[str, Path, str | None]], baseline: int, n_bo
     b_label, b_dir, _ = runs[baseline]
     b_model = finals[baseline]
     if b_model is None:
-        return [], [f"the baseline run `{b_label}` has no per-item values (eval/judgments.jsonl, eval/items.jsonl): "
-                    "no paired comparison across runs"]
+        return [], [
+            f"the baseline run `{b_label}` has no per-item values (eval/judgments.jsonl, eval/items.jsonl): "
+            "no paired comparison across runs"
+        ]
     b_vals = values[baseline].get(b_model, {})
     b_blind = judge_discriminates(b_dir) is False
     rows: list[dict] = []
@@ -98,16 +102,25 @@ def cross_run_rows(runs: list[tuple[str, Path, str | None]], baseline: int, n_bo
         blind = b_blind or judge_discriminates(d) is False
         common = [m for m in a_vals if m in b_vals]
         if not common:
-            notes.append(f"`{label}` ({model}) and `{b_label}` ({b_model}) have no per-item metric in common: "
-                         "not compared")
+            notes.append(
+                f"`{label}` ({model}) and `{b_label}` ({b_model}) have no per-item metric in common: not compared"
+            )
         for metric in common:
             res = paired_bootstrap(a_vals[metric], b_vals[metric], higher_is_better(metric), n_boot, seed)
             if res["n"] == 0:
                 notes.append(f"`{label}` vs `{b_label}`, {metric}: no item in common")
                 continue
             note = CANNOT_DISCRIMINATE if blind and metric.startswith("judge_") else ""
-            rows.append({"comparison": f"{label} vs {b_label}", "a": f"{label} ({model})",
-                         "b": f"{b_label} ({b_model})", "metric": metric, **res, "note": note})
+            rows.append(
+                {
+                    "comparison": f"{label} vs {b_label}",
+                    "a": f"{label} ({model})",
+                    "b": f"{b_label} ({b_model})",
+                    "metric": metric,
+                    **res,
+                    "note": note,
+                }
+            )
     return rows, notes
 
 
@@ -119,8 +132,14 @@ def paired_table(rows: list[dict]) -> tuple[list[str], list[list[str]], list[str
     cells, classes = [], []
     for r in rows:
         better = f" ({r['better_if']} is better)" if r.get("better_if") else ""
-        row = [r["comparison"], f"{r['metric']}{better}", str(r["n"]),
-               f"{fmt(r['diff'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fmt(r["mde"]), r["verdict"]]
+        row = [
+            r["comparison"],
+            f"{r['metric']}{better}",
+            str(r["n"]),
+            f"{fmt(r['diff'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
+            fmt(r["mde"]),
+            r["verdict"],
+        ]
         cells.append(row + ([r.get("note") or ""] if with_note else []))
         classes.append(r["verdict"] if r["verdict"] in ("better", "worse") else "")
     return header, cells, classes

@@ -50,9 +50,15 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
         if (p / "metrics.json").is_file() or (p / ".hydra").is_dir():
             found.append(p)
             continue
-        runs = sorted({m.parent for pat in ("*/metrics.json", "*/.hydra/overrides.yaml", "*/*/metrics.json")
-                       for m in p.glob(pat) if "report" not in m.parts},
-                      key=_natural_key)
+        runs = sorted(
+            {
+                m.parent
+                for pat in ("*/metrics.json", "*/.hydra/overrides.yaml", "*/*/metrics.json")
+                for m in p.glob(pat)
+                if "report" not in m.parts
+            },
+            key=_natural_key,
+        )
         runs = [r.parent if r.name == ".hydra" else r for r in runs]
         if not runs:
             raise FileNotFoundError(f"report: no run dirs (metrics.json or .hydra/) under {p}")
@@ -81,10 +87,16 @@ def _metric_values(metrics: dict) -> dict[str, Any]:
     """The table's metric columns from one run's metrics.json (missing ones stay absent)."""
     out: dict[str, Any] = {}
     col, tr, ev, sdf = (metrics.get(s, {}) for s in ("collect", "train", "eval", "sdf"))
-    for key, src, name in [("dialogs", col, "dialogs"), ("rejects", col, "rejects"),
-                           ("cost_usd", col, "cost_usd"), ("val_loss", tr, "val_loss"),
-                           ("val_ppl", tr, "val_ppl"), ("train_tok_s", tr, "tokens_per_s"),
-                           ("sup_tok_s", tr, "supervised_tokens_per_s"), ("sdf_parse_failed", sdf, "parse_failed")]:
+    for key, src, name in [
+        ("dialogs", col, "dialogs"),
+        ("rejects", col, "rejects"),
+        ("cost_usd", col, "cost_usd"),
+        ("val_loss", tr, "val_loss"),
+        ("val_ppl", tr, "val_ppl"),
+        ("train_tok_s", tr, "tokens_per_s"),
+        ("sup_tok_s", tr, "supervised_tokens_per_s"),
+        ("sdf_parse_failed", sdf, "parse_failed"),
+    ]:
         if name in src:
             out[key] = src[name]
     final = final_model(ev)
@@ -136,7 +148,7 @@ def is_sweep(records: list[RunRecord], params: list[str]) -> bool:
     if any(p not in r.overrides for r in records for p in params):
         return False  # a parameter some runs never set: runs picked by hand, not a sweep
     vals = [tuple(r.overrides[p] for p in params) for r in records]
-    if any(sum(x != y for x, y in zip(a, b, strict=True)) == 1 for i, a in enumerate(vals) for b in vals[i + 1:]):
+    if any(sum(x != y for x, y in zip(a, b, strict=True)) == 1 for i, a in enumerate(vals) for b in vals[i + 1 :]):
         return True
     return len(records) > 12
 
@@ -161,7 +173,7 @@ def _differing(values: list[str]) -> dict[str, str]:
     suf = min(suf, min(map(len, distinct)) - pre)  # prefix and suffix must not overlap in the shortest value
     if pre + suf < 8 or max(map(len, distinct)) <= 14:  # short values, or only an extension in common: whole
         return {v: v for v in distinct}
-    return {v: ("…" if pre else "") + v[pre:len(v) - suf] + ("…" if suf else "") for v in distinct}
+    return {v: ("…" if pre else "") + v[pre : len(v) - suf] + ("…" if suf else "") for v in distinct}
 
 
 def run_labels(records: list[RunRecord], params: list[str], cap: int = 36) -> list[str]:
@@ -174,8 +186,11 @@ def run_labels(records: list[RunRecord], params: list[str], cap: int = 36) -> li
     short = {p: _differing([_basename(r.overrides[p]) for r in records if p in r.overrides]) for p in params}
     labels = []
     for r in records:
-        parts = [[k, short[p][_basename(v)]]
-                 for p, k in zip(params, keys, strict=True) if (v := r.overrides.get(p)) is not None]
+        parts = [
+            [k, short[p][_basename(v)]]
+            for p, k in zip(params, keys, strict=True)
+            if (v := r.overrides.get(p)) is not None
+        ]
         while parts and len(" ".join(f"{k}={v}" for k, v in parts)) > cap:
             longest = max(parts, key=lambda kv: len(kv[1]))
             if len(longest[1]) <= 6:
@@ -190,9 +205,23 @@ def run_labels(records: list[RunRecord], params: list[str], cap: int = 36) -> li
 
 
 def value_columns(records: list[RunRecord]) -> list[str]:
-    order = ["dialogs", "rejects", "cost_usd", "val_loss", "val_ppl", "base_heldout_loss", "v1_heldout_loss",
-             "v2_heldout_loss", "base_judge", "v1_judge", "v2_judge", "sdf_parse_failed", "train_tok_s",
-             "sup_tok_s", "wall_s"]
+    order = [
+        "dialogs",
+        "rejects",
+        "cost_usd",
+        "val_loss",
+        "val_ppl",
+        "base_heldout_loss",
+        "v1_heldout_loss",
+        "v2_heldout_loss",
+        "base_judge",
+        "v1_judge",
+        "v2_judge",
+        "sdf_parse_failed",
+        "train_tok_s",
+        "sup_tok_s",
+        "wall_s",
+    ]
     return [c for c in order if any(c in r.values for r in records)]
 
 
@@ -212,8 +241,10 @@ def table_rows(records: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
     params, _ = swept_params(records)
     cols = value_columns(records)
     header = ["run", *params, "status", *cols]
-    rows = [[r.path.name, *[r.overrides.get(p, "-") for p in params], r.status, *[_cell(r, c) for c in cols]]
-            for r in records]
+    rows = [
+        [r.path.name, *[r.overrides.get(p, "-") for p in params], r.status, *[_cell(r, c) for c in cols]]
+        for r in records
+    ]
     return header, rows
 
 
@@ -258,8 +289,10 @@ def loss_history(run_dir: Path) -> dict[str, Series]:
                     v = _float(r.get(col))
                     if v is not None and finite(v) and _float(r.get("step")) is not None:
                         points.setdefault(stage, {}).setdefault(col, {})[float(r["step"])] = v
-    return {stage: {col: (sorted(pts), [pts[s] for s in sorted(pts)]) for col, pts in by.items() if pts}
-            for stage, by in points.items()}
+    return {
+        stage: {col: (sorted(pts), [pts[s] for s in sorted(pts)]) for col, pts in by.items() if pts}
+        for stage, by in points.items()
+    }
 
 
 def _float(v: str | None) -> float | None:

@@ -56,31 +56,61 @@ def judge_check_blocks(rel: dict, ev: dict) -> list[Block]:
         out.append(Text(WARNING, warn=True))
     if jc and not jc.get("n"):
         unparsed = f" ({jc['unparsed']} replies unparsable)" if jc.get("unparsed") else ""
-        out.append(Text(f"Known-order check: no check item could be judged{unparsed}, so nothing shows the judge "
-                        "can tell a good answer from a degraded one."))
+        out.append(
+            Text(
+                f"Known-order check: no check item could be judged{unparsed}, so nothing shows the judge "
+                "can tell a good answer from a degraded one."
+            )
+        )
     elif jc:
-        verdict = ("the judge tells the good answer from the degraded one more often than chance" if discriminates
-                   else "not better than chance")
-        out.append(Text(f"Known-order check: accuracy **{fmt(jc.get('accuracy'))}** "
-                        f"{_ci(jc.get('ci_low'), jc.get('ci_high'))} (95% Wilson) on n={jc.get('n')} items, "
-                        f"chance {fmt(jc.get('chance', 0.5))}: {verdict}."))
+        verdict = (
+            "the judge tells the good answer from the degraded one more often than chance"
+            if discriminates
+            else "not better than chance"
+        )
+        out.append(
+            Text(
+                f"Known-order check: accuracy **{fmt(jc.get('accuracy'))}** "
+                f"{_ci(jc.get('ci_low'), jc.get('ci_high'))} (95% Wilson) on n={jc.get('n')} items, "
+                f"chance {fmt(jc.get('chance', 0.5))}: {verdict}."
+            )
+        )
     if jc.get("n"):
         by = jc.get("by_degradation") or {}
         if by:
-            out.append(Table(["degradation", "n", "accuracy", "95% CI"],
-                             [[k, str(v.get("n")), fmt(v.get("accuracy")), _ci(v.get("ci_low"), v.get("ci_high"))]
-                              for k, v in by.items()]))
-    agree = [(what, m, v) for what, key in (("position agreement (both orders agree)", "position_agreement"),
-                                            ("self-consistency (repeats agree)", "self_consistency"))
-             for m, v in (rel.get(key) or {}).items()]
+            out.append(
+                Table(
+                    ["degradation", "n", "accuracy", "95% CI"],
+                    [
+                        [k, str(v.get("n")), fmt(v.get("accuracy")), _ci(v.get("ci_low"), v.get("ci_high"))]
+                        for k, v in by.items()
+                    ],
+                )
+            )
+    agree = [
+        (what, m, v)
+        for what, key in (
+            ("position agreement (both orders agree)", "position_agreement"),
+            ("self-consistency (repeats agree)", "self_consistency"),
+        )
+        for m, v in (rel.get(key) or {}).items()
+    ]
     if agree:
-        out.append(Table(["measure", "model", "n", "agreement", "95% CI"],
-                         [[what, m, str(v.get("n")), fmt(v.get("agreement")), _ci(v.get("ci_low"), v.get("ci_high"))]
-                          for what, m, v in agree]))
+        out.append(
+            Table(
+                ["measure", "model", "n", "agreement", "95% CI"],
+                [
+                    [what, m, str(v.get("n")), fmt(v.get("agreement")), _ci(v.get("ci_low"), v.get("ci_high"))]
+                    for what, m, v in agree
+                ],
+            )
+        )
     shares = rel.get("parse_shares") or {}
     if shares:
-        out += [Text("How the judge's replies were parsed (share of judgments):"),
-                Table(list(shares), [[f"{100 * v:.0f}%" if charts.finite(v) else fmt(v) for v in shares.values()]])]
+        out += [
+            Text("How the judge's replies were parsed (share of judgments):"),
+            Table(list(shares), [[f"{100 * v:.0f}%" if charts.finite(v) else fmt(v) for v in shares.values()]]),
+        ]
     return out
 
 
@@ -98,21 +128,44 @@ def score_blocks(run_dir: Path, ev: dict, plots: Path) -> list[Block]:
     cells = []
     for r in total:
         m = r["model"]
-        row = [m, r["mode"], str(r["n"]), fmt(r["mean"]), _ci(r["ci_low"], r["ci_high"]), str(r["parse_failures"]),
-               fmt(ev.get(f"{m}/heldout_loss")), fmt(ev.get(f"{m}/heldout_ppl"))]
+        row = [
+            m,
+            r["mode"],
+            str(r["n"]),
+            fmt(r["mean"]),
+            _ci(r["ci_low"], r["ci_high"]),
+            str(r["parse_failures"]),
+            fmt(ev.get(f"{m}/heldout_loss")),
+            fmt(ev.get(f"{m}/heldout_ppl")),
+        ]
         cells.append(row + [fmt(ev.get(f"{m}/ref_loglik"))] * with_ref + [r.get("note") or ""] * with_note)
-    out: list[Block] = [Heading("Judge scores (95% bootstrap CI; single/reference 1-10, pairwise a win rate)"),
-                        Table(header, cells)]
+    out: list[Block] = [
+        Heading("Judge scores (95% bootstrap CI; single/reference 1-10, pairwise a win rate)"),
+        Table(header, cells),
+    ]
     pngs = sorted((run_dir / "eval").glob("scores*.png"), key=lambda p: (p.name != "scores.png", p.name))
     out += [Image(p, f"judge scores per category ({p.stem})") for p in pngs]
     wins = [r for r in total if r["mode"] in ("pairwise", "pairwise_lc")]
     if wins and not any(r["mode"] == "pairwise_lc" for r in wins):  # older runs: the LC rate only in reliability
         for m, v in (reliability(run_dir).get("lc_win_rate") or {}).items():
-            wins.append({"model": m, "mode": "pairwise_lc", "n": v.get("n"), "mean": v.get("lc", math.nan),
-                         "ci_low": v.get("ci_low", math.nan), "ci_high": v.get("ci_high", math.nan)})
+            wins.append(
+                {
+                    "model": m,
+                    "mode": "pairwise_lc",
+                    "n": v.get("n"),
+                    "mean": v.get("lc", math.nan),
+                    "ci_low": v.get("ci_low", math.nan),
+                    "ci_high": v.get("ci_high", math.nan),
+                }
+            )
     if wins and (png := charts.win_rates(wins, plots / "win_rate.png")):
-        out.append(Image(png, "pairwise win rate", "raw and length-controlled win rate against the opponent; "
-                                                  "the dashed line is a tie (0.5)"))
+        out.append(
+            Image(
+                png,
+                "pairwise win rate",
+                "raw and length-controlled win rate against the opponent; the dashed line is a tie (0.5)",
+            )
+        )
     return out
 
 
@@ -121,14 +174,18 @@ def paired_blocks(rows: list[dict], plots: Path, what: str) -> list[Block]:
     if not rows:
         return []
     header, cells, classes = paired_table(rows)
-    out: list[Block] = [Heading(f"Paired comparisons ({what})"),
-                        Text("diff = mean over the same items of (a - b) in the metric's units, 95% paired "
-                             "bootstrap CI; MDE = the smallest difference this n would detect 80% of the time."),
-                        Table(header, cells, row_classes=classes)]
+    out: list[Block] = [
+        Heading(f"Paired comparisons ({what})"),
+        Text(
+            "diff = mean over the same items of (a - b) in the metric's units, 95% paired "
+            "bootstrap CI; MDE = the smallest difference this n would detect 80% of the time."
+        ),
+        Table(header, cells, row_classes=classes),
+    ]
     png = charts.forest(rows, plots / "paired_forest.png")
     left = [r for r in rows if not charts.finite(r.get("diff"))]
     if png:
-        cap = (f"left out (no value): {', '.join(r['comparison'] + ' ' + r['metric'] for r in left)}" if left else "")
+        cap = f"left out (no value): {', '.join(r['comparison'] + ' ' + r['metric'] for r in left)}" if left else ""
         out.append(Image(png, "paired differences", cap))
     return out
 
@@ -150,12 +207,22 @@ def _question_texts(run_dir: Path) -> dict[str, str]:
 def pick_samples(answers: list[dict], k: int = 3) -> tuple[list[str], list[dict]]:
     """`k` questions spread over the categories (one per category in turn) with every model's answer."""
     models = list(dict.fromkeys(a["model"] for a in answers))
-    models = ([m for m in MODEL_ORDER if m in models] + [m for m in models if m not in MODEL_ORDER + ("teacher",)]
-              + [m for m in models if m == "teacher"])
+    models = (
+        [m for m in MODEL_ORDER if m in models]
+        + [m for m in models if m not in MODEL_ORDER + ("teacher",)]
+        + [m for m in models if m == "teacher"]
+    )
     by_q: dict[str, dict] = {}
     for a in answers:
-        it = by_q.setdefault(str(a["question_id"]), {"question_id": str(a["question_id"]), "answers": {},
-                                                     "category": a.get("category", "?"), "question": a.get("question")})
+        it = by_q.setdefault(
+            str(a["question_id"]),
+            {
+                "question_id": str(a["question_id"]),
+                "answers": {},
+                "category": a.get("category", "?"),
+                "question": a.get("question"),
+            },
+        )
         it["answers"][a["model"]] = a.get("answer")
     cats: dict[str, list[dict]] = {}
     for it in by_q.values():
@@ -201,8 +268,10 @@ def build(run_dir: Path, samples: int = 3) -> tuple[str, list[Block]]:
         blocks.append(Markdown(card.read_text()))
     for stage in ("collect", "train", "sdf", "eval"):
         if stage in metrics:
-            blocks += [Heading(stage), Table(["metric", "value"], [[k, fmt(v)] for k, v in metrics[stage].items()
-                                                                    if not isinstance(v, dict)])]
+            blocks += [
+                Heading(stage),
+                Table(["metric", "value"], [[k, fmt(v)] for k, v in metrics[stage].items() if not isinstance(v, dict)]),
+            ]
     return f"baize_exp run `{run_dir.name}`", blocks
 
 
