@@ -270,10 +270,10 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, trainable: boo
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
+    """(total, trainable) parameter counts. A parameter that DeepSpeed ZeRO-3 has partitioned holds an empty
+    placeholder (`numel() == 0`) and keeps its real size in `ds_numel`."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, _ in sizes), sum(n for n, trains in sizes if trains)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -342,6 +342,61 @@ def test_two_rank_zero2_on_cpu_shards_the_optimizer_state(tmp_path: Path) -> Non
     assert outs[0]["checksum"] == pytest.approx(outs[1]["checksum"], rel=1e-9)  # ... and the updates agree
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["deepspeed_stage_2", "deepspeed_stage_3"])
+def test_lightning_deepspeed_stop_and_resume_counts_and_device_on_cpu(option: str, tmp_path: Path) -> None:
+    """`fit()` through Lightning's own DeepSpeedStrategy (our LoraDeepSpeedStrategy, with only its three CUDA-only
+    steps swapped for gloo on CPU: tests/helpers/zero_on_cpu.py): straight for 6 steps, then stopped at step 3 and
+    resumed by the same call.
+
+    - resume: Lightning hands DeepSpeed the checkpoint minus `state_dict`, and on resume `on_load_checkpoint` gets
+      only that client state (the old code read `checkpoint["state_dict"]`: KeyError); the resumed losses equal the
+      straight run's;
+    - ZeRO-3 partitions the parameters (numel() == 0): `count_parameters` still counts the whole model, and the
+      adapter written from the gathered weights holds every LoRA tensor whole;
+    - peak memory is read from the device the strategy trained on (cpu:0 here, as cuda:0 on a GPU), not from where
+      Lightning's teardown left the module (cpu)."""
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "CUDA_VISIBLE_DEVICES": "",
+        "TORCH_EXTENSIONS_DIR": str(Path(os.environ["BAIZE_CACHE"]) / "torch_extensions"),
+    }
+    script = Path(__file__).parent / "helpers" / "zero_on_cpu.py"
+    r = subprocess.run(
+        [sys.executable, str(script), option, str(tmp_path), os.environ["BAIZE_CACHE"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = json.loads(next(line[7:] for line in r.stdout.splitlines() if line.startswith("RESULT ")))
+    # resume through DeepSpeed's checkpoint directory: on_load_checkpoint saw the client state, without state_dict
+    assert out["stopped"] and out["ckpt_is_deepspeed_dir"] and out["resumed_from"].endswith("last.ckpt")
+    assert len(out["loaded_keys"]) == 1 and "baize" in out["loaded_keys"][0]
+    assert "state_dict" not in out["loaded_keys"][0] and "optimizer_states" not in out["loaded_keys"][0]
+    assert out["steps"] == 6 and out["first"] == out["straight"][:3]
+    assert out["rest"] == pytest.approx(out["straight"][3:], abs=1e-6)
+    assert out["straight"][-1] < out["straight"][0]  # it trained
+    # counting: partitioned under ZeRO-3 (the naive count misses the base), whole under ZeRO-2; ours is right in both
+    assert out["params_total"] == out["params_plain"][0] and out["params_trainable"] == out["params_plain"][1]
+    if option.endswith("3"):
+        assert out["partitioned_params"] > 0 and out["naive_total"] < out["params_plain"][0] / 10
+    else:
+        assert out["partitioned_params"] == 0 and out["naive_total"] == out["params_plain"][0]
+    assert out["gathered"] == out["lora_sizes_plain"]  # every LoRA tensor whole
+    saved = {k.replace(".default.", "."): v for k, v in out["lora_sizes_plain"].items()}  # peft's names on disk
+    assert out["saved_adapter"] == saved
+    # the device the strategy trained on, not the one Lightning's teardown moved the module to
+    assert out["device"] == "cpu:0" and out["module_device_after_fit"] == "cpu"
+
+
 def _dialogs(path: Path, n: int = 16) -> Path:
     def turns(i: int) -> list[dict]:
         return [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -339,6 +340,29 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:
         fit(pm2, tok, dialogs(6), [], cfg2, tmp_path / "s", lr=1e-3, max_epochs=5)
     cfg3 = tiny_cfg(tmp_path, *over, "train.loss_on=all", "train.resume=never")
     assert fit(pm2, tok, dialogs(6), [], cfg3, tmp_path / "s", lr=1e-3, max_epochs=5)["resumed_from"] is None
+
+
+class SlowFirstStep(pl.Callback):
+    """A first optimizer step that takes `seconds` longer, as kernel selection and warm-up make it on a GPU."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == 0:
+            time.sleep(self.seconds)
+
+
+def test_mfu_is_measured_after_the_first_optimizer_step(tmp_path: Path) -> None:
+    """MFU's window starts when the first optimizer step is over: a slow first step (here 2 s of sleep, on a GPU the
+    warm-up) leaves the MFU figure as it is, where the whole loop's time would halve it or worse."""
+    cfg = tiny_cfg(tmp_path, "logger=none", "trainer.max_steps=4", "train.max_length=64", "train.peak_flops=1e11")
+    pm, tok = tiny_lora(cfg)
+    out = fit(pm, tok, dialogs(10), [], cfg, tmp_path / "w", lr=1e-3, max_epochs=5, callbacks=[SlowFirstStep(2.0)])
+    assert out["loop_seconds"] - out["mfu_seconds"] >= 2.0  # the first step (with its sleep) is outside the window
+    assert out["device"] == "cpu" and out["peak_mem_gb"] > 0.05
+    whole_loop_mfu = out["mfu"] * out["mfu_seconds"] / out["loop_seconds"]  # the steady FLOPs over the whole loop
+    assert out["mfu"] > 1.5 * whole_loop_mfu  # negative control: the old window would have read this much lower
 
 
 def test_logs_throughput_mfu_memory_and_samples_to_csv_and_wandb(tmp_path: Path) -> None:

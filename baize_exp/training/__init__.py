@@ -385,12 +385,16 @@ def fit(
         "params_total": total,
         "params_trainable": trainable,
         "peak_flops": peak,
-        "peak_mem_gb": round(peak_memory_gb(module.device), 3),
+        # the device the strategy trained on: after fit, Lightning's teardown has moved the module back to the CPU,
+        # so module.device would read the host's peak RSS on a GPU run
+        "device": str(trainer.strategy.root_device),
+        "peak_mem_gb": round(peak_memory_gb(trainer.strategy.root_device), 3),
         "train_loss": m.get(f"{prefix}train/loss"),
     }
     out["loop_seconds"] = round(module.train_seconds, 2)  # the training loop alone
-    if module.train_seconds:
-        out["mfu"] = round(module.run_flops / module.train_seconds / peak, 4)
+    if module.steady_seconds:  # after the first optimizer step, which pays kernel selection and warm-up
+        out["mfu"] = round(module.steady_flops / module.steady_seconds / peak, 4)
+        out["mfu_seconds"] = round(module.steady_seconds, 2)
     if f"{prefix}val/loss" in m:
         out["val_loss"] = m[f"{prefix}val/loss"]
         out["val_ppl"] = math.exp(min(out["val_loss"], 50))

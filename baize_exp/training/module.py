@@ -122,6 +122,10 @@ class LoraLM(pl.LightningModule):
         self.supervised_seen = 0  # of which targets of the loss
         self.run_tokens = self.run_supervised = 0  # the same, by this process only (not restored on resume)
         self.run_flops = 0.0
+        # The steady window MFU is measured over: from the end of this session's first optimizer step (kernel
+        # selection, allocator growth, lazy init) to the end of training.
+        self._steady: dict[str, float] | None = None
+        self.steady_seconds = self.steady_flops = 0.0
         self.batches_trained = 0  # micro-batches trained by this rank since the start (drives exact resume)
         self.step_losses: list[float] = []  # per micro-batch, for tests and the fit summary
         self._window = {"t": 0.0, "tokens": 0, "supervised": 0, "flops": 0.0}
@@ -176,13 +180,23 @@ class LoraLM(pl.LightningModule):
             self._resume = None
         self._window["t"] = time.perf_counter()
         self._t_start = time.perf_counter()
+        self._first_step, self._steady = self.trainer.global_step, None
 
     def on_train_epoch_start(self) -> None:
         # Lightning calls set_epoch on a loader's sampler, not on a batch sampler: a new order per epoch
         self.trainer.train_dataloader.batch_sampler.set_epoch(self.current_epoch)
 
     def on_train_end(self) -> None:
-        self.train_seconds = time.perf_counter() - self._t_start
+        now = time.perf_counter()
+        self.train_seconds = now - self._t_start
+        if self._steady is not None:
+            self.steady_seconds = now - self._steady["t"]
+            self.steady_flops = self.run_flops - self._steady["flops"]
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        # the first optimizer step of this session is over once global_step has moved past where it started
+        if self._steady is None and self.trainer.global_step > self._first_step:
+            self._steady = {"t": time.perf_counter(), "flops": self.run_flops}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
@@ -275,7 +289,11 @@ class LoraLM(pl.LightningModule):
                 f"({state['fingerprint']} != {self.fingerprint}); set train.resume=never or use a "
                 f"new run dir"
             )
-        missing = self._trainable_keys() - set(checkpoint["state_dict"])
+        # Under DeepSpeed there is no `state_dict` here: Lightning's DeepSpeedStrategy hands DeepSpeed the checkpoint
+        # minus `state_dict` and `optimizer_states` as its client state, and on resume returns only that client
+        # state; DeepSpeed has restored the weights and optimizer itself by then.
+        weights = checkpoint.get("state_dict")
+        missing = self._trainable_keys() - set(weights) if weights is not None else set()
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} trainable weight(s), e.g. {sorted(missing)[:3]}")
         self.batches_trained = state["batches_trained"]

@@ -1,0 +1,1 @@
+"""Helpers the tests share (imported as `helpers.<module>`; nothing imports conftest by name)."""
