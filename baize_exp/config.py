@@ -113,9 +113,15 @@ class DataConfig:
             )
 
 
+FAMILIES = ("llama", "qwen2", "mistral")  # model.family: the HF architectures models.architecture() builds
+FAMILY_QKV_BIAS = {"qwen2": True, "mistral": False}  # q/k/v biases fixed by the HF class (llama: a config flag)
+
+
 @dataclass
 class ModelConfig:
-    """A LLaMA-family causal LM. `source` says how it is loaded (see baize_exp.models)."""
+    """A LLaMA-style decoder (Llama 1-3, SmolLM2, Qwen2/2.5, Mistral). `source` says how it is loaded (see
+    baize_exp.models); `family` says which HF class its architecture numbers build (for planning and random
+    models; a local model's own config.json wins)."""
 
     name: str = MISSING
     source: str = MISSING  # gguf | tiny | hf
@@ -133,6 +139,13 @@ class ModelConfig:
     vocab_size: int = 0
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (SmolLM2, tiny; not LLaMA-1)
+    family: str = "llama"  # llama | qwen2 | mistral: LlamaConfig, Qwen2Config or MistralConfig from these numbers
+    rope_theta: float = 10000.0  # RoPE base (LLaMA-1/2 1e4, Llama-3 5e5, Qwen2.5 and Mistral v0.2+ 1e6)
+    # More RoPE parameters, merged into HF's `rope_parameters` (Llama-3.1: rope_type llama3, factor, ...)
+    rope_scaling: dict[str, Any] | None = None
+    # Bias on the q/k/v projections: Qwen2's class always has it (true), Mistral's never (false); for llama it is
+    # LlamaConfig.attention_bias (q, k, v and o). Counted by the planner.
+    attention_bias: bool = False
     seed: int = 0  # init seed of the random tiny model
     tokenizer: str | None = None  # source tiny: a tokenizer folder; None = the embedded SmolLM2 tokenizer
     # The frozen base's weights: auto follows trainer.precision (bf16 for bf16-*, fp16 for 16-mixed, else fp32), so
@@ -143,6 +156,17 @@ class ModelConfig:
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(self.source in ("gguf", "tiny", "hf"), f"{key}.source", self.source, "one of gguf, tiny, hf")
+        p.check(self.family in FAMILIES, f"{key}.family", self.family, f"one of {', '.join(FAMILIES)}")
+        if self.family in FAMILY_QKV_BIAS:  # fixed by the HF class, so a contrary value would be a wrong count
+            fixed = FAMILY_QKV_BIAS[self.family]
+            p.check(
+                self.attention_bias == fixed,
+                f"{key}.attention_bias",
+                self.attention_bias,
+                f"{str(fixed).lower()} for family {self.family} (its HF class {'always' if fixed else 'never'} "
+                f"has q/k/v biases)",
+            )
+        p.check(self.rope_theta > 0, f"{key}.rope_theta", self.rope_theta, "a number > 0")
         p.check(
             self.dtype in ("auto", "fp32", "bf16", "fp16"), f"{key}.dtype", self.dtype, "one of auto, fp32, bf16, fp16"
         )

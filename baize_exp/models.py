@@ -4,8 +4,13 @@
   with importlib (the package is never imported: its __init__ needs packages we do not install), dequantized by
   transformers, and converted once into a cached plain HF folder, because a GGUF-loaded model is flagged as
   quantized and HF/peft training helpers refuse it.
-- `source: tiny`  a random-init Llama from the config's architecture numbers, with the real SmolLM2 tokenizer.
+- `source: tiny`  a random-init model from the config's architecture numbers (`model.family`: Llama, Qwen2 or
+  Mistral), with the real SmolLM2 tokenizer.
 - `source: hf`    a local HF dir (`model.path`), else the hub id (fails offline with a message saying what to set).
+
+Generation stops at the tokenizer's end-of-turn token as well as at the model's EOS ids (`stop_token_ids`): a
+checkpoint whose generation_config names only `<|end_of_text|>` (Llama-3.0-Instruct's did) would otherwise run on
+past `<|eot_id|>` into a new turn.
 """
 
 from __future__ import annotations
@@ -19,14 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
+from omegaconf import OmegaConf
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PretrainedConfig,
     PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from baize_exp import cpu
@@ -38,8 +49,20 @@ log = logging.getLogger(__name__)
 CONVERTED_VERSION = "1"  # bump when the conversion below changes, so caches are rebuilt
 
 
+# model.family -> the HF config and model classes its architecture numbers build
+FAMILIES: dict[str, tuple[type[PretrainedConfig], type[torch.nn.Module]]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+
 class ModelLoadError(UserError, RuntimeError):
     """A model that cannot be loaded, with what to do about it."""
+
+
+class LoraTargetError(UserError, ValueError):
+    """`lora.target_modules` names modules the model does not have."""
 
 
 def find_gguf(package: str, filename: str) -> Path:
@@ -163,14 +186,25 @@ def _hub_error(mcfg: Any, e: Exception) -> ModelLoadError:
 
 
 def architecture(mcfg: Any) -> PretrainedConfig:
-    """The model's HF config without reading any weights: a local model's config.json, else a LlamaConfig from
-    the `model` config's architecture numbers (the tiny model's exact config; LLaMA-1 numbers for 7b/13b/30b)."""
+    """The model's HF config without reading any weights: a local model's config.json, else the config class of
+    `model.family` (LlamaConfig, Qwen2Config, MistralConfig) from the `model` config's architecture numbers (the
+    tiny model's exact config; the published numbers of 7b/13b/30b, llama3_8b, qwen2_5_7b, mistral_7b)."""
     if mcfg.source == "hf" and mcfg.path:
         p = Path(mcfg.path).expanduser()
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"model.path={mcfg.path!r} is not an HF model dir (no config.json there)")
         return AutoConfig.from_pretrained(str(p))
-    return LlamaConfig(
+    family = getattr(mcfg, "family", "llama")
+    scaling = getattr(mcfg, "rope_scaling", None)
+    scaling = OmegaConf.to_container(scaling) if OmegaConf.is_config(scaling) else dict(scaling or {})
+    extra: dict[str, Any] = {}
+    if family == "llama":  # Qwen2's q/k/v biases and Mistral's none are fixed by their classes
+        extra["attention_bias"] = bool(getattr(mcfg, "attention_bias", False))
+    if family == "mistral":
+        extra["sliding_window"] = None  # v0.2 and later attend to the whole context (MistralConfig defaults 4096)
+    return FAMILIES[family][0](
+        rope_parameters={"rope_type": "default", "rope_theta": float(getattr(mcfg, "rope_theta", 10000.0)), **scaling},
+        **extra,
         vocab_size=mcfg.vocab_size,
         hidden_size=mcfg.hidden_size,
         intermediate_size=mcfg.intermediate_size,
@@ -213,7 +247,7 @@ def load_model(mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32) -
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(mcfg.seed)
             # made in its dtype: a 7B-shaped random model in bf16 never holds 27 GiB of fp32 weights first
-            model = LlamaForCausalLM._from_config(config, dtype=dtype)
+            model = FAMILIES[getattr(mcfg, "family", "llama")][1]._from_config(config, dtype=dtype)
         model.generation_config.pad_token_id = config.pad_token_id
         return model.eval()  # like from_pretrained: eval mode until a trainer says otherwise
     src = resolve_model_dir(mcfg, cache_dir)
@@ -250,15 +284,33 @@ def lora_config(lcfg: Any):
     )
 
 
+def check_lora_targets(model: torch.nn.Module, target_modules: Any) -> None:
+    """Every name in `lora.target_modules` must name a module of `model` (as peft matches: the whole name or its
+    last parts); else one line naming the missing ones and the linear layers there are. peft itself fails only
+    when none match, so a typo in one name would silently train fewer layers."""
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise LoraTargetError(
+            f"lora.target_modules: {missing} match no module of {type(model).__name__}; its linear layers are "
+            f"{', '.join(linear)} (e.g. lora.target_modules=[{','.join(n for n in linear if n != 'lm_head')}])"
+        )
+
+
+def check_lora_targets_of(mcfg: Any, lcfg: Any) -> None:
+    """`check_lora_targets` before any work, on the model built from its architecture alone (meta device: no
+    weights read, no memory)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(architecture(mcfg))
+    check_lora_targets(model, lcfg.target_modules)
+
+
 def attach_lora(model: torch.nn.Module, lcfg: Any):
     """Wrap a base model with fresh LoRA weights (only those are trainable)."""
     from peft import get_peft_model
 
-    missing = [
-        t for t in lcfg.target_modules if not any(n.endswith(f".{t}") or n == t for n, _ in model.named_modules())
-    ]
-    if missing:  # peft only fails when none match; a typo in one name would silently train fewer layers
-        raise ValueError(f"lora.target_modules: {missing} match no module of {type(model).__name__}")
+    check_lora_targets(model, lcfg.target_modules)
     return get_peft_model(model, lora_config(lcfg))
 
 
@@ -280,6 +332,33 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def end_of_turn_token(tok: Any) -> str | None:
+    """The special token the chat template closes an assistant turn with (`<|eot_id|>` for Llama-3, `<|im_end|>`
+    for Qwen2 and SmolLM2, `</s>` for Mistral), read from a rendering; None without a template or such a token."""
+    probe = "baize-exp end-of-turn probe"
+    try:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "?"}, {"role": "assistant", "content": probe}], tokenize=False
+        )
+    except (ValueError, TemplateError):  # no chat template, or one that refuses this conversation
+        return None
+    if probe not in text:
+        return None
+    ids = tok(text[text.rindex(probe) + len(probe) :], add_special_tokens=False).input_ids
+    special = {i for i, t in tok.added_tokens_decoder.items() if t.special} | set(tok.all_special_ids)
+    return tok.convert_ids_to_tokens(ids[0]) if ids and ids[0] in special else None
+
+
+def stop_token_ids(model: torch.nn.Module, tok: Any) -> list[int]:
+    """The token ids generation stops at: the model's generation_config EOS ids, the tokenizer's EOS and the
+    chat template's end-of-turn token (in that order, each once)."""
+    eos = model.generation_config.eos_token_id
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    turn_end = end_of_turn_token(tok)
+    ids += [tok.eos_token_id, tok.convert_tokens_to_ids(turn_end) if turn_end else None]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """`text` cut before the earliest stop string; whether one was found."""
     hits = [k for k in (text.find(s) for s in stop if s) if k >= 0]
@@ -299,8 +378,10 @@ def generate_texts(
     batch_size: int = 8,
 ) -> list[list[str]]:
     """Generate for raw-text prompts in left-padded batches; returns num_return_sequences texts per prompt,
-    each cut at the first stop string."""
+    each cut at the first stop string. The prompts carry their own special tokens (BOS, the template's); each
+    sequence ends at the first of `stop_token_ids`."""
     model.eval()
+    eos_ids = stop_token_ids(model, tok)
     side = tok.padding_side
     tok.padding_side = "left"
     outs: list[list[str]] = []
@@ -310,7 +391,10 @@ def generate_texts(
             enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = enc.to(_device_of(model))  # the inputs go where the model is (a GPU student, a sample callback)
             kw: dict[str, Any] = dict(
-                max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences, pad_token_id=tok.pad_token_id
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_return_sequences,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=eos_ids,
             )
             if temperature > 0:
                 kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)

@@ -158,7 +158,7 @@ def test_help_lists_groups_and_options() -> None:
     assert r.returncode == 0
     assert "baize_exp" in r.stdout
     for line in (
-        "model: 13b, 30b, 7b, random_1b, smollm2_135m, tiny",
+        "model: 13b, 30b, 7b, llama3_8b, mistral_7b, qwen2_5_7b, random_1b, smollm2_135m, tiny",
         "teacher: local, openai, vllm",
         "strategy: auto, ddp, deepspeed_stage_2, deepspeed_stage_3, deepspeed_stage_3_offload",
         "data: quora, stackoverflow, medical, alpaca are the shipped 200-question samples unless data.path",

@@ -350,14 +350,34 @@ def baize_prompt(question: str, history: list[dict] | None = None) -> str:
     return "".join(s for s, _ in segs[:-1])
 
 
+def bos_text(tok: Any) -> str:
+    """The BOS token the tokenizer puts before plain text (Llama-3's `<|begin_of_text|>`, Mistral's `<s>`), or ""
+    for one that puts none (SmolLM2, Qwen2). Read from what encoding does, not from a flag: Llama-3's tokenizer
+    adds it through its post-processor and has no `add_bos_token`."""
+    if tok is None or tok.bos_token_id is None:
+        return ""
+    ids = tok("a", add_special_tokens=True).input_ids
+    added = ids[: len(ids) - len(tok("a", add_special_tokens=False).input_ids)]
+    return tok.bos_token if added[:1] == [tok.bos_token_id] else ""
+
+
+def with_bos(text: str, tok: Any) -> str:
+    """`text` starting with the tokenizer's BOS exactly once: the model was trained with it first, and text is
+    tokenized with add_special_tokens=False everywhere (so a chat template that renders BOS itself gets no second)."""
+    bos = bos_text(tok)
+    return text if not bos or text.startswith(bos) else bos + text
+
+
 def generation_prompt(question: str, fmt: str = "baize", tok: Any = None) -> str:
     """The prompt a model tuned in `fmt` (train.format) answers: the Baize markers, or the tokenizer's chat
-    template (what chat_template training supervised)."""
+    template (what chat_template training supervised); with the tokenizer's BOS first, once (`with_bos`)."""
     if fmt == "chat_template":
-        return tok.apply_chat_template(
+        text = tok.apply_chat_template(
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )
-    return baize_prompt(question)
+    else:
+        text = baize_prompt(question)
+    return with_bos(text, tok)
 
 
 def to_baize_text(turns: list[dict]) -> str:

@@ -4,10 +4,11 @@
     baize-plan model=30b trainer.devices=8 plan.gpu_memory_gb=40      # same conf tree, no pipeline
 
 The model is built on the meta device from its architecture alone (a local model's config.json, else the
-architecture numbers in `conf/model/*.yaml`), so nothing is downloaded and no weight is read; LoRA is attached on
-meta too, and the parameter counts are peft's own. Memory per GPU is then computed for every strategy × precision
-from the formulas below, for `trainer.devices × trainer.num_nodes` GPUs of `plan.gpu_memory_gb` GiB each. It writes
-`<run>/plan/plan.json` and `plan.md` and prints the table.
+architecture numbers in `conf/model/*.yaml` in the HF class of `model.family`: Llama, Qwen2 with its q/k/v biases,
+Mistral), so nothing is downloaded and no weight is read; LoRA is attached on meta too, and the parameter counts
+are peft's own (grouped k/v widths, untied lm_heads and biases included). Memory per GPU is then computed for
+every strategy × precision from the formulas below, for `trainer.devices × trainer.num_nodes` GPUs of
+`plan.gpu_memory_gb` GiB each. It writes `<run>/plan/plan.json` and `plan.md` and prints the table.
 
 Formulas (bytes; N = frozen base params, T = trainable LoRA params, D = GPUs in total, G = GPUs per node):
 
@@ -92,7 +93,8 @@ def build_meta_model(mcfg: Any, lcfg: Any) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(M.architecture(mcfg))
+        model = AutoModelForCausalLM.from_config(M.architecture(mcfg))  # the family's class (Llama, Qwen2, ...)
+        M.check_lora_targets(model, lcfg.target_modules)  # one line naming them, not peft's error or a silent miss
         return get_peft_model(model, M.lora_config(lcfg))
 
 

@@ -171,6 +171,7 @@ def sample_candidates(
     the batches are dealt over the ranks of a multi-process launch (`generate.sharded_map`, `key` names the work)
     and rank 0 gets exactly the candidates one process makes; the other ranks get None."""
     model.eval()
+    eos_ids = M.stop_token_ids(model, tok)  # the template's end-of-turn too, as in models.generate_texts
     side, tok.padding_side = tok.padding_side, "left"
 
     @torch.no_grad()
@@ -195,6 +196,7 @@ def sample_candidates(
             past_key_values=past,
             max_new_tokens=max_new_tokens,
             pad_token_id=tok.pad_token_id,
+            eos_token_id=eos_ids,
             **kw,
         )[:, ids.shape[1] :]
         texts = tok.batch_decode(seqs, skip_special_tokens=True)

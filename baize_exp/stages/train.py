@@ -26,6 +26,13 @@ from baize_exp.wandb_log import log_adapter
 log = logging.getLogger(__name__)
 
 
+def preflight(cfg: Any) -> None:
+    """Before any work: what training asks of this machine, and LoRA targets the model has (checked on its
+    architecture alone, so a misspelt module fails in a second, not after loading an 8B base)."""
+    check_machine(cfg)
+    M.check_lora_targets_of(cfg.model, cfg.lora)
+
+
 def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
     """The pipeline's train stage: base + fresh LoRA → `train/adapter` (v1)."""
     stage_dir = run_dir / "train"
@@ -94,5 +101,5 @@ STAGE = Stage(
     # dialogs from another run (train.data) stand in for this run's collect stage: their content is hashed
     external=lambda cfg: {"collect": cfg.train.data} if cfg.train.data else {},
     joins_ddp=True,
-    preflight=check_machine,
+    preflight=preflight,
 )

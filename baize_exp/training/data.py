@@ -4,7 +4,9 @@ Two text formats (`train.format`):
 - `baize`: the paper's `[|Human|] ... [|AI|] ...` transcript; the `[|Human|]` marker that closes an AI turn is
   part of the AI's target (it is how the model learns to stop), the human's text never is.
 - `chat_template`: the tokenizer's own template; the target is each assistant message as the template renders it
-  (content plus the end-of-turn token).
+  (content plus the end-of-turn token: `<|eot_id|>`, `<|im_end|>`, `</s>`).
+Either way a row starts with the tokenizer's BOS exactly once when it puts one before text (Llama-3, Mistral; see
+`data.bos_text`): added in front of the Baize text, and kept from a chat template that renders it itself.
 
 Batches come in two shapes: padded rows with a 2D `attention_mask` (`train.packing=false`, batches grouped by
 length so little is padding) or packed rows (`train.packing=true`) with `doc_ids` and `position_ids` that restart
@@ -25,14 +27,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from baize_exp.data import BAIZE_HUMAN, baize_segments, dialog_shape_error, to_chat_messages
+from baize_exp.data import BAIZE_HUMAN, baize_segments, bos_text, dialog_shape_error, to_chat_messages
 from baize_exp.errors import UserError
 from baize_exp.io import content_hash
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label value the loss skips
-TOKENIZED_VERSION = "2"  # bump when tokenize_dialog changes, so cached tokenizations are rebuilt
+TOKENIZED_VERSION = "3"  # bump when tokenize_dialog changes, so cached tokenizations are rebuilt
 
 
 # --- one dialog → segments → tokens ----------------------------------------------------------------------------
@@ -102,13 +104,14 @@ def tokenize_dialog(
     labels: list[int] = []
     if fmt == "baize":
         segs = _baize_segments(turns)
-        if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
-            ids.append(tok.bos_token_id)
-            labels.append(IGNORE)
     elif fmt == "chat_template":
         segs = _chat_template_segments(turns, tok)
     else:
         raise ValueError(f"train.format={fmt!r}: one of baize, chat_template")
+    bos = bos_text(tok)
+    if bos and not segs[0][0].startswith(bos):  # a template that renders BOS itself gets no second one
+        ids.append(tok.bos_token_id)
+        labels.append(IGNORE)
     exchange_end = 0  # length at the end of the last complete (human, ai) exchange
     for text, is_ai, closes in segs:
         piece = tok(text, add_special_tokens=False).input_ids
@@ -136,7 +139,7 @@ def tokenizer_fingerprint(tok: Any) -> str:
                 spec,
                 str(getattr(tok, "chat_template", "")),
                 str(tok.bos_token),
-                str(getattr(tok, "add_bos_token", False)),
+                bos_text(tok),  # whether rows start with it
             ]
         ).encode()
     ).hexdigest()[:16]

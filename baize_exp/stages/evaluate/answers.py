@@ -85,7 +85,7 @@ def model_prompts(
     tok: Any, questions: list[dict], adapter: Path | None, use_chat_template: bool, train_format: str = "baize"
 ) -> list[str]:
     """The base model answers through its chat template (what it was tuned for); an adapter in the format it was
-    trained in."""
+    trained in. Each prompt starts with the tokenizer's BOS once, where it has one (`data.generation_prompt`)."""
     if adapter is None:
         fmt = "chat_template" if use_chat_template and tok.chat_template else "baize"
     else:
