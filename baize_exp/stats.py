@@ -247,3 +247,51 @@ def write_csv_rows(rows: list[dict], path: Path, columns: list[str]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Human votes (the blind arena) and how often a judge agrees with them
+
+
+def canonical_vote(model_x: str, model_y: str, winner: str) -> tuple[tuple[str, str], str]:
+    """((first, second), verdict) for a vote on models x and y: the pair sorted by name, the verdict 'a' or 'b' for
+    the first or second of that order, 'tie' for neither. `winner` is the winning model's name or 'tie'. Sorting
+    (FastChat's convention) makes a vote on (v1, base) and one on (base, v1) the same pair."""
+    first, second = sorted((model_x, model_y))
+    if winner == "tie":
+        return (first, second), "tie"
+    if winner not in (first, second):
+        raise ValueError(f"winner {winner!r} is neither {model_x!r} nor {model_y!r}")
+    return (first, second), "a" if winner == first else "b"
+
+
+def win_rate(wins: int, ties: int, losses: int, alpha: float = 0.05) -> dict:
+    """A model's win rate over its votes against one opponent, ties counting half, with the Wilson interval of
+    that share (as the judge check counts its ties): {"n", "wins", "ties", "losses", "win_rate", "ci_low",
+    "ci_high"}. n = 0 gives NaN rate and bounds."""
+    n = wins + ties + losses
+    rate, lo, hi = proportion_ci(wins + 0.5 * ties, n, alpha)
+    return {"n": n, "wins": wins, "ties": ties, "losses": losses, "win_rate": rate, "ci_low": lo, "ci_high": hi}
+
+
+def judge_human_agreement(
+    judge: dict[tuple, str], human: list[tuple[tuple, str]], with_ties: bool = True, alpha: float = 0.05
+) -> dict:
+    """How often a judge's verdict on a pair equals a person's, as FastChat's MT-bench study computes it
+    (`compute_agreement.py`, judge vs human).
+
+    `judge` holds one verdict per key (question id and the canonical model pair, see `canonical_vote`); `human`
+    holds every human vote as (key, verdict), several per key allowed. Verdicts are 'a', 'b' or 'tie' (a person's
+    "both bad" is a tie). Every human vote on a key the judge has a verdict for is one comparison; it agrees when
+    the two verdicts are equal (tie with tie agrees). Without ties, a comparison where the judge or the person
+    said tie is left out (FastChat's `ban=["tie"]`), so what remains asks only "did they pick the same winner".
+    Returns {"agree", "n", "rate", "ci_low", "ci_high"} with a Wilson interval; n = 0 gives NaN."""
+    agree = n = 0
+    for key, vote in human:
+        verdict = judge.get(key)
+        if verdict is None or (not with_ties and "tie" in (verdict, vote)):
+            continue
+        n += 1
+        agree += verdict == vote
+    rate, lo, hi = proportion_ci(agree, n, alpha)
+    return {"agree": agree, "n": n, "rate": rate, "ci_low": lo, "ci_high": hi}

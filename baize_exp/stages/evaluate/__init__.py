@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from baize_exp import human
 from baize_exp import models as M
 from baize_exp.config import cache_dir
 from baize_exp.data import load_eval_questions
@@ -218,6 +219,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
         key = f"paired/{p['comparison']}/{p['metric']}"
         metrics[f"{key}/diff"], metrics[f"{key}/ci"] = p["diff"], [p["ci_low"], p["ci_high"]]
         metrics[f"{key}/verdict"] = p["verdict"]
+    metrics.update(human.refresh(run_dir))  # votes already cast (baize-chat): their rows in scores/paired.csv
     return metrics
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from baize_exp.human import log_wandb as log_human
 from baize_exp.stages.base import Stage
 from baize_exp.stages.report.compare import compare, main, plot
 from baize_exp.stages.report.runs import (
@@ -60,4 +61,6 @@ def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
 
 
 # It only describes: it runs every time and leaves no completion marker.
-STAGE = Stage("report", run, marker=False, writes=("report.md", "report.html"))
+STAGE = Stage(
+    "report", run, marker=False, writes=("report.md", "report.html"), log_wandb=lambda wb, d: log_human(wb, d.parent)
+)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from baize_exp.stages.report import charts
+from baize_exp.stages.report.human import runs_blocks
 from baize_exp.stages.report.page import Block, Heading, Image, Table, Text, to_html, to_markdown
 from baize_exp.stages.report.paired import PAIRED_COLUMNS, cross_run_rows, judge_discriminates, write_csv_rows
 from baize_exp.stages.report.runs import (
@@ -129,6 +130,7 @@ def compare(
     write_csv_rows(paired, out_dir / "paired.csv", PAIRED_COLUMNS)
     title = f"Ablation report: {len(records)} runs"
     blocks = blocks_for(records, images, paired, notes, labels[base], out_dir)
+    blocks += runs_blocks([r.path for r in records])
     (out_dir / "report.md").write_text(to_markdown(title, blocks, out_dir))
     write_csv(records, out_dir / "report.csv")
     (out_dir / "report.html").write_text(to_html(title, blocks))

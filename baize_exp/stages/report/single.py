@@ -9,6 +9,7 @@ from typing import Any
 
 from baize_exp.io import read_json, read_jsonl
 from baize_exp.stages.report import charts
+from baize_exp.stages.report.human import human_blocks
 from baize_exp.stages.report.page import (
     Block,
     Heading,
@@ -257,6 +258,7 @@ def build(run_dir: Path, samples: int = 3) -> tuple[str, list[Block]]:
         old.unlink()
     blocks: list[Block] = _info(run_dir, metrics)
     blocks += judge_check_blocks(reliability(run_dir), ev)
+    blocks += human_blocks(run_dir)  # also refreshes eval/scores.csv and paired.csv with the votes
     blocks += score_blocks(run_dir, ev, plots)
     if (run_dir / "eval" / "paired.csv").is_file():
         blocks += paired_blocks(read_csv_rows(run_dir / "eval" / "paired.csv"), plots, "models of this run")
