@@ -32,9 +32,17 @@ batch; there is no deadline unless `--request-timeout-s` sets one (504), because
 is still an answer. SIGTERM/SIGINT stop accepting connections and finish the requests in flight before exiting.
 The worker's torch threads follow the free cores (`baize_exp.cpu`). Binds loopback only unless --allow-remote.
 
+Several models, one base: `--adapter v1=DIR --adapter v2=DIR` loads the base once and every adapter onto it; the
+server answers the base under its own name and each adapter under its NAME, and a batch mixes them (each row's
+forward pass uses its request's adapter: peft's `adapter_names`), so base, v1 and v2 cost one model's memory. Each
+name is prompted in its own format: the chat template for the base, an adapter's `prompt_format.json` (Baize's
+`[|Human|]`/`[|AI|]` transcript, its `[|Human|]` added to the stops) for a run's adapters.
+
 Rooms: `engine` (the running batch and its decode loop), `worker` (the thread that owns the model and admits
-requests), `app` (HTTP: parsing, OpenAI-style errors, streaming), `launcher` (start and stop a server for a run,
-and hand out clients for teacher and judge), `__main__` (the command line). Model loading is `baize_exp.models`.
+requests), `app` (HTTP: parsing, OpenAI-style errors, streaming), `adapters` (one base, several adapters, the names
+they answer to), `formats` (each model's prompt format), `launcher` (start and stop a server for a run, and hand
+out clients for teacher and judge), `__main__` (the command line), `ui` (`baize-chat`: the chat page and the blind
+arena on the same server). Model loading is `baize_exp.models`.
 """
 
 from baize_exp.serve.launcher import Backends, LocalServer

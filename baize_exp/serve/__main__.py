@@ -10,7 +10,9 @@ import socket
 from pathlib import Path
 
 from baize_exp.config import cache_dir
+from baize_exp.errors import exit_on_error
 from baize_exp.models import load_for_serving
+from baize_exp.serve.adapters import load_served, parse_adapter_args
 from baize_exp.serve.app import build_app, is_loopback
 from baize_exp.serve.engine import DecodeEngine
 from baize_exp.serve.worker import BatchWorker
@@ -21,8 +23,18 @@ log = logging.getLogger("baize_exp.serve")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="baize-serve", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2_135m", help="conf/model option, HF model dir, or .gguf file")
-    ap.add_argument("--adapter", default=None, help="LoRA adapter dir to put on the model")
-    ap.add_argument("--served-name", default=None, help="model id reported to clients")
+    ap.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="LoRA adapter dir to put on the model. One unnamed adapter: the server answers as <model>+<dir name>. "
+        "NAME=DIR (repeatable): the base is held once and answers under its own name, each adapter under NAME, "
+        "each in the prompt format it was trained in (its prompt_format.json)",
+    )
+    ap.add_argument(
+        "--served-name", default=None, help="model id reported to clients (with named adapters: the base's)"
+    )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000, help="0 picks a free port (see --port-file)")
     ap.add_argument("--port-file", default=None, help="write the bound port here once serving")
@@ -64,10 +76,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.api_key_env and not api_key:
         ap.error(f"--api-key-env {args.api_key_env}: that environment variable is empty")
 
-    net, tok, name = load_for_serving(args.model, args.adapter, Path(args.cache_dir).expanduser())
-    worker = BatchWorker(
-        DecodeEngine(net, tok, args.served_name or name), args.max_batch, args.max_wait_ms, args.queue_size
-    )
+    with exit_on_error("baize-serve"):
+        adapters, named = parse_adapter_args(args.adapter)
+        net, tok, name = load_for_serving(args.model, None, Path(args.cache_dir).expanduser())
+    if adapters and not named:  # the single-adapter server: only base+adapter is served, as before
+        dir_name, path = next(iter(adapters.items()))
+        name = args.served_name or f"{name}+{dir_name}"
+        net, served = load_served(net, name, {name: path}, serve_base=False)
+    else:
+        name = args.served_name or name
+        net, served = load_served(net, name, adapters)
+    worker = BatchWorker(DecodeEngine(net, tok, name, served), args.max_batch, args.max_wait_ms, args.queue_size)
     app = build_app(worker, api_key, args.request_timeout_s, args.max_n, aliases=(args.model,))
 
     import uvicorn
@@ -84,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         os.replace(tmp, args.port_file)
     log.info(
         "serving %s on http://%s:%d/v1 (max_batch=%d, queue_size=%d)",
-        worker.engine.model_name,
+        ", ".join(worker.engine.served),
         args.host,
         port,
         args.max_batch,

@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from baize_exp.models import cut_at_stop
+from baize_exp.models import cut_at_stop, stop_token_ids
+from baize_exp.serve.formats import PromptFormat
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
 
 @dataclass
@@ -29,6 +32,8 @@ class GenRequest:
     seed: int | None = None
     top_logprobs: int | None = None  # None = no logprobs; 0.. = logprobs with that many alternatives
     stream: bool = False
+    model: str = ""  # the served name asked for (answered back in the reply)
+    adapter: str | None = None  # the LoRA adapter its rows decode with; None = the base (see ServedModel)
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     # events: ("delta", choice, text, logprobs), ("done", choice, Choice, unsent text, unsent logprobs),
     # ("error", None, message)
@@ -39,6 +44,17 @@ class GenRequest:
     def __post_init__(self) -> None:
         if self.seed is not None:
             self.generator = torch.Generator().manual_seed(int(self.seed))
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model name the server answers: the shared base with one of its LoRA adapters (or none), in that
+    adapter's prompt format. `source` says where the adapter came from (shown by /v1/models and the chat page)."""
+
+    name: str
+    adapter: str | None = None  # the peft adapter name inside the one loaded model; None = the base alone
+    fmt: PromptFormat = PromptFormat()
+    source: str | None = None
 
 
 @dataclass
@@ -67,16 +83,22 @@ class Row:
 class DecodeEngine:
     """The running batch and its decode loop; used only from the worker thread (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, model_name: str):
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, model_name: str, served: list[ServedModel] | None = None
+    ):
+        """`served`: the names this engine answers (default: `model_name` alone, as the model is). With several
+        adapters of one peft model, each row decodes with its request's adapter inside the same batch (peft's
+        `adapter_names`), so the base is held once and requests for different models still share every step."""
         self.model = model.eval()
         self.tok = tokenizer  # the HTTP side encodes prompts with it
         self.detok = copy.deepcopy(tokenizer)  # the worker decodes with its own copy: fast tokenizers are not
         # safe to use from two threads at once
-        self.model_name = model_name
+        self.served = {s.name: s for s in served or [ServedModel(model_name)]}
+        self.model_name = model_name if model_name in self.served else next(iter(self.served))
+        self.mixed = hasattr(model, "peft_config") and len({s.adapter for s in self.served.values()}) > 1
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-        self.eos_ids.discard(None)
+        # EOS and the chat template's end-of-turn token (Llama-3's <|eot_id|>), as the eval stage's generation stops
+        self.eos_ids = set(stop_token_ids(model, tokenizer))
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.config = base.config
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 1 << 30)
@@ -87,12 +109,17 @@ class DecodeEngine:
         self.mask: torch.Tensor | None = None  # [rows, cache length], 1 = a real token
         self.decode_steps = self.prefills = self.peak_rows = 0
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def encode_chat(self, messages: list[dict], model: str | None = None) -> list[int]:
+        """Token ids of `messages` in the prompt format of the served `model` (default: the engine's own)."""
+        text = self.served[model or self.model_name].fmt.render(messages, self.tok)
         return self.tok(text, add_special_tokens=False).input_ids
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, reqs: list[GenRequest]
+    ) -> torch.Tensor:
+        """Logits of the last position of each row; `reqs[i]` is row i's request (its adapter)."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        extra = {"adapter_names": [r.adapter or BASE_ADAPTER for r in reqs]} if self.mixed else {}
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -100,6 +127,7 @@ class DecodeEngine:
             use_cache=True,
             logits_to_keep=1,
             **{self.cache_kw: cache},
+            **extra,
         )
         return out.logits[:, -1, :].float()
 
@@ -111,7 +139,7 @@ class DecodeEngine:
         ids = torch.tensor([[self.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs])
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs])
         cache = DynamicCache()
-        logits = self._forward(ids, mask, cache)
+        logits = self._forward(ids, mask, cache, reqs)
         self.prefills += 1
         expand = torch.tensor([i for i, r in enumerate(reqs) for _ in range(r.n)])
         new_rows = [Row(r, k) for r in reqs for k in range(r.n)]
@@ -146,7 +174,7 @@ class DecodeEngine:
         """Feed every row's pending token; sample the next one per row."""
         ids = torch.tensor([[r.pending] for r in self.rows])
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype)], dim=1)
-        logits = self._forward(ids, self.mask, self.cache)
+        logits = self._forward(ids, self.mask, self.cache, [r.req for r in self.rows])
         self.decode_steps += 1
         self._advance(self.rows, logits)
 

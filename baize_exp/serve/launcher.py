@@ -24,7 +24,7 @@ class LocalServer:
     def __init__(
         self,
         model: str,
-        adapter: str | None = None,
+        adapter: str | list[str] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         max_batch: int = 16,
@@ -82,8 +82,8 @@ class LocalServer:
             cmd += ["--request-timeout-s", str(self.request_timeout_s)]
         if self.max_n:
             cmd += ["--max-n", str(self.max_n)]
-        if self.adapter:
-            cmd += ["--adapter", str(self.adapter)]
+        for adapter in [self.adapter] if isinstance(self.adapter, (str, Path)) else self.adapter or []:
+            cmd += ["--adapter", str(adapter)]  # several: NAME=DIR each, the base held once
         if self.cache_dir:
             cmd += ["--cache-dir", str(self.cache_dir)]
         if self.served_name:
