@@ -57,5 +57,7 @@ gpu-wheels: install  ## (online) wheels for a GPU machine that cannot download: 
 	  from transformers import AutoTokenizer; AutoTokenizer.from_pretrained(M.tokenizer_dir(cache_dir())).save_pretrained('$(WHL)/tokenizer')"
 	du -sh $(WHL)
 
-gpu-check:  ## on a GPU machine: ZeRO-2/3/offload train+resume, GPU generation, 7B-shaped MFU; one table (--cpu-dry-run: CPU)
-	PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py $(if $(wildcard $(WHL)/tokenizer),--tokenizer $(WHL)/tokenizer) $(ARGS)
+# the GPU machine has no .venv: its python3 holds torch; here the venv's python runs the dry run
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:  ## on a GPU machine: the budgeted GPU check, one table (ARGS="--cpu-dry-run --deadline 60" here)
+	PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py --wheels $(WHL) $(ARGS)

@@ -238,13 +238,19 @@ def student_device(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load the base causal LM described by a `model` config, in `dtype`."""
+def load_model(
+    mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> torch.nn.Module:
+    """Load the base causal LM described by a `model` config, in `dtype`. A random (`tiny`-source) model is built
+    on `device` (default CPU): on a GPU its random init takes a second where the CPU needs ~15 s for 1B parameters
+    and minutes for 7B. Its weights depend on the seed and on the device they were drawn on."""
     if mcfg.source == "tiny":
         config = architecture(mcfg)
-        # Same seed, same weights: runs of the tiny model are comparable and reproducible.
-        fork_devices: list = []
-        with torch.random.fork_rng(devices=fork_devices):
+        device = torch.device(device or "cpu")
+        # Same seed, same weights: runs of the tiny model are comparable and reproducible. The global RNG of the
+        # device it is drawn on is restored afterwards, so the caller's seeded stream is not moved.
+        fork_devices: list = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices), device:
             torch.manual_seed(mcfg.seed)
             # made in its dtype: a 7B-shaped random model in bf16 never holds 27 GiB of fp32 weights first
             model = FAMILIES[getattr(mcfg, "family", "llama")][1]._from_config(config, dtype=dtype)
@@ -259,10 +265,10 @@ def load_model(mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32) -
 
 
 def load_model_and_tokenizer(
-    mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32
+    mcfg: Any, cache_dir: Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     tok = load_tokenizer(mcfg, cache_dir)
-    model = load_model(mcfg, cache_dir, dtype)
+    model = load_model(mcfg, cache_dir, dtype, device)
     model.generation_config.pad_token_id = tok.pad_token_id
     if mcfg.source == "tiny":
         model.generation_config.eos_token_id = tok.eos_token_id

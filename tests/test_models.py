@@ -90,3 +90,27 @@ def test_the_student_runs_where_the_trainer_runs_in_the_trainer_precision() -> N
     assert next(model.parameters()).dtype == torch.bfloat16
     (texts,) = M.generate_texts(model, tok, ["Hello there"], max_new_tokens=4)
     assert isinstance(texts[0], str)
+
+
+def test_a_random_model_is_built_on_the_device_asked_for_without_moving_the_callers_rng() -> None:
+    """On a GPU trainer the random base is drawn on the GPU (seconds, where a 7B-shaped model takes minutes on the
+    CPU); here the `meta` device shows the device is honoured, and the caller's seeded stream stays where it was."""
+    cfg = compose_cfg(["model=tiny"])
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    model = M.load_model(cfg.model, Path(os.environ["BAIZE_CACHE"]), device=torch.device("meta"))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert torch.equal(torch.get_rng_state(), before)
+    on_cpu = M.load_model(cfg.model, Path(os.environ["BAIZE_CACHE"]))  # the default: the CPU, as before
+    assert {p.device.type for p in on_cpu.parameters()} == {"cpu"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_random_model_drawn_on_the_gpu_is_the_same_every_time() -> None:
+    cfg = compose_cfg(["model=tiny"])
+    torch.cuda.manual_seed(7)
+    before = torch.cuda.get_rng_state()
+    a, b = (M.load_model(cfg.model, Path(os.environ["BAIZE_CACHE"]), device=torch.device("cuda")) for _ in range(2))
+    assert all(torch.equal(p, q) and p.is_cuda for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert torch.equal(torch.cuda.get_rng_state(), before)

@@ -293,7 +293,8 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     _, train_d, val_d, _ = training_dialogs(cfg, run_dir)
     prompts = load_prompts(cfg, train_d)
 
-    base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg), M.base_dtype(cfg.model, cfg.trainer.precision))
+    dtype, device = M.base_dtype(cfg.model, cfg.trainer.precision), M.student_device(cfg.trainer.accelerator)
+    base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg), dtype, device)  # as the train stage built it
     model = M.load_adapter(base, v1, trainable=True)
     cand_path = stage_dir / "candidates.jsonl"
     backend = pick_backend(cfg)

@@ -450,8 +450,9 @@ def load_base_for_training(cfg: Any) -> tuple[torch.nn.Module, Any]:
     """The base model and its tokenizer: in `model.dtype` (auto: the trainer precision's), or 8/4-bit through
     bitsandbytes on CUDA (`model.quantization`, QLoRA-style)."""
     q = cfg.model.quantization
-    if q == "none":
-        return M.load_model_and_tokenizer(cfg.model, cache_dir(cfg), M.base_dtype(cfg.model, cfg.trainer.precision))
+    if q == "none":  # a random model is built where it will train (this rank's GPU under a GPU trainer)
+        dtype, device = M.base_dtype(cfg.model, cfg.trainer.precision), M.student_device(cfg.trainer.accelerator)
+        return M.load_model_and_tokenizer(cfg.model, cache_dir(cfg), dtype, device)
     if not torch.cuda.is_available():
         raise UserError(
             f"model.quantization={q}: bitsandbytes quantization needs a CUDA GPU and none is visible; "

@@ -101,7 +101,8 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
 
         def load(spec=spec, loaded=loaded) -> Any:
             if not loaded:
-                base = M.load_model(cfg.model, cache_dir(cfg), M.base_dtype(cfg.model, cfg.trainer.precision))
+                device = M.student_device(cfg.trainer.accelerator)  # a random base is drawn where training drew it
+                base = M.load_model(cfg.model, cache_dir(cfg), M.base_dtype(cfg.model, cfg.trainer.precision), device)
                 base.generation_config.pad_token_id = tok.pad_token_id
                 if cfg.model.source == "tiny":
                     base.generation_config.eos_token_id = tok.eos_token_id
