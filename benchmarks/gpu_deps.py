@@ -231,20 +231,21 @@ def install_wheels(wheels: Path, target: Path) -> str | None:
 
 
 def preflight(wheels: str, gpu: bool) -> str | None:
-    """The check's first step. None when the closure imports and every requirement in it is met (after installing
-    `wheels` into a target dir if something was missing); else one line naming what is missing or too old."""
-    result = probe()
-    installed_note = ""
-    if result["failed"] and Path(wheels).is_dir() and any(Path(wheels).glob("*.whl")):
+    """The check's first step. On the GPU machine, the wheels in `wheels` (when there are any) are installed into a
+    target dir put first on the path, so a carried version wins over an older one in the image; the dry run uses
+    this environment as it is (the carried wheels are built for the GPU machine's python). Then None when the
+    closure imports and every requirement in it is met, else one line naming what is missing or too old."""
+    note = ""
+    if gpu and any(Path(wheels).glob("*.whl")):
         target = Path(os.environ.get("TMPDIR", "/tmp")) / "baize_gpu_site"
         why = install_wheels(Path(wheels), target)
         if why is None:
             sys.path.insert(0, str(target))
             os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
-            installed_note = f" (after installing {wheels}/*.whl into {target})"
-            result = probe()
+            note = f" (with {wheels}/*.whl installed into {target})"
         else:
-            installed_note = f" (installing {wheels}/*.whl failed: {why})"
+            note = f" (installing {wheels}/*.whl failed: {why})"
+    result = probe()
     problems = [f"import {m} failed: {e}" for m, e in result["failed"].items()]
     problems += requirement_problems(result["dists"]) if not result["failed"] else []
     if gpu and not problems:
@@ -255,7 +256,7 @@ def preflight(wheels: str, gpu: bool) -> str | None:
     if not problems:
         return None
     fix = "carry them as wheels: `make gpu-wheels` here, then name .whl in the device call's carry (README)"
-    return f"{len(problems)} problem(s){installed_note}: " + "; ".join(problems) + f". {fix}"
+    return f"{len(problems)} problem(s){note}: " + "; ".join(problems) + f". {fix}"
 
 
 def device_name(dry: bool) -> str:
