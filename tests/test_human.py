@@ -203,3 +203,31 @@ def test_wandb_gets_the_win_rates_and_agreement(voted_run: Path) -> None:
     (agree,) = voted_run.glob("wandb/offline-run-*/files/media/table/eval/judge_human_agreement_*.table.json")
     rates = {r[0]: r[3] for r in json.loads(agree.read_text())["data"]}
     assert rates == {"with_ties": pytest.approx(0.6), "without_ties": pytest.approx(0.75)}
+
+
+def test_pairwise_judgments_give_a_verdict_only_where_both_orders_parsed(tmp_path: Path) -> None:
+    """v1 judged against eval.pairwise_against=base in both orders: agreeing orders decide, disagreeing ones tie,
+    a failed parse in either order gives no verdict (as stats.combine_pairwise)."""
+    winners = {
+        "q1": ("model", "model"),
+        "q2": ("opponent", "opponent"),
+        "q3": ("model", "opponent"),
+        "q4": ("model", None),
+    }
+    rows = [
+        {
+            "question_id": q,
+            "category": "c",
+            "model": "v1",
+            "mode": "pairwise",
+            "swap": swap,
+            "winner": w,
+            "opponent": "base",
+        }
+        for q, both in winners.items()
+        for swap, w in zip((False, True), both, strict=True)
+    ]
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "judgments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    verdicts, _ = human.judge_verdicts(tmp_path)
+    assert verdicts == {("q1", "base", "v1"): "b", ("q2", "base", "v1"): "a", ("q3", "base", "v1"): "tie"}

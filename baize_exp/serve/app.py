@@ -130,6 +130,8 @@ class ChatServer:
         asked = body.get("model") if isinstance(body, dict) else None
         if asked is None:
             return self.engine.model_name
+        if not isinstance(asked, str):
+            return None
         return asked if asked in self.engine.served else self.aliases.get(asked)
 
     def submit(self, body: Any) -> Submitted | JSONResponse:

@@ -71,7 +71,10 @@ def runs_blocks(runs: list[Path]) -> list[Block]:
             a = s["agreement"]
             rows.append(
                 [run.name, str(s["votes"])]
-                + [f"{fmt(a[k]['rate'])} {_ci(a[k])} n={a[k]['n']}" for k in ("with_ties", "without_ties")]
+                + [
+                    f"{fmt(a[k]['rate'])} {_ci(a[k])} n={a[k]['n']}" if a[k]["n"] else "- (no vote on a pair it judged)"
+                    for k in ("with_ties", "without_ties")
+                ]
             )
     if not rows:
         return [Text("Human votes: none in these runs (`baize-chat <run>` opens the blind arena).")]
