@@ -132,9 +132,17 @@ def pick_backend(cfg: Any) -> str:
 
 
 def vllm_sampling(
-    n: int, temperature: float, top_p: float, max_new_tokens: int, stop: list[str], seed: int
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop: list[str],
+    seed: int,
+    stop_token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
-    """vLLM SamplingParams arguments meaning what the HF path's generate arguments mean."""
+    """vLLM SamplingParams arguments meaning what the HF path's generate arguments mean. `stop_token_ids`: the
+    tokens the HF path stops at beside the model's EOS (the chat template's end-of-turn, `models.stop_token_ids`);
+    vLLM stops at the EOS of the model folder's generation config by itself."""
     greedy = temperature <= 0
     return {
         "n": n,
@@ -143,6 +151,7 @@ def vllm_sampling(
         "top_k": -1,
         "max_tokens": max_new_tokens,
         "stop": list(stop),
+        "stop_token_ids": list(stop_token_ids or []),
         "seed": seed,
         "skip_special_tokens": True,
     }
@@ -187,6 +196,7 @@ class VllmStudent:
                 enforce_eager=g.enforce_eager,
             )
         self.llm = self._engines[key]
+        self.stop_ids = M.stop_token_ids(M.generation_config_of(self.folder), tok)
 
     def generate(
         self,
@@ -208,7 +218,9 @@ class VllmStudent:
         inputs = [{"prompt_token_ids": self.tok(p, add_special_tokens=False).input_ids} for p in prompts]
         params = [
             SamplingParams(
-                **vllm_sampling(n, temperature, top_p, max_new_tokens, stop, batch_seed(seed, first_index + i))
+                **vllm_sampling(
+                    n, temperature, top_p, max_new_tokens, stop, batch_seed(seed, first_index + i), self.stop_ids
+                )
             )
             for i in range(len(prompts))
         ]

@@ -30,6 +30,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -355,10 +356,18 @@ def end_of_turn_token(tok: Any) -> str | None:
     return tok.convert_ids_to_tokens(ids[0]) if ids and ids[0] in special else None
 
 
-def stop_token_ids(model: torch.nn.Module, tok: Any) -> list[int]:
-    """The token ids generation stops at: the model's generation_config EOS ids, the tokenizer's EOS and the
-    chat template's end-of-turn token (in that order, each once)."""
-    eos = model.generation_config.eos_token_id
+def generation_config_of(folder: str | Path) -> GenerationConfig:
+    """The generation config saved in a model folder (what an engine loading that folder reads), or the default."""
+    try:
+        return GenerationConfig.from_pretrained(str(folder))
+    except OSError:
+        return GenerationConfig()
+
+
+def stop_token_ids(model: torch.nn.Module | GenerationConfig, tok: Any) -> list[int]:
+    """The token ids generation stops at: the model's (or this generation config's) EOS ids, the tokenizer's EOS
+    and the chat template's end-of-turn token (in that order, each once)."""
+    eos = (model if isinstance(model, GenerationConfig) else model.generation_config).eos_token_id
     ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     turn_end = end_of_turn_token(tok)
     ids += [tok.eos_token_id, tok.convert_tokens_to_ids(turn_end) if turn_end else None]

@@ -124,9 +124,11 @@ def test_vllm_sampling_means_what_the_hf_path_means() -> None:
         "top_k": -1,
         "max_tokens": 96,
         "stop": ["[|Human|]"],
+        "stop_token_ids": [],
         "seed": 7,
         "skip_special_tokens": True,
     }
+    assert vllm_sampling(1, 1.0, 1.0, 8, [], 0, [128009])["stop_token_ids"] == [128009]  # e.g. Llama-3's <|eot_id|>
     greedy = vllm_sampling(1, 0.0, 0.95, 128, [], 0)
     assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0  # greedy ignores top_p, as generate does
     assert [vllm_lora_rank(r) for r in (1, 8, 9, 64, 65)] == [8, 8, 16, 64, 128]
