@@ -316,6 +316,20 @@ class ChatBackendConfig:
     # and a warning, never a silent 0. Our own server costs nothing per token.
     prices: dict[str, PriceConfig] = field(default_factory=lambda: {"smollm2-135m-instruct": PriceConfig()})
     serve: ServeConfig = field(default_factory=ServeConfig)
+    # The OpenAI Batch API (baize_exp.chat.batch): the requests go up as JSONL files, come back within 24 h at
+    # `batch_discount` of the online price. Only an endpoint with the Files and Batches API (OpenAI) has it.
+    batch: bool = False
+    # One batch's input file holds at most this many requests and bytes (OpenAI's documented limits: 50,000 requests,
+    # 200 MB); more work is split into several batches.
+    batch_max_requests: int = 50_000
+    batch_max_bytes: int = 200_000_000
+    # Seconds between polls of a live batch; each poll without progress waits 1.5x longer, up to batch_poll_max_s.
+    batch_poll_s: float = 30.0
+    batch_poll_max_s: float = 600.0
+    batch_discount: float = 0.5  # a batch token's price as a share of the online price (OpenAI: half)
+    # Stop before the run's spending would pass this many USD (prices above; in-flight requests counted at
+    # max_tokens), with one line saying how far it got; a rerun with a higher limit resumes. None = no limit.
+    max_cost_usd: float | None = None
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(self.backend in ("local", "openai"), f"{key}.backend", self.backend, "one of local, openai")
@@ -357,6 +371,38 @@ class ChatBackendConfig:
             f"{key}.api_key_env",
             "<hidden>",
             "the NAME of an environment variable, never the key itself",
+        )
+        p.check(
+            not self.batch or self.backend != "local",
+            f"{key}.batch",
+            self.batch,
+            f"false for {key}=local (the local server has no Batch API); the Batch API needs {key}=openai",
+        )
+        p.check(
+            1 <= self.batch_max_requests <= 50_000,
+            f"{key}.batch_max_requests",
+            self.batch_max_requests,
+            "an integer in [1, 50000] (OpenAI's limit per batch)",
+        )
+        p.check(self.batch_max_bytes >= 1024, f"{key}.batch_max_bytes", self.batch_max_bytes, "an integer >= 1024")
+        p.check(
+            0 < self.batch_poll_s <= self.batch_poll_max_s,
+            f"{key}.batch_poll_s",
+            self.batch_poll_s,
+            f"a number > 0 and <= {key}.batch_poll_max_s",
+        )
+        p.check(0 < self.batch_discount <= 1, f"{key}.batch_discount", self.batch_discount, "a share in (0, 1]")
+        p.check(
+            self.max_cost_usd is None or self.max_cost_usd > 0,
+            f"{key}.max_cost_usd",
+            self.max_cost_usd,
+            "a number of USD > 0, or null for no limit",
+        )
+        p.check(
+            self.max_cost_usd is None or self.model in self.prices,
+            f"{key}.max_cost_usd",
+            self.max_cost_usd,
+            f"a limit needs a price: add {key}.prices.{self.model}={{prompt: USD, completion: USD}} per 1M tokens",
         )
         if self.backend == "local":
             self.serve.check(p, c, f"{key}.serve")
