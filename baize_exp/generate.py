@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from baize_exp.errors import UserError
 from baize_exp.io import JsonlError, JsonlWriter, global_rank, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def vllm_lora_rank(r: int) -> int:
     """The smallest max_lora_rank vLLM accepts that holds an adapter of rank r."""
     fits = [x for x in VLLM_LORA_RANKS if x >= r]
     if not fits:
-        raise ValueError(f"lora.r={r}: vLLM serves adapters up to rank {VLLM_LORA_RANKS[-1]}; use generate.backend=hf")
+        raise UserError(f"lora.r={r}: vLLM serves adapters up to rank {VLLM_LORA_RANKS[-1]}; use generate.backend=hf")
     return fits[0]
 
 

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
-    with exit_on_error("baize_exp.export"):
+    with exit_on_error("baize-export"):
         rec = export(args.src, args.out, args.which, args.model, args.model_path, args.dtype, args.overwrite)
     print(f"exported {rec['adapter']} merged into {rec['base']['name']} → {args.out}")
     return 0

@@ -313,13 +313,10 @@ def _wait_for_upstream(cfg: DictConfig, run_dir: Path, stage: Stage, poll_s: flo
 
 
 def optimized_value(metrics: dict, name: str) -> float:
-    """`stage/key` of a run's metrics, e.g. `train/val_loss` or `eval/v1/judge_mean`; in `eval/final/<key>`, final
-    is the last model evaluated (v2, else v1). A missing metric is an error: a sweeper must not optimise a None."""
+    """`stage/key` of a run's metrics, e.g. `train/val_loss` or `eval/final/judge_mean` (the eval stage publishes
+    its last model's figures under `final/`). A missing metric is an error: a sweeper must not optimise a None."""
     stage, _, key = name.partition("/")
     m = metrics.get(stage, {})
-    if key.startswith("final/"):
-        rest = key.removeprefix("final/")
-        key = next((f"{v}/{rest}" for v in ("v2", "v1", "base") if f"{v}/{rest}" in m), key)
     if key not in m:
         raise ConfigError(
             f"optimized_metric={name!r}: no such metric in this run's metrics.json "

@@ -529,3 +529,22 @@ def test_judge_requests_that_failed_are_marked_and_not_sent_back_with_a_parse_er
     assert [r.get("failed") is not None for r in first] == [False, True, False]
     assert "judge_reply_retry" not in first[1] and first[1]["score"] is None
     assert [r["score"] for r in second] == [6, 6, 6] and not any(r.get("failed") for r in second)
+
+
+def test_the_eval_stage_publishes_its_last_evaluated_model_as_final_for_sweepers() -> None:
+    """`final/<metric>` is the last model of eval.models that has figures (v2 skipped by sdf=off: v1), and a
+    sweeper's optimized_metric reads it without knowing the model names."""
+    from baize_exp.config import ConfigError
+    from baize_exp.pipeline import optimized_value
+    from baize_exp.stages.evaluate import publish_final
+
+    metrics = {"base/heldout_loss": 3.0, "v1/heldout_loss": 2.5, "v1/judge_mean": 6.0, "paired/v1 vs base/x": 1}
+    publish_final(metrics, ["base", "v1", "v2"])
+    assert metrics["final_model"] == "v1"
+    assert metrics["final/heldout_loss"] == 2.5 and metrics["final/judge_mean"] == 6.0
+    assert optimized_value({"eval": metrics}, "eval/final/heldout_loss") == 2.5
+    metrics["v2/heldout_loss"] = 2.0
+    publish_final(metrics, ["base", "v1", "v2"])
+    assert metrics["final_model"] == "v2" and metrics["final/heldout_loss"] == 2.0
+    with pytest.raises(ConfigError, match="no such metric"):
+        optimized_value({"eval": metrics}, "eval/final/ref_loglik")

@@ -1,4 +1,4 @@
-"""python -m baize_exp.export: adapter + base → one standalone HF model dir that plain transformers loads."""
+"""baize-export (python -m baize_exp.merge): adapter + base → a standalone HF model dir plain transformers loads."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from baize_exp import models as M
 
 def _export_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "baize_exp.export", *args],
+        [sys.executable, "-m", "baize_exp.merge", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -78,7 +78,7 @@ def test_merged_dir_loads_with_plain_transformers_and_matches_the_adapter(traine
 
 def _export_main(capsys, *args: str) -> tuple[int, str]:
     """The CLI's own main() in-process (a subprocess per error case would cost seconds each)."""
-    from baize_exp.export import main
+    from baize_exp.merge import main
 
     try:
         rc = main(list(args))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from baize_exp.errors import UserError
 from baize_exp.generate import (
     batch_seed,
     pick_backend,
@@ -132,7 +133,7 @@ def test_vllm_sampling_means_what_the_hf_path_means() -> None:
     greedy = vllm_sampling(1, 0.0, 0.95, 128, [], 0)
     assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0  # greedy ignores top_p, as generate does
     assert [vllm_lora_rank(r) for r in (1, 8, 9, 64, 65)] == [8, 8, 16, 64, 128]
-    with pytest.raises(ValueError, match="lora.r=1024"):
+    with pytest.raises(UserError, match="lora.r=1024"):
         vllm_lora_rank(1024)
 
 

@@ -22,7 +22,10 @@ LOWER = (
     "baize_exp.data",
     "baize_exp.serve",
     "baize_exp.training",
-    "baize_exp.export",
+    "baize_exp.merge",
+    "baize_exp.stats",
+    "baize_exp.human",
+    "baize_exp.wandb_log",
     "baize_exp.generate",
 )
 

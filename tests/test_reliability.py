@@ -14,9 +14,9 @@ from fault_server import FaultServer
 from baize_exp import stats as S
 from baize_exp.chat.client import ChatClient
 from baize_exp.data import load_eval_questions
-from baize_exp.stages import evaluate
 from baize_exp.stages.evaluate import judge as J
 from baize_exp.stages.evaluate import reliability as R
+from baize_exp.stages.evaluate import stage as evaluate
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from conftest import compose_cfg
 from recording_server import recording_server
 
 from baize_exp.config import ConfigError, validate
+from baize_exp.errors import UserError
 from baize_exp.stages import sdf
 
 
@@ -81,7 +82,7 @@ def test_eval_questions_are_refused_as_sdf_prompts(tmp_path: Path) -> None:
 
     f = tmp_path / "prompts.txt"
     f.write_text(f"A fresh question?\n{load_eval_questions()[5]['question']}\n")
-    with pytest.raises(ValueError, match="are eval questions"):
+    with pytest.raises(UserError, match="are eval questions"):
         sdf.load_prompts(compose_cfg([f"sdf.prompts={f}"]), [])
 
 

@@ -217,7 +217,7 @@ def test_fastchat_question_files_load_as_eval_questions(caplog) -> None:
 
 
 def test_alpaca_as_training_data_joins_the_train_split_only(tmp_path: Path) -> None:
-    from baize_exp.stages.base import training_dialogs
+    from baize_exp.data import training_dialogs
 
     dialogs = tmp_path / "dialogs.jsonl"
     dialogs.write_text(

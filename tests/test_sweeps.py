@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from baize_exp.errors import UserError
 from baize_exp.serve import LocalServer
 from baize_exp.stages import report
 
@@ -113,7 +114,7 @@ def test_report_table_csv_plots_and_failed_runs(tmp_path: Path) -> None:
     assert page.count("data:image/png;base64,") == 3 and "class='failed'" in page
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no run dirs"):
+    with pytest.raises(UserError, match="no run dirs"):
         report.compare([tmp_path / "empty"], tmp_path / "r")
 
 

@@ -116,9 +116,9 @@ def test_cutoff_drops_whole_exchanges_and_trailing_human_turns(tokenizer, fmt: s
 
 
 def test_unknown_format_and_bad_dialog_are_named(tokenizer, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="train.format='alpaca'"):
+    with pytest.raises(UserError, match="train.format='alpaca'"):
         tokenize_dialog(TURNS, tokenizer, 512, "ai", "alpaca")
-    with pytest.raises(ValueError, match="dialog 'x7'"):
+    with pytest.raises(UserError, match="dialog 'x7'"):
         D.encode_dialogs([{"id": "x7", "turns": [{"role": "user", "text": "hi"}]}], tokenizer, 64)
 
 
@@ -336,7 +336,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:
     fit(pm, tok, dialogs(6), [], cfg, tmp_path / "s", lr=1e-3, max_epochs=5)
     cfg2 = tiny_cfg(tmp_path, *over, "train.loss_on=all")
     pm2, _ = tiny_lora(cfg2)
-    with pytest.raises(ValueError, match="different model/LoRA/train config"):
+    with pytest.raises(UserError, match="different model/LoRA/train config"):
         fit(pm2, tok, dialogs(6), [], cfg2, tmp_path / "s", lr=1e-3, max_epochs=5)
     cfg3 = tiny_cfg(tmp_path, *over, "train.loss_on=all", "train.resume=never")
     assert fit(pm2, tok, dialogs(6), [], cfg3, tmp_path / "s", lr=1e-3, max_epochs=5)["resumed_from"] is None
@@ -496,7 +496,8 @@ def test_quantized_base_and_bad_train_keys_are_clear_errors(tmp_path: Path) -> N
 def test_resume_auto_finds_a_deepspeed_checkpoint_directory(tmp_path: Path) -> None:
     """Under DeepSpeed Lightning writes last.ckpt as a directory of per-rank shards: resume=auto must take it (it
     used to check is_file() and silently start over), and the CSV log keeps the rows before its step."""
-    from baize_exp.training import _checkpoint_step, _resume_path
+    from baize_exp.training.fit import _resume_path
+    from baize_exp.training.loggers import checkpoint_step as _checkpoint_step
 
     cfg = tiny_cfg(tmp_path)
     ckpt_dir = tmp_path / "checkpoints"

@@ -216,7 +216,7 @@ def test_eval_tables_are_typed_and_absent_files_are_skipped(tmp_path: Path) -> N
     check, no paired comparisons) logs what it has."""
     import wandb
 
-    from baize_exp.stages.evaluate.wandb_log import log_wandb
+    from baize_exp.stages.evaluate.wandb_tables import log_wandb
 
     new, old = tmp_path / "new" / "eval", tmp_path / "old" / "eval"
     for d in (new, old):

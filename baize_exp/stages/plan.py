@@ -59,6 +59,7 @@ from typing import Any
 import torch
 
 from baize_exp import models as M
+from baize_exp.errors import UserError
 from baize_exp.stages.base import Stage
 
 GIB = 1024**3
@@ -105,7 +106,7 @@ def model_shape(mcfg: Any, lcfg: Any) -> ModelShape:
     total, trainable = M.count_parameters(peft_model)
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:  # the activation formulas are for LLaMA-style decoders (Llama, Mistral, Qwen, SmolLM, ...)
-        raise ValueError(
+        raise UserError(
             f"model={mcfg.name}: {type(base).__name__} has no `model.layers`; the planner supports "
             f"LLaMA-style decoder models"
         )

@@ -34,11 +34,11 @@ from baize_exp import cpu
 from baize_exp import models as M
 from baize_exp.chat.ask import ask_parsed
 from baize_exp.config import cache_dir, to_container
-from baize_exp.data import BAIZE_HUMAN, generation_prompt, load_eval_questions, load_seed_file
+from baize_exp.data import BAIZE_HUMAN, generation_prompt, load_eval_questions, load_seed_file, training_dialogs
 from baize_exp.errors import Interrupted, UserError
 from baize_exp.generate import VllmStudent, batch_seed, pick_backend, rank_and_world, sample_with
 from baize_exp.io import content_hash, global_rank, read_jsonl, write_jsonl
-from baize_exp.stages.base import BACKEND_KNOBS, Stage, training_dialogs
+from baize_exp.stages.base import BACKEND_KNOBS, Stage
 from baize_exp.training import check_machine, fit, save_adapter, trainable_state
 from baize_exp.wandb_log import log_adapter
 
@@ -235,7 +235,7 @@ def load_prompts(cfg: Any, train_dialogs: list[dict]) -> list[str]:
         prompts = list(dict.fromkeys(d["turns"][0]["text"] for d in train_dialogs if d["turns"]))
     leaked = {q["question"].strip() for q in load_eval_questions(cfg.eval.questions)} & {p.strip() for p in prompts}
     if leaked:
-        raise ValueError(
+        raise UserError(
             f"sdf: {len(leaked)} prompt(s) are eval questions (e.g. {sorted(leaked)[0][:80]!r}); "
             f"remove them from {s.prompts or 'the dialogs'} so evaluation stays held out"
         )
@@ -289,7 +289,7 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     stage_dir = run_dir / "sdf"
     v1 = run_dir / "train" / "adapter"
     if not (v1 / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"sdf: no v1 adapter at {v1}; run the train stage first")
+        raise UserError(f"sdf: no v1 adapter at {v1}; run the train stage first (stages=[train,sdf,...])")
     _, train_d, val_d, _ = training_dialogs(cfg, run_dir)
     prompts = load_prompts(cfg, train_d)
 

@@ -11,8 +11,9 @@ import pytorch_lightning as pl
 
 from baize_exp import models as M
 from baize_exp.config import to_container
+from baize_exp.data import training_dialogs
 from baize_exp.io import global_rank, write_jsonl
-from baize_exp.stages.base import Stage, training_dialogs
+from baize_exp.stages.base import Stage
 from baize_exp.training import (
     NOT_TRAINING,
     check_machine,

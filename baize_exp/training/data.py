@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from baize_exp.data import BAIZE_HUMAN, baize_segments, bos_text, dialog_shape_error, to_chat_messages
+from baize_exp.data import BAIZE_HUMAN, DialogFileError, baize_segments, bos_text, dialog_shape_error, to_chat_messages
 from baize_exp.errors import UserError
 from baize_exp.io import content_hash
 
@@ -66,7 +66,7 @@ def _chat_template_segments(turns: list[dict], tok: Any) -> list[Segment]:
     messages[:k+1]; what lies between is assistant message k exactly as the template writes it.
     """
     if not getattr(tok, "chat_template", None):
-        raise ValueError("train.format=chat_template: the tokenizer has no chat template; use train.format=baize")
+        raise UserError("train.format=chat_template: the tokenizer has no chat template; use train.format=baize")
     msgs = to_chat_messages(turns)
     out: list[Segment] = []
     done = ""  # the rendering up to the end of the previous assistant message
@@ -76,7 +76,7 @@ def _chat_template_segments(turns: list[dict], tok: Any) -> list[Segment]:
         prompt = tok.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
         full = tok.apply_chat_template(msgs[: k + 1], tokenize=False)
         if not (full.startswith(prompt) and prompt.startswith(done)):
-            raise ValueError(
+            raise UserError(
                 "train.format=chat_template: this tokenizer's template does not render a conversation "
                 "as a prefix of its continuation, so assistant tokens cannot be located; use "
                 "train.format=baize"
@@ -107,7 +107,7 @@ def tokenize_dialog(
     elif fmt == "chat_template":
         segs = _chat_template_segments(turns, tok)
     else:
-        raise ValueError(f"train.format={fmt!r}: one of baize, chat_template")
+        raise UserError(f"train.format={fmt!r}: one of baize, chat_template")
     bos = bos_text(tok)
     if bos and not segs[0][0].startswith(bos):  # a template that renders BOS itself gets no second one
         ids.append(tok.bos_token_id)
@@ -154,7 +154,7 @@ def encode_dialogs(
     """
     for i, d in enumerate(dialogs):
         if err := dialog_shape_error(d):
-            raise ValueError(f"dialog {d.get('id', i) if isinstance(d, dict) else i!r}: {err}")
+            raise DialogFileError(f"dialog {d.get('id', i) if isinstance(d, dict) else i!r}: {err}")
     path = None
     if cache is not None:
         key = content_hash(

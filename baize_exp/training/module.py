@@ -24,6 +24,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from baize_exp.errors import UserError
 from baize_exp.training.data import IGNORE, attention_sq_lengths, block_causal_mask, tokens_in
 
 
@@ -282,10 +283,13 @@ class LoraLM(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("baize")
         if state is None:
-            raise ValueError("checkpoint was not written by baize_exp (no 'baize' state); cannot resume from it")
+            raise UserError(
+                "train.resume: the checkpoint was not written by baize_exp (no 'baize' state); cannot resume from "
+                "it: set train.resume=never, or point train.resume at a baize_exp checkpoint"
+            )
         if self.fingerprint and state.get("fingerprint") and state["fingerprint"] != self.fingerprint:
-            raise ValueError(
-                f"checkpoint was written for a different model/LoRA/train config or data "
+            raise UserError(
+                f"train.resume: the checkpoint was written for a different model/LoRA/train config or data "
                 f"({state['fingerprint']} != {self.fingerprint}); set train.resume=never or use a "
                 f"new run dir"
             )
@@ -295,7 +299,10 @@ class LoraLM(pl.LightningModule):
         weights = checkpoint.get("state_dict")
         missing = self._trainable_keys() - set(weights) if weights is not None else set()
         if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} trainable weight(s), e.g. {sorted(missing)[:3]}")
+            raise UserError(
+                f"train.resume: the checkpoint lacks {len(missing)} trainable weight(s), e.g. {sorted(missing)[:3]}; "
+                f"it was made for other LoRA targets: set train.resume=never or use a new run dir"
+            )
         self.batches_trained = state["batches_trained"]
         self.tokens_seen, self.supervised_seen = state["tokens_seen"], state["supervised_seen"]
         self._resume = state

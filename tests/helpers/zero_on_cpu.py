@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import baize_exp.training as T
+import baize_exp.training.fit as training_fit
 from baize_exp import models as M
 from baize_exp.errors import Interrupted
 from baize_exp.training.strategy import build_strategy
@@ -79,7 +80,7 @@ def main() -> None:
     from helpers.config import compose_cfg
 
     option, out, cache = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    T.build_strategy = lambda *a, **k: cpu_zero(build_strategy(*a, **k))  # fit() builds its strategy by this name
+    training_fit.build_strategy = lambda *a, **k: cpu_zero(build_strategy(*a, **k))  # fit() builds it by this name
     loaded_keys: list[list[str]] = []  # what LoraLM.on_load_checkpoint was handed on resume
     on_load = T.LoraLM.on_load_checkpoint
     T.LoraLM.on_load_checkpoint = lambda self, ckpt: (loaded_keys.append(sorted(ckpt)), on_load(self, ckpt))[1]

@@ -14,8 +14,8 @@ from baize_exp import models as M
 from baize_exp.config import EvalConfig
 from baize_exp.data import load_eval_questions
 from baize_exp.errors import UserError
-from baize_exp.export import run_config
 from baize_exp.io import read_jsonl
+from baize_exp.merge import run_config
 
 STAGE_NAMES = {"train": "v1", "sdf": "v2"}  # <run>/<stage>/adapter is that run's model of this name
 

@@ -17,6 +17,7 @@ from typing import Any
 from baize_exp import models as M
 from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, generation_prompt
+from baize_exp.errors import UserError
 from baize_exp.generate import VllmStudent, sample_with
 from baize_exp.io import KeyedJsonl, content_hash
 
@@ -49,7 +50,7 @@ def resolve_models(names: list[str], run_dir: Path) -> tuple[list[ModelSpec], li
                 None,
             )
             if path is None:
-                raise FileNotFoundError(
+                raise UserError(
                     f"eval.models: {name!r} is neither an adapter dir (adapter_config.json) "
                     f"nor a run dir with sdf/adapter or train/adapter"
                 )

@@ -17,13 +17,6 @@ metric against each swept parameter (a sweep) or one point per run (runs given b
 model paired against the baseline run's on the same questions and held-out dialogs.
 """
 
-from __future__ import annotations
-
-from pathlib import Path
-from typing import Any
-
-from baize_exp.human import log_wandb as log_human
-from baize_exp.stages.base import Stage
 from baize_exp.stages.report.compare import compare, main, plot
 from baize_exp.stages.report.runs import (
     RunRecord,
@@ -35,6 +28,7 @@ from baize_exp.stages.report.runs import (
     write_csv,
 )
 from baize_exp.stages.report.single import render, write
+from baize_exp.stages.report.stage import STAGE, run
 
 __all__ = [
     "STAGE",
@@ -52,15 +46,3 @@ __all__ = [
     "write",
     "write_csv",
 ]
-
-
-def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
-    """The pipeline's report stage."""
-    md, page = write(run_dir)
-    return {"report": str(md), "report_html": str(page)}
-
-
-# It only describes: it runs every time and leaves no completion marker.
-STAGE = Stage(
-    "report", run, marker=False, writes=("report.md", "report.html"), log_wandb=lambda wb, d: log_human(wb, d.parent)
-)

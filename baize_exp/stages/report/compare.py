@@ -4,9 +4,9 @@ model against a baseline run's on the same items."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from baize_exp.errors import UserError, exit_on_error
 from baize_exp.stages.report import charts
 from baize_exp.stages.report.human import runs_blocks
 from baize_exp.stages.report.page import Block, Heading, Image, Table, Text, to_html, to_markdown
@@ -75,9 +75,7 @@ def resolve_baseline(records: list[RunRecord], labels: list[str], baseline: str 
     for i, r in enumerate(records):
         if want in (r.path.name, labels[i]) or Path(want).resolve() == r.path.resolve():
             return i
-    raise FileNotFoundError(
-        f"report: --baseline {want} is none of the runs: " + ", ".join(r.path.name for r in records)
-    )
+    raise UserError(f"report: --baseline {want} is none of the runs: " + ", ".join(r.path.name for r in records))
 
 
 def blocks_for(
@@ -163,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     out = args.out or (args.paths[0] / "report" if len(args.paths) == 1 else Path("report"))
-    try:
-        records = compare(args.paths, out, args.metrics, args.baseline)
-    except FileNotFoundError as e:
-        print(e, file=sys.stderr)
-        return 2
+    with exit_on_error("baize-report"):
+        try:
+            records = compare(args.paths, out, args.metrics, args.baseline)
+        except FileNotFoundError as e:  # a file a run dir should hold and does not
+            raise UserError(f"report: {e}") from e
     print((out / "report.md").read_text())
     failed = sum(r.status != "completed" for r in records)
     print(f"{len(records)} runs ({failed} not completed) -> {out}/report.md, report.csv, report.html, paired.csv")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from baize_exp.config import NOT_PARAMS, override_dict
+from baize_exp.errors import UserError
 from baize_exp.io import read_json
 from baize_exp.stages.report.charts import Series, finite, shorten
 
@@ -46,7 +47,7 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
     found: list[Path] = []
     for p in paths:
         if not p.is_dir():
-            raise FileNotFoundError(f"report: {p} is not a directory")
+            raise UserError(f"report: {p} is not a directory; give run dirs or a multirun dir")
         if (p / "metrics.json").is_file() or (p / ".hydra").is_dir():
             found.append(p)
             continue
@@ -61,7 +62,7 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
         )
         runs = [r.parent if r.name == ".hydra" else r for r in runs]
         if not runs:
-            raise FileNotFoundError(f"report: no run dirs (metrics.json or .hydra/) under {p}")
+            raise UserError(f"report: no run dirs (metrics.json or .hydra/) under {p}; give run dirs or a multirun dir")
         found += runs
     return list(dict.fromkeys(found))
 
