@@ -21,7 +21,7 @@ half of its lines answered), `max_requests` and `max_bytes` (a bigger upload is 
 validation, as OpenAI's limits do), `lost_creates` (the first N creates make the batch and then answer 500, as a
 reply lost on the way would), `report_progress` (False: the counts stay 0 until the batch ends), `reply` (request
 body -> text; default: an echo of the last message), `count_prompt` and `count_text` (token counts for usage;
-default: words, plus 3 a message).
+default: words, plus 3 a message). `realistic_reply` is a teacher's reply of realistic length for `reply`.
 
     with BatchServer(api_key="k", complete_s=0.2) as srv:     # 127.0.0.1, a free port, a background thread
         client = openai.OpenAI(base_url=srv.base_url, api_key="k")
@@ -35,6 +35,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
+import random
 import re
 import threading
 import time
@@ -103,7 +104,7 @@ class BatchServer:
         class Handler(_Handler):
             fake = server
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="batch-server", daemon=True)
@@ -337,6 +338,47 @@ class BatchServer:
         return status, "application/json", json.dumps(payload).encode()
 
 
+_VOCAB: list[str] = []
+
+
+def realistic_reply(body: dict) -> str:
+    """A teacher's reply of realistic length and vocabulary, the same for the same request (its text and `seed`):
+    a [Human]/[AI] transcript of 2-4 exchanges (answers of 2-6 sentences) when the prompt asks for a transcript,
+    else one turn (an answer after a system message, else a human's one- or two-sentence follow-up). The words are
+    those of the shipped seed questions, so characters per token are those of real English questions."""
+    if not _VOCAB:
+        from baize_exp.data.seeds import SEEDS_DIR
+
+        for path in sorted(SEEDS_DIR.glob("*.jsonl")):
+            for raw in path.read_text(encoding="utf-8").splitlines():
+                _VOCAB.extend(w.strip("?.,!\"'()").lower() for w in json.loads(raw)["question"].split())
+        _VOCAB[:] = [w for w in _VOCAB if w]
+    messages = body.get("messages") or []
+    text = "\n".join(str(m.get("content") or "") for m in messages)
+    rng = random.Random(f"{text}|{body.get('seed')}")
+
+    def sentences(lo: int, hi: int) -> str:
+        out = []
+        for _ in range(rng.randint(lo, hi)):
+            words = rng.choices(_VOCAB, k=rng.randint(6, 22))
+            out.append(" ".join(words).capitalize() + rng.choice([".", ".", ".", "?", "!"]))
+        return " ".join(out)
+
+    last = str(messages[-1].get("content") or "") if messages else ""
+    if "transcript" in last.lower():
+        topic = last.rsplit("about:", 1)[-1].strip()
+        lines = [f"[Human] {topic}"]
+        exchanges = rng.randint(2, 4)
+        for k in range(exchanges):
+            lines.append(f"[AI] {sentences(2, 6)}")
+            if k < exchanges - 1:
+                lines.append(f"[Human] {sentences(1, 2)}")
+        return "Here is a new transcript.\n" + "\n".join(lines)
+    if messages and messages[0].get("role") == "system":
+        return sentences(2, 6)
+    return sentences(1, 2)
+
+
 def _validate(data: bytes, max_requests: int) -> tuple[list[dict], list[dict]]:
     """The lines of an input file, and the validation errors OpenAI would report (the batch then fails)."""
     lines, errors, seen = [], [], set()
@@ -400,6 +442,10 @@ def _json(obj: dict, status: int = 200) -> tuple[int, str, bytes]:
 def _error(status: int, message: str, code: str) -> tuple[int, str, bytes]:
     etype = "invalid_request_error" if status < 500 else "server_error"
     return _json({"error": {"message": message, "type": etype, "param": None, "code": code}}, status)
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the listen backlog; the default 5 resets connections a concurrent client opens
 
 
 class _Handler(BaseHTTPRequestHandler):

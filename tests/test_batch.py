@@ -88,7 +88,7 @@ def test_a_changed_body_under_the_same_custom_id_is_a_new_request(tmp_path: Path
 def test_the_per_batch_limits_split_the_work_into_several_batches(tmp_path: Path) -> None:
     with BatchServer(api_key=KEY, max_requests=4) as srv:
         runner = _runner(srv, tmp_path / "a", max_requests=4)
-        results = runner.run(_requests(runner, 10))
+        results = runner.run(iter(_requests(runner, 10)))  # one pass over the requests: a generator will do
         assert _answered(results, list(results)) and len(results) == 10
         assert [srv.batches[b]["request_counts"]["total"] for b in srv.order] == [4, 4, 2]
     with BatchServer(api_key=KEY, max_requests=4) as srv:  # negative control: the same work, no split

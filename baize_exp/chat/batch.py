@@ -193,7 +193,9 @@ class BatchRunner:
         results = self.run(unique.items(), desc)
         return [results[i] for i in ids]
 
-    def iter_results(self, requests: Iterable[tuple[str, dict]], desc: str | None = None) -> Iterator[tuple[str, Any]]:
+    def iter_results(
+        self, requests: Iterable[tuple[str, dict]], desc: str | None = None
+    ) -> Iterator[tuple[str, ChatResult]]:
         """`run`, yielding `(custom_id, ChatResult)` as each batch finishes (results already on disk first), so a
         caller can write them out without holding every result at once."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -221,56 +223,55 @@ class BatchRunner:
 
     # --- one call ------------------------------------------------------------------------------------------------
 
-    def _iter_results(self, requests: Iterable[tuple[str, dict]], desc: str | None) -> Iterator[tuple[str, Any]]:
+    def _iter_results(self, requests: Iterable[tuple[str, dict]], desc: str | None) -> Iterator[tuple[str, ChatResult]]:
         chunks = self._load()
         self._settle_unfinished(chunks)
+        by_seq = {ch.seq: ch for ch in chunks}
         latest: dict[str, Chunk] = {}  # custom_id -> the last live or finished batch holding it
         for ch in chunks:
             if ch.state in ("created", "done"):
                 for cid in ch.requests:
                     latest[cid] = ch
-        live: dict[int, set[str]] = {}
+        live: dict[int, set[str]] = {}  # batch -> the requests of this call it holds
         done: dict[int, set[str]] = {}
-        fresh: list[tuple[str, dict, str]] = []
-        finished_bodies: dict[str, tuple[dict, str]] = {}  # asked again if their finished line failed
-        seen: set[str] = set()
-        for cid, body in requests:
-            if cid in seen:
-                raise ValueError(f"custom_id {cid!r} appears twice in one call; each request needs its own id")
-            seen.add(cid)
-            h = body_hash(body)
-            ch = latest.get(cid)
-            if ch is not None and ch.requests.get(cid) == h:
-                (live if ch.state == "created" else done).setdefault(ch.seq, set()).add(cid)
-                if ch.state == "done":
-                    finished_bodies[cid] = (body, h)
-            else:
-                fresh.append((cid, body, h))
-        by_seq = {ch.seq: ch for ch in chunks}
-        # finished results: kept unless they failed for a transient reason, which asks again
-        on_disk = 0
-        for seq, cids in done.items():
-            for cid, res in self._read_results(by_seq[seq], cids, count=False).items():
-                if res.error and res.transient:
-                    fresh.append((cid, *finished_bodies[cid]))
-                else:
-                    on_disk += 1
-                    yield cid, res
-        del finished_bodies
-        if done or live:
-            log.info(
-                "%s batches: %d results on disk, %d requests in live batches, %d to submit",
-                self.role,
-                on_disk,
-                sum(len(c) for c in live.values()),
-                len(fresh),
-            )
+        again: dict[int, set[str]] = {}  # finished batch -> its requests that failed for a transient reason
+
+        def fresh() -> Iterator[tuple[str, dict, str]]:
+            """The requests to submit, streamed into the batch files (no body is held); the others are noted."""
+            seen: set[str] = set()
+            for cid, body in requests:
+                if cid in seen:
+                    raise ValueError(f"custom_id {cid!r} appears twice in one call; each request needs its own id")
+                seen.add(cid)
+                h = body_hash(body)
+                ch = latest.get(cid)
+                if ch is not None and ch.requests.get(cid) == h:
+                    if ch.state == "created":
+                        live.setdefault(ch.seq, set()).add(cid)
+                        continue
+                    if ch.seq not in again:
+                        again[ch.seq] = self._failed_transiently(ch)
+                    if cid not in again[ch.seq]:  # a result, or a failure a new request would repeat
+                        done.setdefault(ch.seq, set()).add(cid)
+                        continue
+                yield cid, body, h
+
         next_seq = max([ch.seq for ch in chunks] + [0]) + 1
-        for ch, rejected in self._submit(fresh, next_seq):
+        for ch, rejected in self._submit(fresh(), next_seq):
             if ch is not None:
                 live[ch.seq] = set(ch.requests)
                 by_seq[ch.seq] = ch
             yield from rejected
+        if done or next_seq > 1:
+            log.info(
+                "%s batches: %d results on disk, %d requests in live batches (%d batches created now)",
+                self.role,
+                sum(len(c) for c in done.values()),
+                sum(len(c) for c in live.values()),
+                len([s for s in live if s >= next_seq]),
+            )
+        for seq, cids in done.items():
+            yield from self._read_results(by_seq[seq], cids, count=False).items()
         yield from self._wait(live, by_seq, desc)
 
     # --- state ---------------------------------------------------------------------------------------------------
@@ -321,9 +322,9 @@ class BatchRunner:
 
     # --- submit --------------------------------------------------------------------------------------------------
 
-    def _submit(self, fresh: list[tuple[str, dict, str]], seq: int) -> Iterator[tuple[Chunk | None, list]]:
-        """Write, upload and create a batch per part of `fresh` within the limits; yields each created chunk, and
-        per-request failures for lines that cannot fit in any batch."""
+    def _submit(self, fresh: Iterable[tuple[str, dict, str]], seq: int) -> Iterator[tuple[Chunk | None, list]]:
+        """Write, upload and create a batch each time `fresh` fills one to the limits; yields each created chunk,
+        and per-request failures for lines that cannot fit in any batch."""
         f = None
         ch: Chunk | None = None
         try:
@@ -513,6 +514,16 @@ class BatchRunner:
         for cid in wanted - out.keys():
             out[cid] = ChatResult(error=f"no result: {why}", transient=True, attempts=1)
         return out
+
+    def _failed_transiently(self, ch: Chunk) -> set[str]:
+        """The requests of a finished batch that a new submission should retry: a transient failure, no line."""
+        kept = set()
+        for what in ("output.jsonl", "errors.jsonl"):
+            for rec in _iter_lines(self._path(ch.seq, what)):
+                res, _ = _line_result(rec, ch)
+                if not (res.error and res.transient):
+                    kept.add(rec.get("custom_id"))
+        return set(ch.requests) - kept
 
     # --- errors --------------------------------------------------------------------------------------------------
 

@@ -116,28 +116,33 @@ class Estimate:
     def lines(self) -> list[str]:
         """The estimate as `--estimate` prints it."""
 
+        def dollars(x: float) -> str:
+            return f"${x:,.2f}" if x >= 1 else f"${x:.4f}"
+
         def money(batch: bool) -> str:
             exp, worst = self.usd(batch), self.usd(batch, worst=True)
-            return "no price for this model" if exp is None else f"${exp:,.2f} (at most ${worst:,.2f})"
+            return "no price for this model" if exp is None else f"{dollars(exp)} (at most {dollars(worst)})"
 
         return [
             f"estimate for {self.seeds:,} seeds to collect ({self.done:,} done), {self.mode} mode, model {self.model}:",
             f"  requests           {self.requests:>14,}  (at most {self.requests_max:,})",
             f"  prompt tokens      {self.prompt_tokens:>14,}  ({self.prompt_basis})",
             f"  completion tokens  {self.completion_tokens:>14,}  ({self.completion_basis})",
-            f"  online             {money(False)}",
-            f"  batch ({self.batch_discount:.0%} price) {money(True)}",
+            f"  USD online         {money(False)}",
+            f"  USD batch          {money(True)}  ({self.batch_discount:.0%} of the online price)",
         ]
 
 
-def collect_requests(seed: str, ccfg: Any, turn_text: str = "") -> list[list[dict]]:
-    """The requests collect sends for one seed (transcript: one; turns: one per generated turn, each earlier
-    generated turn being `turn_text`), as message lists, in the shape the collect stage builds them."""
+def collect_requests(seed: str, ccfg: Any, turn_texts: str | Sequence[str] = "") -> list[list[dict]]:
+    """The requests collect sends for one seed, as message lists in the shape the collect stage builds them
+    (transcript: one; turns: one per generated turn, up to `collect.max_turns`). `turn_texts`: the generated turns
+    (one text for all of them, or one per turn: then the requests that made those turns)."""
     if ccfg.mode == "transcript":
         return [[{"role": "user", "content": ccfg.template.format(seed=seed)}]]
+    texts = [turn_texts] * ccfg.max_turns if isinstance(turn_texts, str) else list(turn_texts)
     turns = [{"role": "human", "text": seed}]
     out = []
-    while len(turns) < ccfg.max_turns:
+    while len(turns) < ccfg.max_turns and len(out) < len(texts):
         role = "ai" if turns[-1]["role"] == "human" else "human"
         if role == "ai":
             msgs = [{"role": "system", "content": ccfg.ai_system.format(seed=seed)}] + [
@@ -147,7 +152,7 @@ def collect_requests(seed: str, ccfg: Any, turn_text: str = "") -> list[list[dic
             history = "\n".join(f"[{'Human' if t['role'] == 'human' else 'AI'}] {t['text']}" for t in turns)
             msgs = [{"role": "user", "content": ccfg.human_template.format(seed=seed, history=history)}]
         out.append(msgs)
-        turns.append({"role": role, "text": turn_text})
+        turns.append({"role": role, "text": texts[len(out) - 1]})
     return out
 
 
