@@ -19,7 +19,7 @@ from baize_exp.data import REJECT_REASONS, Seed
 from baize_exp.data.export import ExportError, export, export_records
 from baize_exp.errors import Interrupted
 from baize_exp.io import read_jsonl
-from baize_exp.stages.collect import collect, dialog_key
+from baize_exp.stages.collect import collect
 
 SECRET = "sk-test-collect-0123456789abcdef-never-written"
 FAST = [
@@ -219,37 +219,6 @@ def test_failed_requests_are_asked_again_by_every_rerun_and_their_history_is_kep
     assert f["requests"] == 3 and "http 500" in f["error"]
     recovered = next(d for d in read_jsonl(out / "dialogs.jsonl") if d["seed"] == seeds[1].question)
     assert recovered["earlier_failures"] == 1
-
-
-def test_api_error_rejects_of_an_older_collection_are_asked_again(tmp_path: Path) -> None:
-    """Collections made before failures.jsonl kept failed requests as final `api_error` rejects (the sticky
-    failure): they move to the history and are asked again."""
-    seeds = _seeds(["", "wrong_format"])
-    cfg = _setup(tmp_path)
-    out = tmp_path / "c"
-    with FaultServer(api_key=SECRET) as srv:
-        collect(seeds[1:], _client(cfg, srv), cfg.collect, cfg.teacher, out)
-        key = dialog_key(seeds[0], cfg.collect, cfg.teacher)
-        with open(out / "rejects.jsonl", "a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "seed": seeds[0].question,
-                        "source": "test",
-                        "key": key,
-                        "mode": "transcript",
-                        "reason": "api_error",
-                        "detail": "timeout after 300s",
-                        "raw": None,
-                    }
-                )
-                + "\n"
-            )
-        n = srv.requests
-        m = collect(seeds, _client(cfg, srv), cfg.collect, cfg.teacher, out)
-        assert srv.requests - n == 1 and m["dialogs"] == 1 and m["seeds_that_failed_before"] == 1
-    assert [r["reason"] for r in read_jsonl(out / "rejects.jsonl")] == ["no_transcript"]
-    assert read_jsonl(out / "failures.jsonl")[0]["error"] == "timeout after 300s"
 
 
 def test_refused_key_stops_collection_with_nothing_written(tmp_path: Path) -> None:

@@ -212,7 +212,7 @@ def test_group_order() -> None:
 
 
 def test_eval_tables_are_typed_and_absent_files_are_skipped(tmp_path: Path) -> None:
-    """The contract's eval files (notes/contract17.md) as numeric W&B tables; an older run's eval dir (no judge
+    """The eval stage's files as numeric W&B tables; an older run's eval dir (no judge
     check, no paired comparisons) logs what it has."""
     import wandb
 

@@ -29,6 +29,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -351,31 +352,72 @@ def _too_long(seeds: list[tuple[Seed, str]], ccfg: Any, tokenizer: Any) -> list[
     return out
 
 
-def _failure_history(out_dir: Path, old_rejects: list[dict]) -> tuple[dict[str, list[dict]], list[dict]]:
-    """The transient failures so far, by key, and the final rejects. A collection made before failures.jsonl existed
-    kept failed requests as `api_error` rejects: they move to the history once (the rejects file is rewritten
-    atomically), so they are asked again like any other failure."""
-    failures = read_jsonl(out_dir / "failures.jsonl", repair_tail=True)
-    legacy = [r for r in old_rejects if r.get("reason") == "api_error"]
-    if legacy:
-        with JsonlWriter(out_dir / "failures.jsonl") as w:
-            for r in legacy:
-                rec = {
-                    "seed": r["seed"],
-                    "source": r.get("source"),
-                    "key": r["key"],
-                    "mode": r.get("mode"),
-                    "error": r.get("detail"),
-                    "requests": r.get("requests", 0),
-                }
-                w.write(rec)
-                failures.append(rec)
-        old_rejects = [r for r in old_rejects if r.get("reason") != "api_error"]
-        write_jsonl(out_dir / "rejects.jsonl", old_rejects)
+def _failure_history(out_dir: Path) -> dict[str, list[dict]]:
+    """The transient failures so far (failures.jsonl), by dialog key."""
     history: dict[str, list[dict]] = {}
-    for f in failures:
+    for f in read_jsonl(out_dir / "failures.jsonl", repair_tail=True):
         history.setdefault(f["key"], []).append(f)
-    return history, old_rejects
+    return history
+
+
+@dataclass
+class _Resumed:
+    """What an earlier attempt left in a collection dir, and what is left to ask for."""
+
+    dialogs: list[dict]
+    history: dict[str, list[dict]]  # transient failures by key
+    keys: list[str]  # every seed's dialog key, in seed order
+    todo: list[tuple[Seed, str]]  # the seeds with neither a dialog nor a reject yet, once each
+
+
+def resume(seeds: list[Seed], ccfg: Any, tcfg: Any, out_dir: Path) -> _Resumed:
+    """Read what is done in `out_dir` (a torn last line repaired): the seeds to request are those with no dialog
+    and no reject yet."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old_dialogs = read_jsonl(out_dir / "dialogs.jsonl", repair_tail=True)
+    old_rejects = read_jsonl(out_dir / "rejects.jsonl", repair_tail=True)
+    history = _failure_history(out_dir)
+    done = {r["key"] for r in old_dialogs + old_rejects}
+    keys = [dialog_key(s, ccfg, tcfg) for s in seeds]
+    todo = list({k: (s, k) for s, k in zip(seeds, keys, strict=True) if k not in done}.values())
+    retrying = sum(k in history for _, k in todo)
+    log.info(
+        "collect: %d seeds, %d already done, %d to request%s",
+        len(seeds),
+        len(seeds) - len(todo),
+        len(todo),
+        f" ({retrying} of them failed before, for a transient reason)" if retrying else "",
+    )
+    return _Resumed(old_dialogs, history, keys, todo)
+
+
+def request(
+    state: _Resumed, client: ChatClient, ccfg: Any, tcfg: Any, out_dir: Path, tokenizer: Any
+) -> tuple[list[dict], Progress, str | None]:
+    """Ask the teacher for every seed left: (new dialogs, the progress with its counts, the outage that stopped
+    it early or None). Each record is flushed as it completes, so a kill loses nothing written; fsyncs are grouped
+    per second. A seed over collect.max_seed_tokens is a reject with no request."""
+    new_dialogs: list[dict] = []
+    progress = Progress(len(state.todo), client)
+    outage = None
+    try:
+        if state.todo:
+            with (
+                JsonlWriter(out_dir / "dialogs.jsonl", sync_every_s=1.0) as dw,
+                JsonlWriter(out_dir / "rejects.jsonl", sync_every_s=1.0) as rw,
+                JsonlWriter(out_dir / "failures.jsonl", sync_every_s=1.0) as fw,
+            ):
+                too_long = _too_long(state.todo, ccfg, tokenizer)
+                for rec in too_long:
+                    rw.write(rec)
+                    progress.update(rec, [])
+                long_keys = {r["key"] for r in too_long}
+                writers = {"dialogs": dw, "rejects": rw, "failures": fw}
+                asked = [(s, k) for s, k in state.todo if k not in long_keys]
+                outage = asyncio.run(_run_all(asked, client, ccfg, tcfg, writers, progress, new_dialogs, state.history))
+    finally:
+        progress.close()
+    return new_dialogs, progress, outage
 
 
 def collect(
@@ -393,67 +435,44 @@ def collect(
     `out_dir` keeps what the teacher wrote (every parsed dialog); `copy_to` gets these seeds' dialogs that pass
     the quality filters (`collect.quality`), and the rejects with those that did not (a run's copy of a shared
     collection, which may hold the dialogs of a larger data.limit too); without it `out_dir` keeps only the
-    dialogs that pass. `tokenizer`: the teacher's, to measure seeds in its tokens."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dialogs_path, rejects_path = out_dir / "dialogs.jsonl", out_dir / "rejects.jsonl"
-    old_dialogs = read_jsonl(dialogs_path, repair_tail=True)
-    history, old_rejects = _failure_history(out_dir, read_jsonl(rejects_path, repair_tail=True))
-    done = {r["key"] for r in old_dialogs + old_rejects}
-    keys = [dialog_key(s, ccfg, tcfg) for s in seeds]
-    todo, queued = [], set()
-    for s, k in zip(seeds, keys, strict=True):
-        if k not in done and k not in queued:
-            todo.append((s, k))
-            queued.add(k)
-    retrying = sum(k in history for _, k in todo)
-    log.info(
-        "collect: %d seeds, %d already done, %d to request%s",
-        len(seeds),
-        len(seeds) - len(todo),
-        len(todo),
-        f" ({retrying} of them failed before, for a transient reason)" if retrying else "",
-    )
-
+    dialogs that pass. `tokenizer`: the teacher's, to measure seeds in its tokens. Phases: resume, request, finish."""
+    state = resume(seeds, ccfg, tcfg, out_dir)
     t0, cpu0 = time.monotonic(), time.process_time()
-    new_dialogs: list[dict] = []
-    progress = Progress(len(todo), client)
-    outage = None
-    try:
-        if todo:
-            # each record is flushed as it completes (a kill loses nothing written); fsyncs grouped per second
-            with (
-                JsonlWriter(dialogs_path, sync_every_s=1.0) as dw,
-                JsonlWriter(rejects_path, sync_every_s=1.0) as rw,
-                JsonlWriter(out_dir / "failures.jsonl", sync_every_s=1.0) as fw,
-            ):
-                too_long = _too_long(todo, ccfg, tokenizer)
-                for rec in too_long:
-                    rw.write(rec)
-                    progress.update(rec, [])
-                long_keys = {r["key"] for r in too_long}
-                outage = asyncio.run(
-                    _run_all(
-                        [(s, k) for s, k in todo if k not in long_keys],
-                        client,
-                        ccfg,
-                        tcfg,
-                        {"dialogs": dw, "rejects": rw, "failures": fw},
-                        progress,
-                        new_dialogs,
-                        history,
-                    )
-                )
-    finally:
-        progress.close()
+    new_dialogs, progress, outage = request(state, client, ccfg, tcfg, out_dir, tokenizer)
     elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
-    _log_samples(new_dialogs or old_dialogs, ccfg.samples_to_log)
+    _log_samples(new_dialogs or state.dialogs, ccfg.samples_to_log)
+    kept = finish(state, new_dialogs, outage, ccfg, out_dir, copy_to)
+    asked = _request_figures(client, progress, elapsed, cpu, len(new_dialogs))
+    metrics = {
+        "seeds": len(seeds),
+        "requested": len(state.todo),
+        **{k: asked.pop(k) for k in ("new_dialogs", "new_rejects", "new_rejects_by_reason")},
+        **{k: v for k, v in kept.items() if k != "avg_turns"},
+        **asked,
+        "avg_turns": kept["avg_turns"],
+    }
+    log.info(
+        "collect: %d new dialogs, %d new rejects %s, %d requests (%d retries) in %.1fs",
+        len(new_dialogs),
+        metrics["new_rejects"],
+        dict(progress.rejects),
+        client.requests,
+        client.retries,
+        elapsed,
+    )
+    return metrics
 
-    # the figures describe these seeds: a shared collection may also hold the dialogs of a larger data.limit
-    wanted = set(keys)
-    all_dialogs = [d for d in old_dialogs + new_dialogs if d["key"] in wanted]
-    all_rejects = [r for r in read_jsonl(rejects_path) if r["key"] in wanted]
+
+def finish(
+    state: _Resumed, new_dialogs: list[dict], outage: str | None, ccfg: Any, out_dir: Path, copy_to: Path | None
+) -> dict:
+    """Stop (transient, everything kept) if a seed is unfinished; else apply the quality filters, write the run's
+    files, and return the figures about these seeds (a shared collection may hold a larger data.limit's too)."""
+    history, wanted = state.history, set(state.keys)
+    all_dialogs = [d for d in state.dialogs + new_dialogs if d["key"] in wanted]
+    all_rejects = [r for r in read_jsonl(out_dir / "rejects.jsonl") if r["key"] in wanted]
     finished = {r["key"] for r in all_dialogs + all_rejects}
-    unfinished = [k for k in dict.fromkeys(keys) if k not in finished]
+    unfinished = [k for k in dict.fromkeys(state.keys) if k not in finished]
     if unfinished:
         failed = [k for k in unfinished if k in history]
         last = history[failed[-1]][-1]["error"] if failed else None
@@ -463,7 +482,7 @@ def collect(
             f"are kept in {out_dir}; the unfinished ones are asked again by a rerun"
         )
     teacher_dialogs = len(all_dialogs)
-    all_dialogs, quality_rejects = filter_quality(all_dialogs, keys, ccfg)
+    all_dialogs, quality_rejects = filter_quality(all_dialogs, state.keys, ccfg)
     all_rejects += quality_rejects
     if copy_to is not None:
         copy_to.mkdir(parents=True, exist_ok=True)
@@ -472,18 +491,11 @@ def collect(
         write_jsonl(copy_to / "failures.jsonl", [f for k in wanted for f in history.get(k, [])])
     elif quality_rejects:  # in place: the dialogs that failed a filter move to the rejects, whole
         gone = {r["key"] for r in quality_rejects}
-        write_jsonl(dialogs_path, [d for d in old_dialogs + new_dialogs if d["key"] not in gone])
-        write_jsonl(rejects_path, read_jsonl(rejects_path) + quality_rejects)
-    by_model = client.usage_report()
-    costs = [m["cost_usd"] for m in by_model.values()]
-    n_ok = len(new_dialogs)
+        write_jsonl(out_dir / "dialogs.jsonl", [d for d in state.dialogs + new_dialogs if d["key"] not in gone])
+        write_jsonl(out_dir / "rejects.jsonl", read_jsonl(out_dir / "rejects.jsonl") + quality_rejects)
     recovered = [k for k in wanted if k in history]
-    metrics = {
-        "seeds": len(seeds),
-        "requested": len(todo),
-        "new_dialogs": n_ok,
-        "new_rejects": sum(progress.rejects.values()),
-        "new_rejects_by_reason": dict(progress.rejects),
+    last_failure = max((f for k in recovered for f in history[k]), key=lambda f: f.get("time", 0), default=None)
+    return {
         "dialogs": len(all_dialogs),
         "rejects": len(all_rejects),
         "teacher_dialogs": teacher_dialogs,
@@ -492,9 +504,19 @@ def collect(
         # seeds whose requests failed (transient) on some attempt before they got their dialog or reject
         "seeds_that_failed_before": len(recovered),
         "failed_attempts": sum(len(history[k]) for k in recovered),
-        "last_failure": max((f for k in recovered for f in history[k]), key=lambda f: f.get("time", 0))["error"]
-        if recovered
-        else None,
+        "last_failure": last_failure["error"] if last_failure else None,
+        "avg_turns": round(sum(len(d["turns"]) for d in all_dialogs) / max(1, len(all_dialogs)), 2),
+    }
+
+
+def _request_figures(client: ChatClient, progress: Progress, elapsed: float, cpu: float, n_ok: int) -> dict:
+    """What this attempt's requests made, did and cost."""
+    by_model = client.usage_report()
+    costs = [m["cost_usd"] for m in by_model.values()]
+    return {
+        "new_dialogs": n_ok,
+        "new_rejects": sum(progress.rejects.values()),
+        "new_rejects_by_reason": dict(progress.rejects),
         "requests": client.requests,
         "retries": client.retries,
         "prompt_tokens": client.usage["prompt_tokens"],
@@ -505,18 +527,7 @@ def collect(
         "cpu_seconds": round(cpu, 3),
         "dialogs_per_s": round(n_ok / elapsed, 3) if elapsed and n_ok else 0.0,
         "tokens_per_s": round(progress.tokens / elapsed, 1) if elapsed else 0.0,
-        "avg_turns": round(sum(len(d["turns"]) for d in all_dialogs) / max(1, len(all_dialogs)), 2),
     }
-    log.info(
-        "collect: %d new dialogs, %d new rejects %s, %d requests (%d retries) in %.1fs",
-        n_ok,
-        metrics["new_rejects"],
-        dict(progress.rejects),
-        client.requests,
-        client.retries,
-        elapsed,
-    )
-    return metrics
 
 
 # What to change for each reject reason, when nothing usable came out of a collection.

@@ -282,7 +282,8 @@ def _wait_for_candidates(path: Path, key: str, poll_s: float = 2.0) -> list[dict
 
 
 def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
-    """The pipeline's sdf stage: v1 adapter → candidates.jsonl → v2 adapter."""
+    """The pipeline's sdf stage: v1 samples candidates, the teacher ranks them, v1 is tuned further on the chosen
+    ones -> v2 (sample, rank, select, fit)."""
     s = cfg.sdf
     if not s.enabled:
         return {"skipped": True}
@@ -292,121 +293,22 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
         raise UserError(f"sdf: no v1 adapter at {v1}; run the train stage first (stages=[train,sdf,...])")
     _, train_d, val_d, _ = training_dialogs(cfg, run_dir)
     prompts = load_prompts(cfg, train_d)
-
     dtype, device = M.base_dtype(cfg.model, cfg.trainer.precision), M.student_device(cfg.trainer.accelerator)
     base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg), dtype, device)  # as the train stage built it
     model = M.load_adapter(base, v1, trainable=True)
-    cand_path = stage_dir / "candidates.jsonl"
     backend = pick_backend(cfg)
-    key = candidates_key(cfg, v1, prompts, backend)
-    records = _finished_candidates(cand_path, key)
-    _, world = rank_and_world()
-    shards = stage_dir / "shards" if world > 1 else None  # torchrun/srun: every rank samples its share
-
-    def sample() -> list[list[str]] | None:
-        texts = [generation_prompt(p, cfg.train.format, tok) for p in prompts]
-        if backend == "vllm":
-            student = VllmStudent(cfg, tok)
-            return sample_with(
-                lambda batch, b: student.generate(
-                    batch,
-                    v1,
-                    b * s.batch_size,
-                    s.num_candidates,
-                    s.temperature,
-                    s.top_p,
-                    s.max_new_tokens,
-                    [BAIZE_HUMAN],
-                    s.seed,
-                ),
-                texts,
-                s.batch_size,
-                shards,
-                key,
-            )
-        model.to(M.student_device(cfg.trainer.accelerator))  # v1 samples where training runs
-        return sample_candidates(
-            model,
-            tok,
-            texts,
-            s.num_candidates,
-            s.max_new_tokens,
-            s.temperature,
-            s.top_p,
-            s.batch_size,
-            stop=[BAIZE_HUMAN],
-            seed=s.seed,
-            shard_dir=shards,
-            key=key,
-        )
-
-    if global_rank() > 0 and (records is None or any(r.get("failed") for r in records)):
-        if records is None:
-            sample()  # its share of the batches; rank 0 gathers them, ranks, and writes the candidates
-        records = _wait_for_candidates(cand_path, key)
-    if records is None:
-        cands = sample()
-        if global_rank() == 0:  # the candidates are kept before any ranking request: a crash keeps the samples
-            write_jsonl(
-                cand_path,
-                [
-                    {"prompt": p, "candidates": c, "key": key, "failed": "not ranked yet"}
-                    for p, c in zip(prompts, cands, strict=True)
-                ],
-            )
-        records = [{**r, "key": key} for r in rank_candidates(backends.client("teacher"), s, prompts, cands)]
-    else:
-        log.info(
-            "sdf: reusing the %d sampled prompts in %s (same v1 adapter, prompts and settings)", len(records), cand_path
-        )
-        todo = [i for i, r in enumerate(records) if r.get("failed")]
-        if todo and global_rank() == 0:  # rankings that failed for a transient reason: asked again, only those
-            again = rank_candidates(
-                backends.client("teacher"),
-                s,
-                [records[i]["prompt"] for i in todo],
-                [records[i]["candidates"] for i in todo],
-                index=todo,
-            )
-            for i, rec in zip(todo, again, strict=True):
-                records[i] = {**rec, "key": key}
-    cands = [r["candidates"] for r in records]
-
-    chosen = []
-    for i, rec in enumerate(records):
-        rec["weights"] = candidate_weights(rec, s.select)
-        for j, w in enumerate(rec["weights"]):
-            chosen += [
-                {
-                    "id": f"sdf-{i}-{j}",
-                    "turns": [{"role": "human", "text": rec["prompt"]}, {"role": "ai", "text": rec["candidates"][j]}],
-                }
-            ] * w
+    sampler = _Sampler(cfg, model, tok, v1, prompts, backend, stage_dir)
+    records = sample_and_rank(backends, s, sampler, stage_dir / "candidates.jsonl")
+    chosen = select(records, s.select)
     if global_rank() == 0:  # before training: a crash there loses none of the teacher's rankings
-        write_jsonl(cand_path, records)
-    failed = [r for r in records if r.get("failed")]
-    if failed:
-        raise Interrupted(
-            f"sdf: {len(failed)} of {len(records)} rankings are unfinished: the teacher's requests "
-            f"failed (last: {failed[-1]['failed']}). The candidates and the {len(records) - len(failed)} "
-            f"rankings that came back are kept in {cand_path}; a rerun asks only for the missing ones"
-        )
-    parse = Counter(r["parse"] for r in records)
-    metrics: dict[str, Any] = {
-        "prompts": len(prompts),
-        "candidates": len(prompts) * s.num_candidates,
-        "empty_candidates": sum(not c.strip() for cs in cands for c in cs),
-        **{f"parse_{k}": parse[k] for k in ("ok", "tolerant", "logprobs", "retried", "failed")},
-        "generate_backend": backend,
-        "select": s.select,
-        "selected_examples": len(chosen),
-        "prompts_used": sum(any(r["weights"]) for r in records),
-    }
+        write_jsonl(stage_dir / "candidates.jsonl", records)
+    _stop_if_unranked(records, stage_dir / "candidates.jsonl")
+    metrics = _summary(records, s, backend, chosen)
     if not chosen:
         raise UserError(
             f"sdf: no candidate was selected: every ranking was unparsable or every candidate empty "
-            f"(see {cand_path}); a stronger teacher ranks reliably, a larger sdf.max_new_tokens gives "
-            f"longer candidates"
+            f"(see {stage_dir / 'candidates.jsonl'}); a stronger teacher ranks reliably, a larger "
+            f"sdf.max_new_tokens gives longer candidates"
         )
     metrics.update(fit(model, tok, chosen, val_d, cfg, stage_dir, s.lr, s.max_epochs, prefix="sdf/"))
     weights = trainable_state(model)  # every rank: under ZeRO-3 this gathers the shards
@@ -420,6 +322,123 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
             state_dict=weights,
         )
     return metrics
+
+
+class _Sampler:
+    """v1's candidates for the prompts, sampled where training runs (or by vLLM), sharded over the ranks of a
+    multi-process launch; `key` names these exact candidates (adapter, prompts, sampling settings)."""
+
+    def __init__(
+        self, cfg: Any, model: Any, tok: Any, v1: Path, prompts: list[str], backend: str, stage_dir: Path
+    ) -> None:
+        self.cfg, self.model, self.tok, self.v1, self.prompts, self.backend = cfg, model, tok, v1, prompts, backend
+        self.key = candidates_key(cfg, v1, prompts, backend)
+        _, world = rank_and_world()
+        self.shards = stage_dir / "shards" if world > 1 else None  # torchrun/srun: every rank samples its share
+
+    def __call__(self) -> list[list[str]] | None:
+        s, cfg = self.cfg.sdf, self.cfg
+        texts = [generation_prompt(p, cfg.train.format, self.tok) for p in self.prompts]
+        if self.backend == "vllm":
+            student = VllmStudent(cfg, self.tok)
+
+            def generate(batch: list[str], b: int) -> list[list[str]]:
+                return student.generate(
+                    batch, self.v1, b * s.batch_size, s.num_candidates, s.temperature, s.top_p, s.max_new_tokens,
+                    [BAIZE_HUMAN], s.seed,
+                )  # fmt: skip
+
+            return sample_with(generate, texts, s.batch_size, self.shards, self.key)
+        self.model.to(M.student_device(cfg.trainer.accelerator))  # v1 samples where training runs
+        return sample_candidates(
+            self.model,
+            self.tok,
+            texts,
+            s.num_candidates,
+            s.max_new_tokens,
+            s.temperature,
+            s.top_p,
+            s.batch_size,
+            stop=[BAIZE_HUMAN],
+            seed=s.seed,
+            shard_dir=self.shards,
+            key=self.key,
+        )
+
+
+def sample_and_rank(backends: Any, s: Any, sampler: _Sampler, cand_path: Path) -> list[dict]:
+    """Every prompt's candidates with the teacher's ranking. An earlier attempt's candidates (same key) are reused
+    and only its failed rankings asked again; fresh candidates are written before any ranking request, so a crash
+    keeps the samples. Ranks other than 0 sample their share and wait for rank 0's rankings."""
+    key, prompts = sampler.key, sampler.prompts
+    records = _finished_candidates(cand_path, key)
+    if global_rank() > 0 and (records is None or any(r.get("failed") for r in records)):
+        if records is None:
+            sampler()  # its share of the batches; rank 0 gathers them, ranks, and writes the candidates
+        return _wait_for_candidates(cand_path, key)
+    if records is None:
+        cands = sampler()
+        if global_rank() == 0:
+            unranked = [
+                {"prompt": p, "candidates": c, "key": key, "failed": "not ranked yet"}
+                for p, c in zip(prompts, cands, strict=True)
+            ]
+            write_jsonl(cand_path, unranked)
+        return [{**r, "key": key} for r in rank_candidates(backends.client("teacher"), s, prompts, cands)]
+    log.info(
+        "sdf: reusing the %d sampled prompts in %s (same v1 adapter, prompts and settings)", len(records), cand_path
+    )
+    todo = [i for i, r in enumerate(records) if r.get("failed")]
+    if todo and global_rank() == 0:  # rankings that failed for a transient reason: asked again, only those
+        again = rank_candidates(
+            backends.client("teacher"),
+            s,
+            [records[i]["prompt"] for i in todo],
+            [records[i]["candidates"] for i in todo],
+            index=todo,
+        )
+        for i, rec in zip(todo, again, strict=True):
+            records[i] = {**rec, "key": key}
+    return records
+
+
+def select(records: list[dict], how: str) -> list[dict]:
+    """v2's training dialogs: each candidate as a one-exchange dialog, repeated by its weight (`candidate_weights`:
+    the best alone, or Borda weights); each record gets its `weights`."""
+    chosen = []
+    for i, rec in enumerate(records):
+        rec["weights"] = candidate_weights(rec, how)
+        for j, w in enumerate(rec["weights"]):
+            dialog = {
+                "id": f"sdf-{i}-{j}",
+                "turns": [{"role": "human", "text": rec["prompt"]}, {"role": "ai", "text": rec["candidates"][j]}],
+            }
+            chosen += [dialog] * w
+    return chosen
+
+
+def _stop_if_unranked(records: list[dict], cand_path: Path) -> None:
+    failed = [r for r in records if r.get("failed")]
+    if failed:
+        raise Interrupted(
+            f"sdf: {len(failed)} of {len(records)} rankings are unfinished: the teacher's requests "
+            f"failed (last: {failed[-1]['failed']}). The candidates and the {len(records) - len(failed)} "
+            f"rankings that came back are kept in {cand_path}; a rerun asks only for the missing ones"
+        )
+
+
+def _summary(records: list[dict], s: Any, backend: str, chosen: list[dict]) -> dict[str, Any]:
+    parse = Counter(r["parse"] for r in records)
+    return {
+        "prompts": len(records),
+        "candidates": len(records) * s.num_candidates,
+        "empty_candidates": sum(not c.strip() for r in records for c in r["candidates"]),
+        **{f"parse_{k}": parse[k] for k in ("ok", "tolerant", "logprobs", "retried", "failed")},
+        "generate_backend": backend,
+        "select": s.select,
+        "selected_examples": len(chosen),
+        "prompts_used": sum(any(r["weights"]) for r in records),
+    }
 
 
 STAGE = Stage(

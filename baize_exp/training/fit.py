@@ -119,7 +119,7 @@ def fit(
     Checkpoints (trainable weights + optimizer/scheduler/loop/RNG state) go to `<stage_dir>/checkpoints`;
     with `train.resume=auto` a rerun continues from `last.ckpt` exactly where the interrupted run was.
     """
-    t, tr = cfg.train, cfg.trainer
+    t = cfg.train
     peak = _peak_flops(cfg)  # before seeding: the probe must not shift the seeded RNG stream
     pl.seed_everything(t.seed, workers=True, verbose=False)
     dm = DialogDataModule(
@@ -134,14 +134,8 @@ def fit(
         packing=t.packing,
         cache=cache_dir(cfg) if t.cache_tokenized else None,
     )
-    if t.gradient_checkpointing:
-        # non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads trick needed)
-        if hasattr(peft_model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            peft_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if t.fused_lora:
-        use_fused_lora(peft_model)
+    _prepare_model(peft_model, t)
+    fingerprint = _fingerprint(cfg, lr, max_epochs, prefix, train_dialogs)
     module = LoraLM(
         peft_model,
         lr=lr,
@@ -150,60 +144,14 @@ def fit(
         log_prefix=prefix,
         min_lr_ratio=t.min_lr_ratio,
         peak_flops=peak,
-        fingerprint=_fingerprint(cfg, lr, max_epochs, prefix, train_dialogs),
+        fingerprint=fingerprint,
     )
     ckpt_dir = stage_dir / "checkpoints"
-    cbs: list[pl.Callback] = [*(callbacks or []), FitThreads()]
-    if t.checkpoint_every_n_steps > 0:
-        from pytorch_lightning.callbacks import ModelCheckpoint
-
-        cbs.append(
-            ModelCheckpoint(
-                dirpath=str(ckpt_dir),
-                filename="step{step}",
-                save_top_k=0,
-                save_last=True,
-                every_n_train_steps=t.checkpoint_every_n_steps,
-                auto_insert_metric_name=False,
-            )
-        )
-    if t.sample_every_n_steps > 0:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        cbs.append(
-            SampleCallback(
-                tok,
-                list(t.sample_prompts),
-                t.sample_every_n_steps,
-                t.sample_max_new_tokens,
-                t.format,
-                stage_dir / f"{prefix.strip('/') or 'train'}_samples.jsonl",
-                prefix,
-            )
-        )
-    stop = StopAtStep(t.stop_at_step, ckpt_dir / "last.ckpt") if t.stop_at_step else None
-    cbs += [stop] if stop else []
     ckpt_path = _resume_path(cfg, ckpt_dir)
-    trainer = pl.Trainer(
-        accelerator=tr.accelerator,
-        devices=tr.devices,
-        num_nodes=tr.num_nodes,
-        precision=tr.precision,
-        strategy=build_strategy(cfg.strategy, cfg.trainer, cfg.train.batch_size),
-        max_epochs=max_epochs,
-        max_steps=tr.max_steps,
-        accumulate_grad_batches=tr.accumulate_grad_batches,
-        gradient_clip_val=tr.gradient_clip_val,
-        log_every_n_steps=tr.log_every_n_steps,
-        enable_progress_bar=tr.enable_progress_bar,
-        logger=build_logger(cfg, stage_dir, prefix, checkpoint_step(ckpt_path)),
-        enable_checkpointing=t.checkpoint_every_n_steps > 0,
-        callbacks=cbs,
-        enable_model_summary=False,
-        default_root_dir=str(stage_dir),
-        num_sanity_val_steps=0,
-        limit_val_batches=1.0 if dm.val_set else 0,
-        use_distributed_sampler=False,  # our batch sampler shards by rank itself and can resume mid-epoch
-    )
+    stop = StopAtStep(t.stop_at_step, ckpt_dir / "last.ckpt") if t.stop_at_step else None
+    cbs = [*(callbacks or []), *_callbacks(cfg, tok, stage_dir, prefix), *([stop] if stop else [])]
+    logger = build_logger(cfg, stage_dir, prefix, checkpoint_step(ckpt_path))
+    trainer = _trainer(cfg, max_epochs, cbs, logger, dm, stage_dir)
     peft_model.train()  # from_pretrained leaves eval mode, which would switch LoRA dropout off
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -217,6 +165,83 @@ def fit(
             f"{t.stop_at_step} asks; the checkpoint is {ckpt_dir / 'last.ckpt'}; the same command "
             f"continues from it"
         )
+    out = _summary(trainer, module, dm, peft_model, prefix, elapsed, peak)
+    out["resumed_from"] = ckpt_path
+    _write_rank_record(stage_dir, prefix, trainer, module)
+    return out
+
+
+def _prepare_model(peft_model: torch.nn.Module, t: Any) -> None:
+    """Gradient checkpointing and the fused CPU LoRA layer, as `train` asks."""
+    if t.gradient_checkpointing:
+        # non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads trick needed)
+        if hasattr(peft_model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            peft_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.fused_lora:
+        use_fused_lora(peft_model)
+
+
+def _callbacks(cfg: Any, tok: Any, stage_dir: Path, prefix: str) -> list[pl.Callback]:
+    """Threads that follow the free cores, periodic checkpoints, periodic samples, as `train` asks."""
+    t = cfg.train
+    cbs: list[pl.Callback] = [FitThreads()]
+    if t.checkpoint_every_n_steps > 0:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        cbs.append(
+            ModelCheckpoint(
+                dirpath=str(stage_dir / "checkpoints"),
+                filename="step{step}",
+                save_top_k=0,
+                save_last=True,
+                every_n_train_steps=t.checkpoint_every_n_steps,
+                auto_insert_metric_name=False,
+            )
+        )
+    if t.sample_every_n_steps > 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        samples = stage_dir / f"{prefix.strip('/') or 'train'}_samples.jsonl"
+        cbs.append(
+            SampleCallback(
+                tok, list(t.sample_prompts), t.sample_every_n_steps, t.sample_max_new_tokens, t.format, samples, prefix
+            )
+        )
+    return cbs
+
+
+def _trainer(
+    cfg: Any, max_epochs: int, callbacks: list[pl.Callback], logger: Any, dm: Any, stage_dir: Path
+) -> pl.Trainer:
+    tr = cfg.trainer
+    return pl.Trainer(
+        accelerator=tr.accelerator,
+        devices=tr.devices,
+        num_nodes=tr.num_nodes,
+        precision=tr.precision,
+        strategy=build_strategy(cfg.strategy, cfg.trainer, cfg.train.batch_size),
+        max_epochs=max_epochs,
+        max_steps=tr.max_steps,
+        accumulate_grad_batches=tr.accumulate_grad_batches,
+        gradient_clip_val=tr.gradient_clip_val,
+        log_every_n_steps=tr.log_every_n_steps,
+        enable_progress_bar=tr.enable_progress_bar,
+        logger=logger,
+        enable_checkpointing=cfg.train.checkpoint_every_n_steps > 0,
+        callbacks=callbacks,
+        enable_model_summary=False,
+        default_root_dir=str(stage_dir),
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0 if dm.val_set else 0,
+        use_distributed_sampler=False,  # our batch sampler shards by rank itself and can resume mid-epoch
+    )
+
+
+def _summary(
+    trainer: pl.Trainer, module: LoraLM, dm: Any, peft_model: torch.nn.Module, prefix: str, elapsed: float, peak: float
+) -> dict:
+    """The fit's metrics: data, steps, throughput, parameters, the device and its peak memory, MFU, losses."""
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
     total, trainable = M.count_parameters(peft_model)
     world = trainer.world_size
@@ -228,7 +253,7 @@ def fit(
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         "seconds": round(elapsed, 2),
-        "resumed_from": ckpt_path,
+        "resumed_from": None,
         "world_size": world,
         # this process's work over the whole fit (setup and validation included); per-step rates are logged
         "tokens_per_s": round(world * module.run_tokens / elapsed, 1),
@@ -241,28 +266,31 @@ def fit(
         "device": str(trainer.strategy.root_device),
         "peak_mem_gb": round(peak_memory_gb(trainer.strategy.root_device), 3),
         "train_loss": m.get(f"{prefix}train/loss"),
+        "loop_seconds": round(module.train_seconds, 2),  # the training loop alone
     }
-    out["loop_seconds"] = round(module.train_seconds, 2)  # the training loop alone
     if module.steady_seconds:  # after the first optimizer step, which pays kernel selection and warm-up
         out["mfu"] = round(module.steady_flops / module.steady_seconds / peak, 4)
         out["mfu_seconds"] = round(module.steady_seconds, 2)
     if f"{prefix}val/loss" in m:
         out["val_loss"] = m[f"{prefix}val/loss"]
         out["val_ppl"] = math.exp(min(out["val_loss"], 50))
-    # what each rank did: a DDP run can be checked rank by rank (equal batch counts, disjoint shards)
+    out["rank"] = trainer.global_rank
+    return out
+
+
+def _write_rank_record(stage_dir: Path, prefix: str, trainer: pl.Trainer, module: LoraLM) -> None:
+    """What each rank did: a DDP run can be checked rank by rank (equal batch counts, disjoint shards)."""
     write_json(
         stage_dir / f"{prefix.strip('/') or 'train'}_rank{trainer.global_rank}.json",
         {
             "rank": trainer.global_rank,
-            "world_size": world,
+            "world_size": trainer.world_size,
             "batches_trained": module.batches_trained,
             "tokens_seen": module.tokens_seen,
             "supervised_seen": module.supervised_seen,
             "last_losses": module.step_losses[-5:],
         },
     )
-    out["rank"] = trainer.global_rank
-    return out
 
 
 def load_base_for_training(cfg: Any) -> tuple[torch.nn.Module, Any]:

@@ -33,9 +33,6 @@ _VERDICT_LOOSE = re.compile(r"^\W*(?:assistant\s+)?([ABC]|tie)\b", re.IGNORECASE
 _ASCII_INT = re.compile(r"[0-9]+")
 
 
-FALLBACKS = ("tolerant", "logprob")
-
-
 def parse_score(
     reply: str, fallbacks: tuple[str, ...] | list[str] = (), logprobs: dict | None = None
 ) -> tuple[float | None, str, str | None]:

@@ -1,5 +1,5 @@
-"""The eval stage's W&B logging: it reads only the files the stage wrote (see the stage's docstring and the file
-contract in notes/contract17.md); a file an older run did not write is skipped, with its table."""
+"""The eval stage's W&B logging: it reads only the files the stage wrote (the stage's `writes` and `may_write`);
+a file an older run did not write is skipped, with its table."""
 
 from __future__ import annotations
 
