@@ -242,6 +242,36 @@ def test_turn_by_turn_collection_submits_one_batch_per_round(tmp_path: Path) -> 
     assert dialogs["d2"][1]["content"] == "echo: seed 2" and dialogs["d2"][3]["content"] == "echo: and?"
 
 
+def test_from_config_takes_the_teacher_settings_and_the_key_from_the_environment(tmp_path: Path, monkeypatch) -> None:
+    cfg = compose_cfg(
+        [
+            "teacher=openai",
+            "teacher.batch=true",
+            "teacher.batch_max_requests=2",
+            "teacher.batch_poll_s=0.02",
+            "teacher.api_key_env=BATCH_TEST_KEY",
+        ]
+    )
+    validate(cfg)
+    monkeypatch.delenv("BATCH_TEST_KEY", raising=False)
+    with pytest.raises(
+        ChatError, match="teacher.batch=true needs an API key in the environment variable 'BATCH_TEST_KEY'"
+    ):
+        BatchRunner.from_config(cfg.teacher, tmp_path)
+    monkeypatch.setenv("BATCH_TEST_KEY", KEY)
+    with BatchServer(api_key=KEY) as srv:
+        runner = BatchRunner.from_config(cfg.teacher, tmp_path, base_url=srv.base_url)
+        runner.progress = False
+        assert KEY not in repr(runner)
+        results = runner.run(_requests(runner, 5))
+        (first,) = [json.loads(x) for x in srv.files[srv.batches[srv.order[0]]["input_file_id"]]["_data"].splitlines()][
+            :1
+        ]
+    assert _answered(results, list(results)) and len(srv.order) == 3  # 2 + 2 + 1
+    assert first["body"]["model"] == "gpt-3.5-turbo" and first["body"]["max_tokens"] == 1024  # conf/teacher/openai
+    assert runner.usage_report()["gpt-3.5-turbo"]["cost_usd"] > 0  # priced from teacher.prices
+
+
 # --- killed at each step ---------------------------------------------------------------------------------------
 
 KILL_POINTS = ["upload", "create", "poll", "download", "return"]

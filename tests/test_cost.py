@@ -58,6 +58,13 @@ def test_a_turn_filler_is_as_many_tokens_as_asked(tokenizer) -> None:
         assert counter.text(counter.filler(500)) == pytest.approx(500, abs=5)
 
 
+def test_seeds_over_max_seed_tokens_are_counted_in_the_teachers_tokens_when_local(tokenizer) -> None:
+    cfg = _cfg()  # collect.max_seed_tokens=1024
+    seeds = ["hello " * 700, "hello " * 1100]  # 4,200 characters but 700 tokens; 1,100 tokens
+    assert estimate_collection(seeds, cfg.collect, cfg.teacher, tokenizer=tokenizer).too_long == 1
+    assert estimate_collection(seeds, cfg.collect, cfg.teacher).too_long == 2  # remote: 4 characters a token
+
+
 def test_the_modelled_requests_are_the_ones_the_collect_stage_sends(tmp_path: Path) -> None:
     """collect_requests must follow collect.py: if the stage changes what it sends, this fails."""
     seeds = [Seed(f"s{i}", "test", f"How do I repair bicycle part {i}?") for i in range(3)]
@@ -81,7 +88,8 @@ def test_the_modelled_requests_are_the_ones_the_collect_stage_sends(tmp_path: Pa
 def test_without_finished_dialogs_every_request_counts_at_its_upper_bound() -> None:
     cfg = _cfg("teacher.max_tokens=100")
     seeds = ["a" * 40, "b" * 80]
-    est = estimate_collection(seeds, cfg.collect, cfg.teacher)
+    est = estimate_collection([*seeds, "c" * 4097], cfg.collect, cfg.teacher)  # over max_seed_tokens=1024: no request
+    assert est.too_long == 1 and "1 over collect.max_seed_tokens get no request" in est.lines()[0]
     by_rule = [round(len(cfg.collect.template.format(seed=s)) / 4) + 3 + 3 for s in seeds]
     assert (est.seeds, est.done, est.requests, est.requests_max) == (2, 0, 2, 2)
     assert est.prompt_tokens == est.prompt_tokens_max == sum(by_rule)

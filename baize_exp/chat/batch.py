@@ -162,7 +162,7 @@ class BatchRunner:
             max_bytes=bcfg.batch_max_bytes,
             poll_s=bcfg.batch_poll_s,
             poll_max_s=bcfg.batch_poll_max_s,
-            max_failures=max(1, bcfg.stop_after_failures),
+            max_failures=bcfg.stop_after_failures or 1_000_000,  # 0 = never give up
             prices=dict(bcfg.prices),
             discount=bcfg.batch_discount,
             role=role,

@@ -85,7 +85,8 @@ class Estimate:
 
     model: str
     mode: str
-    seeds: int  # seeds still to collect
+    seeds: int  # seeds still to collect (each gets its requests)
+    too_long: int  # seeds over collect.max_seed_tokens: a reject without a request
     done: int  # seeds finished before (records given)
     requests: int
     requests_max: int
@@ -124,7 +125,9 @@ class Estimate:
             return "no price for this model" if exp is None else f"{dollars(exp)} (at most {dollars(worst)})"
 
         return [
-            f"estimate for {self.seeds:,} seeds to collect ({self.done:,} done), {self.mode} mode, model {self.model}:",
+            f"estimate for {self.seeds:,} seeds to collect ({self.done:,} done"
+            + (f", {self.too_long:,} over collect.max_seed_tokens get no request" if self.too_long else "")
+            + f"), {self.mode} mode, model {self.model}:",
             f"  requests           {self.requests:>14,}  (at most {self.requests_max:,})",
             f"  prompt tokens      {self.prompt_tokens:>14,}  ({self.prompt_basis})",
             f"  completion tokens  {self.completion_tokens:>14,}  ({self.completion_basis})",
@@ -174,7 +177,17 @@ def estimate_collection(
     max_tokens = int(tcfg.max_tokens)
     fill = counter.filler(max_tokens) if ccfg.mode == "turns" else ""
     rng = random.Random(rng_seed)
-    seeds = list(seeds)
+    limit = getattr(ccfg, "max_seed_tokens", None)
+
+    def too_long(q: str) -> bool:  # the collect stage's rule: no request for a seed over collect.max_seed_tokens
+        if not limit:
+            return False
+        if tokenizer is None:
+            return len(q) > CHARS_PER_TOKEN * limit
+        return len(q.encode()) > limit and counter.text(q) > limit  # a (byte-level) token is at least a byte
+
+    every = list(seeds)
+    seeds = [q for q in every if not too_long(q)]
     picked = seeds if len(seeds) <= sample else rng.sample(seeds, sample)
     per_seed_max = len(collect_requests("", ccfg))
 
@@ -217,6 +230,7 @@ def estimate_collection(
         model=tcfg.model,
         mode=ccfg.mode,
         seeds=n,
+        too_long=len(every) - n,
         done=len({r.get("key") for r in finished}),
         requests=requests,
         requests_max=requests_max,
