@@ -195,6 +195,11 @@ def run_pipeline(cfg: DictConfig) -> dict:
             t0 = time.monotonic()
             cpu.fit_threads(every_s=0)  # the stage's own torch work takes the cores that are free now
             m = stage.run(cfg, run_dir, backends)
+            if not m.get("skipped") and (missing := stage.missing(run_dir)):
+                raise StageContractError(
+                    f"stage {stage.name} finished without writing {missing}, which it declares it writes; this is "
+                    f"a bug in baize_exp (its Stage declaration or its code), please report it"
+                )
             m["stage_seconds"] = round(time.monotonic() - t0, 2)
             metrics[stage.name] = m
             write_json(metrics_path, metrics)
@@ -266,6 +271,12 @@ def _restore_hydra_record(run_dir: Path) -> None:
 
 
 WORKER_STAGE_ENV = "BAIZE_PIPELINE_STAGE"
+# Files of the run itself, beside the stages' own (Stage.writes / may_write).
+RUN_FILES = ("metrics.json", "run.log", ".hydra/*", f"{HYDRA_KEPT}/*", "wandb/*", "serve-*.log")
+
+
+class StageContractError(RuntimeError):
+    """A stage finished without a file it declares it writes: a bug, not something a user caused."""
 
 
 def _run_as_worker(cfg: DictConfig, run_dir: Path, poll_s: float = 2.0) -> dict:

@@ -110,6 +110,11 @@ def test_run_py_end_to_end_through_the_openai_backend(tmp_path: Path, teacher_se
     # W&B offline: a real run file holding the stage metrics (in its summary: tests/test_wandb.py)
     wandb_files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(wandb_files) == 1 and b"collect/summary/dialogs" in wandb_files[0].read_bytes()
+    # the stage contract: every file of the run is one a stage (or the pipeline) declares
+    assert _unclaimed(run_dir) == []
+    (run_dir / "eval" / "stray.txt").write_text("x")  # the check's negative control
+    assert _unclaimed(run_dir) == ["eval/stray.txt"]
+    (run_dir / "eval" / "stray.txt").unlink()
     # the key never lands in anything the run wrote
     for f in run_dir.rglob("*"):
         if f.is_file():
@@ -170,3 +175,40 @@ def test_train_from_another_runs_dialogs(tmp_path: Path) -> None:
     assert m["train"]["train_dialogs"] + m["train"]["val_dialogs"] == 8
     assert (run_dir / "train" / "logs" / "metrics.csv").is_file()
     assert not (run_dir / "collect").exists()
+
+
+def _unclaimed(run_dir: Path) -> list[str]:
+    """The files of a run dir that no stage declares in `writes`/`may_write` and that are not the run's own."""
+    from fnmatch import fnmatchcase
+
+    from baize_exp.pipeline import PIPELINE, RUN_FILES
+
+    files = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+    return [
+        f
+        for f in files
+        if not any(s.claims(f) for s in PIPELINE) and not any(fnmatchcase(f, pattern) for pattern in RUN_FILES)
+    ]
+
+
+def test_a_stage_that_does_not_write_what_it_declares_stops_the_run_as_a_bug(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline checks each finished stage's `writes`: a stage that forgot one is an error naming it, and the
+    stage gets no completion marker."""
+    from dataclasses import replace
+
+    from helpers.config import compose_cfg
+
+    from baize_exp import pipeline
+
+    def writes_half(cfg, run_dir: Path, backends) -> dict:
+        (run_dir / "plan").mkdir(parents=True, exist_ok=True)
+        (run_dir / "plan" / "plan.json").write_text("{}")  # plan.md forgotten
+        return {}
+
+    monkeypatch.setitem(pipeline.STAGES, "plan", replace(pipeline.STAGES["plan"], run=writes_half))
+    cfg = compose_cfg(["model=tiny", "logger=none", "stages=[plan]", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(pipeline.StageContractError, match=r"stage plan finished without writing \['plan/plan.md'\]"):
+        pipeline.run_pipeline(cfg)
+    assert pipeline.STAGES["plan"].missing(tmp_path) == ["plan/plan.md"]

@@ -7,6 +7,7 @@ do not, the files it writes, and its hooks. The pipeline (`baize_exp.pipeline`) 
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,14 @@ BACKEND_KNOBS = frozenset(
         "request_timeout_s",
         "startup_timeout_s",
         "max_n",
+        # the Batch API and the budget change how the same requests are bought, not what they answer
+        "batch",
+        "batch_max_requests",
+        "batch_max_bytes",
+        "batch_poll_s",
+        "batch_poll_max_s",
+        "batch_discount",
+        "max_cost_usd",
     }
 )
 
@@ -50,7 +59,11 @@ class Stage:
     reads: tuple[str, ...] = ()  # upstream stages whose files it reads
     shapes: tuple[str, ...] = ()  # config keys (dotted) whose values shape its outputs
     ignores: frozenset[str] = frozenset()  # key names under `shapes` that do not (anywhere in those subtrees)
-    writes: tuple[str, ...] = ()  # what it writes, relative to the run dir
+    # What a finished run of it leaves, as globs relative to the run dir (`*` crosses folders): `writes` must each
+    # match a file (the pipeline checks after the stage), `may_write` may (outputs of some settings only). Nothing
+    # else appears (tests/test_pipeline.py checks a whole run).
+    writes: tuple[str, ...] = ()
+    may_write: tuple[str, ...] = ()
     marker: bool = True  # False: it only describes (plan, report): run every time, no completion marker
     # files from outside the run dir that stand in for an upstream stage: {upstream: path} for this config
     external: Callable[[Any], dict[str, str]] = field(default=lambda cfg: {})
@@ -65,6 +78,20 @@ class Stage:
     def fingerprint(self, cfg: Any, upstream: dict[str, str]) -> str:
         """Hash of what this stage's outputs depend on: its config part and its upstream stages' fingerprints."""
         return content_hash(self.name, {**self.config_part(cfg), **upstream})
+
+    def missing(self, run_dir: Path) -> list[str]:
+        """The `writes` patterns no file in `run_dir` matches."""
+        files = _files(run_dir)
+        return [w for w in self.writes if not any(fnmatch.fnmatchcase(f, w) for f in files)]
+
+    def claims(self, relpath: str) -> bool:
+        """Whether a file (relative to the run dir) is one this stage declares, its completion marker included."""
+        patterns = (*self.writes, *self.may_write, f"{self.name}/_COMPLETE.json")
+        return any(fnmatch.fnmatchcase(relpath, p) for p in patterns)
+
+
+def _files(run_dir: Path) -> list[str]:
+    return [p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()]
 
 
 def _plain(node: Any) -> Any:

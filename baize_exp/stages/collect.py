@@ -635,6 +635,13 @@ STAGE = Stage(
     run,
     shapes=("data", "collect", "teacher"),
     ignores=BACKEND_KNOBS | {"shared", "samples_to_log"},
-    writes=("collect/dialogs.jsonl", "collect/rejects.jsonl", "collect/failures.jsonl", "collect/data_card.json"),
+    writes=(
+        "collect/dialogs.jsonl",
+        "collect/rejects.jsonl",
+        "collect/failures.jsonl",
+        "collect/data_card.json",
+        "collect/data_card.md",
+    ),
+    may_write=("collect/teacher/*.jsonl",),  # collect.shared=false: the teacher's own files, before the filters
     log_wandb=log_dialogs,  # the dialogs, rejects and data card as a `dataset` artifact (logger.artifacts)
 )

@@ -447,7 +447,17 @@ STAGE = Stage(
     reads=("train",),
     shapes=("sdf", "teacher", "generate.backend"),
     ignores=BACKEND_KNOBS,
-    writes=("sdf/candidates.jsonl", "sdf/adapter", "sdf/checkpoints", "sdf/logs"),
+    writes=(
+        "sdf/candidates.jsonl",
+        "sdf/adapter/adapter_config.json",
+        "sdf/adapter/adapter_model.safetensors",
+        "sdf/adapter/prompt_format.json",
+        "sdf/adapter/baize_exp.json",
+        "sdf/logs/metrics.csv",
+        "sdf/sdf_rank*.json",
+    ),
+    # as train's, and the per-rank sample shards of a multi-process launch
+    may_write=("sdf/adapter/*", "sdf/checkpoints/*", "sdf/logs/*", "sdf/sdf_samples.jsonl", "sdf/shards/*"),
     joins_ddp=True,
     preflight=check_machine,
     log_wandb=lambda wb, stage_dir: log_adapter(wb, stage_dir, "sdf"),  # v2 as a `model` artifact

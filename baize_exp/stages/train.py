@@ -92,12 +92,17 @@ STAGE = Stage(
     ),
     ignores=NOT_TRAINING,  # the same keys a checkpoint stays resumable across
     writes=(
-        "train/adapter",
-        "train/checkpoints",
-        "train/logs",
+        "train/adapter/adapter_config.json",
+        "train/adapter/adapter_model.safetensors",
+        "train/adapter/prompt_format.json",
+        "train/adapter/baize_exp.json",
         "train/val_dialogs.jsonl",
         "train/rejected_dialogs.jsonl",
+        "train/logs/metrics.csv",
+        "train/train_rank*.json",
     ),
+    # the tokenizer's files beside the adapter; checkpoints and Lightning's hparams; the sample table
+    may_write=("train/adapter/*", "train/checkpoints/*", "train/logs/*", "train/train_samples.jsonl"),
     log_wandb=lambda wb, stage_dir: log_adapter(wb, stage_dir, "train"),  # v1 as a `model` artifact
     # dialogs from another run (train.data) stand in for this run's collect stage: their content is hashed
     external=lambda cfg: {"collect": cfg.train.data} if cfg.train.data else {},

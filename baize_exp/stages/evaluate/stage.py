@@ -437,6 +437,9 @@ STAGE = Stage(
         "eval/paired.csv",
         "eval/reliability.json",
     ),
+    # the judge check's records (when on), charts of further modes, per-rank answer shards, and the arena's votes
+    # (baize-chat appends them after the stage; the stage reads them when there)
+    may_write=("eval/judge_check.jsonl", "eval/scores_*.png", "eval/shards/*", "eval/human_votes.jsonl"),
     log_wandb=log_wandb,
     joins_ddp=True,  # under torchrun/srun the other ranks generate their share of answers
     preflight=lambda cfg: M.check_loadable(cfg.model),

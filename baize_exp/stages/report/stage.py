@@ -18,5 +18,10 @@ def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
 
 # It only describes: it runs every time and leaves no completion marker.
 STAGE = Stage(
-    "report", run, marker=False, writes=("report.md", "report.html"), log_wandb=lambda wb, d: log_human(wb, d.parent)
+    "report",
+    run,
+    marker=False,
+    writes=("report.md", "report.html"),
+    may_write=("report_plots/*",),
+    log_wandb=lambda wb, d: log_human(wb, d.parent),
 )
