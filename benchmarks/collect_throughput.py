@@ -1,6 +1,6 @@
 """Collect throughput: the original Baize collector's loop vs our engine, against a server with fixed latency.
 
-The fault server (`python tests/fault_server.py --latency L`, its own process so its CPU is not counted)
+The fault server (`python tests/helpers/fault_server.py --latency L`, its own process so its CPU is not counted)
 answers every request after L seconds. (a) baseline: what Baize's collector did, one request at a time and a 1 s
 sleep after each (measured on fewer dialogs: its rate does not depend on how many); (b) ours: `collect()` with the
 real config (`teacher=openai` pointed at the server), `teacher.concurrency` at once, writing dialogs.jsonl.
@@ -31,7 +31,7 @@ from baize_exp.stages.collect import collect
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the fault server is a test tool, not product code
-from fault_server import spawn  # noqa: E402
+from helpers.fault_server import spawn  # noqa: E402
 
 KEY_ENV = "BAIZE_BENCH_KEY"
 

@@ -1,9 +1,9 @@
 """How close the collect cost estimate (baize_exp.chat.cost) comes to what a collection really uses.
 
-A loopback teacher (tests/batch_server.py's online endpoint) answers every request with a reply of realistic length
-and vocabulary (`realistic_reply`) and reports usage counted with the real SmolLM2 tokenizer (prompts through its
-chat template, as a server counts them), so the estimator's rule of 4 characters a token is measured against a
-real tokenizer it does not know. Steps, each through `run.py stages=[collect]` as a user runs it:
+A loopback teacher (the online endpoint of tests/helpers/batch_server.py) answers every request with a reply of
+realistic length and vocabulary (`realistic_reply`) and reports usage counted with the real SmolLM2 tokenizer
+(prompts through its chat template, as a server counts them), so the estimator's rule of 4 characters a token
+is measured against a real tokenizer it does not know. Steps, each through `run.py stages=[collect]` as a user runs it:
 
 1. the cold estimate for all N seeds (template and sampled seeds only, no dialog yet);
 2. collect the first `--first` seeds (`data.limit`; into the shared collection of a throwaway cache dir);
@@ -40,7 +40,7 @@ from baize_exp.models import tokenizer_for_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the fake endpoint is a test tool, not product code
-from batch_server import BatchServer, realistic_reply  # noqa: E402
+from helpers.batch_server import BatchServer, realistic_reply  # noqa: E402
 
 KEY_ENV, KEY = "BAIZE_COST_BENCH_KEY", "sk-cost-bench-0123456789abcdef"
 

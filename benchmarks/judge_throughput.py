@@ -1,7 +1,7 @@
 """Judge throughput: the eval stage's judge path (build_jobs → run_judge → ChatClient) against a server with fixed
 latency, one request at a time vs `judge.concurrency` at once.
 
-The fault server (`python tests/fault_server.py --latency L --reply "Score: 7"`, its own process so its CPU
+The fault server (`python tests/helpers/fault_server.py --latency L --reply "Score: 7"`, its own process so its CPU
 is not counted) stands in for GPT-4: every request waits L seconds and gets a parsable verdict. Prompts are the real
 judge prompts (the shipped held-out questions, the configured rubric). Prints judgments/s for both, the ratio, and
 ours as a fraction of the ideal bound (concurrency / latency). Target: >= 80% of the bound.
@@ -28,7 +28,7 @@ from baize_exp.stages.evaluate.judge import build_jobs, run_judge
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the fault server is a test tool, not product code
-from fault_server import spawn  # noqa: E402
+from helpers.fault_server import spawn  # noqa: E402
 
 KEY_ENV = "BAIZE_BENCH_KEY"
 

@@ -1,20 +1,15 @@
-"""Shared fixtures: the real Hydra config composed from baize_exp/conf/, shrunk for tests; a shared model cache."""
+"""Shared fixtures: the environment every test runs in (a shared model cache, caches off the home dir, no hub),
+the real config shrunk for tests, the real tokenizer. Helpers the tests import live in tests/helpers/."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from helpers.config import compose_cfg
 
-from baize_exp.config import CONF_DIR, register_configs
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = CONF_DIR  # the config tree inside the package
+from baize_exp.config import register_configs
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,28 +37,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def compose_cfg(overrides: list[str] | None = None):
-    """Compose the real config (as run.py would) with overrides."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides or [])
-
-
 @pytest.fixture
 def tiny_cfg(tmp_path: Path):
     return compose_cfg(["model=tiny", "logger=none", f"paths.output_dir={tmp_path}"])
-
-
-def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run the real entry point (python run.py ...) as a user would."""
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.fixture(scope="session")

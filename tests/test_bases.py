@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg, run_cli
+from helpers.cli import run_cli
+from helpers.config import compose_cfg
 from safetensors import safe_open
 
 from baize_exp import models as M
@@ -408,7 +409,7 @@ def _training_rows(cache: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("option", OPTIONS)
 def test_train_sdf_eval_through_run_py_in_both_formats(option: str, family_dirs, tmp_path: Path) -> None:
-    from fault_server import FaultServer
+    from helpers.fault_server import FaultServer
 
     fam = FAMILIES[option]
     dialogs_path = _dialogs_file(tmp_path)

@@ -1,5 +1,6 @@
 """The Batch API runner through the real `openai` client against the loopback fake of Files and Batches
-(tests/batch_server.py): whole runs, the per-batch limits, failed lines asked again, lost replies, kills at each step.
+(tests/helpers/batch_server.py): whole runs, the per-batch limits, failed lines asked again, lost replies, kills
+at each step.
 
 Run as a script (`python tests/test_batch.py child ...`) it is the child process the kill tests SIGKILL."""
 
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import openai
 import pytest
-from batch_server import BatchServer
-from conftest import compose_cfg
-from fault_server import FaultServer
+from helpers.batch_server import BatchServer
+from helpers.config import compose_cfg
+from helpers.fault_server import FaultServer
 
 from baize_exp.chat import ChatError
 from baize_exp.chat.ask import ask_parsed

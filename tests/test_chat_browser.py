@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from chat_fixture import CACHE, make_base, make_chat_run
+from helpers.chat_fixture import CACHE, make_base, make_chat_run
 
 pytestmark = pytest.mark.slow  # starts baize-chat (a model load) and a browser: ~20 s here
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from chat_fixture import CACHE, MARKUP, make_base, make_chat_run
+from helpers.chat_fixture import CACHE, MARKUP, make_base, make_chat_run
 
 from baize_exp.serve import LocalServer
 from baize_exp.serve.app import build_app

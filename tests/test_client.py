@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from fault_server import FAULTS, FaultServer
+from helpers.fault_server import FAULTS, FaultServer
 
 from baize_exp.chat import ChatClient, ChatError
 from baize_exp.chat.client import RateLimiter, retry_after_s
@@ -253,7 +253,7 @@ def test_fault_server_cli_serves_and_counts() -> None:
     p = subprocess.Popen(
         [
             sys.executable,
-            str(Path(__file__).parent / "fault_server.py"),
+            str(Path(__file__).parent / "helpers" / "fault_server.py"),
             "--port-file",
             str(port_file),
             "--default-fault",

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose_cfg
-from fault_server import FaultServer
+from helpers.config import ROOT, compose_cfg
+from helpers.fault_server import FaultServer
 
 from baize_exp.chat import ChatClient, ChatError
 from baize_exp.config import ConfigError, validate

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CONF, compose_cfg, run_cli
+from helpers.cli import run_cli
+from helpers.config import CONF, compose_cfg
 
 from baize_exp.config import ConfigError, validate
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from batch_server import BatchServer, realistic_reply
-from conftest import compose_cfg
-from fault_server import FaultServer
+from helpers.batch_server import BatchServer, realistic_reply
+from helpers.config import compose_cfg
+from helpers.fault_server import FaultServer
 
 from baize_exp.chat import ChatClient
 from baize_exp.chat.cost import (
@@ -38,7 +38,7 @@ def _cfg(*overrides: str):
 
 
 def test_token_counts_with_the_teachers_tokenizer_are_the_local_servers_usage(tokenizer) -> None:
-    from recording_server import recording_server
+    from helpers.recording_server import recording_server
 
     cfg = _cfg("collect=turns", "collect.max_turns=4")
     requests = collect_requests("How do I keep basil alive?", cfg.collect, ["Sun and water.", "And in winter?"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 
 from baize_exp.data import (
     BAIZE_AI,

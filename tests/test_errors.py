@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-from fault_server import FaultServer
+from helpers.cli import run_cli
+from helpers.fault_server import FaultServer
 
 pytestmark = pytest.mark.slow  # each case starts the real run.py (~10 s)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_cfg
-from recording_server import recording_server
+from helpers.config import compose_cfg
+from helpers.recording_server import recording_server
 
 from baize_exp import models as M
 from baize_exp import stats as S
@@ -465,7 +465,7 @@ def test_each_model_is_prompted_in_the_format_it_was_trained_in(tmp_path: Path, 
 
 def test_judge_cache_reuses_parsed_replies_and_asks_failures_again(tmp_path: Path) -> None:
     """Against the fault server: a second judging of the same jobs sends only what did not parse the first time."""
-    from fault_server import FaultServer
+    from helpers.fault_server import FaultServer
 
     from baize_exp.chat import ChatClient
     from baize_exp.io import KeyedJsonl
@@ -507,7 +507,7 @@ def test_judge_cache_reuses_parsed_replies_and_asks_failures_again(tmp_path: Pat
 def test_judge_requests_that_failed_are_marked_and_not_sent_back_with_a_parse_error(tmp_path: Path) -> None:
     """A transient failure is no unparsable reply: it is not 'corrected' with the retry template, is marked
     `failed`, and is not cached, so the next judging asks it again and only it."""
-    from fault_server import FaultServer
+    from helpers.fault_server import FaultServer
 
     from baize_exp.chat import ChatClient
     from baize_exp.io import KeyedJsonl

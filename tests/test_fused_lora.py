@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 
 from baize_exp import models as M
 from baize_exp.training.fused_lora import KEEP_BITS, _fusable, _LoraLinear, keep_mask, use_fused_lora

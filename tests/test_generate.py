@@ -102,7 +102,7 @@ def test_sharded_map_deals_batches_round_robin_and_reuses_finished_ones(tmp_path
 
 
 def test_vllm_backend_falls_back_to_hf_saying_why(caplog) -> None:
-    from conftest import compose_cfg
+    from helpers.config import compose_cfg
 
     assert pick_backend(compose_cfg(["model=tiny"])) == "hf"
     assert not caplog.records  # the default says nothing
@@ -139,7 +139,7 @@ def test_vllm_sampling_means_what_the_hf_path_means() -> None:
 
 def test_a_random_model_is_written_once_as_a_folder_an_engine_can_load(tmp_path: Path) -> None:
     import torch
-    from conftest import compose_cfg
+    from helpers.config import compose_cfg
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from baize_exp import models as M

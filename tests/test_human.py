@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
-from report_fixture import QUESTIONS, make_run
+from helpers.report_fixture import QUESTIONS, make_run
 
 from baize_exp import human
 from baize_exp import stats as S

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 
 from baize_exp import models as M
 

@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers.cli import run_cli
 
 from baize_exp.data import REJECT_REASONS
 from baize_exp.data.quality import QUALITY_REASONS

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg, run_cli
+from helpers.cli import run_cli
+from helpers.config import compose_cfg
 
 from baize_exp import models as M
 from baize_exp.config import ConfigError, validate

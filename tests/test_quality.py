@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 
 from baize_exp.data.quality import QualityFilter, template_example
 

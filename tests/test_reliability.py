@@ -8,8 +8,8 @@ import re
 
 import numpy as np
 import pytest
-from conftest import compose_cfg
-from fault_server import FaultServer
+from helpers.config import compose_cfg
+from helpers.fault_server import FaultServer
 
 from baize_exp import stats as S
 from baize_exp.chat.client import ChatClient

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import matplotlib
 import pytest
-from report_fixture import make_run
+from helpers.report_fixture import make_run
 
 from baize_exp import stats as S
 from baize_exp.stages import report

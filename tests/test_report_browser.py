@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from report_fixture import make_run
+from helpers.report_fixture import make_run
 
 from baize_exp.stages import report
 

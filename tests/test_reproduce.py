@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fault_server import FaultServer
+from helpers.fault_server import FaultServer
 
 from baize_exp.data import load_eval_questions
 

@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import compose_cfg
-from recording_server import recording_server
+from helpers.config import compose_cfg
+from helpers.recording_server import recording_server
 
 from baize_exp.config import ConfigError, validate
 from baize_exp.errors import UserError
@@ -247,7 +247,7 @@ def test_shared_prefill_sampling_matches_plain_generation_when_greedy() -> None:
 def test_rankings_that_failed_are_asked_again_and_only_they(tmp_path: Path, monkeypatch) -> None:
     """A ranking request that fails for a transient reason is no final verdict: the stage stops (resumable) with
     the candidates and the other rankings kept, and a rerun sends exactly the failed requests again."""
-    from fault_server import FaultServer
+    from helpers.fault_server import FaultServer
 
     from baize_exp.errors import Interrupted
     from baize_exp.serve import Backends

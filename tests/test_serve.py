@@ -303,7 +303,7 @@ def test_wrong_key_stops_at_once(tiny_server) -> None:
 
 
 def test_missing_key_env_is_a_clear_error() -> None:
-    from conftest import compose_cfg
+    from helpers.config import compose_cfg
 
     cfg = compose_cfg(["teacher=openai", "teacher.api_key_env=BAIZE_TEST_UNSET_KEY"])
     os.environ.pop("BAIZE_TEST_UNSET_KEY", None)
@@ -365,7 +365,7 @@ def test_unknown_model_is_404_model_not_found(tiny_server) -> None:
 
 
 def test_vllm_configs_point_the_openai_client_at_a_server() -> None:
-    from conftest import compose_cfg
+    from helpers.config import compose_cfg
 
     from baize_exp.config import validate
 

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose_cfg
-from fault_server import FaultServer
+from helpers.config import ROOT, compose_cfg
+from helpers.fault_server import FaultServer
 
 from baize_exp.data import load_seeds
 from baize_exp.data import sources as S
@@ -167,7 +167,7 @@ def test_a_mixture_of_real_sources_keeps_each_seed_source_and_the_weights() -> N
 def test_each_loader_through_run_py_collects_a_dialog_per_question(
     tmp_path: Path, group: str, path: str, expected: set[str]
 ) -> None:
-    from conftest import run_cli
+    from helpers.cli import run_cli
 
     run_dir = tmp_path / "run"
     with FaultServer() as srv:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import CONF, compose_cfg, run_cli
+from helpers.cli import run_cli
+from helpers.config import CONF, compose_cfg
 
 from baize_exp.config import ConfigError, validate
 from baize_exp.training.strategy import build_strategy, deepspeed_config

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 
 from baize_exp import models as M
 from baize_exp.config import ConfigError, validate

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers.cli import run_cli
 from test_train import dialogs
 
 

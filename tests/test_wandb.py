@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-from fault_server import FaultServer
+from helpers.cli import run_cli
+from helpers.fault_server import FaultServer
 
 from baize_exp.wandb_log import STEP_AXES
 
@@ -197,7 +197,7 @@ def test_artifacts_off_and_group_from_run_name(tmp_path: Path) -> None:
 
 
 def test_group_order() -> None:
-    from conftest import compose_cfg
+    from helpers.config import compose_cfg
 
     from baize_exp.pipeline import wandb_group
 

@@ -31,7 +31,7 @@ In a test::
 `reply=lambda request: "Rating: [[7]]"` makes every request that gets through answer that instead (e.g. to stand in
 for a judge). From a shell (e.g. for a benchmark; GET /stats gives the counts; `--reply TEXT` for a fixed reply)::
 
-    python tests/fault_server.py --port 0 --port-file /tmp/port --latency 1.0
+    python tests/helpers/fault_server.py --port 0 --port-file /tmp/port --latency 1.0
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ def _completion(req: dict, fault: str, reply: Callable[[dict], str] | None = Non
 
 
 def spawn(latency_s: float, workdir: Path, api_key_env: str, reply: str | None = None) -> tuple[Any, str]:
-    """Start `python tests/fault_server.py` in its own process (so its CPU is not the caller's, e.g. in a
+    """Start `python tests/helpers/fault_server.py` in its own process (so its CPU is not the caller's, e.g. in a
     benchmark); returns (process, base_url). The caller terminates the process."""
     import subprocess
     import sys
@@ -365,7 +365,7 @@ def spawn(latency_s: float, workdir: Path, api_key_env: str, reply: str | None =
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python tests/fault_server.py", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python tests/helpers/fault_server.py", description=__doc__.split("\n")[0])
     ap.add_argument("--host", default="127.0.0.1", help="loopback only")
     ap.add_argument("--port", type=int, default=0, help="0 picks a free port (see --port-file)")
     ap.add_argument("--port-file", default=None, help="write the bound port here once serving")
