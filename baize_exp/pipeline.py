@@ -138,7 +138,9 @@ def _check_stages(cfg: DictConfig) -> list[Stage]:
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
-    """Run the configured stages in the run dir; return {stage: metrics}."""
+    """Run the configured stages in the run dir; return {stage: metrics}. Phases: preflight (everything that can
+    refuse the command, before anything is written), the stage loop, and the run's fate into metrics.json and W&B
+    (always, also after a failure)."""
     for noisy in ("httpx", "httpx2", "openai", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     run_dir = _run_dir(cfg)
@@ -146,25 +148,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
     if global_rank() != 0:
         return _run_as_worker(cfg, run_dir)
     memo: dict[str, str] = {}
-    try:
-        # Everything that can refuse the command is checked before anything in the run dir is written, so a
-        # refused rerun leaves a finished run as it was (its metrics.json, and Hydra's record of its config).
-        stages = _check_stages(cfg)
-        validate(cfg)
-        for stage in stages:
-            if stage.preflight is not None:
-                stage.preflight(cfg)  # what the stage needs of this machine (a GPU, a local model path)
-            _check_marker(cfg, run_dir, stage, memo)
-    except UserError as e:
-        if (run_dir / "metrics.json").is_file():
-            _restore_hydra_record(run_dir)  # an existing run: left exactly as it was
-        else:  # a new run dir (a sweep's job): its record says why it did not run
-            _finish_status(
-                run_dir / "metrics.json",
-                {"run": {"run_dir": str(run_dir), "overrides": _overrides(), "status": "failed", "error": None}},
-                e,
-            )
-        raise
+    stages = _preflight(cfg, run_dir, memo)
     _keep_hydra_record(run_dir)
     overrides = _overrides()
     metrics_path = run_dir / "metrics.json"
@@ -179,46 +163,12 @@ def run_pipeline(cfg: DictConfig) -> dict:
         "data": cfg.data.name,
         "stages": list(cfg.stages),
     }
-
     wb = _start_wandb(cfg, run_dir, overrides) if cfg.logger.name == "wandb" else None
     backends = Backends(cfg, run_dir, cache_dir(cfg))
-    exit_code = 1
     error: BaseException | None = None
     try:
         for stage in stages:
-            marker = run_dir / stage.name / "_COMPLETE.json"
-            if stage.marker and marker.is_file():
-                log.info("stage %s: already complete in %s, skipped", stage.name, run_dir)
-                continue
-            log.info("stage %s: start", stage.name)
-            os.environ[WORKER_STAGE_ENV] = stage.name  # what a re-launched DDP worker process is to join
-            t0 = time.monotonic()
-            cpu.fit_threads(every_s=0)  # the stage's own torch work takes the cores that are free now
-            m = stage.run(cfg, run_dir, backends)
-            if not m.get("skipped") and (missing := stage.missing(run_dir)):
-                raise StageContractError(
-                    f"stage {stage.name} finished without writing {missing}, which it declares it writes; this is "
-                    f"a bug in baize_exp (its Stage declaration or its code), please report it"
-                )
-            m["stage_seconds"] = round(time.monotonic() - t0, 2)
-            metrics[stage.name] = m
-            write_json(metrics_path, metrics)
-            if stage.marker:
-                write_json(
-                    marker,
-                    {
-                        "stage": stage.name,
-                        "fingerprint": fingerprint(cfg, stage.name, memo),
-                        "finished": time.time(),
-                        "metrics": m,
-                    },
-                )
-            log.info("stage %s: done in %.1fs", stage.name, m["stage_seconds"])
-            if wb is not None:
-                log_stage_summary(wb, stage.name, m)  # summary only: never a point in a per-step series
-                if stage.log_wandb is not None:
-                    stage.log_wandb(wb, run_dir / stage.name)
-        exit_code = 0
+            _run_stage(cfg, run_dir, stage, backends, metrics, memo, wb)
     except Interrupted as e:  # transient: say how to pick up where it stopped
         error = Interrupted(f"{e}. Nothing finished is lost; resume with: {resume_command(str(run_dir))}")
         raise error from None
@@ -233,8 +183,65 @@ def run_pipeline(cfg: DictConfig) -> dict:
             for s in cfg.stages:  # stages skipped as complete (a rerun) get their recorded figures too
                 if s in metrics:
                     log_stage_summary(wb, s, metrics[s])
-            wb.finish(exit_code=exit_code)  # always finished, so one failed run cannot hang a multirun
+            wb.finish(exit_code=0 if error is None else 1)  # always finished: one failed run cannot hang a multirun
     return metrics
+
+
+def _preflight(cfg: DictConfig, run_dir: Path, memo: dict[str, str]) -> list[Stage]:
+    """The stages to run, once everything that can refuse the command has been checked: the stage list, the config,
+    what each stage needs of this machine, and that a finished stage was made with this config. A refused rerun
+    leaves a finished run as it was (its metrics.json, and Hydra's record of its config); a refused new run dir (a
+    sweep's job) records why it did not run."""
+    try:
+        stages = _check_stages(cfg)
+        validate(cfg)
+        for stage in stages:
+            if stage.preflight is not None:
+                stage.preflight(cfg)  # what the stage needs of this machine (a GPU, a local model path)
+            _check_marker(cfg, run_dir, stage, memo)
+        return stages
+    except UserError as e:
+        if (run_dir / "metrics.json").is_file():
+            _restore_hydra_record(run_dir)  # an existing run: left exactly as it was
+        else:
+            _finish_status(
+                run_dir / "metrics.json",
+                {"run": {"run_dir": str(run_dir), "overrides": _overrides(), "status": "failed", "error": None}},
+                e,
+            )
+        raise
+
+
+def _run_stage(
+    cfg: DictConfig, run_dir: Path, stage: Stage, backends: Any, metrics: dict, memo: dict[str, str], wb: Any
+) -> None:
+    """One stage: skipped when its completion marker is there; else run, its declared outputs checked, its metrics
+    written, its marker written with its fingerprint, its summary (and files) sent to W&B."""
+    marker = run_dir / stage.name / "_COMPLETE.json"
+    if stage.marker and marker.is_file():
+        log.info("stage %s: already complete in %s, skipped", stage.name, run_dir)
+        return
+    log.info("stage %s: start", stage.name)
+    os.environ[WORKER_STAGE_ENV] = stage.name  # what a re-launched DDP worker process is to join
+    t0 = time.monotonic()
+    cpu.fit_threads(every_s=0)  # the stage's own torch work takes the cores that are free now
+    m = stage.run(cfg, run_dir, backends)
+    if not m.get("skipped") and (missing := stage.missing(run_dir)):
+        raise StageContractError(
+            f"stage {stage.name} finished without writing {missing}, which it declares it writes; this is "
+            f"a bug in baize_exp (its Stage declaration or its code), please report it"
+        )
+    m["stage_seconds"] = round(time.monotonic() - t0, 2)
+    metrics[stage.name] = m
+    write_json(run_dir / "metrics.json", metrics)
+    if stage.marker:
+        done = {"stage": stage.name, "fingerprint": fingerprint(cfg, stage.name, memo), "finished": time.time()}
+        write_json(marker, {**done, "metrics": m})
+    log.info("stage %s: done in %.1fs", stage.name, m["stage_seconds"])
+    if wb is not None:
+        log_stage_summary(wb, stage.name, m)  # summary only: never a point in a per-step series
+        if stage.log_wandb is not None:
+            stage.log_wandb(wb, run_dir / stage.name)
 
 
 def _check_marker(cfg: DictConfig, run_dir: Path, stage: Stage, memo: dict[str, str]) -> None:
