@@ -11,6 +11,13 @@ from helpers.config import compose_cfg
 
 from baize_exp.config import register_configs
 
+# Set before any test module is imported: huggingface_hub reads HF_HUB_OFFLINE when it is first imported, and a
+# test module importing transformers at collection would otherwise try the (unreachable) hub with retries, ~45 s
+# for one missing model.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _env(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -19,9 +26,6 @@ def _env(tmp_path_factory: pytest.TempPathFactory) -> None:
     home = tmp_path_factory.mktemp("home")
     for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "MPLCONFIGDIR", "TORCH_EXTENSIONS_DIR"):
         os.environ.setdefault(var, str(home / var.lower()))
-    os.environ["WANDB_MODE"] = "offline"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     register_configs()
 
 
