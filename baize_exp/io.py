@@ -20,13 +20,13 @@ class JsonlError(UserError, ValueError):
     """A JSONL file with a corrupt line that is not a crash-truncated tail."""
 
 
-def decode_utf8(path: str | Path, data: bytes) -> str:
-    """`data` (the bytes of `path`) as text; a JsonlError naming the line and column of the first byte that is not
-    UTF-8 otherwise (Python's own error names neither the file nor the line)."""
+def decode_utf8(path: str | Path, data: bytes, first_line: int = 1) -> str:
+    """`data` (the bytes of `path` from line `first_line` on) as text; a JsonlError naming the line and column of
+    the first byte that is not UTF-8 otherwise (Python's own error names neither the file nor the line)."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + first_line
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         raise JsonlError(
             f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}); save the file as UTF-8"
@@ -34,29 +34,48 @@ def decode_utf8(path: str | Path, data: bytes) -> str:
 
 
 def iter_jsonl(path: str | Path, repair_tail: bool = False) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for every non-blank line of a JSON-lines file; see `read_jsonl`."""
+    """(line number, parsed value) for every non-blank line of a JSON-lines file, read a line at a time (a
+    collection's dialogs file can be larger than memory); see `read_jsonl`."""
+    for line, _, value in jsonl_entries(path, repair_tail):
+        yield line, value
+
+
+def jsonl_entries(path: str | Path, repair_tail: bool = False) -> Iterator[tuple[int, int, Any]]:
+    """`iter_jsonl` with where each line starts: (line number, byte offset, parsed value), so a reader can come
+    back to a record later (seek there, read one line) instead of holding it."""
     path = Path(path)
     if not path.exists():
         return
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        try:
-            value = json.loads(raw)
-        except UnicodeDecodeError:
-            decode_utf8(path, data)  # raises, naming the line
-            raise
-        except json.JSONDecodeError as e:
-            is_tail = i == len(lines) - 1  # no newline after it: the write never finished
-            if is_tail and repair_tail:
-                with open(path, "r+b") as f:
-                    f.truncate(len(data) - len(raw))
-                return
-            torn = " (the file ends mid-line: a write that never finished?)" if is_tail else ""
-            raise JsonlError(f"{path}:{i + 1}: not valid JSON ({e.msg}){torn}; fix or remove that line") from None
-        yield i + 1, value
+    with open(path, "rb") as f:
+        offset = 0  # where the current line starts: a torn tail is cut off there
+        for i, raw in enumerate(f):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw)
+            except UnicodeDecodeError:
+                decode_utf8(path, raw, first_line=i + 1)  # raises, naming the line
+                raise
+            except json.JSONDecodeError as e:
+                is_tail = not raw.endswith(b"\n")  # no newline after it: the write never finished
+                if is_tail and repair_tail:
+                    with open(path, "r+b") as w:
+                        w.truncate(start)
+                    return
+                torn = " (the file ends mid-line: a write that never finished?)" if is_tail else ""
+                raise JsonlError(f"{path}:{i + 1}: not valid JSON ({e.msg}){torn}; fix or remove that line") from None
+            yield i + 1, start, value
+
+
+def iter_records(path: str | Path, repair_tail: bool = False) -> Iterator[dict]:
+    """The objects of a JSON-lines file, one at a time (see `read_jsonl`, which lists them)."""
+    for line, value in iter_jsonl(path, repair_tail):
+        if not isinstance(value, dict):
+            raise JsonlError(
+                f"{path}:{line}: expected a JSON object, found {type(value).__name__}; one record per line"
+            )
+        yield value
 
 
 def read_jsonl(path: str | Path, repair_tail: bool = False) -> list[dict]:
@@ -66,14 +85,7 @@ def read_jsonl(path: str | Path, repair_tail: bool = False) -> list[dict]:
     `repair_tail` it is cut off the file (and returned nowhere); otherwise, and for a corrupt line anywhere
     else, a line that is not an object, or bytes that are not UTF-8, JsonlError names the file and line.
     """
-    records = []
-    for line, value in iter_jsonl(path, repair_tail):
-        if not isinstance(value, dict):
-            raise JsonlError(
-                f"{path}:{line}: expected a JSON object, found {type(value).__name__}; one record per line"
-            )
-        records.append(value)
-    return records
+    return list(iter_records(path, repair_tail))
 
 
 class JsonlWriter:

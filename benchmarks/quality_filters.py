@@ -73,7 +73,7 @@ def main() -> None:
                 "copy": qf.copy_score(t),
                 "repeat": qf.most_repeated_line(t)[1],
                 "echo": qf.echo_score(t)[0],
-                "dup": qf.duplicate_of(t)[1],
+                "dup": qf.duplicate_of(t, exhaustive=True)[1],
                 "turns": t,
             }
         )

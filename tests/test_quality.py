@@ -127,3 +127,68 @@ def test_filters_can_be_switched_off_and_thresholds_are_checked() -> None:
 
     with pytest.raises(ConfigError, match=r"collect.quality.copy_overlap=1.5.*collect.quality.repeat_lines=1"):
         validate(compose_cfg(["collect.quality.copy_overlap=1.5", "collect.quality.repeat_lines=1"]))
+
+
+# --- the near-duplicate index at scale ---------------------------------------------------------------------------
+
+
+def _brute_force(dialogs: list[list[dict]], threshold: float, k: int = 64) -> list[tuple[str, int] | None]:
+    """The near-duplicate decisions by comparing each dialog with every kept one (the all-pairs definition)."""
+    probe = QualityFilter(near_duplicate=threshold, sketch=k)
+    kept: list[set[int]] = []
+    out = []
+    for t in dialogs:
+        mine = set(probe._sketch(t).tolist())
+        best, score = -1, 0.0
+        for j, other in enumerate(kept):
+            union = sorted(mine | other)[:k]
+            est = sum(1 for h in union if h in mine and h in other) / len(union)
+            if est > score:
+                best, score = j, est
+        if score >= threshold:
+            out.append(("near_duplicate", best))
+        else:
+            kept.append(mine)
+            out.append(None)
+    return out
+
+
+def _family_dialogs(n: int, seed: int) -> list[list[dict]]:
+    """Dialogs in families of near copies (a few words changed each), some short (fewer 5-grams than a sketch)."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(400)]
+    bases = [[rng.choice(vocab) for _ in range(rng.choice([6, 40, 120, 200]))] for _ in range(n // 4)]
+    out = []
+    for _ in range(n):
+        words = list(rng.choice(bases))
+        for _ in range(rng.choice([0, 1, 2, 3, 5, 8])):
+            words[rng.randrange(len(words))] = rng.choice(vocab)
+        half = len(words) // 2
+        out.append(turns(" ".join(words[:half]) or "hi", " ".join(words[half:]) or "yes"))
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0.8, 0.5, 0.95])
+def test_the_compact_index_finds_every_near_duplicate_the_all_pairs_check_finds(threshold: float, tmp_path) -> None:
+    from baize_exp.data.quality import _HashIndex
+
+    dialogs = _family_dialogs(400, seed=int(threshold * 100))
+    expected = _brute_force(dialogs, threshold)
+    assert 20 < sum(e is not None for e in expected) < 350  # both outcomes are exercised
+    qf = QualityFilter(near_duplicate=threshold, spill_dir=tmp_path)
+    qf._index = _HashIndex(buffer=37, max_run=300)  # tiny runs: the merges and the size cap are exercised
+    got = []
+    for t in dialogs:
+        why = qf.check(t)
+        got.append(None if why is None else (why[0], int(why[1].rsplit("#", 1)[1]) - 1))
+    assert got == expected
+    assert len(qf._index._runs) > 1 and max(len(k) for k, _ in qf._index._runs) <= 300
+    assert list(tmp_path.iterdir()) == []  # the sketches' file has no name: nothing is left behind
+
+    # negative control: an index of each kept dialog's smallest hash alone misses near duplicates the all-pairs
+    # check finds (the bound is a worst case: one hash fewer than it misses none of these)
+    short = QualityFilter(near_duplicate=threshold)
+    short._indexed = 1
+    assert [short.check(t) is not None for t in dialogs] != [e is not None for e in expected]

@@ -168,10 +168,13 @@ def estimate_collection(
     finished: Iterable[dict] = (),
     sample: int = 256,
     rng_seed: int = 0,
+    done: int | None = None,
 ) -> Estimate:
     """The estimate for collecting `seeds` (the questions still to ask) with collect config `ccfg` and teacher
     `tcfg`; `finished`: the collection's records so far (dialogs and rejects, with their recorded `usage` and
-    `requests`), which refine it (see the module docstring). `tokenizer`: the teacher's, when it is local."""
+    `requests`), which refine it (see the module docstring), or a sample of them with `done` saying how many seeds
+    are finished (a large collection's records are never all read into memory). `tokenizer`: the teacher's, when
+    it is local."""
     finished = list(finished)
     counter = TokenCounter(tokenizer)
     max_tokens = int(tcfg.max_tokens)
@@ -231,7 +234,7 @@ def estimate_collection(
         mode=ccfg.mode,
         seeds=n,
         too_long=len(every) - n,
-        done=len({r.get("key") for r in finished}),
+        done=len({r.get("key") for r in finished}) if done is None else done,
         requests=requests,
         requests_max=requests_max,
         prompt_tokens=prompt,
@@ -324,5 +327,5 @@ class Budget:
         return BudgetReached(
             f"{self.role}.max_cost_usd={self.max_usd:g} reached: ${self.spent_usd:.4f} spent{earlier}, "
             f"{self.requests:,} requests in this run{nxt}; stopped before passing it.{done} Raise "
-            f"{self.role}.max_cost_usd to go on: a rerun keeps what is done"
+            f"{self.role}.max_cost_usd and run the same command again to go on from here (nothing finished is lost)"
         )
