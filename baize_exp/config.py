@@ -576,10 +576,15 @@ class SdfConfig:
     top_p: float = 0.95
     max_new_tokens: int = 96
     batch_size: int = 8  # prompts per generate call (x num_candidates rows)
-    select: str = "best"  # best | weighted (Borda weights as repeats, see baize_exp.stages.sdf.select_examples)
+    # best | weighted (Borda weights as repeats) | random (the controls, see baize_exp.stages.sdf: a candidate drawn
+    # uniformly) | teacher (the prompt's teacher answer: more training on teacher data)
+    select: str = "best"
     rank_max_tokens: int = 32  # the teacher's ranking reply length
     lr: float = 1e-4
     max_epochs: int = 1
+    max_steps: int | None = None
+    """Optimizer steps of the SDF pass; None = sdf.max_epochs passes over the selected examples. Set it to compare
+    selections at equal steps (packing makes an epoch's step count follow the examples' lengths)."""
     seed: int = 0
     rank_template: str = MISSING  # {n} {prompt} {candidates} {example}
     retry_template: str = MISSING  # sent after an unreadable ranking: {error} {n} {example}
@@ -599,7 +604,22 @@ class SdfConfig:
             "an integer >= 1 or null",
         )
         p.check(2 <= self.num_candidates <= 9, f"{key}.num_candidates", self.num_candidates, "an integer in [2, 9]")
-        p.check(self.select in ("best", "weighted"), f"{key}.select", self.select, "one of best, weighted")
+        p.check(
+            self.select in ("best", "weighted", "random", "teacher"),
+            f"{key}.select",
+            self.select,
+            "one of best, weighted, random, teacher",
+        )
+        p.check(
+            self.select != "teacher" or self.prompts is None,
+            f"{key}.select",
+            self.select,
+            "best, weighted or random with sdf.prompts (select=teacher trains on the dialogs' own answers: "
+            "sdf.prompts=null)",
+        )
+        p.check(
+            self.max_steps is None or self.max_steps >= 1, f"{key}.max_steps", self.max_steps, "an integer >= 1 or null"
+        )
         p.check(self.temperature > 0, f"{key}.temperature", self.temperature, "a float > 0 (sampling)")
         p.check(0.0 < self.top_p <= 1.0, f"{key}.top_p", self.top_p, "a float in (0, 1]")
         p.check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
@@ -635,11 +655,23 @@ class EvalConfig:
     judge_fallbacks: list[str] = field(default_factory=list)
     judge_repeats: int = 1  # single/reference: judge each answer this often (self-consistency; needs temperature > 0)
     # Judge check: this many questions with a reference, each against 3 degraded copies of its reference (known
-    # order); 0 = off. Accuracy near chance marks every judge-based result "judge cannot discriminate".
-    judge_check: int = 8
+    # order); 0 = off. Unless its accuracy is shown above chance on at least stats.MIN_CHECK_PARSED (29) readable
+    # items, every judge-based result says "judge not shown to discriminate".
+    judge_check: int = 12
+    use_judge: bool = True
+    """Generate answers and have the judge score them (and run the judge check); false = the judge-free signals
+    only (held-out loss, reference log-likelihood), e.g. for ablation runs whose judge is known not to
+    discriminate."""
     # Paired comparisons (eval/paired.csv): each model against the one before it in eval.models (v1 vs base,
     # v2 vs v1), on judge values per question, held-out loss per dialog, reference log-likelihood per question.
     reference_loglik: bool = True  # per-token log-likelihood of the reference answers under each model
+    formats: list[str] = field(default_factory=lambda: ["baize", "chat_template"])
+    """The prompt formats every model's held-out loss and reference log-likelihood are scored in (baize,
+    chat_template; one the tokenizer lacks is skipped, said in the log): each model in each, so a tuned model is
+    compared with its base in the same format, not each in its own."""
+    heldout_all_tokens: bool = False
+    """Also score the held-out dialogs on every token (heldout_loss_all, train.loss_on=all's objective), beside
+    the AI turns (heldout_loss, loss_on=ai's)."""
     bootstrap: int = 1000
     seed: int = 0
     judge_template: str = MISSING  # single: {question} {answer}
@@ -688,6 +720,12 @@ class EvalConfig:
         )
         p.check(self.judge_repeats >= 1, f"{key}.judge_repeats", self.judge_repeats, "an integer >= 1")
         p.check(self.judge_check >= 0, f"{key}.judge_check", self.judge_check, "an integer >= 0 (0 = off)")
+        p.check(
+            len(self.formats) > 0 and all(f in ("baize", "chat_template") for f in self.formats),
+            f"{key}.formats",
+            list(self.formats),
+            "a non-empty list of: baize, chat_template",
+        )
         for name, placeholders in (
             ("judge_template", ("question", "answer")),
             ("reference_template", ("question", "reference", "answer")),

@@ -120,35 +120,54 @@ def score_table(judgments: list[dict], n_boot: int, seed: int) -> list[dict]:
     return rows
 
 
-# what every judge-based number of a run carries when its judge check is at chance (scores.csv, paired.csv, report)
-CANNOT_DISCRIMINATE = "judge cannot discriminate"
-# items.jsonl `kind` -> the paired metric it gives
-ITEM_METRICS = {"heldout": "heldout_loss", "ref_loglik": "ref_loglik"}
+# items.jsonl `kind` -> the paired metric it gives: per held-out dialog the loss on its AI turns (`heldout`, the
+# training labels) or on every token (`heldout_all`); per question the reference answer's log-likelihood
+ITEM_METRICS = {"heldout": "heldout_loss", "heldout_all": "heldout_loss_all", "ref_loglik": "ref_loglik"}
+LOSS_METRICS = ("heldout_loss", "heldout_loss_all")  # lower is better
+# the prompt formats a model's likelihoods are scored in (eval.formats); an item records the one it used
+FORMATS = ("baize", "chat_template")
 
 
-def item_values(judgments: list[dict], items: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """{model: {metric: {item id: value}}}, what paired comparisons pair on: `judge_<mode>` per question (the
-    `outcomes` above: a pairwise question's two orders combined), `heldout_loss` per held-out dialog (nats/token
-    on its AI turns) and `ref_loglik` per question (mean log-prob per token of its reference answer)."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
+def metric_key(metric: str, fmt: str | None) -> str:
+    """A paired metric's key: `heldout_loss@baize` for a likelihood scored in a named format; the bare metric for
+    judge values and for items an older run wrote without a format."""
+    return f"{metric}@{fmt}" if fmt else metric
+
+
+def split_metric(key: str) -> tuple[str, str]:
+    """(metric, format) of a `metric_key`; the format is "" where the key names none."""
+    metric, _, fmt = key.partition("@")
+    return metric, fmt
+
+
+def item_values(
+    judgments: list[dict], items: list[dict], keep_failures: bool = False
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """{model: {metric key: {item id: value}}}, what paired comparisons pair on: `judge_<mode>` per question (the
+    `outcomes` above: a pairwise question's two orders combined; a parse failure left out, or kept as None with
+    `keep_failures` so `pair_counts` can count it), and per likelihood item `metric_key(metric, format)`:
+    `heldout_loss` per held-out dialog (nats/token on its AI turns), `heldout_loss_all` (on all its tokens) and
+    `ref_loglik` per question (mean log-prob per token of its reference answer), each in the prompt format it was
+    scored in."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
     for o in outcomes(judgments):
-        if o["value"] is not None:
-            out.setdefault(o["model"], {}).setdefault(f"judge_{o['mode']}", {})[str(o["question_id"])] = float(
-                o["value"]
-            )
+        if o["value"] is not None or keep_failures:
+            value = None if o["value"] is None else float(o["value"])
+            out.setdefault(o["model"], {}).setdefault(f"judge_{o['mode']}", {})[str(o["question_id"])] = value
     for it in items:
         metric = ITEM_METRICS.get(it["kind"])
         if metric and it.get("tokens"):
             per_token = float(it["logprob_sum"]) / float(it["tokens"])
-            out.setdefault(it["model"], {}).setdefault(metric, {})[str(it["item_id"])] = (
-                -per_token if metric == "heldout_loss" else per_token
+            key = metric_key(metric, it.get("format"))
+            out.setdefault(it["model"], {}).setdefault(key, {})[str(it["item_id"])] = (
+                -per_token if metric in LOSS_METRICS else per_token
             )
     return out
 
 
 def higher_is_better(metric: str) -> bool:
-    """Every paired metric but the held-out loss is better higher."""
-    return metric != "heldout_loss"
+    """Every paired metric but the held-out losses is better higher (a `metric_key` works too)."""
+    return split_metric(metric)[0] not in LOSS_METRICS
 
 
 def write_scores_csv(rows: list[dict], path: Path) -> None:
@@ -311,7 +330,7 @@ MDE_POWER = 0.8
 # by n = 500 the approximation's p-value is within a few thousandths of the exact one (tests/test_stats.py).
 WILCOXON_EXACT_MAX_N = 500
 # what judge-based numbers carry when the judge check did not show the judge can tell a good answer from a broken
-# one (a failed check is absence of evidence, not proof of blindness; CANNOT_DISCRIMINATE is the old wording)
+# one (a failed check is absence of evidence, not proof of blindness)
 NOT_SHOWN_TO_DISCRIMINATE = "judge not shown to discriminate"
 TOO_FEW_READABLE = "too few readable"
 # The fewest parsed judge-check items a verdict on the judge is read from: the smallest count from which on a
@@ -320,9 +339,20 @@ TOO_FEW_READABLE = "too few readable"
 # items are clustered by question, so this is a floor, not a guarantee of power.
 MIN_CHECK_PARSED = 29
 JUDGE_CHECK_STATUSES = ("discriminates", NOT_SHOWN_TO_DISCRIMINATE, TOO_FEW_READABLE)
-# paired.csv once the callers use paired_test, holm_rows and pair_counts: the old columns, then the test's own;
-# seed-aware rows add theirs
-PAIRED_TEST_COLUMNS = [*PAIRED_COLUMNS[:-1], "p", "p_holm", "verdict_holm", "method", "items", "note"]
+# paired.csv (a run's and the cross-run report's): the metric's prompt format after the metric, then the old
+# columns, then the test's own (p, Holm's adjustment over the table, the method, what the items were); seed-aware
+# rows add SEED_PAIRED_COLUMNS
+PAIRED_TEST_COLUMNS = [
+    *PAIRED_COLUMNS[:4],
+    "format",
+    *PAIRED_COLUMNS[4:-1],
+    "p",
+    "p_holm",
+    "verdict_holm",
+    "method",
+    "items",
+    "note",
+]
 SEED_PAIRED_COLUMNS = ["k_a", "k_b", "seed_sd_a", "seed_sd_b", "seed_sd_pooled", "seed_noise_known", "df"]
 
 
@@ -471,7 +501,8 @@ def studentized_interval(
     A resample whose values are all equal has t = +-inf (kept: it is what that resample says), so at tiny n
     or with few non-zero values the interval can be unbounded rather than falsely narrow. p: twice the smaller
     share of resampled t at or beyond the observed mean / standard error, at most 1; the interval excludes 0
-    when p < alpha (up to the resolution 1/n_boot). When every difference is equal the interval is that point.
+    when p < alpha (up to the resolution 1/n_boot). When every difference is equal (to rounding) the interval is
+    that point.
 
     Returns {"n", "mean", "se", "ci_low", "ci_high", "p", "mde"}; fewer than 2 items give NaN for all but n and
     the mean. `mde`: (t(1 - alpha/2) + t(MDE_POWER)) times the standard error at n - 1 degrees of freedom (the
@@ -486,7 +517,7 @@ def studentized_interval(
     t = _t_dist()
     se = float(d.std(ddof=1)) / math.sqrt(n)
     mde = (float(t.ppf(1 - alpha / 2, n - 1)) + float(t.ppf(MDE_POWER, n - 1))) * se
-    if se == 0:
+    if se <= 1e-12 * float(np.abs(d).max()):  # every difference equal, up to floating-point rounding
         return {"n": n, "mean": mean, "se": se, "ci_low": mean, "ci_high": mean, "p": float(mean == 0), "mde": mde}
     res = d[np.random.default_rng(seed).integers(0, n, size=(n_boot, n))]
     num = res.mean(axis=1) - mean

@@ -367,23 +367,34 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
     assert {a["model"] for a in answers} == {"base", str(tmp_path / "adapter"), "teacher"}
     # the judge's reliability beside its scores: the check's known-order pairs (both orders), position agreement
     rel = json.loads((run1 / "reliability.json").read_text())
-    assert rel["judge_check"]["n"] + rel["judge_check"]["unparsed"] == 2 * 3 * cfg.eval.judge_check
+    assert rel["judge_check"]["n"] + rel["judge_check"]["unparsed"] == rel["judge_check"]["total"]
+    assert rel["judge_check"]["total"] == 2 * 3 * cfg.eval.judge_check
     assert set(rel["position_agreement"]) == {"base", str(tmp_path / "adapter")}
-    assert m1["judge_check/n"] == rel["judge_check"]["n"]
+    assert m1["judge_check/n"] == rel["judge_check"]["n"] and m1["judge_check/status"] in S.JUDGE_CHECK_STATUSES
     if not rel["judge_check"]["discriminates"]:  # the random tiny judge: every judge-based row says so
-        assert {r["note"] for r in rows} == {"judge cannot discriminate"}
-    # judge-free, per item and paired: held-out loss per dialog, the references' log-likelihood per question
+        assert {r["note"] for r in rows} == {S.judge_check_note(rel["judge_check"])}
+        assert all(r["note"].startswith(S.NOT_SHOWN_TO_DISCRIMINATE) for r in rows)
+    # judge-free, per item and paired: held-out loss per dialog, the references' log-likelihood per question, every
+    # model in both formats
     items = [json.loads(x) for x in (run1 / "items.jsonl").read_text().splitlines()]
-    per = {(i["model"], i["kind"]) for i in items}
-    assert per == {(m, k) for m in ("base", str(tmp_path / "adapter")) for k in ("heldout", "ref_loglik")}
-    held = [i for i in items if i["model"] == "base" and i["kind"] == "heldout"]
-    assert -sum(i["logprob_sum"] for i in held) / sum(i["tokens"] for i in held) == pytest.approx(
-        m1["base/heldout_loss"], rel=1e-6
-    )
-    paired = {r["metric"]: r for r in csv.DictReader(open(run1 / "paired.csv"))}
-    assert set(paired) >= {"heldout_loss", "ref_loglik"}
-    assert paired["heldout_loss"]["comparison"] == f"{tmp_path / 'adapter'} vs base"
-    assert int(paired["ref_loglik"]["n"]) == 4 and paired["heldout_loss"]["verdict"] in S.VERDICTS
+    per = {(i["model"], i["kind"], i["format"]) for i in items}
+    models = ("base", str(tmp_path / "adapter"))
+    assert per == {(m, k, f) for m in models for k in ("heldout", "ref_loglik") for f in ("baize", "chat_template")}
+    for fmt in ("baize", "chat_template"):
+        held = [i for i in items if i["model"] == "base" and i["kind"] == "heldout" and i["format"] == fmt]
+        assert -sum(i["logprob_sum"] for i in held) / sum(i["tokens"] for i in held) == pytest.approx(
+            m1[f"base/heldout_loss@{fmt}"], rel=1e-6
+        )
+    assert m1["base/heldout_loss"] == m1["base/heldout_loss@baize"]  # train.format's, as earlier runs reported
+    assert m1["base/heldout_loss@chat_template"] != m1["base/heldout_loss@baize"]  # really another format
+    assert m1["base/answer_format"] == "chat_template" and m1[f"{tmp_path / 'adapter'}/answer_format"] == "baize"
+    paired = {(r["metric"], r["format"]): r for r in csv.DictReader(open(run1 / "paired.csv"))}
+    assert set(paired) >= {(m, f) for m in ("heldout_loss", "ref_loglik") for f in ("baize", "chat_template")}
+    assert paired[("heldout_loss", "baize")]["comparison"] == f"{tmp_path / 'adapter'} vs base"
+    assert int(paired[("ref_loglik", "chat_template")]["n"]) == 4
+    assert paired[("heldout_loss", "baize")]["verdict_holm"] in S.VERDICTS
+    judge_row = paired[("judge_pairwise", f"{tmp_path / 'adapter'}: baize; base: chat_template")]
+    assert judge_row["items"].startswith(f"n={judge_row['n']} of 4")
     # W&B (offline, real files): the samples and scores tables and the charts
     import wandb
 
@@ -425,6 +436,60 @@ def test_eval_stage_caches_answers_so_a_rerun_generates_nothing(tmp_path: Path, 
     calls.clear()
     m3, _ = run_once(tmp_path / "run3")
     assert calls == [4] and m3["answers_generated"] == 4
+
+
+def test_eval_without_the_judge_scores_every_model_in_every_format_and_asks_no_one(tmp_path: Path) -> None:
+    """eval.use_judge=false: no answer, no judge and no server, only the judge-free measures, each model in both
+    prompt formats, the held-out dialogs on their AI turns and on all their tokens, paired per format."""
+    from baize_exp.stages import evaluate
+    from baize_exp.training import save_adapter
+
+    cache = Path(os.environ["BAIZE_CACHE"])
+    cfg0 = compose_cfg(["model=tiny"])
+    base, tok = M.load_model_and_tokenizer(cfg0.model, cache)
+    peft = M.attach_lora(base, cfg0.lora)
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)
+    save_adapter(peft, tok, tmp_path / "adapter", {})
+    heldout = tmp_path / "heldout.jsonl"
+    turns = [{"role": "human", "text": "Tell me about tea."}, {"role": "ai", "text": "Tea is a leaf."}]
+    heldout.write_text("".join(json.dumps({"id": f"h{i}", "turns": turns * (1 + i % 2)}) + "\n" for i in range(5)))
+    cfg = compose_cfg(
+        [
+            "model=tiny",
+            "eval.use_judge=false",
+            "eval.heldout_all_tokens=true",
+            "eval.limit=3",
+            f"eval.models=[base,{tmp_path / 'adapter'}]",
+            f"eval.heldout={heldout}",
+            "eval.bootstrap=200",
+        ]
+    )
+    backends = Backends(cfg, tmp_path, cache)
+    try:
+        m = evaluate.run(cfg, tmp_path / "run", backends)
+        assert backends.servers == {}  # neither teacher nor judge was started
+    finally:
+        backends.close()
+    ev = tmp_path / "run" / "eval"
+    assert (ev / "answers.jsonl").read_text() == "" and (ev / "judgments.jsonl").read_text() == ""
+    assert not (ev / "scores.png").exists() and json.loads((ev / "reliability.json").read_text()) == {
+        "use_judge": False
+    }
+    assert m["answers_generated"] == 0 and m["formats"] == ["baize", "chat_template"]
+    adapter = str(tmp_path / "adapter")
+    for who in ("base", adapter):
+        for fmt in ("baize", "chat_template"):
+            assert m[f"{who}/heldout_loss_all@{fmt}"] != m[f"{who}/heldout_loss@{fmt}"]  # all tokens, not AI turns
+            assert m[f"{who}/ref_loglik@{fmt}"] < 0
+    rows = {(r["metric"], r["format"]): r for r in csv.DictReader(open(ev / "paired.csv"))}
+    metrics = ("heldout_loss", "heldout_loss_all", "ref_loglik")
+    assert set(rows) == {(k, f) for k in metrics for f in ("baize", "chat_template")}
+    assert all(
+        r["comparison"] == f"{adapter} vs base" and r["items"] == f"n={r['n']} of {r['n']}" for r in rows.values()
+    )
+    assert int(rows[("heldout_loss", "baize")]["n"]) == 5 and int(rows[("ref_loglik", "baize")]["n"]) == 3
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ def _judge(reply) -> tuple[FaultServer, ChatClient]:
     return srv, ChatClient(srv.base_url, "k", "judge", concurrency=8, max_retries=0)
 
 
-def _check(eval_cfg, mode: str, reply, n: int = 8) -> tuple[dict, list[dict]]:
+def _check(eval_cfg, mode: str, reply, n: int = 12) -> tuple[dict, list[dict]]:
     cfg = eval_cfg.copy()
     cfg.judge_mode, cfg.judge_check = mode, n
     jobs = evaluate._judge_check_jobs(cfg, {})
@@ -42,7 +42,7 @@ def _check(eval_cfg, mode: str, reply, n: int = 8) -> tuple[dict, list[dict]]:
         for j in recs:
             j["degradation"] = j["model"].split("/", 1)[1]
     records = R.check_records(mode, recs)
-    return R.check_summary(records), records
+    return S.judge_check_clustered(records), records
 
 
 # --- the judge check ---------------------------------------------------------------------------------------
@@ -79,25 +79,31 @@ def _score_by_reference(qs: list[dict]):
 
 def test_judge_check_a_knowing_judge_discriminates(eval_cfg) -> None:
     summary, records = _check(eval_cfg, "single", _score_by_reference(load_eval_questions(None, None)))
-    assert summary["n"] == 24 and summary["accuracy"] == 1.0 and summary["discriminates"]
-    assert summary["ci_low"] > 0.8
+    assert summary["n"] == 36 and summary["accuracy"] == 1.0 and summary["discriminates"]
+    # clustered by question: at accuracy 1 the design effect is the worst case, so n_effective is the 12 questions
+    assert summary["status"] == "discriminates" and summary["n_effective"] == pytest.approx(12)
+    assert summary["ci_low"] == pytest.approx(S.proportion_ci(12, 12)[1]) and summary["unparsed"] == 0
     assert set(summary["by_degradation"]) == set(R.DEGRADATIONS)
     assert all(r["good_score"] == 9 and r["bad_score"] == 2 for r in records)
+    # the same knowing judge on the old default of 8 questions (24 items): too few to show anything
+    few, _ = _check(eval_cfg, "single", _score_by_reference(load_eval_questions(None, None)), n=8)
+    assert few["accuracy"] == 1.0 and few["status"] == S.TOO_FEW_READABLE and not few["discriminates"]
 
 
 @pytest.mark.parametrize("reply", ["Score: 5", "The answer is: 10."])
-def test_judge_check_a_constant_or_unparsable_judge_cannot_discriminate(eval_cfg, reply: str) -> None:
+def test_judge_check_a_constant_or_unparsable_judge_is_not_shown_to_discriminate(eval_cfg, reply: str) -> None:
     summary, _ = _check(eval_cfg, "single", lambda req: reply)
     assert not summary["discriminates"]
     if reply == "Score: 5":  # every pair a tie: exactly chance
-        assert summary["accuracy"] == 0.5 and summary["n"] == 24
+        assert summary["accuracy"] == 0.5 and summary["n"] == 36
+        assert summary["status"] == S.NOT_SHOWN_TO_DISCRIMINATE
     else:  # strict parsing: no score at all, so nothing shows the judge can tell
-        assert summary["n"] == 0 and summary["unparsed"] == 24
+        assert summary["n"] == 0 and summary["unparsed"] == 36 and summary["status"] == S.TOO_FEW_READABLE
 
 
 def test_judge_check_pairwise_position_biased_judge_is_at_chance(eval_cfg) -> None:
     summary, records = _check(eval_cfg, "pairwise", lambda req: "[[A]]")
-    assert summary["n"] == 48  # 24 pairs, both orders
+    assert summary["n"] == 72  # 36 pairs, both orders
     assert summary["accuracy"] == 0.5 and not summary["discriminates"]
     assert {r["correct"] for r in records if not r["swap"]} == {1.0}  # good answer first: "right"
     assert {r["correct"] for r in records if r["swap"]} == {0.0}  # good answer second: wrong
@@ -240,22 +246,40 @@ def test_paired_rows_compare_each_model_with_the_one_before() -> None:
             "category": "generic",
             "mode": "single",
             "swap": False,
-            "score": s + (i % 3),
-            "parse": "ok",
+            "score": None if (m, i) == ("v1", 4) else s + (i % 3),
+            "parse": "failed" if (m, i) == ("v1", 4) else "ok",
         }
         for m, s in (("base", 3), ("v1", 6), ("v2", 6))
         for i, q in enumerate(qids)
     ]
+    rng = np.random.default_rng(0)
+    noise = {m: rng.normal(0, 0.05, 15) for m in ("base", "v1", "v2")}  # losses are continuous: no ties
     items = [
-        {"model": m, "kind": "heldout", "item_id": f"d{i}", "tokens": 10, "logprob_sum": -10 * (loss + 0.01 * i)}
+        {
+            "model": m,
+            "kind": "heldout",
+            "format": fmt,
+            "item_id": f"d{i}",
+            "tokens": 10,
+            "logprob_sum": -10 * (loss + shift + 0.01 * i + noise[m][i]),
+        }
+        for fmt, shift in (("baize", 0.0), ("chat_template", 0.5))
         for m, loss in (("base", 3.0), ("v1", 2.0), ("v2", 2.0))
         for i in range(15)
     ]
-    rows = evaluate.paired_rows(["base", "v1", "v2"], judgments, items, "single", 500, 0, "judge cannot discriminate")
-    got = {(r["comparison"], r["metric"]): r for r in rows}
-    assert got[("v1 vs base", "judge_single")]["verdict"] == "better"
-    assert got[("v1 vs base", "judge_single")]["note"] == "judge cannot discriminate"
-    assert got[("v1 vs base", "heldout_loss")]["verdict"] == "better"  # lower loss
-    assert got[("v1 vs base", "heldout_loss")]["diff"] == pytest.approx(-1.0)
-    assert got[("v2 vs v1", "judge_single")]["verdict"] == "no detectable difference"
-    assert ("v2 vs v1", "ref_loglik") not in got  # no such items: no row rather than an empty one
+    formats = {"base": "chat_template", "v1": "baize", "v2": "baize"}
+    note = S.NOT_SHOWN_TO_DISCRIMINATE
+    rows = evaluate.paired_rows(["base", "v1", "v2"], judgments, items, "single", 500, 0, note, formats)
+    got = {(r["comparison"], r["metric"], r["format"]): r for r in rows}
+    judge = got[("v1 vs base", "judge_single", "v1: baize; base: chat_template")]
+    assert judge["verdict"] == "better" and judge["note"] == note
+    assert judge["items"] == "n=19 of 20; unparsed: 1 in v1" and judge["n"] == 19  # the failure is counted, not lost
+    assert judge["method"].startswith("wilcoxon exact")  # discrete scores: the exact test decides
+    for fmt in ("baize", "chat_template"):  # each model in each format: a row per format, named
+        r = got[("v1 vs base", "heldout_loss", fmt)]
+        assert r["verdict"] == "better" and r["diff"] == pytest.approx(-1.0, abs=0.05)  # lower loss
+        assert r["method"] == "studentized bootstrap" and r["items"] == "n=15 of 15"
+    assert got[("v2 vs v1", "judge_single", "baize")]["verdict"] == "no detectable difference"
+    assert not any(k[1] == "ref_loglik" for k in got)  # no such items: no row rather than an empty one
+    assert all(r["p_holm"] >= r["p"] for r in rows) and {r["verdict_holm"] for r in rows} <= set(S.VERDICTS)
+    assert set(S.PAIRED_TEST_COLUMNS) <= set(rows[0])  # every column paired.csv has

@@ -157,11 +157,11 @@ def test_run_report_has_every_section(tmp_path: Path) -> None:
     d = make_run(tmp_path / "run", ["eval=pairwise"], mode="pairwise", discriminates=False)
     md_path, html_path = report.write(d)
     md, page = md_path.read_text(), html_path.read_text()
-    assert "judge cannot discriminate: judge-based results below are not evidence" in md
+    assert f"{S.NOT_SHOWN_TO_DISCRIMINATE}: judge-based results below are not evidence" in md
     assert md.index("## Judge check") < md.index("## Judge scores")
-    assert "| truncated | 7 | 0.5 |" in md and "position agreement" in md and "| 70% | 10% |" in md
-    assert "| note |" in md and "| judge cannot discriminate |" in md  # scores.csv's note column
-    assert "## Paired comparisons" in md and "| v2 vs base | heldout_loss (lower is better) | 8 |" in md
+    assert "| truncated | 7 | - | 0.5 |" in md and "position agreement" in md and "| 70% | 10% |" in md
+    assert "| note |" in md and "| judge cannot discriminate |" in md  # an older run's scores.csv note, as written
+    assert "## Paired comparisons" in md and "| v2 vs base | heldout_loss (lower is better) | n=8 |" in md
     for png in (
         "eval/scores.png",
         "report_plots/win_rate.png",
@@ -199,7 +199,7 @@ def test_cross_run_paired_verdicts(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     assert report.main([str(base), str(better), str(same), "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "paired.csv")))
-    assert list(rows[0]) == S.PAIRED_COLUMNS
+    assert list(rows[0]) == S.PAIRED_TEST_COLUMNS
     got = {(r["comparison"], r["metric"]): r for r in rows}
     for metric, n in (("judge_single", "9"), ("heldout_loss", "8"), ("ref_loglik", "10")):
         assert got[("r=8 vs r=4", metric)]["verdict"] == "better"
@@ -207,6 +207,9 @@ def test_cross_run_paired_verdicts(tmp_path: Path) -> None:
         assert got[("r=16 vs r=4", metric)]["verdict"] == "no detectable difference"
     assert float(got[("r=8 vs r=4", "judge_single")]["diff"]) == 1.0
     assert float(got[("r=8 vs r=4", "heldout_loss")]["diff"]) == pytest.approx(-0.1)
+    assert got[("r=8 vs r=4", "judge_single")]["items"] == "n=9 of 10; unparsed: 1 in r=8, 1 in r=4"
+    assert got[("r=8 vs r=4", "judge_single")]["method"].startswith("wilcoxon exact")  # discrete scores
+    assert all(float(r["p_holm"]) >= float(r["p"]) for r in rows) and {r["verdict_holm"] for r in rows} >= {"better"}
     md = (out / "report.md").read_text()
     assert "against `r=4`" in md and "](paired_forest.png)" in md
     assert (out / "report.html").read_text().count("data:image/png;base64,") == md.count("](")
@@ -227,9 +230,9 @@ def test_cross_run_pairwise_uses_both_orders(tmp_path: Path) -> None:
     rows = {r["metric"]: r for r in csv.DictReader(open(tmp_path / "cmp" / "paired.csv"))}
     # the same verdicts in both runs: identical per-question outcomes; the empty category's failures are unpaired
     assert rows["judge_pairwise"]["n"] == "9" and float(rows["judge_pairwise"]["diff"]) == 0.0
-    assert rows["judge_pairwise"]["note"] == "judge cannot discriminate" and rows["heldout_loss"]["note"] == ""
+    assert rows["judge_pairwise"]["note"] == S.NOT_SHOWN_TO_DISCRIMINATE and rows["heldout_loss"]["note"] == ""
     assert (
-        "judge cannot discriminate: judge-based results below are not evidence (runs: a)"
+        f"{S.NOT_SHOWN_TO_DISCRIMINATE}: judge-based results below are not evidence (runs: a)"
         in (tmp_path / "cmp" / "report.md").read_text()
     )
 

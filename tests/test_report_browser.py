@@ -1,5 +1,5 @@
 """The HTML reports opened in a real headless Chromium: tables visible, every image decoded, nothing wider than a
-1280 px window, and the judge-check warning on screen when the judge could not discriminate.
+1280 px window, and the judge-check warning on screen when the judge was not shown to discriminate.
 
 Needs a Chromium binary (`make install` puts Debian's in place when run as root); the browser driver is the PyPI
 `playwright` package (dev extra) pointed at that binary, so nothing is downloaded. Set BAIZE_REPORT_SCREENS=<dir>
@@ -15,9 +15,9 @@ import pytest
 from helpers.report_fixture import make_run
 
 from baize_exp.stages import report
+from baize_exp.stages.report.single import WARNING
 
 WIDTH = 1280
-WARNING = "judge cannot discriminate: judge-based results below are not evidence"
 
 
 def _chromium() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -84,6 +85,70 @@ def test_eval_questions_are_refused_as_sdf_prompts(tmp_path: Path) -> None:
     f.write_text(f"A fresh question?\n{load_eval_questions()[5]['question']}\n")
     with pytest.raises(UserError, match="are eval questions"):
         sdf.load_prompts(compose_cfg([f"sdf.prompts={f}"]), [])
+    # a near-copy is refused too, naming the eval question it copies; a file without one is read as it is
+    f.write_text("A fresh question?\nExplain the difference between a virus and a bacterium.\n")
+    with pytest.raises(UserError, match="near-copies .*What is the difference between a virus and a bacterium"):
+        sdf.load_prompts(compose_cfg([f"sdf.prompts={f}"]), [])
+    f.write_text("A fresh question?\nWhat is the difference between git fetch and git pull?\n")
+    assert len(sdf.load_prompts(compose_cfg([f"sdf.prompts={f}"]), [])) == 2
+
+
+def test_near_copies_of_eval_questions_are_dropped_from_the_dialogs_prompts_and_counted() -> None:
+    def dialog(q: str) -> dict:
+        return {"turns": [{"role": "human", "text": q}, {"role": "ai", "text": "An answer."}]}
+
+    copies = [
+        "Write a short poem about the first snowfall of winter.",
+        "What is the difference between weather and climate?",
+    ]
+    fresh = ["How do I fold a paper crane?", "What is the difference between a list and a tuple in Python?"]
+    dropped: list[dict] = []
+    got = sdf.load_prompts(compose_cfg(["sdf.num_prompts=null"]), [dialog(q) for q in [*copies, *fresh]], dropped)
+    assert got == fresh
+    assert [d["prompt"] for d in dropped] == copies and dropped[1]["overlap"] == 1.0  # an exact copy: overlap 1
+    assert dropped[0]["eval_question"].startswith("Write a short poem (8 to 12 lines)") and dropped[0]["overlap"] > 0.7
+
+
+def test_random_selection_is_uniform_over_nonempty_candidates_seeded_and_only_where_best_selects() -> None:
+    rec = {"candidates": ["a", " ", "c", "d"], "ranking": [1, 0, 2, 3], "ranked": 4}
+    picks = [sdf.candidate_weights(rec, "random", f"0:{i}").index(1) for i in range(3000)]
+    counts = [picks.count(j) for j in range(4)]
+    assert counts[1] == 0 and all(900 < c < 1100 for c in (counts[0], counts[2], counts[3]))  # 1000, SD 26
+    assert sdf.candidate_weights(rec, "random", "7:3") == sdf.candidate_weights(rec, "random", "7:3")  # seeded
+    # the same prompts as best: none where the ranking did not come back; never a ranking's choice of order
+    assert sdf.candidate_weights({**rec, "ranking": None}, "random") == [0, 0, 0, 0]
+    reordered = {**rec, "ranking": [3, 2, 0, 1]}
+    assert sdf.candidate_weights(reordered, "random", "0:1") == sdf.candidate_weights(rec, "random", "0:1")
+    assert sdf.candidate_weights(rec, "teacher") == [0, 0, 0, 0]
+
+
+def test_teacher_selection_trains_on_the_prompts_own_answers_cut_to_the_candidates_length(tokenizer) -> None:
+    long = " ".join(["word"] * 50)
+    train = [
+        {"turns": [{"role": "human", "text": "P1?"}, {"role": "ai", "text": "Short answer."}]},
+        {"turns": [{"role": "human", "text": "P2?"}, {"role": "ai", "text": long}]},
+        {"turns": [{"role": "human", "text": "P1?"}, {"role": "ai", "text": "A later dialog's answer."}]},
+    ]
+    answers = sdf.teacher_answers(train, ["P1?", "P2?", "P3?"], tokenizer, max_tokens=8)
+    assert answers["P1?"] == "Short answer." and "P3?" not in answers  # the first dialog that opens with it
+    assert len(tokenizer(answers["P2?"], add_special_tokens=False).input_ids) <= 8 and long.startswith(answers["P2?"])
+    records = [
+        {"prompt": p, "candidates": ["x", "y"], "ranking": r, "ranked": 2}
+        for p, r in (("P1?", [1, 0]), ("P2?", None), ("P3?", [0, 1]))
+    ]
+    chosen = sdf.select(records, "teacher", 0, answers)
+    assert [(d["turns"][0]["text"], d["turns"][1]["text"]) for d in chosen] == [("P1?", "Short answer.")]
+    assert [r.get("teacher_answer") for r in records] == ["Short answer.", None, None]
+    assert all(r["weights"] == [0, 0] for r in records)  # no candidate is trained on
+
+
+def test_sdf_max_steps_makes_every_selection_train_the_same_steps() -> None:
+    cfg = compose_cfg(["model=tiny", "sdf.max_steps=5", "sdf.max_epochs=1"])
+    fit_cfg = sdf._fit_cfg(cfg)
+    assert fit_cfg.trainer.max_steps == 5 and cfg.trainer.max_steps == -1  # a copy: the run's config is unchanged
+    assert sdf._fit_epochs(cfg.sdf) == 5  # enough epochs that the steps, not the epochs, end the fit
+    plain = compose_cfg(["model=tiny"])
+    assert sdf._fit_cfg(plain) is plain and sdf._fit_epochs(plain.sdf) == 1
 
 
 def test_bad_sdf_and_eval_keys_are_named() -> None:
@@ -99,6 +164,10 @@ def test_bad_sdf_and_eval_keys_are_named() -> None:
                 ]
             )
         )
+    with pytest.raises(ConfigError) as teacher:
+        validate(compose_cfg(["sdf.select=teacher", f"sdf.prompts={Path(__file__)}", "sdf.max_steps=0"]))
+    assert "sdf.select='teacher'" in str(teacher.value) and "sdf.prompts=null" in str(teacher.value)
+    assert "sdf.max_steps=0" in str(teacher.value)
     for key in (
         "sdf.select='top2'",
         "sdf.top_p=0",
@@ -310,3 +379,107 @@ def test_rankings_that_failed_are_asked_again_and_only_they(tmp_path: Path, monk
     assert [r["candidates"] for r in recs] == [r["candidates"] for r in first]  # nothing sampled again
     assert not any(r.get("failed") for r in recs) and m["parse_ok"] == 7
     assert (tmp_path / "sdf" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+SHOWN = re.compile(r"Answer (\d+): (.*?)(?=\n\nAnswer \d+: |\n\nRank these)", re.S)
+
+
+def _random_ranker(req: dict) -> str:
+    """A teacher whose ranking carries no information: the shown answers in an order drawn from the request."""
+    text = req["messages"][-1]["content"]
+    order = sorted(int(k) for k, _ in SHOWN.findall(text))
+    random.Random(text).shuffle(order)
+    return " > ".join(map(str, order))
+
+
+@pytest.mark.slow
+def test_ranked_vs_random_on_a_teacher_that_ranks_at_random_shows_no_feedback_effect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDF control: from one v1, select=best and select=random at three SDF seeds each (the same candidates,
+    steps and learning rate per seed), with a teacher whose ranking is noise. Across seeds and held-out dialogs
+    there is no feedback effect; the old item-only test on a single seed pair finds one that is not there; and
+    the same seed-aware test does find what the SDF pass itself did to v1 (it has power)."""
+    from helpers.fault_server import FaultServer
+
+    from baize_exp import models as M
+    from baize_exp import stats as S
+    from baize_exp.serve import Backends
+    from baize_exp.stages import train
+    from baize_exp.stages.evaluate.likelihood import heldout_items
+
+    topics = ["tea", "rain", "maps", "bread", "chess", "owls", "glass", "kites", "rivers", "clocks"]
+    topics += ["bees", "salt", "ships", "paper", "lamps", "moss", "wool", "caves", "snow", "ink"]
+    dialogs = tmp_path / "dialogs.jsonl"
+    dialogs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"d{i}",
+                    "turns": [
+                        {"role": "human", "text": f"What should I know about {t}?"},
+                        {"role": "ai", "text": f"{t.capitalize()} is worth learning about slowly and with care."},
+                    ],
+                }
+            )
+            + "\n"
+            for i, t in enumerate(topics)
+        )
+    )
+    monkeypatch.setenv("BAIZE_TEST_KEY", "k")
+    common = [
+        "model=tiny",
+        "logger=none",
+        f"train.data={dialogs}",
+        "train.val_fraction=0.4",
+        "trainer.max_epochs=1",
+        "sdf.num_prompts=8",
+        "sdf.num_candidates=4",
+        "sdf.max_new_tokens=24",
+        "sdf.lr=5e-3",  # a large step, so the SDF pass moves v1 by more than the noise
+        "sdf.max_steps=8",
+        "teacher=openai",
+        "teacher.api_key_env=BAIZE_TEST_KEY",
+    ]
+    cache = Path(os.environ["BAIZE_CACHE"])
+    cfg = compose_cfg(common)
+    train.run(cfg, tmp_path / "v1")
+    held = [json.loads(x) for x in (tmp_path / "v1" / "train" / "val_dialogs.jsonl").read_text().splitlines()]
+    tok = M.load_tokenizer(cfg.model, cache)
+
+    def losses(adapter: Path) -> dict[str, float]:
+        model = M.load_adapter(M.load_model_and_tokenizer(cfg.model, cache)[0], adapter)
+        return {h["item_id"]: -h["logprob_sum"] / h["tokens"] for h in heldout_items(model, tok, held, 512)}
+
+    arms: dict[str, dict[int, dict[str, float]]] = {"best": {}, "random": {}}
+    with FaultServer(api_key="k", reply=_random_ranker) as srv:
+        for seed in (0, 1, 2):
+            for select in ("best", "random"):
+                run = tmp_path / f"{select}_{seed}"
+                shutil.copytree(tmp_path / "v1" / "train", run / "train")
+                if select == "random":  # the ranked run's candidates: the arms differ only in the choice
+                    (run / "sdf").mkdir()
+                    shutil.copy(tmp_path / f"best_{seed}" / "sdf" / "candidates.jsonl", run / "sdf")
+                c = compose_cfg(
+                    [*common, f"teacher.base_url={srv.base_url}", f"sdf.seed={seed}", f"sdf.select={select}"]
+                )
+                backends = Backends(c, run, cache)
+                try:
+                    m = sdf.run(c, run, backends)
+                finally:
+                    backends.close()
+                assert m["steps"] == 8 and m["selected_examples"] == m["prompts_used"] == 8
+                arms[select][seed] = losses(run / "sdf" / "adapter")
+        rankings = srv.requests
+    assert rankings == 3 * 8  # the random arms ranked nothing: they reused the ranked runs' candidates
+    feedback = S.seed_paired_test(arms["best"], arms["random"], higher_is_better=False)
+    assert feedback["verdict"] == "no detectable difference" and feedback["seed_noise_known"]
+    assert len(held) == feedback["n"] == 8
+    # negative control: one seed pair at a time, item noise only, reads the seed's luck as a feedback effect
+    single = [S.paired_test(arms["best"][s], arms["random"][s], higher_is_better=False) for s in (0, 1, 2)]
+    assert any(r["verdict"] != "no detectable difference" for r in single), single
+    # and the seed-aware test has power: what the SDF pass did to v1 (one fixed model) stands out of the seeds
+    moved = S.seed_paired_test(
+        arms["random"], {0: losses(tmp_path / "v1" / "train" / "adapter")}, False, b_trained=False
+    )
+    assert moved["verdict"] != "no detectable difference", moved

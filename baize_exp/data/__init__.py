@@ -37,9 +37,11 @@ from baize_exp.data.formats import (
 )
 from baize_exp.data.seeds import (
     DATA_DIR,
+    EVAL_OVERLAP,
     EVAL_QUESTIONS,
     SEED_FIELDS,
     SEEDS_DIR,
+    EvalLeakGuard,
     Seed,
     SeedFileError,
     load_eval_questions,
@@ -81,4 +83,6 @@ __all__ = [
     "source_path",
     "load_seeds",
     "load_eval_questions",
+    "EVAL_OVERLAP",
+    "EvalLeakGuard",
 ]

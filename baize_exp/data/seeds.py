@@ -1,11 +1,13 @@
 """Seed questions and held-out questions: the shipped sets, seed files (.jsonl/.txt/.csv), the real releases through
-`sources`, mixed by weight; the eval questions (the shipped 80, or FastChat's MT-bench / Vicuna-80 files)."""
+`sources`, mixed by weight; the eval questions (the shipped 80, or FastChat's MT-bench / Vicuna-80 files); and the
+guard that keeps near-copies of eval questions out of training (`EvalLeakGuard`)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import logging
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -118,12 +120,75 @@ def _sampled_pool(source: str, path: str | None, dcfg: Any) -> list[Seed]:
     return [Seed(f"{source}-{content_hash(q)[:10]}", source, q) for q in questions]
 
 
-def load_seeds(dcfg: Any, stats: dict | None = None) -> list[Seed]:
-    """The seeds a `data` config selects: deduplicated, mixed by weight, shuffled with `data.seed`, limited.
+# Word-set Jaccard from which a seed or SDF prompt counts as a copy of an eval question. Set on the shipped pools
+# (4 x 200 seeds against the 80 eval questions, tests/test_data_leaks.py): the two near-copies there score 0.71
+# ("Write a short poem about the first snowfall of winter." against the eval's "... (8 to 12 lines) ...") and
+# 0.70 ("Explain the difference between a virus and a bacterium."), the highest other pair 0.60 (templated
+# questions such as "What is the difference between X and Y?" on other topics, and a poem about a city at night
+# against three haiku about one).
+EVAL_OVERLAP = 0.65
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def _word_set(text: str) -> frozenset[str]:
+    return frozenset(_WORD.findall(text.lower()))
+
+
+class EvalLeakGuard:
+    """Which texts are near-copies of an eval question: word-set Jaccard >= `threshold` (an exact copy is 1).
+
+    Built once over the eval questions; `match` costs a few dictionary look-ups per text whatever the number of
+    questions (prefix filtering: words are ordered rarest-in-the-questions first, and two sets whose Jaccard
+    reaches t share a word among the first |x| - ceil(t |x|) + 1 of each, so only the questions indexed under
+    those words are compared exactly)."""
+
+    def __init__(self, questions: list[str], threshold: float = EVAL_OVERLAP) -> None:
+        self.threshold = threshold
+        self.questions = [(q, _word_set(q)) for q in questions]
+        df: dict[str, int] = {}
+        for _, ws in self.questions:
+            for w in ws:
+                df[w] = df.get(w, 0) + 1
+        self._df = df
+        self._index: dict[str, list[int]] = {}
+        for i, (_, ws) in enumerate(self.questions):
+            for w in self._prefix(ws):
+                self._index.setdefault(w, []).append(i)
+
+    @classmethod
+    def for_eval_questions(cls, path: str | Path | None = None, threshold: float = EVAL_OVERLAP) -> EvalLeakGuard:
+        """A guard over an eval question file (None: the shipped 80)."""
+        return cls([q["question"] for q in load_eval_questions(path)], threshold)
+
+    def _prefix(self, ws: frozenset[str]) -> list[str]:
+        ordered = sorted(ws, key=lambda w: (self._df.get(w, 0), w))
+        return ordered[: len(ordered) - math.ceil(self.threshold * len(ordered)) + 1]
+
+    def match(self, text: str) -> tuple[str, float] | None:
+        """(the eval question `text` copies, their word-set Jaccard), the closest one; None if none reaches the
+        threshold."""
+        ws = _word_set(text)
+        if not ws:
+            return None
+        best: tuple[str, float] | None = None
+        for i in {i for w in self._prefix(ws) for i in self._index.get(w, ())}:
+            q, qs = self.questions[i]
+            j = len(ws & qs) / len(ws | qs)
+            if j >= self.threshold and (best is None or j > best[1]):
+                best = (q, j)
+        return best
+
+
+def load_seeds(dcfg: Any, stats: dict | None = None, guard: EvalLeakGuard | None = None) -> list[Seed]:
+    """The seeds a `data` config selects: deduplicated, without near-copies of eval questions, mixed by weight,
+    shuffled with `data.seed`, limited.
 
     A source read from its real release is sampled as it streams (`sources.sample`: seeded, bounded memory, in a
-    seeded order whose first n are the sample of n, so a larger data.limit only adds seeds). `stats` gets
-    "duplicate_seeds": how many seeds were dropped as repeats of another."""
+    seeded order whose first n are the sample of n, so a larger data.limit only adds seeds). `guard`: the eval
+    questions no seed may copy (default: the shipped 80; `EvalLeakGuard([])` turns it off); a seed it matches is
+    dropped before the limit is applied, so the count stays data.limit, and logged with the question it copies.
+    `stats` gets "duplicate_seeds" (seeds dropped as repeats of another) and "eval_near_duplicates" (seeds dropped
+    as near-copies of an eval question)."""
     sampled: set[str] = set()  # pools already in a seeded order (sources.sample)
     if dcfg.name == "file":
         pools = {"file": load_seed_file(dcfg.path)}
@@ -138,22 +203,27 @@ def load_seeds(dcfg: Any, stats: dict | None = None) -> list[Seed]:
             else:
                 pools[s] = load_seed_file(SEEDS_DIR / f"{s}.jsonl", s)
     rng = random.Random(dcfg.seed)
+    guard = EvalLeakGuard.for_eval_questions() if guard is None else guard
     seen: set[str] = set()
-    duplicates = 0
-    for name in pools:  # dedup by normalised text, across sources too
+    duplicates = leaks = 0
+    for name in pools:  # dedup by normalised text, across sources too; no copy of an eval question
         uniq = []
         for s in pools[name]:
             k = re.sub(r"\s+", " ", s.question.lower()).strip()
-            if k not in seen:
+            if k in seen:
+                duplicates += 1
+            elif copied := guard.match(s.question):
+                leaks += 1
+                log.info("seed %s dropped: a near-copy (word overlap %.2f) of eval question %r", s.id, *copied[::-1])
+            else:
                 seen.add(k)
                 uniq.append(s)
-            else:
-                duplicates += 1
         if name not in sampled:  # a sampled pool is in its seeded order already (a shuffle would break prefixes)
             rng.shuffle(uniq)
         pools[name] = uniq
     if stats is not None:
         stats["duplicate_seeds"] = duplicates
+        stats["eval_near_duplicates"] = leaks
     weights = {n: float(dcfg.mix.get(n, 1.0)) for n in pools}
     total = sum(len(p) for p in pools.values())
     want = min(dcfg.limit or total, total)

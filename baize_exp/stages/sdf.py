@@ -16,10 +16,22 @@ Selection (`sdf.select`):
             loss weighted by Borda score, without a weighted-loss path in the trainer. The worst candidate gets
             weight 0, as do candidates the teacher did not place (a partial, tolerant ranking) and empty ones.
             One epoch sees n(n-1)/2 examples per prompt against best's one: compare at equal steps, not epochs.
+The two controls that tell the teacher's feedback from more training (compare them with `best` at the same
+`sdf.max_steps`: packing makes an epoch's step count follow the examples' lengths):
+- random:   a non-empty candidate drawn uniformly (seeded by `sdf.seed` and the prompt), once: the same prompts,
+            candidates, count, steps and learning rate as `best`, without the ranking's choice. best vs random is
+            the feedback; random vs v1 is more training on v1's own samples.
+- teacher:  the prompt's own teacher answer (the AI turn after it in its training dialog), cut to
+            `sdf.max_new_tokens` tokens as the candidates were, once: "more training" on teacher data that v1
+            has already seen, at the same steps and learning rate (needs the dialogs' prompts: `sdf.prompts`
+            null). best vs teacher asks whether v1's ranked samples beat the teacher's own answers.
+Every selection trains on the prompts whose ranking came back (the ones `best` can use), so the arms have the
+same prompts and the same count; random and teacher ignore the order the teacher gave.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import re
@@ -34,7 +46,7 @@ from baize_exp import cpu
 from baize_exp import models as M
 from baize_exp.chat.ask import ask_parsed
 from baize_exp.config import cache_dir, to_container
-from baize_exp.data import BAIZE_HUMAN, generation_prompt, load_eval_questions, load_seed_file, training_dialogs
+from baize_exp.data import BAIZE_HUMAN, EvalLeakGuard, generation_prompt, load_seed_file, training_dialogs
 from baize_exp.errors import Interrupted, UserError
 from baize_exp.generate import VllmStudent, batch_seed, pick_backend, rank_and_world, sample_with
 from baize_exp.io import content_hash, global_rank, read_jsonl, write_jsonl
@@ -208,16 +220,21 @@ def sample_candidates(
         tok.padding_side = side
 
 
-def candidate_weights(rec: dict, select: str) -> list[int]:
-    """How many times each candidate is trained on (see the module docstring)."""
+def candidate_weights(rec: dict, select: str, seed: int | str = 0) -> list[int]:
+    """How many times each candidate is trained on (see the module docstring): `random` draws with
+    random.Random(seed); `teacher` trains on no candidate."""
     n = len(rec["candidates"])
     w = [0] * n
-    if rec["ranking"] is None:
+    if rec["ranking"] is None or select == "teacher":
         return w
     nonempty = [j for j in rec["ranking"] if rec["candidates"][j].strip()]
     if select == "best":
         if nonempty:
             w[nonempty[0]] = 1
+        return w
+    if select == "random":
+        if nonempty:
+            w[random.Random(seed).choice(sorted(nonempty))] = 1
         return w
     for rank, j in enumerate(rec["ranking"][: rec["ranked"]]):
         if rec["candidates"][j].strip():
@@ -225,25 +242,47 @@ def candidate_weights(rec: dict, select: str) -> list[int]:
     return w
 
 
-def load_prompts(cfg: Any, train_dialogs: list[dict]) -> list[str]:
+def load_prompts(cfg: Any, train_dialogs: list[dict], dropped: list[dict] | None = None) -> list[str]:
     """SDF prompts: a file's, or the first human turn of each training dialog (held-out dialogs stay unseen).
-    Eval questions are refused: evaluation must stay on questions no stage trained on."""
+    Evaluation must stay on questions no stage trained on, so a prompt that copies an eval question
+    (`data.EvalLeakGuard`: an exact copy, or a near one at word overlap >= `data.EVAL_OVERLAP`) is refused in an
+    `sdf.prompts` file (the user's input: one line saying what to remove) and dropped from the dialogs' prompts
+    (the teacher's: logged, and appended to `dropped` as {"prompt", "eval_question", "overlap"})."""
     s = cfg.sdf
     if s.prompts:
         prompts = list(dict.fromkeys(x.question for x in load_seed_file(s.prompts)))
     else:
         prompts = list(dict.fromkeys(d["turns"][0]["text"] for d in train_dialogs if d["turns"]))
-    leaked = {q["question"].strip() for q in load_eval_questions(cfg.eval.questions)} & {p.strip() for p in prompts}
-    if leaked:
+    guard = EvalLeakGuard.for_eval_questions(cfg.eval.questions)
+    leaked = [(p, *copied) for p in prompts if (copied := guard.match(p))]
+    if leaked and s.prompts:
         raise UserError(
-            f"sdf: {len(leaked)} prompt(s) are eval questions (e.g. {sorted(leaked)[0][:80]!r}); "
-            f"remove them from {s.prompts or 'the dialogs'} so evaluation stays held out"
+            f"sdf: {len(leaked)} prompt(s) are eval questions or near-copies of them (word overlap >= "
+            f"{guard.threshold}; e.g. {leaked[0][0][:80]!r}, like {leaked[0][1][:80]!r}); remove them from "
+            f"{s.prompts} so evaluation stays held out"
         )
-    return prompts[: s.num_prompts] if s.num_prompts else prompts
+    for p, question, overlap in leaked:
+        log.warning("sdf: prompt %r dropped: a near-copy (word overlap %.2f) of eval question %r", p, overlap, question)
+        if dropped is not None:
+            dropped.append({"prompt": p, "eval_question": question, "overlap": round(overlap, 3)})
+    kept = [p for p in prompts if p not in {x[0] for x in leaked}]
+    return kept[: s.num_prompts] if s.num_prompts else kept
+
+
+def teacher_answers(train_dialogs: list[dict], prompts: list[str], tok: Any, max_tokens: int) -> dict[str, str]:
+    """{prompt: the teacher's answer to it}: the AI turn after the prompt in the first training dialog that opens
+    with it, cut to `max_tokens` tokens (the candidates' length cap, so `select=teacher` is not longer data)."""
+    want, out = set(prompts), {}
+    for d in train_dialogs:
+        turns = d["turns"]
+        if len(turns) > 1 and turns[0]["text"] in want and turns[0]["text"] not in out and turns[1]["role"] == "ai":
+            ids = tok(turns[1]["text"], add_special_tokens=False).input_ids
+            out[turns[0]["text"]] = tok.decode(ids[:max_tokens], skip_special_tokens=True).strip()
+    return out
 
 
 # sdf keys that act after the candidates are ranked: changing them reuses the ranked candidates
-AFTER_RANKING = ("enabled", "select", "lr", "max_epochs")
+AFTER_RANKING = ("enabled", "select", "lr", "max_epochs", "max_steps")
 
 
 def candidates_key(cfg: Any, v1: Path, prompts: list[str], backend: str = "hf") -> str:
@@ -292,25 +331,27 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     if not (v1 / "adapter_config.json").is_file():
         raise UserError(f"sdf: no v1 adapter at {v1}; run the train stage first (stages=[train,sdf,...])")
     _, train_d, val_d, _ = training_dialogs(cfg, run_dir)
-    prompts = load_prompts(cfg, train_d)
+    leaks: list[dict] = []
+    prompts = load_prompts(cfg, train_d, leaks)
     dtype, device = M.base_dtype(cfg.model, cfg.trainer.precision), M.student_device(cfg.trainer.accelerator)
     base, tok = M.load_model_and_tokenizer(cfg.model, cache_dir(cfg), dtype, device)  # as the train stage built it
     model = M.load_adapter(base, v1, trainable=True)
     backend = pick_backend(cfg)
     sampler = _Sampler(cfg, model, tok, v1, prompts, backend, stage_dir)
     records = sample_and_rank(backends, s, sampler, stage_dir / "candidates.jsonl")
-    chosen = select(records, s.select)
+    answers = teacher_answers(train_d, prompts, tok, s.max_new_tokens) if s.select == "teacher" else None
+    chosen = select(records, s.select, s.seed, answers)
     if global_rank() == 0:  # before training: a crash there loses none of the teacher's rankings
         write_jsonl(stage_dir / "candidates.jsonl", records)
     _stop_if_unranked(records, stage_dir / "candidates.jsonl")
-    metrics = _summary(records, s, backend, chosen)
+    metrics = {**_summary(records, s, backend, chosen), "eval_near_duplicates": len(leaks)}
     if not chosen:
         raise UserError(
             f"sdf: no candidate was selected: every ranking was unparsable or every candidate empty "
             f"(see {stage_dir / 'candidates.jsonl'}); a stronger teacher ranks reliably, a larger "
             f"sdf.max_new_tokens gives longer candidates"
         )
-    metrics.update(fit(model, tok, chosen, val_d, cfg, stage_dir, s.lr, s.max_epochs, prefix="sdf/"))
+    metrics.update(fit(model, tok, chosen, val_d, _fit_cfg(cfg), stage_dir, s.lr, _fit_epochs(s), prefix="sdf/"))
     weights = trainable_state(model)  # every rank: under ZeRO-3 this gathers the shards
     if metrics["rank"] == 0:  # under DDP every rank gets here; one writes the adapter (as train.run does)
         save_adapter(
@@ -402,19 +443,38 @@ def sample_and_rank(backends: Any, s: Any, sampler: _Sampler, cand_path: Path) -
     return records
 
 
-def select(records: list[dict], how: str) -> list[dict]:
+def select(records: list[dict], how: str, seed: int = 0, teacher: dict[str, str] | None = None) -> list[dict]:
     """v2's training dialogs: each candidate as a one-exchange dialog, repeated by its weight (`candidate_weights`:
-    the best alone, or Borda weights); each record gets its `weights`."""
+    the best alone, Borda weights, or one drawn at random with seed `<seed>:<prompt index>`); with `how="teacher"`
+    the prompt's teacher answer from `teacher` instead, for every prompt whose ranking came back. Each record gets
+    its `weights` (and `teacher_answer` when one is trained on)."""
     chosen = []
     for i, rec in enumerate(records):
-        rec["weights"] = candidate_weights(rec, how)
-        for j, w in enumerate(rec["weights"]):
-            dialog = {
-                "id": f"sdf-{i}-{j}",
-                "turns": [{"role": "human", "text": rec["prompt"]}, {"role": "ai", "text": rec["candidates"][j]}],
-            }
+        rec["weights"] = candidate_weights(rec, how, f"{seed}:{i}")
+        pairs = [(f"sdf-{i}-{j}", rec["candidates"][j], w) for j, w in enumerate(rec["weights"])]
+        answer = (teacher or {}).get(rec["prompt"]) if how == "teacher" and rec["ranking"] is not None else None
+        if answer:
+            rec["teacher_answer"] = answer
+            pairs.append((f"sdf-{i}-teacher", answer, 1))
+        for did, text, w in pairs:
+            dialog = {"id": did, "turns": [{"role": "human", "text": rec["prompt"]}, {"role": "ai", "text": text}]}
             chosen += [dialog] * w
     return chosen
+
+
+def _fit_cfg(cfg: Any) -> Any:
+    """The config SDF's fit runs with: with `sdf.max_steps`, exactly that many optimizer steps (Lightning's
+    max_steps, the epochs repeating the examples as needed), so selections of other lengths train alike."""
+    if cfg.sdf.max_steps is None:
+        return cfg
+    fit_cfg = copy.deepcopy(cfg)
+    fit_cfg.trainer.max_steps = cfg.sdf.max_steps
+    return fit_cfg
+
+
+def _fit_epochs(s: Any) -> int:
+    # every epoch has at least one step: max_steps epochs never end the fit before max_steps steps
+    return s.max_epochs if s.max_steps is None else max(s.max_epochs, s.max_steps)
 
 
 def _stop_if_unranked(records: list[dict], cand_path: Path) -> None:
@@ -437,7 +497,7 @@ def _summary(records: list[dict], s: Any, backend: str, chosen: list[dict]) -> d
         "generate_backend": backend,
         "select": s.select,
         "selected_examples": len(chosen),
-        "prompts_used": sum(any(r["weights"]) for r in records),
+        "prompts_used": sum(any(r["weights"]) or "teacher_answer" in r for r in records),
     }
 
 

@@ -82,15 +82,20 @@ def adapter_format(adapter: Path | None, default: str) -> str:
     return json.loads(doc.read_text()).get("format", default) if doc and doc.is_file() else default
 
 
+def answer_format(tok: Any, adapter: Path | None, use_chat_template: bool, train_format: str = "baize") -> str:
+    """The prompt format a model answers in: the base through its chat template (what it was tuned for), an
+    adapter in the format it was trained in."""
+    if adapter is None:
+        return "chat_template" if use_chat_template and tok.chat_template else "baize"
+    return adapter_format(adapter, train_format)
+
+
 def model_prompts(
     tok: Any, questions: list[dict], adapter: Path | None, use_chat_template: bool, train_format: str = "baize"
 ) -> list[str]:
-    """The base model answers through its chat template (what it was tuned for); an adapter in the format it was
-    trained in. Each prompt starts with the tokenizer's BOS once, where it has one (`data.generation_prompt`)."""
-    if adapter is None:
-        fmt = "chat_template" if use_chat_template and tok.chat_template else "baize"
-    else:
-        fmt = adapter_format(adapter, train_format)
+    """Each question as the model answers it (`answer_format`). Each prompt starts with the tokenizer's BOS once,
+    where it has one (`data.generation_prompt`)."""
+    fmt = answer_format(tok, adapter, use_chat_template, train_format)
     return [generation_prompt(q["question"], fmt, tok) for q in questions]
 
 

@@ -1,10 +1,15 @@
 """Judge-free signals, per item so two models can be compared on the same items (paired):
 
 - held-out loss: per held-out teacher dialog, the summed log-probability of its AI turns (the training labels);
-  the stage's `heldout_loss` is the token-weighted mean over dialogs, as before.
+  the stage's `heldout_loss` is the token-weighted mean over dialogs, as before. With `eval.heldout_all_tokens`
+  also over every token of the dialog (`heldout_all`): the objective of `train.loss_on=all`, beside that of
+  `loss_on=ai`, so neither arm of that ablation is scored only on its own objective.
 - reference log-likelihood: per eval question, the log-probability of the shipped reference answer after the
-  prompt the model answers (its own format), per token. A 135M judge may not tell two models apart; this does not
-  need one.
+  question's prompt, per token. A 135M judge may not tell two models apart; this does not need one.
+
+Every model is scored in every format of `eval.formats` (`likelihood_formats`: the Baize transcript and the
+chat template), each item recording its format: a tuned model and its base are then compared in the same
+format, not each in its own, so "v1 beats base" is not just "v1 knows the format it was trained in".
 """
 
 from __future__ import annotations
@@ -37,14 +42,28 @@ def item_logprobs(
     return out
 
 
+def likelihood_formats(tok: Any, wanted: list[str], use_chat_template: bool) -> tuple[list[str], list[str]]:
+    """(the formats of `wanted` the likelihoods can be scored in, those that cannot): `chat_template` needs a
+    tokenizer with a template and `model.chat_template`."""
+    ok = [f for f in wanted if f != "chat_template" or (use_chat_template and tok.chat_template)]
+    return ok, [f for f in wanted if f not in ok]
+
+
 def heldout_items(
-    model: torch.nn.Module, tok: Any, dialogs: list[dict], max_length: int, fmt: str = "baize", batch_size: int = 4
+    model: torch.nn.Module,
+    tok: Any,
+    dialogs: list[dict],
+    max_length: int,
+    fmt: str = "baize",
+    batch_size: int = 4,
+    loss_on: str = "ai",
 ) -> list[dict]:
-    """Per held-out dialog: {"item_id", "tokens", "logprob_sum"} over its AI turns (dialogs with none that fit
-    `max_length` are left out, as training leaves them out)."""
+    """Per held-out dialog: {"item_id", "tokens", "logprob_sum"} over its AI turns (`loss_on="all"`: over all its
+    tokens) in format `fmt` (dialogs with no exchange that fits `max_length` are left out, as training leaves
+    them out)."""
     enc, ids = [], []
     for k, d in enumerate(dialogs):
-        e = tokenize_dialog(d["turns"], tok, max_length, "ai", fmt)
+        e = tokenize_dialog(d["turns"], tok, max_length, loss_on, fmt)
         if e:
             enc.append(e)
             ids.append(str(d.get("id") or d.get("key") or k))

@@ -2,8 +2,10 @@
 
 - Judge check: the judge scores answers whose order is known — a question's reference answer against a degraded
   copy (cut to its first third, its sentences shuffled, or another question's reference). Its accuracy (ties
-  count half) with a Wilson 95% interval; when the interval reaches down to chance (0.5), the judge cannot be
-  shown to tell a good answer from a broken one, and every judge-based number of the run says so.
+  count half) with a Wilson 95% interval at the design-effect n (a question's items are clustered), the
+  unreadable items counted beside it (`stats.judge_check_clustered`); when the interval reaches down to chance
+  (0.5), or fewer than `stats.MIN_CHECK_PARSED` items were readable, the judge is not shown to tell a good
+  answer from a broken one, and every judge-based number of the run says so.
 - Position agreement (pairwise): the share of questions where both orders give the same verdict. A judge that
   always picks the first answer agrees 0% of the time; its combined verdicts are all ties.
 - Self-consistency (single/reference with `eval.judge_repeats` > 1): the share of answers whose repeats all got
@@ -152,24 +154,6 @@ def check_records(mode: str, judgments: list[dict]) -> list[dict]:
                 "judge_reply": j.get("judge_reply"),
             }
         )
-    return out
-
-
-def _accuracy(values: list[float]) -> dict:
-    share, lo, hi = proportion_ci(sum(values), len(values))
-    return {"n": len(values), "correct": sum(values), "accuracy": share, "ci_low": lo, "ci_high": hi}
-
-
-def check_summary(records: list[dict]) -> dict:
-    """Accuracy over the parsed check outcomes, overall and per degradation. `discriminates`: the interval's lower
-    end is above chance (0.5); with nothing parsed it is False too (nothing shows the judge can tell)."""
-    vals = [r["correct"] for r in records if r["correct"] is not None]
-    out = {**_accuracy(vals), "chance": 0.5, "unparsed": sum(r["correct"] is None for r in records)}
-    out["discriminates"] = bool(vals) and out["ci_low"] > 0.5
-    out["by_degradation"] = {
-        d: _accuracy([r["correct"] for r in records if r["degradation"] == d and r["correct"] is not None])
-        for d in dict.fromkeys(r["degradation"] for r in records)
-    }
     return out
 
 

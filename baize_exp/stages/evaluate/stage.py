@@ -17,27 +17,26 @@ from typing import Any
 from baize_exp import human
 from baize_exp import models as M
 from baize_exp.config import cache_dir
-from baize_exp.data import load_eval_questions
+from baize_exp.data import generation_prompt, load_eval_questions
 from baize_exp.errors import Interrupted, UserError
 from baize_exp.generate import pick_backend, rank_and_world
 from baize_exp.io import KeyedJsonl, read_jsonl, write_json, write_jsonl
 from baize_exp.stages.base import BACKEND_KNOBS, Stage
 from baize_exp.stages.evaluate.answers import (
     answer_cache_dir,
+    answer_format,
     chat_identity,
     local_answers,
-    model_prompts,
     resolve_models,
     teacher_answers,
 )
 from baize_exp.stages.evaluate.judge import build_jobs, run_judge
-from baize_exp.stages.evaluate.likelihood import heldout_items, reference_items, summarize
+from baize_exp.stages.evaluate.likelihood import heldout_items, likelihood_formats, reference_items, summarize
 from baize_exp.stages.evaluate.plots import plot_scores
 from baize_exp.stages.evaluate.reliability import (
     check_answers,
     check_items,
     check_records,
-    check_summary,
     lc_win_rate,
     pairwise_lengths,
     parse_shares,
@@ -46,12 +45,19 @@ from baize_exp.stages.evaluate.reliability import (
 )
 from baize_exp.stages.evaluate.wandb_tables import log_wandb
 from baize_exp.stats import (
-    CANNOT_DISCRIMINATE,
-    PAIRED_COLUMNS,
+    FORMATS,
+    ITEM_METRICS,
+    PAIRED_TEST_COLUMNS,
     higher_is_better,
+    holm_rows,
     item_values,
-    paired_bootstrap,
+    judge_check_clustered,
+    judge_check_note,
+    judge_item_values,
+    pair_counts,
+    paired_test,
     score_table,
+    split_metric,
     write_csv_rows,
     write_scores_csv,
 )
@@ -78,12 +84,18 @@ def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
     answers, items = answer(cfg, run_dir, questions, specs, metrics)
     if metrics.get("rank", 0) > 0:  # its share of the answers is written; rank 0 gathers, judges and scores
         return {"rank": metrics["rank"], "answers_generated": metrics["answers_generated"]}
-    opponent, to_judge = _opponent(cfg, backends, questions, answers, metrics)  # the teacher's answers join
-    write_jsonl(stage_dir / "answers.jsonl", answers)
     write_jsonl(stage_dir / "items.jsonl", items)
-    judged = ask_judge(cfg, backends, questions, to_judge, opponent, answers, stage_dir, metrics)
+    if cfg.eval.use_judge:
+        opponent, to_judge = _opponent(cfg, backends, questions, answers, metrics)  # the teacher's answers join
+        write_jsonl(stage_dir / "answers.jsonl", answers)
+        judged = ask_judge(cfg, backends, questions, to_judge, opponent, answers, stage_dir, metrics)
+    else:  # the judge-free signals only: no answer is generated and no judge is asked
+        write_jsonl(stage_dir / "answers.jsonl", [])
+        write_jsonl(stage_dir / "judgments.jsonl", [])
+        judged = Judged([], [], None)
     note = score(cfg.eval, judged, answers, stage_dir, metrics)
-    compare([s.name for s in specs], judged.judgments, items, cfg.eval, note, stage_dir, metrics)
+    formats = {s.name: metrics.get(f"{s.name}/answer_format", "") for s in specs}
+    compare([s.name for s in specs], judged.judgments, items, cfg.eval, note, stage_dir, metrics, formats)
     metrics.update(human.refresh(run_dir))  # votes already cast (baize-chat): their rows in scores/paired.csv
     publish_final(metrics, [s.name for s in specs])
     return metrics
@@ -101,13 +113,18 @@ def _check_references(e: Any, questions: list[dict]) -> None:
 
 
 def answer(cfg: Any, run_dir: Path, questions: list[dict], specs: list[Any], metrics: dict) -> tuple[list, list]:
-    """Each model's answers (cached or generated, sharded over ranks) and its per-item likelihoods: held-out loss
-    per held-out dialog, reference log-likelihood per question (items.jsonl)."""
+    """Each model's answers (cached or generated, sharded over ranks; none with `eval.use_judge=false`) and its
+    per-item likelihoods: held-out loss per held-out dialog, reference log-likelihood per question, in every
+    format of `eval.formats` (items.jsonl)."""
     val_path, val_dialogs = _heldout(cfg, run_dir)
     metrics.update(heldout_dialogs=len(val_dialogs), answers_generated=0, answers_cached=0)
     if not val_dialogs:  # said, not silently missing: too few dialogs for a split, or train.val_fraction=0
         log.warning("eval: no held-out dialogs in %s; held-out loss is not computed", val_path)
     tok = M.load_tokenizer(cfg.model, cache_dir(cfg))
+    formats, unavailable = likelihood_formats(tok, list(cfg.eval.formats), cfg.model.chat_template)
+    metrics["formats"] = formats
+    if unavailable:
+        log.warning("eval: the likelihoods are not scored in %s: the tokenizer has no chat template", unavailable)
     rank, world = rank_and_world()
     shards = run_dir / "eval" / "shards" if world > 1 else None  # torchrun/srun: every rank answers its share
     backend = metrics["generate_backend"] = pick_backend(cfg)
@@ -115,7 +132,11 @@ def answer(cfg: Any, run_dir: Path, questions: list[dict], specs: list[Any], met
     items: list[dict] = []
     for spec in specs:
         student = _Student(cfg, spec, tok)
-        got, generated = local_answers(cfg, spec, questions, tok, student.load, shards, backend)
+        got, generated = [], 0
+        if cfg.eval.use_judge:  # answers exist for the judge (and the report's samples)
+            got, generated = local_answers(cfg, spec, questions, tok, student.load, shards, backend)
+            fmt = answer_format(tok, spec.adapter, cfg.model.chat_template, cfg.train.format)
+            metrics[f"{spec.name}/answer_format"] = fmt
         metrics["answers_generated"] += generated
         if rank == 0:
             answers += got
@@ -223,16 +244,19 @@ def _opponent(
 
 def score(e: Any, judged: Judged, answers: list[dict], stage_dir: Path, metrics: dict) -> str:
     """scores.csv and its charts (per model, mode and category), the judge's reliability; returns the note every
-    judge-based row carries ("judge cannot discriminate" when the judge check failed, else "")."""
+    judge-based row carries (`stats.judge_check_note`: "judge not shown to discriminate (...)" unless the judge
+    check showed it can, "" without a check)."""
     reliability = _reliability(e, judged.judgments, judged.check, answers, judged.opponent, stage_dir)
     check = reliability.get("judge_check")
-    note = CANNOT_DISCRIMINATE if check is not None and not check["discriminates"] else ""
+    note = judge_check_note(check)
     if check is not None:
         metrics.update(
             {
                 "judge_check/accuracy": check["accuracy"],
                 "judge_check/ci": [check["ci_low"], check["ci_high"]],
                 "judge_check/n": check["n"],
+                "judge_check/unparsed": check["unparsed"],
+                "judge_check/status": check["status"],
                 "judge_check/discriminates": check["discriminates"],
             }
         )
@@ -256,7 +280,8 @@ def score(e: Any, judged: Judged, answers: list[dict], stage_dir: Path, metrics:
     for r in rows:
         r["note"] = note
     write_scores_csv(rows, stage_dir / "scores.csv")
-    plot_scores(rows, stage_dir / "scores.png", e.judge_mode)
+    if rows:  # no chart without a judged answer (eval.use_judge=false): an empty chart would read as a result
+        plot_scores(rows, stage_dir / "scores.png", e.judge_mode)
     for mode in dict.fromkeys(r["mode"] for r in rows if r["mode"] != e.judge_mode):
         plot_scores(rows, stage_dir / f"scores_{mode}.png", mode)
     for r in rows:
@@ -270,15 +295,23 @@ def score(e: Any, judged: Judged, answers: list[dict], stage_dir: Path, metrics:
 
 
 def compare(
-    models: list[str], judgments: list[dict], items: list[dict], e: Any, note: str, stage_dir: Path, metrics: dict
+    models: list[str],
+    judgments: list[dict],
+    items: list[dict],
+    e: Any,
+    note: str,
+    stage_dir: Path,
+    metrics: dict,
+    answer_formats: dict[str, str] | None = None,
 ) -> None:
     """paired.csv: each model against the one before it, per item, with a verdict (see `paired_rows`)."""
-    paired = paired_rows(models, judgments, items, e.judge_mode, e.bootstrap, e.seed, note)
-    write_csv_rows(paired, stage_dir / "paired.csv", PAIRED_COLUMNS)
+    paired = paired_rows(models, judgments, items, e.judge_mode, e.bootstrap, e.seed, note, answer_formats)
+    write_csv_rows(paired, stage_dir / "paired.csv", PAIRED_TEST_COLUMNS)
     for p in paired:
-        key = f"paired/{p['comparison']}/{p['metric']}"
+        key = f"paired/{p['comparison']}/{p['metric']}" + (f"@{p['format']}" if p["format"] in FORMATS else "")
         metrics[f"{key}/diff"], metrics[f"{key}/ci"] = p["diff"], [p["ci_low"], p["ci_high"]]
-        metrics[f"{key}/verdict"] = p["verdict"]
+        metrics[f"{key}/p"], metrics[f"{key}/verdict"] = p["p"], p["verdict"]
+        metrics[f"{key}/verdict_holm"] = p["verdict_holm"]
 
 
 def publish_final(metrics: dict, models: list[str]) -> None:
@@ -297,21 +330,30 @@ def publish_final(metrics: dict, models: list[str]) -> None:
 def _likelihoods(
     cfg: Any, spec: Any, load: Any, tok: Any, questions: list[dict], val_dialogs: list[dict], metrics: dict
 ) -> list[dict]:
-    """One model's per-item held-out loss and reference log-likelihood (items.jsonl), and their totals."""
+    """One model's per-item held-out loss (AI turns; all tokens too with `eval.heldout_all_tokens`) and reference
+    log-likelihood (items.jsonl), each in every format of `eval.formats`, and their totals: `<model>/<metric>`
+    in `train.format` (what earlier runs reported) and `<model>/<metric>@<format>` per format."""
     e, out = cfg.eval, []
-    if val_dialogs:
-        held = heldout_items(load(), tok, val_dialogs, cfg.train.max_length, fmt=cfg.train.format)
-        total = summarize(held)
-        metrics[f"{spec.name}/heldout_loss"] = total["loss"]
-        metrics[f"{spec.name}/heldout_ppl"] = total["ppl"]
-        metrics[f"{spec.name}/heldout_tokens"] = total["tokens"]
-        out += [{"model": spec.name, "kind": "heldout", **h} for h in held]
-    if e.reference_loglik and any(q.get("reference") for q in questions):
-        prompts = model_prompts(tok, questions, spec.adapter, cfg.model.chat_template, cfg.train.format)
-        ref = reference_items(load(), tok, questions, prompts, cfg.train.max_length)
-        total = summarize(ref)
-        metrics[f"{spec.name}/ref_loglik"] = None if total["loss"] is None else -total["loss"]
-        out += [{"model": spec.name, "kind": "ref_loglik", **r} for r in ref]
+    formats, _ = likelihood_formats(tok, list(e.formats), cfg.model.chat_template)
+    kinds = [("heldout", "ai"), *([("heldout_all", "all")] if e.heldout_all_tokens else [])] if val_dialogs else []
+    with_ref = e.reference_loglik and any(q.get("reference") for q in questions)
+    for fmt in formats:
+        per_kind: dict[str, list[dict]] = {}
+        for kind, loss_on in kinds:
+            per_kind[kind] = heldout_items(load(), tok, val_dialogs, cfg.train.max_length, fmt=fmt, loss_on=loss_on)
+        if with_ref:
+            prompts = [generation_prompt(q["question"], fmt, tok) for q in questions]
+            per_kind["ref_loglik"] = reference_items(load(), tok, questions, prompts, cfg.train.max_length)
+        for kind, got in per_kind.items():
+            total, metric = summarize(got), ITEM_METRICS[kind]
+            value = total["loss"] if metric != "ref_loglik" or total["loss"] is None else -total["loss"]
+            names = [f"{metric}@{fmt}", *([metric] if fmt == cfg.train.format else [])]
+            for name in names:
+                metrics[f"{spec.name}/{name}"] = value
+                if kind == "heldout":
+                    metrics[f"{spec.name}/{name.replace('loss', 'ppl')}"] = total["ppl"]
+                    metrics[f"{spec.name}/{name.replace('loss', 'tokens')}"] = total["tokens"]
+            out += [{"model": spec.name, "kind": kind, "format": fmt, **g} for g in got]
     return out
 
 
@@ -351,8 +393,11 @@ def _reliability(
     opponent: dict[str, str] | None,
     stage_dir: Path,
 ) -> dict:
-    """reliability.json and judge_check.jsonl: what the judge check, position agreement, self-consistency,
-    parse shares and the length-controlled win rate say about this run's judge."""
+    """reliability.json and judge_check.jsonl: what the judge check (`stats.judge_check_clustered`), position
+    agreement, self-consistency, parse shares and the length-controlled win rate say about this run's judge."""
+    if not e.use_judge:
+        write_json(stage_dir / "reliability.json", {"use_judge": False})
+        return {}
     out: dict[str, Any] = {"parse_shares": parse_shares(judgments)}
     if check_judgments:
         if e.judge_mode == "pairwise":
@@ -360,25 +405,27 @@ def _reliability(
                 j["degradation"] = j["model"].split("/", 1)[1]
         records = check_records(e.judge_mode, check_judgments)
         write_jsonl(stage_dir / "judge_check.jsonl", records)
-        out["judge_check"] = check_summary(records)
-        c = out["judge_check"]
+        c = out["judge_check"] = judge_check_clustered(records)
         said = (
             "the judge discriminates"
             if c["discriminates"]
-            else f"{CANNOT_DISCRIMINATE}: judge-based results of this run are not evidence"
+            else f"{judge_check_note(c)}: judge-based results of this run are not evidence"
         )
         if c["n"]:
             log.info(
-                "eval: judge check: %g of %d known-order pairs right (%.0f%% [%.0f%%, %.0f%%]); %s",
+                "eval: judge check: %g of %d readable known-order pairs right (%.0f%% [%.0f%%, %.0f%%], clustered "
+                "by question); %d of %d unreadable; %s",
                 c["correct"],
                 c["n"],
                 100 * c["accuracy"],
                 100 * c["ci_low"],
                 100 * c["ci_high"],
+                c["unparsed"],
+                c["total"],
                 said,
             )
         else:  # every check reply unreadable: there is no accuracy to print, only that nothing was shown
-            log.info("eval: judge check: none of %d known-order pairs got a readable judgment; %s", c["unparsed"], said)
+            log.info("eval: judge check: none of %d known-order pairs got a readable judgment; %s", c["total"], said)
     if e.judge_mode == "pairwise":
         out["position_agreement"] = position_agreement(judgments)
         mine = {(a["model"], a["question_id"]): a["answer"] for a in answers if a.get("answer") is not None}
@@ -391,6 +438,21 @@ def _reliability(
     return out
 
 
+def judge_format(a: str, b: str, answer_formats: dict[str, str] | None) -> str:
+    """The prompt formats a judge row's answers were generated in: one name when both models answered in it,
+    else each model's ("v1: baize; base: chat_template"); "" when unknown (an older run)."""
+    fa, fb = ((answer_formats or {}).get(m, "") for m in (a, b))
+    if not (fa or fb):
+        return ""
+    return fa if fa == fb else f"{a}: {fa or '?'}; {b}: {fb or '?'}"
+
+
+def _likelihood_order(key: str) -> tuple[int, int]:
+    metric, fmt = split_metric(key)
+    order = list(ITEM_METRICS.values())
+    return (order.index(metric) if metric in order else len(order), FORMATS.index(fmt) if fmt in FORMATS else -1)
+
+
 def paired_rows(
     models: list[str],
     judgments: list[dict],
@@ -399,27 +461,42 @@ def paired_rows(
     n_boot: int,
     seed: int,
     judge_note: str = "",
+    answer_formats: dict[str, str] | None = None,
 ) -> list[dict]:
     """paired.csv: each model against the one before it in eval.models, per metric: the judge's value per
-    question (score, or the pairwise win value), held-out loss per dialog, reference log-likelihood per question."""
+    question (score, or the pairwise win value; its parse failures per model in `items`), and per format the
+    held-out losses per dialog and the reference log-likelihood per question (`format`: the judge rows' answer
+    formats, `answer_formats` by model).
+
+    Each row is `stats.paired_test` (a studentized bootstrap interval; for discrete judge values the exact
+    signed-rank test as well), and the rows together are one family for Holm's adjustment (`p_holm`,
+    `verdict_holm`): with a dozen rows, one "better" at p = 0.04 is what chance alone gives. They see item noise
+    only: what another training seed would change is the reproduction's seed-aware comparison."""
     values = item_values(judgments, items)
     rows = []
+    judge_metric = f"judge_{judge_mode}"
     for a, b in zip(models[1:], models[:-1], strict=False):
-        for name in (f"judge_{judge_mode}", "heldout_loss", "ref_loglik"):
-            va, vb = values.get(a, {}).get(name), values.get(b, {}).get(name)
-            if va and vb:
-                r = paired_bootstrap(va, vb, higher_is_better(name), n_boot, seed)
-                rows.append(
-                    {
-                        "comparison": f"{a} vs {b}",
-                        "a": a,
-                        "b": b,
-                        "metric": name,
-                        **r,
-                        "note": judge_note if name.startswith("judge_") else "",
-                    }
-                )
-    return rows
+        base = {"comparison": f"{a} vs {b}", "a": a, "b": b}
+        ja, jb = (judge_item_values(judgments, m, judge_mode) for m in (a, b))
+        if ja and jb:
+            r = paired_test(ja, jb, higher_is_better(judge_metric), n_boot=n_boot, seed=seed)
+            rows.append(
+                {
+                    **base,
+                    "metric": judge_metric,
+                    **r,
+                    "format": judge_format(a, b, answer_formats),
+                    "items": pair_counts(ja, jb, a, b)["text"],
+                    "note": "; ".join(x for x in (judge_note, r["note"]) if x),
+                }
+            )
+        va, vb = values.get(a, {}), values.get(b, {})
+        shared = sorted((k for k in va if k in vb and not k.startswith("judge_")), key=_likelihood_order)
+        for key in shared:
+            metric, fmt = split_metric(key)
+            r = paired_test(va[key], vb[key], higher_is_better(key), n_boot=n_boot, seed=seed)
+            rows.append({**base, "metric": metric, **r, "format": fmt, "items": pair_counts(va[key], vb[key])["text"]})
+    return holm_rows(rows)
 
 
 STAGE = Stage(
@@ -432,14 +509,20 @@ STAGE = Stage(
         "eval/answers.jsonl",
         "eval/judgments.jsonl",
         "eval/scores.csv",
-        "eval/scores.png",
         "eval/items.jsonl",
         "eval/paired.csv",
         "eval/reliability.json",
     ),
-    # the judge check's records (when on), charts of further modes, per-rank answer shards, and the arena's votes
-    # (baize-chat appends them after the stage; the stage reads them when there)
-    may_write=("eval/judge_check.jsonl", "eval/scores_*.png", "eval/shards/*", "eval/human_votes.jsonl"),
+    # the judge's chart (not with eval.use_judge=false), the judge check's records (when on), charts of further
+    # modes, per-rank answer shards, and the arena's votes (baize-chat appends them after the stage; the stage
+    # reads them when there)
+    may_write=(
+        "eval/scores.png",
+        "eval/judge_check.jsonl",
+        "eval/scores_*.png",
+        "eval/shards/*",
+        "eval/human_votes.jsonl",
+    ),
     log_wandb=log_wandb,
     joins_ddp=True,  # under torchrun/srun the other ranks generate their share of answers
     preflight=lambda cfg: M.check_loadable(cfg.model),

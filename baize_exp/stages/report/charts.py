@@ -233,8 +233,8 @@ def forest(rows: list[dict], path: Path, title: str = "Paired differences (a - b
     common = f" vs {next(iter(against))}" if len(against) == 1 and all(" vs " in r["comparison"] for r in rows) else ""
     if common:
         title = f"{title}\nagainst {shorten(common[4:], 60)}"
-    metrics = list(dict.fromkeys(r["metric"] for r in rows))
-    sizes = [sum(r["metric"] == m for r in rows) for m in metrics]
+    metrics = list(dict.fromkeys(_panel(r) for r in rows))
+    sizes = [sum(_panel(r) == m for r in rows) for m in metrics]
     fig, axes = plt.subplots(
         len(metrics),
         1,
@@ -244,17 +244,28 @@ def forest(rows: list[dict], path: Path, title: str = "Paired differences (a - b
         layout="constrained",
     )
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
-        sel = [r for r in rows if r["metric"] == metric]
+        sel = [r for r in rows if _panel(r) == metric]
         pos = list(range(len(sel)))[::-1]
+        # an unbounded side (a studentized interval at n of 2-3) is drawn to the panel's edge with an arrow
+        ends = [v for r in sel for v in (r["diff"], r.get("ci_low"), r.get("ci_high")) if finite(v)]
+        span = (max(ends) - min(ends)) or abs(ends[0]) or 1.0
+        edge = (min(ends) - 0.08 * span, max(ends) + 0.08 * span)
         for r, p in zip(sel, pos, strict=True):
-            colour = VERDICT_COLOUR.get(r["verdict"], "#555555")
-            if finite(r.get("ci_low")) and finite(r.get("ci_high")):
-                ax.plot([r["ci_low"], r["ci_high"]], [p, p], color=colour, lw=2)
+            shown = r.get("verdict_holm") or r["verdict"]
+            colour = VERDICT_COLOUR.get(shown, "#555555")
+            lo, hi = r.get("ci_low"), r.get("ci_high")
+            if _bound(lo) and _bound(hi):
+                x0, x1 = (lo if finite(lo) else edge[0]), (hi if finite(hi) else edge[1])
+                ax.plot([x0, x1], [p, p], color=colour, lw=2)
+                for x, bounded, mark in ((x0, finite(lo), "<"), (x1, finite(hi), ">")):
+                    if not bounded:
+                        ax.plot([x], [p], mark, color=colour, ms=6)
             ax.plot([r["diff"]], [p], "o", color=colour)
+            holm = f"; Holm: {r['verdict_holm']}" if r.get("verdict_holm") and r["verdict_holm"] != r["verdict"] else ""
             ax.text(
                 1.02,
                 p,
-                f"{r['verdict']} (n={r['n']})",
+                f"{r['verdict']}{holm} (n={r['n']})",
                 transform=ax.get_yaxis_transform(),
                 va="center",
                 fontsize=8,
@@ -264,7 +275,8 @@ def forest(rows: list[dict], path: Path, title: str = "Paired differences (a - b
         ax.xaxis.set_major_locator(MaxNLocator(nbins=6))  # small differences: long tick labels must not collide
         ax.set_yticks(pos, [shorten(r["comparison"].removesuffix(common), 40) for r in sel], fontsize=8)
         ax.set_ylim(-0.7, len(sel) - 0.3)
-        unit = METRIC_AXIS.get(metric) or (
+        base, _, form = metric.partition(" @ ")
+        unit = (METRIC_AXIS.get(base, "") + (f", {form} format" if form else "")) or (
             f"{metric} difference (win rate; higher is better)"
             if "pairwise" in metric
             else f"{metric} difference (higher is better)"
@@ -273,6 +285,20 @@ def forest(rows: list[dict], path: Path, title: str = "Paired differences (a - b
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def _panel(r: dict) -> str:
+    """A forest panel per metric and likelihood format ("heldout_loss @ baize"); judge rows by metric alone (their
+    format names each model's answer format)."""
+    form = r.get("format") or ""
+    return (
+        f"{r['metric']} @ {form}" if form and not r["metric"].startswith("judge_") and " " not in form else r["metric"]
+    )
+
+
+def _bound(v: Any) -> bool:
+    """An interval end that can be drawn: a number, or an infinite one (drawn to the edge); not NaN or missing."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
 def shorten(s: str, cap: int) -> str:

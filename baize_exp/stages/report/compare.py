@@ -10,7 +10,15 @@ from baize_exp.errors import UserError, exit_on_error
 from baize_exp.stages.report import charts
 from baize_exp.stages.report.human import runs_blocks
 from baize_exp.stages.report.page import Block, Heading, Image, Table, Text, to_html, to_markdown
-from baize_exp.stages.report.paired import PAIRED_COLUMNS, cross_run_rows, judge_discriminates, write_csv_rows
+from baize_exp.stages.report.paired import (
+    ARM_COLUMNS,
+    PAIRED_TEST_COLUMNS,
+    Arm,
+    arm_rows,
+    cross_run_rows,
+    judge_discriminates,
+    write_csv_rows,
+)
 from baize_exp.stages.report.runs import (
     RunRecord,
     is_sweep,
@@ -22,8 +30,58 @@ from baize_exp.stages.report.runs import (
     write_csv,
 )
 from baize_exp.stages.report.single import WARNING, paired_blocks
+from baize_exp.stats import holm_rows
 
 DEFAULT_METRICS = ["final_heldout_loss", "final_judge"]
+# Swept keys whose values are replicates, not settings: runs that differ only in one of them are one arm, and the
+# paired comparison is across arms, seeds and items (`paired.arm_rows`), not run against run.
+REPLICATE_KEYS = ("train.seed",)
+
+
+def replicate_groups(records: list[RunRecord]) -> tuple[list[str], list[list[int]]] | None:
+    """(the replicate keys swept, runs grouped by every other swept parameter: lists of indices in table order),
+    or None when no replicate key is swept or no group has two replicates (nothing to group)."""
+    params, _ = swept_params(records)
+    keys = [k for k in REPLICATE_KEYS if k in params]
+    if not keys:
+        return None
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(tuple(r.overrides.get(p) for p in params if p not in keys), []).append(i)
+    if all(len(g) < 2 for g in groups.values()):
+        return None
+    return keys, list(groups.values())
+
+
+def grouped_rows(
+    records: list[RunRecord], baseline: int, keys: list[str], groups: list[list[int]]
+) -> tuple[list[dict], list[str], str]:
+    """Each arm (runs that differ only in a replicate key) against the baseline run's arm, by `paired.arm_rows`,
+    Holm-adjusted over the table; (rows, notes, the baseline arm's label)."""
+    params, _ = swept_params(records)
+    others = [p for p in params if p not in keys]
+    arm_labels = run_labels(records, others) if others else [r.path.name for r in records]
+    arms = []
+    for g in groups:
+        runs = [
+            (" ".join(f"{k}={records[i].overrides.get(k)}" for k in keys), records[i].path, final)
+            for i in g
+            if records[i].status == "completed" and (final := records[i].values.get("final_model"))
+        ]
+        arms.append(Arm(arm_labels[g[0]], runs))
+    b = next(k for k, g in enumerate(groups) if baseline in g)
+    rows: list[dict] = []
+    notes: list[str] = []
+    for k, arm in enumerate(arms):
+        if k == b:
+            continue
+        if not arm.runs or not arms[b].runs:
+            notes.append(f"`{arm.label}`: no completed run with per-item values, not compared")
+            continue
+        got, why = arm_rows(arm, arms[b])
+        rows += got
+        notes += why
+    return holm_rows(rows), notes, arms[b].label
 
 
 def plot(records: list[RunRecord], out_dir: Path, metrics: list[str]) -> list[Image]:
@@ -120,14 +178,25 @@ def compare(
     base = resolve_baseline(records, labels, baseline)
     images = plot(records, out_dir, metrics or DEFAULT_METRICS)
     finals = [r.values.get("final_model") for r in records]
-    paired, notes = (
-        cross_run_rows([(lab, r.path, f) for lab, r, f in zip(labels, records, finals, strict=True)], base)
-        if len(records) > 1
-        else ([], [])
-    )
-    write_csv_rows(paired, out_dir / "paired.csv", PAIRED_COLUMNS)
+    grouping = replicate_groups(records) if len(records) > 1 else None
+    if grouping:  # replicates of a setting (train.seed): arm against arm, across seeds and items
+        paired, notes, base_label = grouped_rows(records, base, *grouping)
+        notes.insert(
+            0,
+            f"Runs that differ only in {', '.join(grouping[0])} are replicates of one arm: each arm "
+            "is compared with the baseline's across its seeds and items (seed SD beside each effect).",
+        )
+        columns = ARM_COLUMNS
+    else:
+        paired, notes = (
+            cross_run_rows([(lab, r.path, f) for lab, r, f in zip(labels, records, finals, strict=True)], base)
+            if len(records) > 1
+            else ([], [])
+        )
+        base_label, columns = labels[base], PAIRED_TEST_COLUMNS
+    write_csv_rows(paired, out_dir / "paired.csv", columns)
     title = f"Ablation report: {len(records)} runs"
-    blocks = blocks_for(records, images, paired, notes, labels[base], out_dir)
+    blocks = blocks_for(records, images, paired, notes, base_label, out_dir)
     blocks += runs_blocks([r.path for r in records])
     (out_dir / "report.md").write_text(to_markdown(title, blocks, out_dir))
     write_csv(records, out_dir / "report.csv")

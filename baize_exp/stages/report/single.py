@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ from baize_exp.stages.report.page import (
 )
 from baize_exp.stages.report.paired import paired_table, read_csv_rows, reliability
 from baize_exp.stages.report.runs import fmt, loss_history
+from baize_exp.stats import MIN_CHECK_PARSED, NOT_SHOWN_TO_DISCRIMINATE, TOO_FEW_READABLE
 
 PLOTS = "report_plots"
-WARNING = "judge cannot discriminate: judge-based results below are not evidence"
+WARNING = f"{NOT_SHOWN_TO_DISCRIMINATE}: judge-based results below are not evidence"
 MODEL_ORDER = ("base", "v1", "v2")
 
 
@@ -45,6 +47,78 @@ def _info(run_dir: Path, metrics: dict) -> list[Block]:
     return [Text("; ".join(lines))]
 
 
+def _run_config(run_dir: Path) -> Any:
+    """The run's composed config (`.hydra/config.yaml`), None when it is gone."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(path)
+
+
+def _headline(rows: list[dict], train_format: str | None) -> list[str]:
+    """One line per comparison of the held-out loss (in the training format, else the first format scored):
+    the difference with its interval, the verdict and the verdict after Holm's adjustment over the table."""
+    held = [r for r in rows if r.get("metric") == "heldout_loss"]
+    forms = list(dict.fromkeys(r.get("format") or "" for r in held))
+    form = train_format if train_format in forms else (forms[0] if forms else None)
+    lines = []
+    for r in (r for r in held if (r.get("format") or "") == form):
+        holm = (
+            f"; after Holm's adjustment over the {len(rows)} comparisons: {r['verdict_holm']}"
+            if r.get("verdict_holm")
+            else ""
+        )
+        lines.append(
+            f"**{r['comparison']}**: held-out loss {fmt(r['diff'])} nats/token "
+            f"{_ci(r['ci_low'], r['ci_high'])} (95% CI, paired over n={r['n']} held-out dialogs"
+            + (f", {form} format" if form else "")
+            + f"; lower is better): **{r['verdict']}**{holm}"
+        )
+    return lines
+
+
+def scope_blocks(run_dir: Path, metrics: dict, rows: list[dict]) -> list[Block]:
+    """What this run can and cannot show, first: the held-out-loss comparisons with their intervals, and the
+    limits of one training run, of the judge and of the teacher's data."""
+    ev = metrics.get("eval")
+    if not ev:
+        return []
+    cfg = _run_config(run_dir)
+    train_format = cfg.train.format if cfg is not None else None
+    held, questions = ev.get("heldout_dialogs", 0), ev.get("questions", 0)
+    can = (
+        f"whether the models of this run differ on these {held} held-out dialogs and {questions} eval questions, "
+        "given this one training run: each comparison is paired per item, and Holm's adjustment holds the chance "
+        "of any false verdict in the table at 5%."
+    )
+    cannot = [
+        "whether another training seed would give the same verdicts: one seed per model, so the seed noise is "
+        "unknown (`python -m baize_exp.reproduce` trains 3 seeds per arm and tests across them)"
+    ]
+    if held < 4:
+        cannot.insert(0, f"much from the held-out loss: only {held} held-out dialog(s)")
+    check = reliability(run_dir).get("judge_check") or {}
+    if ev.get("judge_check/discriminates") is False or check.get("discriminates") is False:
+        cannot.append(f"anything from the judge's scores ({check.get('status') or NOT_SHOWN_TO_DISCRIMINATE})")
+    elif not check:
+        cannot.append("whether the judge's scores mean anything (no judge check ran)")
+    cannot.append(
+        "answer quality beyond the teacher: the held-out loss measures how well a model predicts the teacher's "
+        "held-out dialogs"
+        + (
+            f" (here the {cfg.teacher.serve.model} model served locally)"
+            if cfg is not None and cfg.teacher.backend == "local"
+            else ""
+        )
+    )
+    out: list[Block] = [Heading("What this run can and cannot show")]
+    out += [Text(line) for line in _headline(rows, train_format)]
+    out += [Text(f"It can show {can}"), Text("It cannot show " + "; ".join(cannot) + ".")]
+    return out
+
+
 def judge_check_blocks(rel: dict, ev: dict) -> list[Block]:
     """The judge check (known-order items: can the judge tell a good answer from a degraded one?), position
     agreement, self-consistency and how the judge's replies were parsed."""
@@ -55,8 +129,12 @@ def judge_check_blocks(rel: dict, ev: dict) -> list[Block]:
     out: list[Block] = [Heading("Judge check")]
     if discriminates is False:
         out.append(Text(WARNING, warn=True))
+    unparsed = (
+        f"; {jc['unparsed']} of {jc.get('total', jc['n'] + jc['unparsed'])} replies unreadable"
+        if jc.get("unparsed")
+        else ""
+    )
     if jc and not jc.get("n"):
-        unparsed = f" ({jc['unparsed']} replies unparsable)" if jc.get("unparsed") else ""
         out.append(
             Text(
                 f"Known-order check: no check item could be judged{unparsed}, so nothing shows the judge "
@@ -64,16 +142,25 @@ def judge_check_blocks(rel: dict, ev: dict) -> list[Block]:
             )
         )
     elif jc:
-        verdict = (
-            "the judge tells the good answer from the degraded one more often than chance"
-            if discriminates
-            else "not better than chance"
+        if jc.get("status") == TOO_FEW_READABLE:
+            verdict = (
+                f"{TOO_FEW_READABLE}: fewer than {jc.get('min_parsed', MIN_CHECK_PARSED)} readable items cannot "
+                "show much either way, so the judge is not shown to discriminate"
+            )
+        elif discriminates:
+            verdict = "the judge tells the good answer from the degraded one more often than chance"
+        else:
+            verdict = "not shown to be better than chance (which is not proof that it is blind)"
+        clustered = (
+            f" at the design-effect n={fmt(jc['n_effective'])} of {jc.get('questions')} questions"
+            if "n_effective" in jc
+            else ""
         )
         out.append(
             Text(
                 f"Known-order check: accuracy **{fmt(jc.get('accuracy'))}** "
-                f"{_ci(jc.get('ci_low'), jc.get('ci_high'))} (95% Wilson) on n={jc.get('n')} items, "
-                f"chance {fmt(jc.get('chance', 0.5))}: {verdict}."
+                f"{_ci(jc.get('ci_low'), jc.get('ci_high'))} (95% Wilson{clustered}) on n={jc.get('n')} readable "
+                f"items{unparsed}, chance {fmt(jc.get('chance', 0.5))}: {verdict}."
             )
         )
     if jc.get("n"):
@@ -81,9 +168,15 @@ def judge_check_blocks(rel: dict, ev: dict) -> list[Block]:
         if by:
             out.append(
                 Table(
-                    ["degradation", "n", "accuracy", "95% CI"],
+                    ["degradation", "n", "unreadable", "accuracy", "95% CI"],
                     [
-                        [k, str(v.get("n")), fmt(v.get("accuracy")), _ci(v.get("ci_low"), v.get("ci_high"))]
+                        [
+                            k,
+                            str(v.get("n")),
+                            str(v.get("unparsed", "-")),
+                            fmt(v.get("accuracy")),
+                            _ci(v.get("ci_low"), v.get("ci_high")),
+                        ]
                         for k, v in by.items()
                     ],
                 )
@@ -122,6 +215,8 @@ def score_blocks(run_dir: Path, ev: dict, plots: Path) -> list[Block]:
         return []
     rows = read_csv_rows(path)
     total = [r for r in rows if r["category"] == "all"]
+    if not total:  # no judged answer (eval.use_judge=false): the judge-free measures only
+        return likelihood_blocks(ev)
     with_note = any(r.get("note") for r in total)
     with_ref = any(f"{r['model']}/ref_loglik" in ev for r in total)
     header = ["model", "mode", "n", "mean", "95% CI", "parse failures", "held-out loss", "held-out ppl"]
@@ -143,6 +238,7 @@ def score_blocks(run_dir: Path, ev: dict, plots: Path) -> list[Block]:
     out: list[Block] = [
         Heading("Judge scores (95% bootstrap CI; single/reference 1-10, pairwise a win rate)"),
         Table(header, cells),
+        *likelihood_blocks(ev),
     ]
     pngs = sorted((run_dir / "eval").glob("scores*.png"), key=lambda p: (p.name != "scores.png", p.name))
     out += [Image(p, f"judge scores per category ({p.stem})") for p in pngs]
@@ -170,16 +266,52 @@ def score_blocks(run_dir: Path, ev: dict, plots: Path) -> list[Block]:
     return out
 
 
+_LIKELIHOOD_KEY = re.compile(r"^([^/]+)/(heldout_loss|heldout_loss_all|ref_loglik)@(\w+)$")
+_LIKELIHOOD_NAMES = {
+    "heldout_loss": "held-out loss",
+    "heldout_loss_all": "held-out loss, all tokens",
+    "ref_loglik": "ref log-lik",
+}
+
+
+def likelihood_blocks(ev: dict) -> list[Block]:
+    """The judge-free measures per model in every format they were scored in (`<model>/<metric>@<format>`)."""
+    found = [m.groups() for k in ev if (m := _LIKELIHOOD_KEY.match(k)) and m.group(1) != "final"]
+    if not found:
+        return []
+    models = list(dict.fromkeys(m for m, _, _ in found))
+    models = [m for m in MODEL_ORDER if m in models] + [m for m in models if m not in MODEL_ORDER]
+    cols = sorted(
+        {(metric, form) for _, metric, form in found}, key=lambda c: (list(_LIKELIHOOD_NAMES).index(c[0]), c[1])
+    )
+    header = ["model", *(f"{_LIKELIHOOD_NAMES[metric]} ({form})" for metric, form in cols)]
+    return [
+        Text(
+            "Judge-free measures, every model in every prompt format (held-out losses in nats/token, lower is "
+            "better; reference log-likelihood per token, higher is better):"
+        ),
+        Table(header, [[m, *(fmt(ev.get(f"{m}/{metric}@{form}")) for metric, form in cols)] for m in models]),
+    ]
+
+
 def paired_blocks(rows: list[dict], plots: Path, what: str) -> list[Block]:
     """The paired comparison table and its forest plot."""
     if not rows:
         return []
     header, cells, classes = paired_table(rows)
+    seeds = any(r.get("k_a") not in (None, "") for r in rows)
     out: list[Block] = [
         Heading(f"Paired comparisons ({what})"),
         Text(
-            "diff = mean over the same items of (a - b) in the metric's units, 95% paired "
-            "bootstrap CI; MDE = the smallest difference this n would detect 80% of the time."
+            "diff = mean over the same items of (a - b) in the metric's units, with its 95% interval: "
+            + (
+                "over training seeds and items (a mixed model, t with Satterthwaite's degrees of freedom), "
+                if seeds
+                else "a studentized bootstrap over items (judge scores: with the exact signed-rank test), "
+            )
+            + "p its test of no difference; verdict (Holm): the verdict after Holm's adjustment over every row "
+            "of the table; MDE = the smallest difference this n would detect 80% of the time; format = the "
+            "prompt format the measure was scored in (judge rows: the formats the answers were generated in)."
         ),
         Table(header, cells, row_classes=classes),
     ]
@@ -256,12 +388,14 @@ def build(run_dir: Path, samples: int = 3) -> tuple[str, list[Block]]:
     plots = run_dir / PLOTS
     for old in plots.glob("*.png"):  # a chart that no longer applies must not linger beside the new report
         old.unlink()
-    blocks: list[Block] = _info(run_dir, metrics)
+    paired_path = run_dir / "eval" / "paired.csv"
+    rows = read_csv_rows(paired_path) if paired_path.is_file() else []
+    blocks: list[Block] = scope_blocks(run_dir, metrics, rows) + _info(run_dir, metrics)
     blocks += judge_check_blocks(reliability(run_dir), ev)
     blocks += human_blocks(run_dir)  # also refreshes eval/scores.csv and paired.csv with the votes
     blocks += score_blocks(run_dir, ev, plots)
-    if (run_dir / "eval" / "paired.csv").is_file():
-        blocks += paired_blocks(read_csv_rows(run_dir / "eval" / "paired.csv"), plots, "models of this run")
+    if paired_path.is_file():
+        blocks += paired_blocks(read_csv_rows(paired_path), plots, "models of this run")
     if png := charts.loss_curves({run_dir.name: loss_history(run_dir)}, plots / "loss_curves.png"):
         blocks += [Heading("Loss curves"), Image(png, "loss curves")]
     blocks += sample_blocks(run_dir, samples)
