@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pytest
 from helpers.report_fixture import make_run
 
@@ -247,3 +248,38 @@ def test_a_final_model_without_per_item_values_is_not_replaced_by_its_predecesso
     assert list(csv.DictReader(open(tmp_path / "cmp" / "paired.csv"))) == []
     md = (tmp_path / "cmp" / "report.md").read_text()
     assert "## Paired comparisons" in md and "`r=8` (v2) and `r=4` (v2) have no per-item metric in common" in md
+
+
+def _replicate_sweep(root: Path, shifts: dict[str, list[float]]) -> Path:
+    """A sweep of lora.r x train.seed: each (rank, seed) run shifted by its own seed's luck (`shifts[rank][k]`)."""
+    job = 0
+    for r, per_seed in shifts.items():
+        for seed, shift in zip((42, 43, 44), per_seed, strict=True):
+            make_run(root / str(job), ["+sweep=x", f"lora.r={r}", f"train.seed={seed}"], shift=shift)
+            job += 1
+    return root
+
+
+def test_train_seed_replicates_are_one_arm_and_a_seed_shift_is_no_treatment_effect(tmp_path: Path) -> None:
+    # each arm's seeds shift it by +0.5, -0.3, -0.2 or the mirror image: equal means, unequal first seeds
+    sweep = _replicate_sweep(tmp_path / "sweep", {"4": [0.5, -0.3, -0.2], "8": [-0.5, 0.3, 0.2]})
+    report.compare([sweep], sweep / "report")
+    rows = {r["metric"]: r for r in csv.DictReader(open(sweep / "report" / "paired.csv"))}
+    assert set(rows) == {"judge_single", "heldout_loss", "ref_loglik"}
+    for r in rows.values():  # one arm per rank, its three seeds together
+        assert (r["comparison"], r["k_a"], r["k_b"]) == ("r=8 vs r=4", "3", "3")
+        assert r["verdict"] == r["verdict_holm"] == "no detectable difference"
+        assert r["seed_noise_known"] == "True" and float(r["seed_sd_a"]) > 0
+    assert float(rows["heldout_loss"]["seed_sd_b"]) == pytest.approx(0.1 * np.std([0.5, -0.3, -0.2], ddof=1))
+    assert "unparsed: 3 in r=8, 3 in r=4" in rows["judge_single"]["items"]  # the empty category, in every seed
+    md = (sweep / "report" / "report.md").read_text()
+    assert "replicates of one arm" in md and "seed SD a / b" in md
+    # negative control: the two seed-42 runs alone, item by item, call that seed's luck an effect of the rank
+    pair = tmp_path / "pair"
+    report.compare([sweep / "3", sweep / "0"], pair)  # r=8 seed 42 the baseline, r=4 seed 42 against it
+    assert {r["verdict_holm"] for r in csv.DictReader(open(pair / "paired.csv"))} == {"better"}
+    # a real difference between the arms, larger than the seeds' spread, is still found
+    real = _replicate_sweep(tmp_path / "real", {"4": [0.5, -0.3, -0.2], "8": [2.5, 3.3, 3.2]})
+    report.compare([real], real / "report")
+    verdicts = {r["metric"]: r["verdict_holm"] for r in csv.DictReader(open(real / "report" / "paired.csv"))}
+    assert verdicts == {"judge_single": "better", "heldout_loss": "better", "ref_loglik": "better"}

@@ -14,6 +14,7 @@ import pytest
 from helpers.cli import run_cli
 from helpers.fault_server import FaultServer
 
+from baize_exp import stats as S
 from baize_exp.wandb_log import STEP_AXES
 
 WORDS = [
@@ -264,6 +265,8 @@ def test_eval_tables_are_typed_and_absent_files_are_skipped(tmp_path: Path) -> N
                     "ci_high": 0.91,
                     "chance": 0.5,
                     "discriminates": False,
+                    "unparsed": 3,
+                    "status": S.NOT_SHOWN_TO_DISCRIMINATE,
                     "by_degradation": {"truncated": {"n": 1, "accuracy": 1.0, "ci_low": 0.2, "ci_high": 1.0}},
                 }
             }
@@ -289,7 +292,8 @@ def test_eval_tables_are_typed_and_absent_files_are_skipped(tmp_path: Path) -> N
     assert check["columns"][:4] == ["question_id", "degradation", "mode", "correct"]
     assert check["data"][0][3:6] == [True, 8.0, 3.0] and check["data"][1][3] is None
     acc = _table(new.parent, "eval/judge_check_accuracy")
-    assert acc["data"][0] == ["all", 2, 1, 0.5, 0.09, 0.91, 0.5, False] and acc["data"][1][0] == "truncated"
+    assert acc["data"][0] == ["all", 2, 1, 0.5, 0.09, 0.91, 0.5, False, 3, S.NOT_SHOWN_TO_DISCRIMINATE]
+    assert acc["data"][1][0] == "truncated" and acc["data"][1][-2:] == [None, None]  # an older record: left empty
     paired = _table(new.parent, "eval/paired")
     assert paired["columns"][-2:] == ["verdict", "note"]
     assert paired["data"][0][5:13] == [4, 2.1, 2.5, -0.4, -0.6, -0.2, 0.15, "better"]

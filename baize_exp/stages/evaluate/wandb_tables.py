@@ -13,10 +13,25 @@ from baize_exp.io import read_jsonl
 
 # Column types of the CSVs, so W&B tables hold numbers (sortable, plottable) rather than the CSV's strings; a
 # column not named here stays a string (model, category, mode, note, verdict, ...).
-INT_COLUMNS = frozenset({"n", "parse_failures"})
-FLOAT_COLUMNS = frozenset({"mean", "ci_low", "ci_high", "mean_a", "mean_b", "diff", "mde"})
+INT_COLUMNS = frozenset({"n", "parse_failures", "k_a", "k_b"})
+FLOAT_COLUMNS = frozenset(
+    {"mean", "ci_low", "ci_high", "mean_a", "mean_b", "diff", "mde", "p", "p_holm", "seed_sd_a", "seed_sd_b", "df"}
+)
 JUDGE_CHECK_COLUMNS = ["question_id", "degradation", "mode", "correct", "good_score", "bad_score", "verdicts", "parse"]
-JUDGE_ACCURACY_COLUMNS = ["degradation", "n", "correct", "accuracy", "ci_low", "ci_high", "chance", "discriminates"]
+# n counts the readable items, unparsed the others; status: discriminates, "judge not shown to discriminate" or
+# "too few readable" (stats.judge_check_clustered; an older run's check has neither and leaves them empty)
+JUDGE_ACCURACY_COLUMNS = [
+    "degradation",
+    "n",
+    "correct",
+    "accuracy",
+    "ci_low",
+    "ci_high",
+    "chance",
+    "discriminates",
+    "unparsed",
+    "status",
+]
 
 
 def log_wandb(wb: Any, stage_dir: Path) -> None:
@@ -105,7 +120,8 @@ def judge_check_rows(records: list[dict]) -> list[list[Any]]:
 
 
 def judge_accuracy_rows(jc: dict) -> list[list[Any]]:
-    """reliability.json's judge_check: the overall row ("all") then one per degradation."""
+    """reliability.json's judge_check: the overall row ("all") then one per degradation, each with its unreadable
+    items beside the readable n."""
     rows = [
         [
             "all",
@@ -116,6 +132,8 @@ def judge_accuracy_rows(jc: dict) -> list[list[Any]]:
             _number(jc.get("ci_high"), float),
             _number(jc.get("chance"), float),
             jc.get("discriminates"),
+            _number(jc.get("unparsed"), int),
+            jc.get("status"),
         ]
     ]
     for name, d in (jc.get("by_degradation") or {}).items():
@@ -128,6 +146,8 @@ def judge_accuracy_rows(jc: dict) -> list[list[Any]]:
                 _number(d.get("ci_low"), float),
                 _number(d.get("ci_high"), float),
                 _number(jc.get("chance"), float),
+                None,
+                _number(d.get("unparsed"), int),
                 None,
             ]
         )

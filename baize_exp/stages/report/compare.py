@@ -40,7 +40,8 @@ REPLICATE_KEYS = ("train.seed",)
 
 def replicate_groups(records: list[RunRecord]) -> tuple[list[str], list[list[int]]] | None:
     """(the replicate keys swept, runs grouped by every other swept parameter: lists of indices in table order),
-    or None when no replicate key is swept or no group has two replicates (nothing to group)."""
+    or None when no replicate key is swept, every run is one arm, or no arm has two replicates (nothing to
+    group: the runs are compared run against run)."""
     params, _ = swept_params(records)
     keys = [k for k in REPLICATE_KEYS if k in params]
     if not keys:
@@ -48,7 +49,7 @@ def replicate_groups(records: list[RunRecord]) -> tuple[list[str], list[list[int
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(records):
         groups.setdefault(tuple(r.overrides.get(p) for p in params if p not in keys), []).append(i)
-    if all(len(g) < 2 for g in groups.values()):
+    if len(groups) < 2 or all(len(g) < 2 for g in groups.values()):  # one arm (the seeds sweep): run against run
         return None
     return keys, list(groups.values())
 
@@ -60,15 +61,16 @@ def grouped_rows(
     Holm-adjusted over the table; (rows, notes, the baseline arm's label)."""
     params, _ = swept_params(records)
     others = [p for p in params if p not in keys]
-    arm_labels = run_labels(records, others) if others else [r.path.name for r in records]
+    firsts = [records[g[0]] for g in groups]  # an arm's label: what its runs share, its seed left out
+    arm_labels = run_labels(firsts, others) if others else [r.path.name for r in firsts]
     arms = []
-    for g in groups:
+    for label, g in zip(arm_labels, groups, strict=True):
         runs = [
             (" ".join(f"{k}={records[i].overrides.get(k)}" for k in keys), records[i].path, final)
             for i in g
             if records[i].status == "completed" and (final := records[i].values.get("final_model"))
         ]
-        arms.append(Arm(arm_labels[g[0]], runs))
+        arms.append(Arm(label, runs))
     b = next(k for k, g in enumerate(groups) if baseline in g)
     rows: list[dict] = []
     notes: list[str] = []
