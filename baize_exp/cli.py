@@ -1,21 +1,24 @@
 """The console entry points (`[project.scripts]` in pyproject.toml), all on the config tree shipped in the package:
 
 baize-run     [overrides]   the pipeline (= python run.py = python -m baize_exp)
-baize-collect [overrides]   the pipeline with stages=[collect] (its own --help)
+baize-collect [overrides]   the pipeline with stages=[collect] (its own --help); with --estimate, what the
+                            collection would cost (requests, tokens, USD online and batch), nothing sent
 baize-plan    [overrides]   the memory plan alone, no pipeline, no run state
 baize-serve / baize-report / baize-export / baize-export-dialogs: see their --help
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from baize_exp.config import CONFIG_PATH, register_configs, validate
+from baize_exp.config import CONF_DIR, CONFIG_PATH, register_configs, validate
 from baize_exp.errors import exit_on_error
 from baize_exp.pipeline import optimized_value, run_pipeline
 
@@ -33,9 +36,39 @@ def run(cfg: DictConfig) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="collect")
-def collect(cfg: DictConfig) -> None:
+def _collect(cfg: DictConfig) -> None:
     with exit_on_error("baize-collect"):
         run_pipeline(cfg)
+
+
+def collect() -> None:
+    """`baize-collect [overrides]`, or with `--estimate` among them: the cost of the collection those overrides
+    describe, printed, with nothing sent and nothing written. Hydra owns the command line (it would refuse the
+    flag), so the flag is taken off and the same overrides are composed without a run: no run dir, no `.hydra`
+    record (an existing run's stays as it was)."""
+    if "--estimate" not in sys.argv[1:]:
+        return _collect()
+    with exit_on_error("baize-collect"):
+        estimate_collection([a for a in sys.argv[1:] if a != "--estimate"])
+
+
+def estimate_collection(overrides: list[str]) -> None:
+    """Print what collecting with these overrides would cost (`stages.collect.estimate`)."""
+    from hydra import compose, initialize_config_dir
+
+    from baize_exp.stages import collect as collect_stage
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="collect", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = os.getcwd()  # what a run fills in (paths.root_dir refers to it)
+    HydraConfig.instance().set_config(cfg)
+    run_dir = Path(cfg.hydra.run.dir)  # a real run's dir: collect.shared=false keeps its collection there
+    os.environ.update({k: str(v) for k, v in cfg.hydra.job.env_set.items()})  # as a run would (HF offline)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    validate(cfg)
+    print("\n".join(collect_stage.estimate(cfg, run_dir).lines()), flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="plan")

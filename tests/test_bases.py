@@ -399,10 +399,11 @@ def _teacher_and_judge(request: dict) -> str:
 
 
 def _training_rows(cache: Path) -> list[dict]:
+    import datasets
+
     rows = []
-    for f in sorted((cache / "tokenized").glob("*.pt")):
-        blob = torch.load(f, weights_only=True)
-        rows += [{"input_ids": a, "labels": b} for a, b in zip(blob["input_ids"], blob["labels"], strict=True)]
+    for f in sorted((cache / "tokenized").glob("*.arrow")):
+        rows += [{"input_ids": x["input_ids"], "labels": x["labels"]} for x in datasets.Dataset.from_file(str(f))]
     return rows
 
 

@@ -4,11 +4,15 @@ a loopback collection (the 1,000-seed run through run.py is benchmarks/cost_esti
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from helpers.batch_server import BatchServer, realistic_reply
-from helpers.config import compose_cfg
+from helpers.config import ROOT, compose_cfg
 from helpers.fault_server import FaultServer
 
 from baize_exp.chat import ChatClient
@@ -223,3 +227,124 @@ def test_earlier_spend_counts_batch_records_at_the_discount() -> None:
     assert budget.reserve(0, 100_000) is not None and budget.reserve(0, 100_000) is None  # 0.9, then 1.05 > 1
     with pytest.raises(UserError, match="teacher.max_cost_usd=1.0 needs a price"):
         Budget(1.0, None)
+
+
+# --- through baize-collect: the estimate, the budget, the rerun with a higher one --------------------------------
+
+
+def _baize_collect(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "from baize_exp.cli import collect; collect()", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_estimate_sends_nothing_the_budget_stops_with_one_line_and_a_higher_one_finishes(tmp_path: Path) -> None:
+    seeds_file = tmp_path / "seeds.txt"
+    seeds_file.write_text("".join(f"How do I look after garden plant number {i}?\n" for i in range(30)))
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    env = {"BAIZE_COST_KEY": KEY, "BAIZE_CACHE": str(cache)}
+    with FaultServer(api_key=KEY, reply=realistic_reply) as srv:
+        common = [
+            "teacher=openai",
+            f"teacher.base_url={srv.base_url}",
+            "teacher.api_key_env=BAIZE_COST_KEY",
+            "teacher.concurrency=2",
+            "data=file",
+            f"data.path={seeds_file}",
+            "logger=none",
+            f"hydra.run.dir={run_dir}",
+        ]
+        cold = _baize_collect(*common, "--estimate", env=env)
+        assert cold.returncode == 0, cold.stderr[-2000:]
+        assert srv.requests == 0 and not run_dir.exists() and not cache.exists()  # nothing sent, nothing written
+        assert "estimate for 30 seeds to collect (0 done)" in cold.stdout and "USD batch" in cold.stdout
+
+        stopped = _baize_collect(*common, "teacher.max_cost_usd=0.008", env=env)
+        assert stopped.returncode == 2, stopped.stderr[-2000:]
+        (line,) = [x for x in stopped.stderr.splitlines() if "max_cost_usd" in x]
+        assert line == stopped.stderr.strip().splitlines()[-1] and "Traceback" not in stopped.stderr
+        assert line.startswith("baize-collect: teacher.max_cost_usd=0.008 reached") and "of 30 seeds are done" in line
+        assert "run the same command again" in line
+        (shared,) = (cache / "collect").iterdir()
+        first = read_jsonl(shared / "dialogs.jsonl") + read_jsonl(shared / "rejects.jsonl")
+        spent = spent_usd(first + read_jsonl(shared / "failures.jsonl"), PRICE)
+        assert 0 < len(first) < 30 and spent <= 0.008  # stopped before passing the limit
+        assert f"{len(first)} of 30 seeds are done" in line
+
+        warm = _baize_collect(*common, "--estimate", env=env)
+        assert warm.returncode == 0 and f"({len(first)} done)" in warm.stdout
+        assert f"as measured on {len(first)} finished dialogs" in warm.stdout
+
+        asked = srv.requests
+        done = _baize_collect(*common, "teacher.max_cost_usd=1", env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert srv.requests - asked == 30 - len(first)  # only the seeds left: nothing finished was lost
+    card = json.loads((run_dir / "collect" / "data_card.json").read_text())
+    everything = [*read_jsonl(shared / "dialogs.jsonl"), *read_jsonl(shared / "rejects.jsonl")]
+    assert len(everything) == 30 and card["spent"]["requests"] == srv.requests
+    assert card["spent"]["cost_usd"] == pytest.approx(spent_usd(everything, PRICE), abs=1e-6)
+    # negative control: without the limit the first run would have gone past $0.008
+    assert card["spent"]["cost_usd"] > 0.008
+
+
+def test_over_batches_only_the_requests_that_fit_the_budget_are_submitted(tmp_path: Path) -> None:
+    from baize_exp.chat.batch import BatchRunner
+    from baize_exp.chat.cost import price_of
+
+    cfg = _cfg("teacher.batch=true", "teacher.batch_poll_s=0.02", "teacher.batch_poll_max_s=0.1")
+    seeds = [Seed(f"s{i}", "test", f"How do I look after garden plant number {i}?") for i in range(10)]
+    counter = TokenCounter()
+    one = usd(
+        counter.prompt([{"role": "user", "content": cfg.collect.template.format(seed=seeds[0].question)}]),
+        cfg.teacher.max_tokens,
+        price_of(cfg.teacher),
+        0.5,
+    )
+    limit = round(4.5 * one, 6)  # four requests' worst case at the batch price, not five
+    out = tmp_path / "c"
+    with BatchServer(api_key=KEY, reply=realistic_reply) as srv:
+
+        def runner() -> BatchRunner:
+            r = BatchRunner.from_config(cfg.teacher, out / "batches", base_url=srv.base_url, api_key=KEY)
+            r.progress = False
+            return r
+
+        cfg.teacher.max_cost_usd = limit
+        with pytest.raises(BudgetReached, match=r"teacher.max_cost_usd=.* reached.* 4 of 10 seeds are done"):
+            collect(seeds, runner(), cfg.collect, cfg.teacher, out)
+        assert sum(srv.submitted.values()) == 4  # the batch held only what fits
+        first = read_jsonl(out / "dialogs.jsonl") + read_jsonl(out / "rejects.jsonl")
+        assert len(first) == 4 and all(r["batch"] for r in first)
+        cfg.teacher.max_cost_usd = None
+        m = collect(seeds, runner(), cfg.collect, cfg.teacher, out)
+    assert m["dialogs"] + m["rejects"] == 10 and set(srv.submitted.values()) == {1}  # the rest, once each
+
+
+def test_a_budget_that_refuses_a_round_sends_none_of_it_and_one_that_refuses_the_retries_keeps_the_replies() -> None:
+    from baize_exp.chat.ask import ask_parsed
+    from baize_exp.chat.cost import Budgeted
+
+    def parse(res):  # noqa: ANN001, ANN202
+        return (7, "ok", None) if res.text.startswith("Score") else (None, "failed", "no score")
+
+    convs = [[{"role": "user", "content": f"rate {i}{' vague' if i % 2 else ''}"}] for i in range(4)]
+    long = " and so on" * 300  # 900 words: the first round spends most of what it reserved
+    reply = lambda body: ("unsure" if "vague" in body["messages"][0]["content"] else "Score: 7") + long  # noqa: E731
+    with FaultServer(api_key=KEY, reply=reply) as srv:
+        client = ChatClient(srv.base_url, KEY, "gpt-3.5-turbo", max_tokens=1000)
+        tight = Budgeted(client, Budget(0.001, PRICE, role="judge"))  # 4 x 1000 completion tokens: $0.006 > $0.001
+        with pytest.raises(BudgetReached, match=r"judge.max_cost_usd=0.001 reached.*4 requests \(judge\) were not"):
+            ask_parsed(tight, convs, parse, lambda e: "give a score", "judge")
+        assert srv.requests == 0
+        # the first round's worst case is $0.006 and it spends ~$0.0054; the retries' $0.003 more would pass $0.0065
+        enough_for_one_round = Budgeted(client, Budget(0.0065, PRICE, role="judge"))
+        answers = ask_parsed(enough_for_one_round, convs, parse, lambda e: "give a score", "judge")
+        assert srv.requests == 4  # the first round; the retries' round did not fit
+    assert [a.value for a in answers] == [7, None, 7, None] and answers[0].reply.startswith("Score: 7")
+    assert all("judge.max_cost_usd" in a.failed for a in answers[1::2])  # asked again by a rerun

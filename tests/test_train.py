@@ -125,14 +125,14 @@ def test_unknown_format_and_bad_dialog_are_named(tokenizer, tmp_path: Path) -> N
 def test_tokenized_cache_is_reused_and_keyed_by_settings(tokenizer, tmp_path: Path, monkeypatch) -> None:
     ds = dialogs(6)
     a, dropped = D.encode_dialogs(ds, tokenizer, 64, "ai", "baize", cache=tmp_path)
-    assert len(list((tmp_path / "tokenized").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "tokenized").glob("*.arrow"))) == 1
 
     def boom(*args, **kw):
         raise AssertionError("tokenized again instead of read from the cache")
 
-    monkeypatch.setattr(D, "tokenize_dialog", boom)
+    monkeypatch.setattr(D, "tokenize_dialogs", boom)
     b, dropped_b = D.encode_dialogs(ds, tokenizer, 64, "ai", "baize", cache=tmp_path)
-    assert b == a and dropped_b == dropped
+    assert list(b) == list(a) and dropped_b == dropped
     with pytest.raises(AssertionError, match="tokenized again"):  # other settings, other key
         D.encode_dialogs(ds, tokenizer, 64, "all", "baize", cache=tmp_path)
     with pytest.raises(AssertionError, match="tokenized again"):  # other data, other key

@@ -3,19 +3,35 @@ record what still fails: the one loop behind SDF's rankings and the judge's scor
 
 A request that failed for a transient reason (see `ChatClient`) is not sent back with a complaint (there is no
 reply to correct): its answer carries `failed`, so the caller keeps it out of caches and a rerun asks again.
+
+The backend is anything with the online client's `complete_many` and `defaults` (`Asker`): the `ChatClient`, a
+`BatchRunner` (one batch per round), or either held to `<role>.max_cost_usd` (`cost.Budgeted`). A budget that
+refuses the first round stops before anything is sent (`BudgetReached`); one that refuses the retries leaves
+them failed, the first replies kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from baize_exp.chat.client import ChatClient, ChatResult
+from baize_exp.chat.client import ChatResult
+from baize_exp.chat.cost import BudgetReached
 
 # parse(result) -> (value or None, how it was read, the parser's error); `how` is the parser's own word ("ok",
 # "tolerant", "logprobs", ...), "failed" when value is None
 Parser = Callable[[ChatResult], tuple[Any, str, str | None]]
+
+
+class Asker(Protocol):
+    """What `ask_parsed` asks through: the online client, a batch runner, or a budgeted one of them."""
+
+    defaults: dict[str, Any]
+
+    def complete_many(
+        self, conversations: Sequence[list[dict]], desc: str | None = None, **params: Any
+    ) -> list[ChatResult]: ...
 
 
 @dataclass
@@ -31,7 +47,7 @@ class Answer:
 
 
 def ask_parsed(
-    client: ChatClient,
+    client: Asker,
     convs: list[list[dict]],
     parse: Parser,
     retry_prompt: Callable[[str], str],
@@ -53,7 +69,11 @@ def ask_parsed(
             ]
             for i in again
         ]
-        for i, res in zip(again, client.complete_many(retries, desc=f"{desc} retry", **params), strict=True):
+        try:
+            second_round = client.complete_many(retries, desc=f"{desc} retry", **params)
+        except BudgetReached as e:  # the first replies are kept; the retries are asked again by a rerun
+            second_round = [ChatResult(error=str(e), transient=True) for _ in retries]
+        for i, res in zip(again, second_round, strict=True):
             second = _read(res, parse)
             a = answers[i]
             a.retried, a.retry_reply, a.failed = True, second.reply, second.failed

@@ -52,7 +52,7 @@ import openai
 from tqdm.auto import tqdm
 
 from baize_exp.chat.client import FATAL_STATUS, ONE_REQUEST_400, RETRY_STATUS, ChatError, ChatOutage, ChatResult
-from baize_exp.chat.cost import usd
+from baize_exp.chat.cost import Budget, Budgeted, price_of, usd
 from baize_exp.io import content_hash, file_lock
 
 log = logging.getLogger(__name__)
@@ -552,6 +552,18 @@ class BatchRunner:
     def _scrub(self, text: str) -> str:
         key = getattr(self.client, "api_key", None)
         return (text.replace(key, "<api key>") if key else text)[:300]
+
+
+def backend_for(backends: Any, role: str, state_dir: str | Path) -> Any:
+    """What a stage asks `role` (teacher, judge) through with `ask_parsed`: a `BatchRunner` when `<role>.batch=true`
+    (its batches recorded in `state_dir`, so a killed stage polls them again), else the run's online client; held
+    to `<role>.max_cost_usd` when that is set (this stage's requests; `cost.Budgeted`)."""
+    bcfg = backends.cfg[role]
+    backend = BatchRunner.from_config(bcfg, state_dir, role=role) if bcfg.batch else backends.client(role)
+    if bcfg.get("max_cost_usd") is None:
+        return backend
+    discount = float(bcfg.batch_discount) if bcfg.batch else 1.0
+    return Budgeted(backend, Budget(bcfg.max_cost_usd, price_of(bcfg), discount=discount, role=role))
 
 
 def _line_result(rec: dict, ch: Chunk) -> tuple[ChatResult, bool]:

@@ -329,3 +329,30 @@ class Budget:
             f"{self.requests:,} requests in this run{nxt}; stopped before passing it.{done} Raise "
             f"{self.role}.max_cost_usd and run the same command again to go on from here (nothing finished is lost)"
         )
+
+
+class Budgeted:
+    """A backend (`ChatClient` or `BatchRunner`) whose `complete_many` rounds are held to a `Budget`: a round whose
+    worst case (every prompt as `TokenCounter` counts it, plus max_tokens x n) does not fit is refused whole,
+    before any of it is sent (`BudgetReached`); a round that fits is settled with its replies' usage. Everything
+    else is the backend's."""
+
+    def __init__(self, backend: Any, budget: Budget, counter: TokenCounter | None = None):
+        self.backend, self.budget, self.counter = backend, budget, counter or TokenCounter()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def complete_many(self, conversations: Sequence[list[dict]], desc: str | None = None, **params: Any) -> list:
+        kw = {**self.backend.defaults, **params}
+        worst = int(kw.get("max_tokens") or 0) * int(kw.get("n") or 1)
+        held = [self.budget.reserve(self.counter.prompt(m), worst) for m in conversations]
+        if None in held:
+            for h in held:  # nothing of this round is sent
+                if h is not None:
+                    self.budget.reserved_usd = max(0.0, self.budget.reserved_usd - h)
+            raise self.budget.exceeded(f"{len(conversations):,} requests ({desc or 'a round'}) were not sent.")
+        results = self.backend.complete_many(conversations, desc, **params)
+        for h, res in zip(held, results, strict=True):
+            self.budget.settle(h, res.usage)
+        return results

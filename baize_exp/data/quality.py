@@ -55,7 +55,7 @@ class _HashIndex:
     (keys uint64, dialog numbers uint32), merged as they grow; a merge never builds more than `max_run` entries, so
     it needs little more memory than the runs themselves."""
 
-    def __init__(self, buffer: int = 65_536, max_run: int = 4_000_000):
+    def __init__(self, buffer: int = 16_384, max_run: int = 4_000_000):
         self.buffer_size, self.max_run = buffer, max_run
         self._recent: dict[int, list[int]] = {}
         self._n_recent = 0

@@ -47,6 +47,11 @@ Formulas (bytes; N = frozen base params, T = trainable LoRA params, D = GPUs in 
 - + `plan.overhead_gb` per GPU (CUDA context, NCCL buffers, allocator slack).
 These are estimates for choosing a setup (they ignore fragmentation and temporary buffers of individual kernels);
 measure peak memory on the first steps of the real run.
+
+When the run collects (`collect` among `stages`), the plan also says what the collection would cost before any of
+it is spent: requests, prompt and completion tokens, USD online and through the Batch API (`chat.cost`), for this
+run's seeds as if none were collected yet (`baize-collect ... --estimate` counts only the seeds left in an existing
+collection, refined by its finished dialogs).
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ from typing import Any
 import torch
 
 from baize_exp import models as M
+from baize_exp.chat.cost import Estimate, estimate_collection
+from baize_exp.config import cache_dir
+from baize_exp.data import load_seeds
 from baize_exp.errors import UserError
 from baize_exp.stages.base import Stage
 
@@ -361,22 +369,45 @@ def format_table(plan: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def collection_estimate(cfg: Any) -> Estimate:
+    """What collecting this run's seeds would cost, none collected yet (counted in the teacher's tokens when it is
+    the local one)."""
+    tcfg = cfg.teacher
+    tokenizer = M.tokenizer_for_serving(tcfg.serve.model, cache_dir(cfg)) if tcfg.backend == "local" else None
+    seeds = [s.question for s in load_seeds(cfg.data)]
+    return estimate_collection(seeds, cfg.collect, tcfg, tokenizer=tokenizer)
+
+
 def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
-    """The pipeline's plan stage: print the table, write plan/plan.json and plan/plan.md; return a summary."""
+    """The pipeline's plan stage: print the table, write plan/plan.json and plan/plan.md; return a summary. With
+    `collect` among the stages, the collection's estimated cost too."""
     plan = make_plan(cfg)
+    table = format_table(plan)
+    est = collection_estimate(cfg) if "collect" in cfg.stages else None
+    if est is not None:
+        plan["collect_estimate"] = est.as_dict()
+        table += "\n## The collection, before anything is spent\n\n" + "\n".join(est.lines()) + "\n"
     out = run_dir / "plan"
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan, indent=2))
-    table = format_table(plan)
     (out / "plan.md").write_text(table)
     print(table, flush=True)  # the answer the user asked for: on the console, not only in the log
-    return {
+    summary = {
         "params_total": plan["params"]["total"],
         "params_trainable": plan["params"]["trainable"],
         "world_size": plan["setup"]["world_size"],
         "fitting_setups": sum(1 for r in plan["rows"] if r.get("fits")),
         "fitting_setups_ckpt": sum(1 for r in plan["rows"] if r.get("fits_ckpt")),
     }
+    if est is not None:
+        summary.update(
+            collect_requests=est.requests,
+            collect_prompt_tokens=est.prompt_tokens,
+            collect_completion_tokens=est.completion_tokens,
+            collect_usd_online=est.usd(),
+            collect_usd_batch=est.usd(batch=True),
+        )
+    return summary
 
 
 # It only describes (reads nothing, writes its estimate): it runs every time and leaves no completion marker.

@@ -45,6 +45,7 @@ import torch
 from baize_exp import cpu
 from baize_exp import models as M
 from baize_exp.chat.ask import ask_parsed
+from baize_exp.chat.batch import backend_for
 from baize_exp.config import cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, EvalLeakGuard, generation_prompt, load_seed_file, training_dialogs
 from baize_exp.errors import Interrupted, UserError
@@ -425,14 +426,15 @@ def sample_and_rank(backends: Any, s: Any, sampler: _Sampler, cand_path: Path) -
                 for p, c in zip(prompts, cands, strict=True)
             ]
             write_jsonl(cand_path, unranked)
-        return [{**r, "key": key} for r in rank_candidates(backends.client("teacher"), s, prompts, cands)]
+        teacher = backend_for(backends, "teacher", cand_path.parent / "batches")  # teacher.batch: over batches
+        return [{**r, "key": key} for r in rank_candidates(teacher, s, prompts, cands)]
     log.info(
         "sdf: reusing the %d sampled prompts in %s (same v1 adapter, prompts and settings)", len(records), cand_path
     )
     todo = [i for i, r in enumerate(records) if r.get("failed")]
     if todo and global_rank() == 0:  # rankings that failed for a transient reason: asked again, only those
         again = rank_candidates(
-            backends.client("teacher"),
+            backend_for(backends, "teacher", cand_path.parent / "batches"),
             s,
             [records[i]["prompt"] for i in todo],
             [records[i]["candidates"] for i in todo],
@@ -517,7 +519,14 @@ STAGE = Stage(
         "sdf/sdf_rank*.json",
     ),
     # as train's, and the per-rank sample shards of a multi-process launch
-    may_write=("sdf/adapter/*", "sdf/checkpoints/*", "sdf/logs/*", "sdf/sdf_samples.jsonl", "sdf/shards/*"),
+    may_write=(
+        "sdf/adapter/*",
+        "sdf/checkpoints/*",
+        "sdf/logs/*",
+        "sdf/sdf_samples.jsonl",
+        "sdf/shards/*",
+        "sdf/batches/*",  # teacher.batch=true: the ranking batches
+    ),
     joins_ddp=True,
     preflight=check_machine,
     log_wandb=lambda wb, stage_dir: log_adapter(wb, stage_dir, "sdf"),  # v2 as a `model` artifact

@@ -12,29 +12,44 @@ Batches come in two shapes: padded rows with a 2D `attention_mask` (`train.packi
 length so little is padding) or packed rows (`train.packing=true`) with `doc_ids` and `position_ids` that restart
 at 0 for each dialog; the LightningModule turns `doc_ids` into a block-diagonal causal mask so no token attends
 across dialogs.
+
+Tokenized dialogs are an Arrow file (`datasets`, memory-mapped), written a chunk at a time as the dialogs are
+tokenized and cached under `<cache_dir>/tokenized/<key>.arrow` (the key: the tokenizer's content, the settings and
+the dialogs, hashed as they stream by), so 1M dialogs never sit in memory as Python lists, and a rerun maps the
+file instead of tokenizing again. Packed rows are made when a batch asks for them, from the examples' indices.
+Each chunk's segments go to the fast tokenizer in one call (its own threads encode them in parallel); a pool of
+processes did not pay on a 2-core machine (benchmarks/collect_scale.py).
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import datasets
+import numpy as np
+import pyarrow as pa
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from baize_exp.data import BAIZE_HUMAN, DialogFileError, baize_segments, bos_text, dialog_shape_error, to_chat_messages
 from baize_exp.errors import UserError
-from baize_exp.io import content_hash
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label value the loss skips
-TOKENIZED_VERSION = "3"  # bump when tokenize_dialog changes, so cached tokenizations are rebuilt
+TOKENIZED_VERSION = "4"  # bump when tokenize_dialog or the cache's layout changes, so cached tokenizations are rebuilt
+ENCODE_CHUNK = 1024  # dialogs tokenized (one tokenizer call) and written to the Arrow file at a time
 
 
 # --- one dialog → segments → tokens ----------------------------------------------------------------------------
@@ -87,34 +102,29 @@ def _chat_template_segments(turns: list[dict], tok: Any) -> list[Segment]:
     return out
 
 
-def tokenize_dialog(
-    turns: list[dict], tok: Any, max_length: int, loss_on: str = "ai", fmt: str = "baize"
-) -> dict | None:
-    """Token ids and labels for one dialog.
-
-    Labels cover only the AI's turns (with what closes them) when `loss_on="ai"`, every token when "all".
-    Trailing human turns (no answer to learn) are dropped. A dialog longer than `max_length` keeps whole
-    exchanges from the start rather than cutting a turn in half; None if not even the first exchange fits.
-    """
+def _segments(turns: list[dict], tok: Any, fmt: str) -> list[Segment] | None:
+    """The dialog's segments, trailing human turns (no answer to learn) dropped; None if nothing is left."""
     while turns and turns[-1]["role"] != "ai":
         turns = turns[:-1]
     if not turns:
         return None
+    if fmt == "baize":
+        return _baize_segments(turns)
+    if fmt == "chat_template":
+        return _chat_template_segments(turns, tok)
+    raise UserError(f"train.format={fmt!r}: one of baize, chat_template")
+
+
+def _assemble(segs: list[Segment], pieces: list[list[int]], tok: Any, max_length: int, loss_on: str) -> dict | None:
+    """Token ids and labels from the segments and their tokens (see `tokenize_dialog`)."""
     ids: list[int] = []
     labels: list[int] = []
-    if fmt == "baize":
-        segs = _baize_segments(turns)
-    elif fmt == "chat_template":
-        segs = _chat_template_segments(turns, tok)
-    else:
-        raise UserError(f"train.format={fmt!r}: one of baize, chat_template")
     bos = bos_text(tok)
     if bos and not segs[0][0].startswith(bos):  # a template that renders BOS itself gets no second one
         ids.append(tok.bos_token_id)
         labels.append(IGNORE)
     exchange_end = 0  # length at the end of the last complete (human, ai) exchange
-    for text, is_ai, closes in segs:
-        piece = tok(text, add_special_tokens=False).input_ids
+    for (_, is_ai, closes), piece in zip(segs, pieces, strict=True):
         if len(ids) + len(piece) > max_length:
             break
         ids += piece
@@ -127,6 +137,40 @@ def tokenize_dialog(
     if all(x == IGNORE for x in labels[1:]):  # the first label is never a target (nothing predicts it)
         return None
     return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_dialog(
+    turns: list[dict], tok: Any, max_length: int, loss_on: str = "ai", fmt: str = "baize"
+) -> dict | None:
+    """Token ids and labels for one dialog.
+
+    Labels cover only the AI's turns (with what closes them) when `loss_on="ai"`, every token when "all".
+    Trailing human turns (no answer to learn) are dropped. A dialog longer than `max_length` keeps whole
+    exchanges from the start rather than cutting a turn in half; None if not even the first exchange fits.
+    """
+    segs = _segments(turns, tok, fmt)
+    if segs is None:
+        return None
+    return _assemble(
+        segs, [tok(text, add_special_tokens=False).input_ids for text, _, _ in segs], tok, max_length, loss_on
+    )
+
+
+def tokenize_dialogs(
+    dialogs: list[list[dict]], tok: Any, max_length: int, loss_on: str = "ai", fmt: str = "baize"
+) -> list[dict | None]:
+    """`tokenize_dialog` for many dialogs (their turns), every segment of them in one tokenizer call."""
+    segs = [_segments(turns, tok, fmt) for turns in dialogs]
+    texts = [text for ss in segs if ss for text, _, _ in ss]
+    tokens = iter(tok(texts, add_special_tokens=False).input_ids if texts else [])
+    out = []
+    for ss in segs:
+        if ss is None:
+            out.append(None)
+            continue
+        pieces = [next(tokens) for _ in ss]
+        out.append(_assemble(ss, pieces, tok, max_length, loss_on))
+    return out
 
 
 def tokenizer_fingerprint(tok: Any) -> str:
@@ -145,46 +189,93 @@ def tokenizer_fingerprint(tok: Any) -> str:
     ).hexdigest()[:16]
 
 
-def encode_dialogs(
-    dialogs: list[dict], tok: Any, max_length: int, loss_on: str = "ai", fmt: str = "baize", cache: Path | None = None
-) -> tuple[list[dict], list[str]]:
-    """Tokenize dialogs (from the disk cache when it holds this exact input); return (examples, dropped ids).
+FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "length": datasets.Value("int32"),
+    }
+)
 
-    The cache key is the tokenizer's content, the format, loss_on, max_length and the dialogs themselves.
-    """
+
+def encode_dialogs(
+    dialogs: Iterable[dict],
+    tok: Any,
+    max_length: int,
+    loss_on: str = "ai",
+    fmt: str = "baize",
+    cache: Path | None = None,
+) -> tuple[datasets.Dataset, list[str]]:
+    """Tokenize dialogs into a memory-mapped Arrow dataset (`input_ids`, `labels`, `length` per example), from the
+    disk cache when it holds this exact input; return (examples, the ids of the dialogs dropped as too long).
+
+    The cache key is the tokenizer's content, the format, loss_on, max_length and the dialogs themselves, hashed in
+    a first pass over `dialogs` (so it must be iterable twice: a list, or a re-readable view of a file). Without a
+    cache the file goes to a temporary dir, removed when the dataset is."""
+    h = hashlib.sha256()
+    for part in (TOKENIZED_VERSION, tokenizer_fingerprint(tok), fmt, loss_on, max_length):
+        h.update(json.dumps(part).encode() + b"\0")
     for i, d in enumerate(dialogs):
         if err := dialog_shape_error(d):
             raise DialogFileError(f"dialog {d.get('id', i) if isinstance(d, dict) else i!r}: {err}")
-    path = None
+        h.update(json.dumps(d["turns"], sort_keys=True, ensure_ascii=False).encode() + b"\0")
+    key = h.hexdigest()[:24]
     if cache is not None:
-        key = content_hash(
-            TOKENIZED_VERSION, tokenizer_fingerprint(tok), fmt, loss_on, max_length, [d["turns"] for d in dialogs], n=24
+        folder = Path(cache) / "tokenized"
+        arrow, meta = folder / f"{key}.arrow", folder / f"{key}.json"
+        if arrow.is_file() and meta.is_file():
+            return datasets.Dataset.from_file(str(arrow)), json.loads(meta.read_text())["dropped"]
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="baize-tokenized-"))
+        arrow, meta = folder / f"{key}.arrow", folder / f"{key}.json"
+    tmp = arrow.with_name(f"{arrow.name}.{os.getpid()}.tmp")  # ranks may write at once; rename is atomic
+    dropped = _write_arrow(dialogs, tok, max_length, loss_on, fmt, tmp)
+    tmp.replace(arrow)
+    tmp_meta = meta.with_name(f"{meta.name}.{os.getpid()}.tmp")
+    tmp_meta.write_text(json.dumps({"dropped": dropped}))
+    tmp_meta.replace(meta)  # written last: its presence says the Arrow file is whole
+    ds = datasets.Dataset.from_file(str(arrow))
+    if cache is None:
+        weakref.finalize(ds, shutil.rmtree, folder, True)
+    return ds, dropped
+
+
+def _write_arrow(dialogs: Iterable[dict], tok: Any, max_length: int, loss_on: str, fmt: str, path: Path) -> list[str]:
+    """Tokenize `dialogs` a chunk at a time into an Arrow stream file at `path`; return the dropped ids."""
+    schema = FEATURES.arrow_schema
+    dropped: list[str] = []
+    chunk: list[tuple[int, dict]] = []
+
+    def flush(writer: pa.RecordBatchStreamWriter) -> None:
+        ids, labels = [], []
+        for (i, d), x in zip(
+            chunk, tokenize_dialogs([d["turns"] for _, d in chunk], tok, max_length, loss_on, fmt), strict=True
+        ):
+            if x is None:
+                dropped.append(str(d.get("id", i)))
+            else:
+                ids.append(x["input_ids"])
+                labels.append(x["labels"])
+        writer.write_batch(
+            pa.record_batch(
+                [
+                    pa.array(ids, type=schema.field("input_ids").type),
+                    pa.array(labels, type=schema.field("labels").type),
+                    pa.array([len(x) for x in ids], type=pa.int32()),
+                ],
+                schema=schema,
+            )
         )
-        path = Path(cache) / "tokenized" / f"{key}.pt"
-        if path.is_file():
-            blob = torch.load(path, weights_only=True)
-            ex = [{"input_ids": a, "labels": b} for a, b in zip(blob["input_ids"], blob["labels"], strict=True)]
-            return ex, blob["dropped"]
-    examples, dropped = [], []
-    for i, d in enumerate(dialogs):
-        x = tokenize_dialog(d["turns"], tok, max_length, loss_on, fmt)
-        if x is None:
-            dropped.append(str(d.get("id", i)))
-        else:
-            examples.append(x)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write at once; rename is atomic
-        torch.save(
-            {
-                "input_ids": [x["input_ids"] for x in examples],
-                "labels": [x["labels"] for x in examples],
-                "dropped": dropped,
-            },
-            tmp,
-        )
-        tmp.replace(path)
-    return examples, dropped
+        chunk.clear()
+
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for i, d in enumerate(dialogs):
+            chunk.append((i, d))
+            if len(chunk) == ENCODE_CHUNK:
+                flush(writer)
+        flush(writer)
+    return dropped
 
 
 # --- packing -----------------------------------------------------------------------------------------------------
@@ -328,11 +419,38 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.epoch, self._skip = divmod(batches_done, len(self))
 
 
+class PackedRows(torch.utils.data.Dataset):
+    """Packed rows made on demand: row r concatenates the examples `rows[r]` (`pack_row`); only the index lists are
+    held (two int64 arrays), never the rows' tokens."""
+
+    def __init__(self, examples: Any, rows: list[list[int]]):
+        self.examples = examples
+        self.members = np.fromiter((i for r in rows for i in r), np.int64, sum(len(r) for r in rows))
+        self.starts = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum([len(r) for r in rows], out=self.starts[1:])
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def row(self, r: int) -> list[int]:
+        return self.members[self.starts[r] : self.starts[r + 1]].tolist()
+
+    def __getitem__(self, r: int) -> dict:
+        return pack_row([self.examples[i] for i in self.row(r)])
+
+
+def lengths_of(examples: Any) -> np.ndarray:
+    """Each example's length, from the Arrow column (the tokens themselves are not read)."""
+    if isinstance(examples, datasets.Dataset):
+        return examples.data.column("length").to_numpy()
+    return np.array([len(x["input_ids"]) for x in examples], np.int64)
+
+
 class DialogDataModule(pl.LightningDataModule):
     def __init__(
         self,
-        train_dialogs: list[dict],
-        val_dialogs: list[dict],
+        train_dialogs: Iterable[dict],
+        val_dialogs: Iterable[dict],
         tok: Any,
         max_length: int,
         batch_size: int,
@@ -355,22 +473,28 @@ class DialogDataModule(pl.LightningDataModule):
                 max_length,
                 self.dropped_ids[:10],
             )
-        if not self.train_examples:
+        if not len(self.train_examples):
             raise UserError(
                 f"train: no training dialog fits train.max_length={max_length} tokens (all "
                 f"{len(dropped_train)} have a first exchange longer than that); raise train.max_length"
             )
-        # Packed rows are built once (deterministic); their order changes per epoch through the sampler.
+        # Packed rows are planned once (deterministic); their order changes per epoch through the sampler.
         if packing:
-            rows = pack_examples([len(x["input_ids"]) for x in self.train_examples], max_length)
-            self.train_set = [pack_row([self.train_examples[i] for i in r]) for r in rows]
+            self.train_set = PackedRows(
+                self.train_examples, pack_examples(lengths_of(self.train_examples).tolist(), max_length)
+            )
         else:
             self.train_set = self.train_examples
         self.val_set = self.val_examples  # unpacked: val loss per dialog, comparable across packing settings
 
-    def _loader(self, data: list[dict], shuffle: bool, rank: int, world_size: int) -> DataLoader:
+    def _loader(self, data: Any, shuffle: bool, rank: int, world_size: int) -> DataLoader:
+        if isinstance(data, PackedRows):  # a row's length: its examples' together
+            members = lengths_of(data.examples)[data.members]
+            lengths = np.add.reduceat(members, data.starts[:-1]).tolist() if len(data) else []
+        else:
+            lengths = lengths_of(data).tolist()
         sampler = ResumableBatchSampler(
-            [len(x["input_ids"]) for x in data],
+            lengths,
             self.batch_size,
             shuffle,
             self.seed,
@@ -392,8 +516,14 @@ class DialogDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         # every rank scores the whole (small) val set: the logged loss is exact, not an average of shards
-        return self._loader(self.val_set, False, 0, 1) if self.val_set else []
+        return self._loader(self.val_set, False, 0, 1) if len(self.val_set) else []
 
     @property
     def supervised_tokens(self) -> int:
-        return sum(sum(1 for x in b["labels"][1:] if x != IGNORE) for b in self.train_examples)
+        """Target tokens of the training examples (every label but the first that is not IGNORE)."""
+        total = 0
+        for batch in self.train_examples.data.column("labels").chunks:
+            offsets = batch.offsets.to_numpy()
+            targets = batch.flatten().to_numpy() != IGNORE
+            total += int(targets.sum()) - int(targets[offsets[:-1] - offsets[0]].sum())
+        return total

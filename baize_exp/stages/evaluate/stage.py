@@ -16,6 +16,7 @@ from typing import Any
 
 from baize_exp import human
 from baize_exp import models as M
+from baize_exp.chat.batch import backend_for
 from baize_exp.config import cache_dir
 from baize_exp.data import generation_prompt, load_eval_questions
 from baize_exp.errors import Interrupted, UserError
@@ -195,7 +196,7 @@ def ask_judge(
     retry = e.verdict_retry if e.judge_mode == "pairwise" else e.score_retry
     judge_cache = KeyedJsonl(answer_cache_dir(cfg) / "judgments" / f"{chat_identity(cfg.judge)}.jsonl")
     replies = run_judge(
-        backends.client("judge"),
+        backend_for(backends, "judge", stage_dir / "batches"),  # judge.batch=true: over batches
         e.judge_mode,
         jobs + check_jobs,
         retry,
@@ -522,6 +523,7 @@ STAGE = Stage(
         "eval/scores_*.png",
         "eval/shards/*",
         "eval/human_votes.jsonl",
+        "eval/batches/*",  # judge.batch=true: the judge's batches
     ),
     log_wandb=log_wandb,
     joins_ddp=True,  # under torchrun/srun the other ranks generate their share of answers
