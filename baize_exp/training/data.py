@@ -17,8 +17,9 @@ Tokenized dialogs are an Arrow file (`datasets`, memory-mapped), written a chunk
 tokenized and cached under `<cache_dir>/tokenized/<key>.arrow` (the key: the tokenizer's content, the settings and
 the dialogs, hashed as they stream by), so 1M dialogs never sit in memory as Python lists, and a rerun maps the
 file instead of tokenizing again. Packed rows are made when a batch asks for them, from the examples' indices.
-Each chunk's segments go to the fast tokenizer in one call (its own threads encode them in parallel); a pool of
-processes did not pay on a 2-core machine (benchmarks/collect_scale.py).
+Each chunk's segments go to the fast tokenizer in one call. Parallel tokenization did not pay on a 2-core machine
+(1,000-1,500 dialogs/s either way): neither two processes over halves of the dialogs nor the tokenizer's own
+threads, which runs switch off anyway (TOKENIZERS_PARALLELISM=false, conf/config.yaml).
 """
 
 from __future__ import annotations
@@ -33,17 +34,18 @@ import tempfile
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
-import pyarrow as pa
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from baize_exp.data import BAIZE_HUMAN, DialogFileError, baize_segments, bos_text, dialog_shape_error, to_chat_messages
 from baize_exp.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +191,16 @@ def tokenizer_fingerprint(tok: Any) -> str:
     ).hexdigest()[:16]
 
 
-FEATURES = datasets.Features(
-    {
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
-        "length": datasets.Value("int32"),
-    }
-)
+def _features() -> datasets.Features:
+    import datasets  # here, not at the top: ~85 MB that a run which does not train never needs
+
+    return datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            "length": datasets.Value("int32"),
+        }
+    )
 
 
 def encode_dialogs(
@@ -212,6 +217,8 @@ def encode_dialogs(
     The cache key is the tokenizer's content, the format, loss_on, max_length and the dialogs themselves, hashed in
     a first pass over `dialogs` (so it must be iterable twice: a list, or a re-readable view of a file). Without a
     cache the file goes to a temporary dir, removed when the dataset is."""
+    import datasets
+
     h = hashlib.sha256()
     for part in (TOKENIZED_VERSION, tokenizer_fingerprint(tok), fmt, loss_on, max_length):
         h.update(json.dumps(part).encode() + b"\0")
@@ -243,11 +250,13 @@ def encode_dialogs(
 
 def _write_arrow(dialogs: Iterable[dict], tok: Any, max_length: int, loss_on: str, fmt: str, path: Path) -> list[str]:
     """Tokenize `dialogs` a chunk at a time into an Arrow stream file at `path`; return the dropped ids."""
-    schema = FEATURES.arrow_schema
+    import pyarrow as pa
+
+    schema = _features().arrow_schema
     dropped: list[str] = []
     chunk: list[tuple[int, dict]] = []
 
-    def flush(writer: pa.RecordBatchStreamWriter) -> None:
+    def flush(writer: Any) -> None:
         ids, labels = [], []
         for (i, d), x in zip(
             chunk, tokenize_dialogs([d["turns"] for _, d in chunk], tok, max_length, loss_on, fmt), strict=True
@@ -441,7 +450,7 @@ class PackedRows(torch.utils.data.Dataset):
 
 def lengths_of(examples: Any) -> np.ndarray:
     """Each example's length, from the Arrow column (the tokens themselves are not read)."""
-    if isinstance(examples, datasets.Dataset):
+    if hasattr(examples, "data") and "length" in getattr(examples, "column_names", ()):  # a datasets.Dataset
         return examples.data.column("length").to_numpy()
     return np.array([len(x["input_ids"]) for x in examples], np.int64)
 
