@@ -113,3 +113,25 @@ def test_only_the_entry_points_import_the_pipeline() -> None:
 def test_the_test_servers_are_not_product_code() -> None:
     assert not list(PKG.rglob("fault_server.py"))
     assert not [m for m, p in MODULES.items() if "fault" in p.read_text().lower() and "FaultServer" in p.read_text()]
+
+
+def test_no_package_shadows_one_of_its_modules_with_a_name_it_exports() -> None:
+    """`from baize_exp.training.fit import fit` in training/__init__.py made `baize_exp.training.fit` the function,
+    so `import baize_exp.training.fit as m` gave the function and a patch of `m.x` went nowhere (the same happened
+    to evaluate.judge). A package's names must not be those of its own modules."""
+    import importlib
+
+    clashes = []
+    for init in PKG.rglob("__init__.py"):
+        package = _module(init)
+        modules = {p.stem for p in init.parent.glob("*.py") if p.stem != "__init__"}
+        modules |= {p.name for p in init.parent.iterdir() if (p / "__init__.py").is_file()}
+        exported = vars(importlib.import_module(package))
+        clashes += [
+            f"{package}.{m}"
+            for m in modules
+            if m in exported
+            and not hasattr(exported[m], "__path__")
+            and getattr(exported[m], "__name__", None) != f"{package}.{m}"
+        ]
+    assert not clashes, clashes

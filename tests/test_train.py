@@ -496,8 +496,8 @@ def test_quantized_base_and_bad_train_keys_are_clear_errors(tmp_path: Path) -> N
 def test_resume_auto_finds_a_deepspeed_checkpoint_directory(tmp_path: Path) -> None:
     """Under DeepSpeed Lightning writes last.ckpt as a directory of per-rank shards: resume=auto must take it (it
     used to check is_file() and silently start over), and the CSV log keeps the rows before its step."""
-    from baize_exp.training.fit import _resume_path
     from baize_exp.training.loggers import checkpoint_step as _checkpoint_step
+    from baize_exp.training.tuning import _resume_path
 
     cfg = tiny_cfg(tmp_path)
     ckpt_dir = tmp_path / "checkpoints"

@@ -8,7 +8,7 @@ Run as a script (one rank; the caller sets DS_ACCELERATOR=cpu, RANK, WORLD_SIZE,
     python tests/helpers/zero_on_cpu.py <deepspeed option> <out dir> <cache dir>
 
 It trains the tiny model straight for 6 steps, then stopped at step 3 (`train.stop_at_step`, a DeepSpeed checkpoint)
-and resumed by the same call, through `baize_exp.training.fit`, and prints one `RESULT {json}` line.
+and resumed by the same call, through `baize_exp.training.tuning`, and prints one `RESULT {json}` line.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import baize_exp.training as T
-import baize_exp.training.fit as training_fit
+import baize_exp.training.tuning as training_tuning
 from baize_exp import models as M
 from baize_exp.errors import Interrupted
 from baize_exp.training.strategy import build_strategy
@@ -80,7 +80,7 @@ def main() -> None:
     from helpers.config import compose_cfg
 
     option, out, cache = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    training_fit.build_strategy = lambda *a, **k: cpu_zero(build_strategy(*a, **k))  # fit() builds it by this name
+    training_tuning.build_strategy = lambda *a, **k: cpu_zero(build_strategy(*a, **k))  # fit() builds it by this name
     loaded_keys: list[list[str]] = []  # what LoraLM.on_load_checkpoint was handed on resume
     on_load = T.LoraLM.on_load_checkpoint
     T.LoraLM.on_load_checkpoint = lambda self, ckpt: (loaded_keys.append(sorted(ckpt)), on_load(self, ckpt))[1]

@@ -17,7 +17,7 @@ metric against each swept parameter (a sweep) or one point per run (runs given b
 model paired against the baseline run's on the same questions and held-out dialogs.
 """
 
-from baize_exp.stages.report.compare import compare, main, plot
+from baize_exp.stages.report.cross_runs import compare, main, plot
 from baize_exp.stages.report.runs import (
     RunRecord,
     find_run_dirs,
