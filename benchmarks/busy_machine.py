@@ -57,6 +57,10 @@ def one_run(work: Path, name: str, busy: int, extra_env: dict, args: list[str]) 
         "stages": stages,
         "status": metrics.get("run", {}).get("status"),
         "dialogs": metrics.get("collect", {}).get("dialogs"),
+        # what the first run can show (issue 24, part 7): >= 8 dialogs trained on, >= 4 held out
+        "train_dialogs": metrics.get("train", {}).get("train_dialogs"),
+        "heldout_dialogs": metrics.get("eval", {}).get("heldout_dialogs"),
+        "judge_check": metrics.get("eval", {}).get("judge_check/status"),
         "error": r.stderr.strip().splitlines()[-1][:300] if r.returncode else None,
     }
 
@@ -85,8 +89,8 @@ def main() -> None:
         row = one_run(work, name, busy, env, a.args)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| run | busy processes | wall | collect | train | sdf | eval | status |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| run | busy processes | wall | collect | train | sdf | eval | dialogs (trained / held out) | status |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r["stages"]
         print(
@@ -94,7 +98,7 @@ def main() -> None:
             + " | ".join(
                 f"{st[s]:.0f} s" if st.get(s) is not None else "-" for s in ("collect", "train", "sdf", "eval")
             )
-            + f" | {r['status'] or r['error']} |"
+            + f" | {r['dialogs']} ({r['train_dialogs']} / {r['heldout_dialogs']}) | {r['status'] or r['error']} |"
         )
     quiet = [r["wall_s"] for r in rows if r["busy"] == 0 and r["rc"] == 0]
     loaded = [r["wall_s"] for r in rows if r["busy"] and r["rc"] == 0 and not r["name"].startswith("loaded_fixed")]

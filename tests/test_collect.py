@@ -29,6 +29,7 @@ FAST = [
     "teacher.timeout_s=0.5",
     "teacher.max_retries=2",
     "teacher.concurrency=8",
+    "collect.on_truncated=reject",  # the fault tables' "length" seeds are rejects (drop_turn has its own test)
 ]
 
 
