@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 from helpers.cli import run_cli
 from helpers.config import CONF, ROOT
+from helpers.fault_server import FaultServer
+from helpers.scripted_teacher import references, scripted_reply
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from baize_exp.errors import UserError
-from baize_exp.serve import LocalServer
 from baize_exp.stages import report
 
 SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
@@ -125,26 +125,31 @@ def test_report_table_csv_plots_and_failed_runs(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def teacher_server():
-    """The embedded model served once for the whole module, used as an 'openai' teacher and judge."""
-    with LocalServer("smollm2_135m", cache_dir=os.environ["BAIZE_CACHE"], max_batch=16) as s:
+    """A scripted teacher and judge on loopback for the whole module (tests/helpers/scripted_teacher.py): the
+    sweep's machinery is under test here, not the embedded model (tests/test_pipeline.py runs that end to end)."""
+    with FaultServer(api_key="sk-sweeps-0123456789", reply=scripted_reply(references())) as s:
         yield s
 
 
-def _openai_backend(server: LocalServer) -> list[str]:
-    return [f"{role}=openai" for role in ("teacher", "judge")] + [
-        f"{role}.{k}={v}"
-        for role in ("teacher", "judge")
-        for k, v in (
-            ("base_url", server.base_url),
-            ("api_key_env", "BAIZE_TEST_KEY"),
-            ("model", "smollm2-135m-instruct"),
-            ("concurrency", 16),
-        )
-    ]
+def _openai_backend(server: FaultServer) -> list[str]:
+    return (
+        [f"{role}=openai" for role in ("teacher", "judge")]
+        + [
+            f"{role}.{k}={v}"
+            for role in ("teacher", "judge")
+            for k, v in (
+                ("base_url", server.base_url),
+                ("api_key_env", "BAIZE_TEST_KEY"),
+                ("model", "scripted"),
+                ("concurrency", 16),
+            )
+        ]
+        + ["eval.judge_logprobs=false"]
+    )
 
 
 @pytest.mark.slow
-def test_two_by_two_multirun_shares_one_collection_and_reports(tmp_path: Path, teacher_server: LocalServer) -> None:
+def test_two_by_two_multirun_shares_one_collection_and_reports(tmp_path: Path, teacher_server: FaultServer) -> None:
     sweep_dir = tmp_path / "multirun"
     # lora.r=0 is invalid: those two jobs run first, fail, and must not stop the four others.
     args = [
