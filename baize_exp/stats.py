@@ -1,5 +1,7 @@
 """Statistics shared by the eval stage and the report: per-question outcomes from judgments, bootstrap intervals,
-scores.csv rows, the paired bootstrap behind every comparison and the Wilson interval of a share.
+scores.csv rows, the Wilson interval of a share, and the verdicts of paired comparisons: `paired_test` (a run's
+models, item by item), `seed_paired_test` (arms trained with several seeds), Holm's adjustment over a table, and
+the judge check clustered by question (see the section "Verdicts that survive a reviewer" below).
 
 A judgment that could not be parsed stays in the tables as a parse failure (its own column); it is never a zero
 and never silently left out of n without being counted.
@@ -207,7 +209,9 @@ def paired_bootstrap(
     seed: int = 0,
     alpha: float = 0.05,
 ) -> dict:
-    """Compare model a with model b on the items both have a value for (keys: question or dialog ids).
+    """Compare model a with model b on the items both have a value for (keys: question or dialog ids). The first
+    verdict rule, kept for the arena's vote rows (`human.py`) and as the baseline `benchmarks/interval_coverage.py`
+    measures; the eval stage and the report use `paired_test`.
 
     The statistic is the mean per-item difference a - b; its (1 - alpha) interval is the percentile bootstrap
     over items (both models' values of an item resampled together, which is what makes it paired). The verdict is

@@ -158,6 +158,13 @@ def test_run_report_has_every_section(tmp_path: Path) -> None:
     d = make_run(tmp_path / "run", ["eval=pairwise"], mode="pairwise", discriminates=False)
     md_path, html_path = report.write(d)
     md, page = md_path.read_text(), html_path.read_text()
+    # first: what the run can and cannot show, with its held-out-loss comparisons and their intervals
+    first = md.split("\n## ")[1]
+    assert first.startswith("What this run can and cannot show")
+    assert "**v1 vs base**: held-out loss -0.12 nats/token [-0.13, -0.11] (95% CI, paired over n=8" in first
+    assert "**v2 vs base**: held-out loss -0.2025" in first and "on these 8 held-out dialogs and these 10 eval" in first
+    assert "It cannot show whether another training seed" in first
+    assert f"anything from the judge's scores ({S.NOT_SHOWN_TO_DISCRIMINATE})" in first
     assert f"{S.NOT_SHOWN_TO_DISCRIMINATE}: judge-based results below are not evidence" in md
     assert md.index("## Judge check") < md.index("## Judge scores")
     assert "| truncated | 7 | - | 0.5 |" in md and "position agreement" in md and "| 70% | 10% |" in md
@@ -283,3 +290,18 @@ def test_train_seed_replicates_are_one_arm_and_a_seed_shift_is_no_treatment_effe
     report.compare([real], real / "report")
     verdicts = {r["metric"]: r["verdict_holm"] for r in csv.DictReader(open(real / "report" / "paired.csv"))}
     assert verdicts == {"judge_single": "better", "heldout_loss": "better", "ref_loglik": "better"}
+
+
+def test_forest_draws_an_unbounded_interval_to_the_panels_edge(tmp_path: Path) -> None:
+    from baize_exp.stages.report import charts
+
+    rows = [
+        {"comparison": "a vs b", "metric": "heldout_loss", "format": "baize", "n": 3, "diff": -0.1},
+        {"comparison": "c vs b", "metric": "heldout_loss", "format": "baize", "n": 9, "diff": 0.05},
+    ]
+    rows[0].update(ci_low=float("-inf"), ci_high=0.2, verdict="no detectable difference")  # n=3: unbounded below
+    rows[1].update(ci_low=0.01, ci_high=0.09, verdict="worse", verdict_holm="no detectable difference")
+    fig_path = charts.forest(rows, tmp_path / "f.png")
+    assert fig_path is not None and fig_path.stat().st_size > 5000
+    img = matplotlib.image.imread(fig_path)
+    assert img.shape[0] > 100  # drawn, not refused: an infinite end is a finding, not an error

@@ -87,17 +87,31 @@ def scope_blocks(run_dir: Path, metrics: dict, rows: list[dict]) -> list[Block]:
         return []
     cfg = _run_config(run_dir)
     train_format = cfg.train.format if cfg is not None else None
-    held, questions = ev.get("heldout_dialogs", 0), ev.get("questions", 0)
+
+    def most(metric: str) -> int | None:  # an older run's metrics lack the counts: its paired rows have them
+        ns = [r["n"] for r in rows if r.get("metric") == metric and isinstance(r.get("n"), int)]
+        return max(ns) if ns else None
+
+    held = ev.get("heldout_dialogs", most("heldout_loss"))
+    questions = ev.get("questions", most("ref_loglik"))
+    on = " and ".join(
+        x
+        for x in (
+            f"these {held} held-out dialogs" if held is not None else "",
+            f"these {questions} eval questions" if questions else "",
+        )
+        if x
+    )
     can = (
-        f"whether the models of this run differ on these {held} held-out dialogs and {questions} eval questions, "
-        "given this one training run: each comparison is paired per item, and Holm's adjustment holds the chance "
-        "of any false verdict in the table at 5%."
+        f"whether the models of this run differ{' on ' + on if on else ''}, given this one training run: each "
+        "comparison is paired per item, and Holm's adjustment keeps the chance of any false verdict in the table "
+        "at or below 5%."
     )
     cannot = [
         "whether another training seed would give the same verdicts: one seed per model, so the seed noise is "
         "unknown (`python -m baize_exp.reproduce` trains 3 seeds per arm and tests across them)"
     ]
-    if held < 4:
+    if held is not None and held < 4:
         cannot.insert(0, f"much from the held-out loss: only {held} held-out dialog(s)")
     check = reliability(run_dir).get("judge_check") or {}
     if ev.get("judge_check/discriminates") is False or check.get("discriminates") is False:
