@@ -318,20 +318,28 @@ class ChatBackendConfig:
     # and a warning, never a silent 0. Our own server costs nothing per token.
     prices: dict[str, PriceConfig] = field(default_factory=lambda: {"smollm2-135m-instruct": PriceConfig()})
     serve: ServeConfig = field(default_factory=ServeConfig)
-    # The OpenAI Batch API (baize_exp.chat.batch): the requests go up as JSONL files, come back within 24 h at
-    # `batch_discount` of the online price. Only an endpoint with the Files and Batches API (OpenAI) has it.
     batch: bool = False
-    # One batch's input file holds at most this many requests and bytes (OpenAI's documented limits: 50,000 requests,
-    # 200 MB); more work is split into several batches.
+    """Ask through the OpenAI Batch API (baize_exp.chat.batch): the requests go up as JSONL files and come back
+    within 24 h at `batch_discount` of the online price; the teacher's for collect and SDF ranking, the judge's for
+    its scores and verdicts. The batches are recorded in the stage's `batches/` dir (collect: beside its
+    collection), so a killed run polls the same batches instead of paying again. Only an endpoint with the Files
+    and Batches API (OpenAI) has it."""
     batch_max_requests: int = 50_000
+    """Requests in one batch at most (OpenAI's documented limit: 50,000); more work is split into several."""
     batch_max_bytes: int = 200_000_000
-    # Seconds between polls of a live batch; each poll without progress waits 1.5x longer, up to batch_poll_max_s.
+    """Bytes of one batch's input file at most (OpenAI's documented limit: 200 MB)."""
     batch_poll_s: float = 30.0
+    """Seconds between polls of a live batch; each poll without progress waits 1.5x longer, up to batch_poll_max_s."""
     batch_poll_max_s: float = 600.0
-    batch_discount: float = 0.5  # a batch token's price as a share of the online price (OpenAI: half)
-    # Stop before the run's spending would pass this many USD (prices above; in-flight requests counted at
-    # max_tokens), with one line saying how far it got; a rerun with a higher limit resumes. None = no limit.
+    """The longest wait between two polls."""
+    batch_discount: float = 0.5
+    """A batch token's price as a share of the online price (OpenAI: half)."""
     max_cost_usd: float | None = None
+    """Stop before spending more than this many USD (at `prices`; a request in flight counted at its worst case,
+    its prompt plus max_tokens), with one line saying how far it got (exit 2); the same command with a higher limit
+    goes on and nothing finished is lost. Collect counts what every attempt at the run's seeds spent (their records'
+    usage); SDF ranking and the judge count the stage's own requests, a round that would not fit is not sent.
+    None = no limit. `baize-collect ... --estimate` says what a collection would cost."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(self.backend in ("local", "openai"), f"{key}.backend", self.backend, "one of local, openai")
