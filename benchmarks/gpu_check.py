@@ -261,6 +261,9 @@ class GpuCheck:
             straight_s = time.monotonic() - t0
             codes.append(self.run_py(ctx, f"{strategy}_resumed", [*over, half], base / "resumed"))
             ckpt_bytes = dir_bytes(base / "resumed" / "train" / "checkpoints" / "last.ckpt")
+            if self.dry and codes[-1] == 75:  # the stopped run, as the negative controls start from it
+                shutil.rmtree(self.work / "stopped_auto", ignore_errors=True)
+                shutil.copytree(base / "resumed", self.work / "stopped_auto")
             # the same command again, as a job scheduler would rerun it: it continues from the checkpoint
             codes.append(self.run_py(ctx, f"{strategy}_resumed", [*over, half], base / "resumed"))
             if codes != [0, 75, 0]:
@@ -293,16 +296,14 @@ class GpuCheck:
         def work(ctx: RowContext) -> tuple[bool | None, dict]:
             import torch
 
-            straight = self.straight.get("auto")
-            if straight is None:
-                return None, {"reason": "no straight curve (the train auto row did not finish)"}
+            straight, stopped = self.straight.get("auto"), self.work / "stopped_auto"
+            if straight is None or not stopped.is_dir():
+                return None, {"reason": "no stopped run to start from (the train auto row did not finish)"}
             over = self.train_overrides("auto")
             run_dir = self.work / f"control_{damage}"
             shutil.rmtree(run_dir, ignore_errors=True)
-            first = self.run_py(ctx, f"control_{damage}", [*over, "train.stop_at_step=4"], run_dir)
+            shutil.copytree(stopped, run_dir)  # the auto row's run as its stop left it: its checkpoint at step 4
             path = run_dir / "train" / "checkpoints" / "last.ckpt"
-            if first != 75 or not path.is_file():
-                return False, {"exit_codes": [first], "reason": "the stop did not leave a checkpoint"}
             ckpt = torch.load(path, weights_only=False)
             if damage == "optimizer_reset":
                 for state in ckpt["optimizer_states"]:
@@ -312,7 +313,7 @@ class GpuCheck:
             torch.save(ckpt, path)
             rerun = self.run_py(ctx, f"control_{damage}", [*over, "train.stop_at_step=4"], run_dir)
             if rerun != 0:
-                return False, {"exit_codes": [first, rerun]}
+                return False, {"exit_codes": [rerun]}
             verdict = resume_verdict(straight, loss_curve(run_dir), *self.tolerance(control=True))
             return verdict["ok"], {k: v for k, v in verdict.items() if k != "ok"}
 

@@ -70,7 +70,8 @@ def test_dry_run_passes_every_row_its_controls_fail_and_only_the_table_comes_bac
             owner[str(dist.locate_file(f).resolve())] = gpu_deps.canonical(dist.metadata["Name"])
     files = {line for p in log.glob("*.txt") for line in p.read_text().splitlines()}
     imported = {owner[p] for p in (str(Path(f).resolve()) for f in files) if p in owner}
-    assert len(list(log.glob("*.txt"))) >= 10 and "torch" in imported and "pytorch-lightning" in imported
+    # its own process, the import probe, 3 run.py of the train row, one of each control, the generation worker, mfu
+    assert len(list(log.glob("*.txt"))) >= 9 and "torch" in imported and "pytorch-lightning" in imported
     closure = {gpu_deps.canonical(d) for d in gpu_deps.probe()["dists"]}
     assert imported - closure - gpu_deps.DISCOVERED_ONLY == set(), "add these imports to gpu_deps.CHECK_IMPORTS"
 

@@ -346,6 +346,7 @@ def test_rankings_that_failed_are_asked_again_and_only_they(tmp_path: Path, monk
                 "model=tiny",
                 "logger=none",
                 f"train.data={dialogs}",
+                "train.val_fraction=0.1",  # 7 training dialogs, 1 held out: the 7 prompts counted below
                 "trainer.max_epochs=1",
                 "sdf.num_prompts=null",
                 "sdf.num_candidates=3",
