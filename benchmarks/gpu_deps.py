@@ -40,6 +40,8 @@ CHECK_IMPORTS = [
     "baize_exp.training.strategy",
     "baize_exp.stages.sdf",
     "baize_exp.generate",
+    "datasets",  # training data is tokenized into an Arrow file (training/data.py imports it when it tokenizes)
+    "pyarrow",
     "pytorch_lightning",
     "pytorch_lightning.strategies.deepspeed",
     "lightning_fabric",
