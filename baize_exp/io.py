@@ -40,9 +40,12 @@ def iter_jsonl(path: str | Path, repair_tail: bool = False) -> Iterator[tuple[in
         yield line, value
 
 
-def jsonl_entries(path: str | Path, repair_tail: bool = False) -> Iterator[tuple[int, int, Any]]:
+def jsonl_entries(
+    path: str | Path, repair_tail: bool = False, skip_torn_tail: bool = False
+) -> Iterator[tuple[int, int, Any]]:
     """`iter_jsonl` with where each line starts: (line number, byte offset, parsed value), so a reader can come
-    back to a record later (seek there, read one line) instead of holding it."""
+    back to a record later (seek there, read one line) instead of holding it. `skip_torn_tail`: a reader that must
+    not write ignores a crash's torn last line instead of cutting it off."""
     path = Path(path)
     if not path.exists():
         return
@@ -59,18 +62,19 @@ def jsonl_entries(path: str | Path, repair_tail: bool = False) -> Iterator[tuple
                 raise
             except json.JSONDecodeError as e:
                 is_tail = not raw.endswith(b"\n")  # no newline after it: the write never finished
-                if is_tail and repair_tail:
-                    with open(path, "r+b") as w:
-                        w.truncate(start)
+                if is_tail and (repair_tail or skip_torn_tail):
+                    if repair_tail:
+                        with open(path, "r+b") as w:
+                            w.truncate(start)
                     return
                 torn = " (the file ends mid-line: a write that never finished?)" if is_tail else ""
                 raise JsonlError(f"{path}:{i + 1}: not valid JSON ({e.msg}){torn}; fix or remove that line") from None
             yield i + 1, start, value
 
 
-def iter_records(path: str | Path, repair_tail: bool = False) -> Iterator[dict]:
+def iter_records(path: str | Path, repair_tail: bool = False, skip_torn_tail: bool = False) -> Iterator[dict]:
     """The objects of a JSON-lines file, one at a time (see `read_jsonl`, which lists them)."""
-    for line, value in iter_jsonl(path, repair_tail):
+    for line, _, value in jsonl_entries(path, repair_tail, skip_torn_tail):
         if not isinstance(value, dict):
             raise JsonlError(
                 f"{path}:{line}: expected a JSON object, found {type(value).__name__}; one record per line"

@@ -348,3 +348,28 @@ def test_a_budget_that_refuses_a_round_sends_none_of_it_and_one_that_refuses_the
         assert srv.requests == 4  # the first round; the retries' round did not fit
     assert [a.value for a in answers] == [7, None, 7, None] and answers[0].reply.startswith("Score: 7")
     assert all("judge.max_cost_usd" in a.failed for a in answers[1::2])  # asked again by a rerun
+
+
+def test_the_estimate_of_a_killed_collection_reads_it_without_touching_it(tmp_path: Path) -> None:
+    """`stages.collect.estimate` (what `--estimate` prints) on a collection whose last line a kill tore: the seeds
+    done are counted, the torn line is ignored, and the file is left as it was (an estimate writes nothing)."""
+    from baize_exp.stages import collect as collect_stage
+
+    seeds_file = tmp_path / "seeds.txt"
+    seeds_file.write_text("".join(f"How do I look after garden plant number {i}?\n" for i in range(12)))
+    cfg = _cfg("data=file", f"data.path={seeds_file}", "collect.shared=false")
+    run_dir = tmp_path / "run"
+    teacher_dir = run_dir / "collect" / "teacher"
+    seeds = load_seeds(cfg.data)
+    with FaultServer(api_key=KEY, reply=realistic_reply) as srv:
+        collect(
+            seeds[:5], ChatClient.from_config(cfg.teacher, srv.base_url, KEY), cfg.collect, cfg.teacher, teacher_dir
+        )
+    with open(teacher_dir / "dialogs.jsonl", "ab") as f:
+        f.write(b'{"id": "torn')
+    before = (teacher_dir / "dialogs.jsonl").read_bytes()
+    est = collect_stage.estimate(cfg, run_dir)
+    assert (est.done, est.seeds) == (5, 7) and "as measured on 5 finished" in est.prompt_basis
+    assert (teacher_dir / "dialogs.jsonl").read_bytes() == before
+    with pytest.raises(UserError, match=r"dialogs.jsonl:\d+: not valid JSON .*ends mid-line"):  # a reader that may
+        read_jsonl(teacher_dir / "dialogs.jsonl")  # not skip it says so: the torn line is really there
