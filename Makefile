@@ -34,7 +34,7 @@ test: install  ## the whole test suite (what CI runs)
 test-fast: install  ## the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-reproduce: install  ## Baize's claims at 135M scale: 5 runs, paired comparisons -> results/ (about an hour on 2 cores)
+reproduce: install  ## Baize's claims at 135M scale: 7 arms x 3 seeds = 21 runs, paired comparisons -> results/ (resumable)
 	$(PY) -m baize_exp.reproduce $(ARGS)
 
 lock: install  ## refresh constraints.txt from .venv (after upgrading a package on purpose)

@@ -364,7 +364,7 @@ def format_table(plan: dict) -> str:
         "",
         f"first fit (fastest first): {plan['recommendation'] or 'nothing fits: more GPUs or a smaller model'}",
         "",
-        "Formulas: see `baize_exp/plan.py` (module docstring).",
+        "Formulas: see `baize_exp/stages/plan.py` (module docstring).",
     ]
     return "\n".join(lines) + "\n"
 
