@@ -234,9 +234,7 @@ def test_refused_key_stops_collection_with_nothing_written(tmp_path: Path) -> No
 def test_collect_config_is_validated() -> None:
     cfg = compose_cfg(
         [
-            "collect.mode=chat",
-            "collect.max_turns=1",
-            "collect.on_truncated=keep",
+            "collect.max_turns=1",  # choices (collect.mode, on_truncated): refused at composition, test_config_choices
             "teacher.requests_per_min=0",
             "collect.human_template=no history here",
         ]
@@ -244,9 +242,7 @@ def test_collect_config_is_validated() -> None:
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     for key in (
-        "collect.mode",
         "collect.max_turns",
-        "collect.on_truncated",
         "teacher.requests_per_min",
         "collect.human_template",
     ):
