@@ -2,6 +2,7 @@
 it in `baize_exp/config.py`), its type and default, and each group's options (the YAML files under `conf/`).
 
     python -m baize_exp.config_docs --write    # regenerate docs/config.md and the README's config table
+    python -m baize_exp.config_docs --check    # exit 1 if either is out of date
 
 Used by `python run.py --help` (the `== Keys ==` section, through the `baize_keys` resolver) and checked by
 tests/test_config_docs.py: a field without a docstring, or a README/docs table that is not what this module
@@ -15,11 +16,14 @@ import ast
 import dataclasses
 import enum
 import inspect
+import sys
 import textwrap
 import typing
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from baize_exp import config as C
 
@@ -90,7 +94,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def keys(cls: type = C.Config, prefix: str = "", defaults: Any = None) -> list[Key]:
+def schema_keys(cls: type = C.Config, prefix: str = "", defaults: Any = None) -> list[Key]:
     """Every leaf key of the schema under `cls`, in declaration order, nested groups flattened. `defaults`: the
     instance whose values are shown (a group's own defaults can differ from its class's: judge's are greedy)."""
     hints = typing.get_type_hints(cls)
@@ -100,7 +104,7 @@ def keys(cls: type = C.Config, prefix: str = "", defaults: Any = None) -> list[K
         name = f"{prefix}{f.name}"
         default = _default(f) if defaults is None else getattr(defaults, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            out += keys(hints[f.name], name + ".", default)
+            out += schema_keys(hints[f.name], name + ".", default)
             continue
         if isinstance(default, dict) and default and all(dataclasses.is_dataclass(v) for v in default.values()):
             inner = type(next(iter(default.values())))
@@ -113,7 +117,7 @@ def keys(cls: type = C.Config, prefix: str = "", defaults: Any = None) -> list[K
 
 
 def undocumented() -> list[str]:
-    return [k.name for k in keys() if not k.doc]
+    return [k.name for k in schema_keys() if not k.doc]
 
 
 def group_classes() -> dict[str, type]:
@@ -133,11 +137,19 @@ def _first_sentence(text: str | None) -> str:
     return text if end < 0 else text[: end + 1]
 
 
-def help_text(width: int = 118) -> str:
-    """The `--help` section: every key, its default and what it does, by group."""
+def help_text(cfg: Any = None, width: int = 118) -> str:
+    """The `--help` section: every key, its value and what it does, in schema order. `cfg`: the composed config
+    whose values are shown (so `--help model=13b` shows 13b's numbers); None = the schema's defaults."""
+    values = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True) if cfg is not None else None
     lines = []
-    for key in keys():
-        head = f"  {key.name}={key.default}"
+    for key in schema_keys():
+        value = key.default
+        if values is not None:
+            node: Any = values
+            for part in key.name.split("."):
+                node = node.get(part, dataclasses.MISSING) if isinstance(node, dict) else dataclasses.MISSING
+            value = key.default if node is dataclasses.MISSING else _show(node)
+        head = f"  {key.name}={value}"
         body = textwrap.fill(key.doc, width=width, initial_indent="      ", subsequent_indent="      ")
         lines += [head, body] if key.doc else [head]
     return "\n".join(lines)
@@ -176,7 +188,7 @@ def reference() -> str:
         "",
     ]
     groups = group_classes()
-    top = [k for k in keys() if "." not in k.name]
+    top = [k for k in schema_keys() if "." not in k.name]
     out += ["## top level", "", "| key | type | default | what it does |", "|---|---|---|---|"]
     out += [_row(k) for k in top]
     for group, cls in groups.items():
@@ -189,8 +201,13 @@ def reference() -> str:
             "| key | type | default | what it does |",
             "|---|---|---|---|",
         ]
-        out += [_row(k) for k in keys() if k.name.startswith(group + ".")]
+        out += [_row(k) for k in schema_keys() if k.name.startswith(group + ".")]
     return "\n".join(out) + "\n"
+
+
+def has_table(text: str) -> bool:
+    """Whether `text` (the README) has the table's two markers, in order."""
+    return TABLE_START in text and TABLE_END in text and text.index(TABLE_START) < text.index(TABLE_END)
 
 
 def readme_with_table(text: str) -> str:
@@ -199,14 +216,35 @@ def readme_with_table(text: str) -> str:
     return text[:start] + "\n" + readme_table() + "\n" + text[end:]
 
 
+REGENERATE = "rerun python -m baize_exp.config_docs --write"
+
+
+def out_of_date(reference_text: str, readme_text: str) -> list[str]:
+    """Which generated texts differ from what the schema generates now: docs/config.md, and the README's table (a
+    README without its markers counts too)."""
+    stale = [] if reference_text == reference() else ["docs/config.md"]
+    if not has_table(readme_text) or readme_with_table(readme_text) != readme_text:
+        stale.append("the config table in README.md")
+    return stale
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--write", action="store_true", help="rewrite docs/config.md and the README's table")
+    ap.add_argument("--check", action="store_true", help="exit 1 if either is not what --write would write")
     args = ap.parse_args()
-    if args.write:
+    if args.check:
+        stale = out_of_date(REFERENCE.read_text() if REFERENCE.is_file() else "", README.read_text())
+        if stale:
+            sys.exit(f"{' and '.join(stale)} out of date: {REGENERATE}")
+    elif args.write:
         REFERENCE.parent.mkdir(exist_ok=True)
         REFERENCE.write_text(reference())
-        README.write_text(readme_with_table(README.read_text()))
+        text = README.read_text()
+        if not has_table(text):
+            print(f"wrote {REFERENCE}; {README} has no {TABLE_START} ... {TABLE_END} markers for the table")
+            sys.exit(2)
+        README.write_text(readme_with_table(text))
         print(f"wrote {REFERENCE} and the table in {README}")
     else:
         print(readme_table())
