@@ -22,10 +22,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from baize_exp.config import CONF_DIR, CONFIG_PATH, composition_error, register_configs, validate
+from baize_exp.config_docs import register_help_resolver
 from baize_exp.errors import exit_on_error
 from baize_exp.pipeline import optimized_value, run_pipeline
 
 register_configs()
+register_help_resolver()  # `${baize_keys:}`: every key in `--help`
 _FULL_ERROR = "HYDRA_FULL_ERROR"
 _set_full_error = False  # whether we set it (a user's own setting is left alone)
 

@@ -1205,22 +1205,12 @@ def _made_dir(path: str) -> str:
     return path
 
 
-def _keys_help(_root_: DictConfig) -> str:
-    """`${baize_keys:}` (the `--help` template): every key, its composed value and its docstring. `$` doubled: Hydra
-    fills the template with string.Template, which would read `${paths.root_dir}` as a placeholder."""
-    from baize_exp.config_docs import help_text  # it imports this module
-
-    return help_text(_root_).replace("$", "$$")
-
-
 def register_configs() -> None:
     """Register the schema so `conf/config.yaml` can list `base_config` first in its defaults, and our resolvers."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     if not OmegaConf.has_resolver("made_dir"):
         OmegaConf.register_new_resolver("made_dir", _made_dir)
-    if not OmegaConf.has_resolver("baize_keys"):
-        OmegaConf.register_new_resolver("baize_keys", _keys_help)
 
 
 # Overrides that say where or how a run ran, not what it tested: neither W&B tags nor report columns.

@@ -155,6 +155,18 @@ def help_text(cfg: Any = None, width: int = 118) -> str:
     return "\n".join(lines)
 
 
+def _keys_help(_root_: Any) -> str:
+    """`${baize_keys:}` in the `--help` template: `help_text` of the composed config. `$` doubled: Hydra fills the
+    template with string.Template, which would read `${paths.root_dir}` as a placeholder."""
+    return help_text(_root_).replace("$", "$$")
+
+
+def register_help_resolver() -> None:
+    """Register `baize_keys` (the entry points do, before Hydra renders `--help`)."""
+    if not OmegaConf.has_resolver("baize_keys"):
+        OmegaConf.register_new_resolver("baize_keys", _keys_help)
+
+
 def readme_table() -> str:
     """The README's table: each group, its options and what it configures."""
     rows = ["| group | options | what it configures |", "|---|---|---|"]
