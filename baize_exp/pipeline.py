@@ -29,7 +29,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from baize_exp import cpu
-from baize_exp.config import NOT_PARAMS, ConfigError, cache_dir, override_dict, to_container, validate
+from baize_exp.config import NOT_PARAMS, Config, ConfigError, cache_dir, override_dict, to_container, validate
 from baize_exp.errors import Interrupted, UserError, resume_command
 from baize_exp.io import file_hash, global_rank, read_json, write_json
 from baize_exp.serve import Backends
@@ -44,7 +44,7 @@ PIPELINE: tuple[Stage, ...] = (plan.STAGE, collect.STAGE, train.STAGE, sdf.STAGE
 STAGES = {s.name: s for s in PIPELINE}
 
 
-def fingerprint(cfg: DictConfig, name: str, memo: dict[str, str] | None = None) -> str:
+def fingerprint(cfg: Config, name: str, memo: dict[str, str] | None = None) -> str:
     """What stage `name`'s outputs depend on: its config part, and its upstream stages' fingerprints (or, for an
     upstream replaced by a file from elsewhere, that file's content hash)."""
     memo = {} if memo is None else memo
@@ -187,7 +187,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
     return metrics
 
 
-def _preflight(cfg: DictConfig, run_dir: Path, memo: dict[str, str]) -> list[Stage]:
+def _preflight(cfg: Config, run_dir: Path, memo: dict[str, str]) -> list[Stage]:
     """The stages to run, once everything that can refuse the command has been checked: the stage list, the config,
     what each stage needs of this machine, and that a finished stage was made with this config. A refused rerun
     leaves a finished run as it was (its metrics.json, and Hydra's record of its config); a refused new run dir (a
@@ -244,7 +244,7 @@ def _run_stage(
             stage.log_wandb(wb, run_dir / stage.name)
 
 
-def _check_marker(cfg: DictConfig, run_dir: Path, stage: Stage, memo: dict[str, str]) -> None:
+def _check_marker(cfg: Config, run_dir: Path, stage: Stage, memo: dict[str, str]) -> None:
     """A finished stage made with another config is refused rather than mixed with this one's outputs."""
     marker = run_dir / stage.name / "_COMPLETE.json"
     if not stage.marker or not marker.is_file():
@@ -286,7 +286,7 @@ class StageContractError(RuntimeError):
     """A stage finished without a file it declares it writes: a bug, not something a user caused."""
 
 
-def _run_as_worker(cfg: DictConfig, run_dir: Path, poll_s: float = 2.0) -> dict:
+def _run_as_worker(cfg: Config, run_dir: Path, poll_s: float = 2.0) -> dict:
     """A rank > 0 process. Rank 0 alone collects, judges and writes metrics, markers and W&B; the workers join the
     stages that declare `joins_ddp` (train and sdf fit together, sdf and eval share out generation):
 
@@ -315,7 +315,7 @@ def _run_as_worker(cfg: DictConfig, run_dir: Path, poll_s: float = 2.0) -> dict:
         backends.close()
 
 
-def _wait_for_upstream(cfg: DictConfig, run_dir: Path, stage: Stage, poll_s: float) -> None:
+def _wait_for_upstream(cfg: Config, run_dir: Path, stage: Stage, poll_s: float) -> None:
     """Until rank 0 has completed every stage of this run that `stage` reads (transitively)."""
     needed, frontier = set(), list(stage.reads)
     while frontier:

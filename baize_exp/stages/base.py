@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from baize_exp.config import Config
 from baize_exp.io import content_hash
 
 # Keys of a chat backend block (teacher, judge) that change how fast or how persistently it is asked, or where it
@@ -55,7 +56,7 @@ class Stage:
     """A stage as the pipeline sees it (see the module docstring)."""
 
     name: str
-    run: Callable[[Any, Path, Any], dict]
+    run: Callable[[Config, Path, Any], dict]  # cfg: the validated config (a DictConfig of this shape)
     reads: tuple[str, ...] = ()  # upstream stages whose files it reads
     shapes: tuple[str, ...] = ()  # config keys (dotted) whose values shape its outputs
     ignores: frozenset[str] = frozenset()  # key names under `shapes` that do not (anywhere in those subtrees)
@@ -66,16 +67,16 @@ class Stage:
     may_write: tuple[str, ...] = ()
     marker: bool = True  # False: it only describes (plan, report): run every time, no completion marker
     # files from outside the run dir that stand in for an upstream stage: {upstream: path} for this config
-    external: Callable[[Any], dict[str, str]] = field(default=lambda cfg: {})
-    preflight: Callable[[Any], None] | None = None  # what it needs of this machine, checked before any work
+    external: Callable[[Config], dict[str, str]] = field(default=lambda cfg: {})
+    preflight: Callable[[Config], None] | None = None  # what it needs of this machine, checked before any work
     log_wandb: Callable[[Any, Path], None] | None = None  # extra W&B logging, given the run and its stage dir
     joins_ddp: bool = False  # a DDP worker that Lightning re-launches during this stage joins it
 
-    def config_part(self, cfg: Any) -> dict[str, Any]:
+    def config_part(self, cfg: Config) -> dict[str, Any]:
         """The config values that shape this stage's outputs, minus `ignores`."""
         return {k: _strip(_plain(OmegaConf.select(cfg, k)), self.ignores) for k in self.shapes}
 
-    def fingerprint(self, cfg: Any, upstream: dict[str, str]) -> str:
+    def fingerprint(self, cfg: Config, upstream: dict[str, str]) -> str:
         """Hash of what this stage's outputs depend on: its config part and its upstream stages' fingerprints."""
         return content_hash(self.name, {**self.config_part(cfg), **upstream})
 

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from baize_exp.chat.batch import BatchRunner
 from baize_exp.chat.client import ChatClient, ChatOutage, ChatResult
 from baize_exp.chat.cost import Budget, Estimate, TokenCounter, estimate_collection, price_of, usd
-from baize_exp.config import cache_dir
+from baize_exp.config import Config, cache_dir
 from baize_exp.data import Seed, load_seeds, parse_transcript, to_baize_text
 from baize_exp.data.card import card_markdown, data_card, spent_summary
 from baize_exp.data.quality import QualityFilter
@@ -1055,7 +1055,7 @@ def _teacher(cfg: Any, backends: Any, collection: Path) -> ChatClient | BatchRun
     return backends.client("teacher")
 
 
-def estimate(cfg: Any, run_dir: Path, sample: int = 256) -> Estimate:
+def estimate(cfg: Config, run_dir: Path, sample: int = 256) -> Estimate:
     """What collecting this config's seeds would cost, for the seeds with no record yet in its collection dir
     (nothing is written, nothing is sent): refined by a sample of the finished records of these seeds."""
     seeds = load_seeds(cfg.data)
@@ -1083,7 +1083,7 @@ def estimate(cfg: Any, run_dir: Path, sample: int = 256) -> Estimate:
     )
 
 
-def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
+def run(cfg: Config, run_dir: Path, backends: Any) -> dict:
     """The pipeline's collect stage, into `run_dir/collect`.
 
     With `collect.shared` (the default) it collects into `<cache_dir>/collect/<fingerprint>` and copies this run's

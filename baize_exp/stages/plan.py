@@ -65,7 +65,7 @@ import torch
 
 from baize_exp import models as M
 from baize_exp.chat.cost import Estimate, estimate_collection
-from baize_exp.config import cache_dir
+from baize_exp.config import Config, cache_dir
 from baize_exp.data import load_seeds
 from baize_exp.errors import UserError
 from baize_exp.stages.base import Stage
@@ -259,7 +259,7 @@ def gpus_per_node(cfg: Any) -> tuple[int, str]:
     )
 
 
-def make_plan(cfg: Any) -> dict:
+def make_plan(cfg: Config) -> dict:
     """The whole plan as plain data (what plan.json holds)."""
     sh = model_shape(cfg.model, cfg.lora)
     per_node, source = gpus_per_node(cfg)
@@ -378,7 +378,7 @@ def collection_estimate(cfg: Any) -> Estimate:
     return estimate_collection(seeds, cfg.collect, tcfg, tokenizer=tokenizer)
 
 
-def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
+def run(cfg: Config, run_dir: Path, backends: Any = None) -> dict:
     """The pipeline's plan stage: print the table, write plan/plan.json and plan/plan.md; return a summary. With
     `collect` among the stages, the collection's estimated cost too."""
     plan = make_plan(cfg)

@@ -46,7 +46,7 @@ from baize_exp import cpu
 from baize_exp import models as M
 from baize_exp.chat.ask import ask_parsed
 from baize_exp.chat.batch import backend_for
-from baize_exp.config import cache_dir, to_container
+from baize_exp.config import Config, cache_dir, to_container
 from baize_exp.data import BAIZE_HUMAN, EvalLeakGuard, generation_prompt, load_seed_file, training_dialogs
 from baize_exp.errors import Interrupted, UserError
 from baize_exp.generate import VllmStudent, batch_seed, pick_backend, rank_and_world, sample_with
@@ -321,7 +321,7 @@ def _wait_for_candidates(path: Path, key: str, poll_s: float = 2.0) -> list[dict
     return records
 
 
-def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
+def run(cfg: Config, run_dir: Path, backends: Any) -> dict:
     """The pipeline's sdf stage: v1 samples candidates, the teacher ranks them, v1 is tuned further on the chosen
     ones -> v2 (sample, rank, select, fit)."""
     s = cfg.sdf

@@ -10,7 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from baize_exp import models as M
-from baize_exp.config import to_container
+from baize_exp.config import Config, to_container
 from baize_exp.data import training_dialogs
 from baize_exp.io import global_rank, write_jsonl
 from baize_exp.stages.base import Stage
@@ -27,14 +27,14 @@ from baize_exp.wandb_log import log_adapter
 log = logging.getLogger(__name__)
 
 
-def preflight(cfg: Any) -> None:
+def preflight(cfg: Config) -> None:
     """Before any work: what training asks of this machine, and LoRA targets the model has (checked on its
     architecture alone, so a misspelt module fails in a second, not after loading an 8B base)."""
     check_machine(cfg)
     M.check_lora_targets_of(cfg.model, cfg.lora)
 
 
-def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
+def run(cfg: Config, run_dir: Path, backends: Any = None) -> dict:
     """The pipeline's train stage: base + fresh LoRA → `train/adapter` (v1)."""
     stage_dir = run_dir / "train"
     src, train_d, val_d, rejects = training_dialogs(cfg, run_dir)

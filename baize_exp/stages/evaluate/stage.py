@@ -17,7 +17,7 @@ from typing import Any
 from baize_exp import human
 from baize_exp import models as M
 from baize_exp.chat.batch import backend_for
-from baize_exp.config import cache_dir
+from baize_exp.config import Config, cache_dir
 from baize_exp.data import generation_prompt, load_eval_questions
 from baize_exp.errors import Interrupted, UserError
 from baize_exp.generate import pick_backend, rank_and_world
@@ -71,7 +71,7 @@ def _heldout(cfg: Any, run_dir: Path) -> tuple[Path, list[dict]]:
     return path, read_jsonl(path) if path.is_file() else []
 
 
-def run(cfg: Any, run_dir: Path, backends: Any) -> dict:
+def run(cfg: Config, run_dir: Path, backends: Any) -> dict:
     """The pipeline's eval stage: answer, judge, score, compare; the last model's figures published as `final/`."""
     stage_dir = run_dir / "eval"
     questions = load_eval_questions(cfg.eval.questions, cfg.eval.limit)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from baize_exp.config import Config
 from baize_exp.human import log_wandb as log_human
 from baize_exp.stages.base import Stage
 from baize_exp.stages.report.single import write
 
 
-def run(cfg: Any, run_dir: Path, backends: Any = None) -> dict:
+def run(cfg: Config, run_dir: Path, backends: Any = None) -> dict:
     """The pipeline's report stage."""
     md, page = write(run_dir)
     return {"report": str(md), "report_html": str(page)}
