@@ -29,6 +29,7 @@ SMALL = [
     "eval.limit=3",
     "eval.max_new_tokens=16",
     "eval.bootstrap=200",
+    "eval.judge_check=3",  # the check's own tests are in test_evaluate.py; here it only has to run and be noted
     "trainer.max_epochs=1",
 ]
 

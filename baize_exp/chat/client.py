@@ -15,8 +15,10 @@ Failures come in three kinds:
   sampling setting): `ChatError`, which stops the run at once, since every other request would fail the same way.
 A remote endpoint gets the first request of a session alone, then the rest fan out, so a wrong key or model costs
 exactly one request. When `stop_after_failures` attempts in a row fail for transient reasons with no success in
-between, the endpoint is down: every request still waiting gets `ChatOutage` (an `Interrupted`, resumable) instead
-of burning its retries. The API key is held privately and scrubbed from every message.
+between, and at least one of them was sent after the first of them had failed (so a batch of requests that time out
+together on a busy server is one observation, not `concurrency` of them), the endpoint is down: every request still
+waiting gets `ChatOutage` (an `Interrupted`, resumable) instead of burning its retries. The API key is held
+privately and scrubbed from every message.
 """
 
 from __future__ import annotations
@@ -187,6 +189,8 @@ class ChatClient:
         self._probe: asyncio.Event | None = None  # set once the session's first request has an answer
         self._probing = False
         self.failures_in_a_row = 0  # transient failed attempts since the last success
+        self._streak_began: float | None = None  # when the first of those failed
+        self._failed_again = False  # one of them was sent after that: the endpoint failed after we saw it fail
         self._recent_errors: list[str] = []
         self.succeeded = False  # a request got a reply in this client's life (a later 400 is then per request)
 
@@ -298,6 +302,7 @@ class ChatClient:
                         raise self._fatal
                     attempts += 1
                     self.requests += 1
+                    sent_at = time.monotonic()
                     try:
                         # `post` is what `chat.completions.create` ends in, minus its walk of the typed params over
                         # every message (~25% of the client's CPU per request, measured); same errors, same parsing.
@@ -334,7 +339,7 @@ class ChatClient:
                         if isinstance(resp, str) or not resp.choices:
                             error = "malformed reply: not JSON" if isinstance(resp, str) else "reply has no choices"
                         else:
-                            self.succeeded, self.failures_in_a_row = True, 0
+                            self.succeeded, self.failures_in_a_row, self._streak_began = True, 0, None
                             return ChatResult(
                                 texts=[c.message.content or "" for c in resp.choices],
                                 finish_reasons=[c.finish_reason or "" for c in resp.choices],
@@ -342,7 +347,7 @@ class ChatClient:
                                 logprobs=[c.logprobs.model_dump() if c.logprobs else None for c in resp.choices],
                                 attempts=attempts,
                             )
-                    self._count_failure(error)
+                    self._count_failure(error, sent_at)
                 if probing:  # a transient failure says nothing about the key: let the others go
                     self._probe.set()
                 if attempts > self.max_retries:
@@ -355,18 +360,27 @@ class ChatClient:
             if probing:
                 self._probe.set()
 
-    def _count_failure(self, error: str) -> None:
-        """One more transient failure in a row; at `stop_after_failures` the endpoint is taken as down."""
+    def _count_failure(self, error: str, sent_at: float) -> None:
+        """One more transient failure in a row; at `stop_after_failures`, one of them sent after the streak's
+        first failure, the endpoint is taken as down."""
+        now = time.monotonic()
+        if self.failures_in_a_row == 0:
+            self._streak_began, self._failed_again = now, False
+        elif self._streak_began is not None and sent_at >= self._streak_began:
+            self._failed_again = True
         self.failures_in_a_row += 1
         self._recent_errors = (self._recent_errors + [re.sub(r"\d+(\.\d+)?s\b", "Ns", error)[:120]])[-64:]
-        if self.stop_after_failures and self.failures_in_a_row >= self.stop_after_failures and not self._fatal:
+        down = self.failures_in_a_row >= self.stop_after_failures and self._failed_again
+        if self.stop_after_failures and down and not self._fatal:
             common = Counter(self._recent_errors[-self.failures_in_a_row :]).most_common(2)
             what = "; ".join(f"{e} (x{n})" for e, n in common)
+            hint = f"raise {self.role}.stop_after_failures to wait longer"
+            if common[0][0].startswith("timeout"):
+                hint = f"raise {self.role}.timeout_s or lower {self.role}.concurrency if the server is just slow"
             self._fatal = ChatOutage(
                 f"{self.role} at {self.base_url or 'api.openai.com'}: the last {self.failures_in_a_row} attempts "
                 f"all failed ({what}) with no success in between, so the endpoint looks down or overloaded; "
-                f"stopped early instead of retrying every request (raise {self.role}.stop_after_failures to wait "
-                f"longer)"
+                f"stopped early instead of retrying every request ({hint})"
             )
 
     def _fatal_400(self, e: openai.APIStatusError) -> bool:
