@@ -24,7 +24,9 @@ from omegaconf import DictConfig, open_dict
 from baize_exp.config import CONF_DIR, CONFIG_PATH, composition_error, register_configs, validate
 from baize_exp.config_docs import register_help_resolver
 from baize_exp.errors import exit_on_error
-from baize_exp.pipeline import optimized_value, run_pipeline
+
+# The pipeline (torch, transformers, Lightning: ~6 s of imports) is imported once a config has composed, so
+# `--help`, `--cfg job` and a config error answer in about a second.
 
 register_configs()
 register_help_resolver()  # `${baize_keys:}`: every key in `--help`
@@ -87,6 +89,8 @@ def _run(cfg: DictConfig) -> float | None:
     # A user's mistake or a transient stop is one line and an exit status, not a traceback; in a multirun the
     # error goes through so Hydra marks that job failed and the sweep's other jobs still run.
     with exit_on_error("baize_exp", reraise=HydraConfig.get().mode == RunMode.MULTIRUN):
+        from baize_exp.pipeline import optimized_value, run_pipeline
+
         metrics = run_pipeline(cfg)
         # What a Hydra sweeper (Optuna) optimises; hparams_search configs name it.
         return optimized_value(metrics, cfg.optimized_metric) if cfg.optimized_metric else None
@@ -96,6 +100,8 @@ def _run(cfg: DictConfig) -> float | None:
 def _collect(cfg: DictConfig) -> None:
     _composed_ok()
     with exit_on_error("baize-collect"):
+        from baize_exp.pipeline import run_pipeline
+
         run_pipeline(cfg)
 
 

@@ -137,6 +137,7 @@ def test_vllm_sampling_means_what_the_hf_path_means() -> None:
         vllm_lora_rank(1024)
 
 
+@pytest.mark.slow  # builds, saves and reloads a random model: ~20 s
 def test_a_random_model_is_written_once_as_a_folder_an_engine_can_load(tmp_path: Path) -> None:
     import torch
     from helpers.config import compose_cfg

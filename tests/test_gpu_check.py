@@ -89,6 +89,7 @@ def test_a_deadline_cuts_rows_keeps_the_table_and_says_so_in_the_exit_status(tmp
     assert (tmp_path / "out" / "gpu_check.md").read_text().count("| cut |") == len(cut)
 
 
+@pytest.mark.slow  # a fresh interpreter imports the whole GPU closure (deepspeed, torch): ~20 s
 def test_a_missing_package_stops_the_check_in_one_line_naming_it(tmp_path: Path) -> None:
     """The first step: an import of the closure fails (a deepspeed that cannot be imported shadows the real one)."""
     shadow = tmp_path / "shadow" / "deepspeed"
@@ -112,6 +113,7 @@ def test_resume_verdict_tolerance_is_relative_to_the_fall_and_needs_a_fall() -> 
     assert not gpu_check.resume_verdict(straight, {k: straight[k] for k in range(5)}, 0.02, 0.5)["ok"]
 
 
+@pytest.mark.slow  # a fresh interpreter imports the whole GPU closure (deepspeed, torch): ~20 s
 def test_wheel_list_is_the_closure_minus_the_gpu_image_and_its_pins_meet_every_requirement() -> None:
     """benchmarks/gpu-requirements.txt is what `gpu_deps.py --write` derives (names; the pins are checked against
     every requirement on them, since a fresh install may pick newer versions than the ones listed)."""

@@ -5,6 +5,8 @@ needs."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,22 @@ def test_no_package_shadows_one_of_its_modules_with_a_name_it_exports() -> None:
             and getattr(exported[m], "__name__", None) != f"{package}.{m}"
         ]
     assert not clashes, clashes
+
+
+def test_help_and_a_config_error_answer_without_importing_the_pipeline(tmp_path: Path) -> None:
+    """`run.py --help` and a config that does not compose never import torch (the pipeline's ~6 s of imports come
+    after composition). Control: a run that composes does import it, so the probe can see the import."""
+    probe = (
+        "import sys\nfrom baize_exp import cli\nsys.argv = ['run.py', *sys.argv[1:]]\n"
+        "try:\n    cli.run()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    )
+
+    def imports_torch(*args: str) -> bool:
+        r = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300
+        )
+        return r.stdout.strip().splitlines()[-1] == "True"
+
+    assert not imports_torch("--help")
+    assert not imports_torch("model.dtype=fp64")
+    assert imports_torch("model=tiny", "stages=[plan]", f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
