@@ -29,13 +29,16 @@ run: install  ## run every stage on the embedded model (CPU, offline): python ru
 	$(PY) run.py $(ARGS)
 
 # Two pytest-xdist workers: 1.74x on the fast suite on this 2-core box (388 s -> 223 s, beside other jobs), since
-# many tests wait on subprocesses and servers. PYTEST_WORKERS=0 runs in one process (easier to debug).
+# many tests wait on subprocesses and servers. worksteal, not load: load hands each worker a fixed first slice, so
+# the slow tests (sorted first, tests/conftest.py) all landed on one worker; an idle worker steals instead.
+# PYTEST_WORKERS=0 runs in one process (easier to debug).
 PYTEST_WORKERS ?= 2
+XDIST = -n $(PYTEST_WORKERS) $(if $(filter 0,$(PYTEST_WORKERS)),,--dist worksteal)
 test: install  ## the whole test suite (what CI runs)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) $(ARGS)
+	$(PY) -m pytest $(XDIST) $(ARGS)
 
 test-fast: install  ## the tests not marked slow
-	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow" $(ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(ARGS)
 
 reproduce: install  ## Baize's claims at 135M scale: 7 arms x 3 seeds = 21 runs, paired comparisons -> results/ (resumable)
 	$(PY) -m baize_exp.reproduce $(ARGS)
