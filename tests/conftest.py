@@ -30,12 +30,17 @@ def _env(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Slow tests first (a stable sort, so files stay together): under pytest-xdist the long ones start at once
-    and the short ones fill the gaps, instead of one worker finishing a long test alone at the end. `gpu` tests
-    skip (with the reason shown) where there is no CUDA, whatever `-m` the command line gives."""
+    """Slow tests first, the longest (`@pytest.mark.slow(seconds=N)`, measured) before the rest, in a stable sort
+    so files stay together: under pytest-xdist (worksteal) the long ones start at once and the short ones fill the
+    gaps, instead of one worker finishing a 3-minute test alone at the end. `gpu` tests skip (with the reason
+    shown) where there is no CUDA, whatever `-m` the command line gives."""
     import torch
 
-    items.sort(key=lambda item: "slow" not in item.keywords)
+    def order(item: pytest.Item) -> tuple[bool, float]:
+        slow = item.get_closest_marker("slow")
+        return slow is None, -(slow.kwargs.get("seconds", 0) if slow else 0)
+
+    items.sort(key=order)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none here); run on a GPU machine")

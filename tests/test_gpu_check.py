@@ -33,7 +33,7 @@ def _check(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Co
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=175)  # on this box, 2026-12-03: started first
 def test_dry_run_passes_every_row_its_controls_fail_and_only_the_table_comes_back(tmp_path: Path) -> None:
     site, log = tmp_path / "site", tmp_path / "imports"
     site.mkdir()
@@ -76,7 +76,7 @@ def test_dry_run_passes_every_row_its_controls_fail_and_only_the_table_comes_bac
     assert imported - closure - gpu_deps.DISCOVERED_ONLY == set(), "add these imports to gpu_deps.CHECK_IMPORTS"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)  # on this box, 2026-12-03: started first
 def test_a_deadline_cuts_rows_keeps_the_table_and_says_so_in_the_exit_status(tmp_path: Path) -> None:
     """The issue's `make gpu-check ARGS="--cpu-dry-run --deadline 60"`: the first row may finish, the rest cannot."""
     r = _check(tmp_path, "--deadline", "60")
