@@ -50,16 +50,20 @@ def teacher_server():
 def test_run_py_end_to_end_through_the_openai_backend(tmp_path: Path, teacher_server: LocalServer) -> None:
     run_dir = tmp_path / "run"
     env = {"BAIZE_TEST_KEY": teacher_server.api_key}
-    backend = [f"{role}={x}" for role in ("teacher", "judge") for x in ("openai",)] + [
-        f"{role}.{k}={v}"
-        for role in ("teacher", "judge")
-        for k, v in (
-            ("base_url", teacher_server.base_url),
-            ("api_key_env", "BAIZE_TEST_KEY"),
-            ("model", "smollm2-135m-instruct"),
-            ("concurrency", 16),
-        )
-    ]
+    backend = (
+        [f"{role}={x}" for role in ("teacher", "judge") for x in ("openai",)]
+        + [
+            f"{role}.{k}={v}"
+            for role in ("teacher", "judge")
+            for k, v in (
+                ("base_url", teacher_server.base_url),
+                ("api_key_env", "BAIZE_TEST_KEY"),
+                ("model", "smollm2-135m-instruct"),
+                ("concurrency", 16),
+            )
+        ]
+        + ["judge.max_tokens=48"]
+    )  # judge=local's own for this model (judge=openai's 256 is for GPT-4's reasoning)
     args = [*SMALL, *backend, "logger=wandb", f"hydra.run.dir={run_dir}"]
     n0 = _served_requests(teacher_server)
     r = run_cli(*args, env=env)
