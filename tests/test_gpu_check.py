@@ -33,7 +33,7 @@ def _check(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Co
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.slow(seconds=175)  # on this box, 2026-12-03: started first
+@pytest.mark.slow(seconds=145)  # on this box, 2026-12-03: started first
 def test_dry_run_passes_every_row_its_controls_fail_and_only_the_table_comes_back(tmp_path: Path) -> None:
     site, log = tmp_path / "site", tmp_path / "imports"
     site.mkdir()

@@ -46,7 +46,7 @@ def teacher_server():
         yield s
 
 
-@pytest.mark.slow(seconds=180)  # on this box, 2026-12-03: started first
+@pytest.mark.slow(seconds=105)  # on this box, 2026-12-03: started first
 def test_run_py_end_to_end_through_the_openai_backend(tmp_path: Path, teacher_server: LocalServer) -> None:
     run_dir = tmp_path / "run"
     env = {"BAIZE_TEST_KEY": teacher_server.api_key}

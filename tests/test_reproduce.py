@@ -68,7 +68,7 @@ def _reply(refs: dict[str, str]):
     return reply
 
 
-@pytest.mark.slow(seconds=160)  # on this box, 2026-12-03: started first
+@pytest.mark.slow(seconds=150)  # on this box, 2026-12-03: started first
 def test_reproduce_writes_results_with_a_verdict_for_every_claim(tmp_path: Path) -> None:
     refs = {q["question"]: q["reference"].strip() for q in load_eval_questions(None, None)}
     env = {**os.environ, "BAIZE_TEST_KEY": "k"}

@@ -189,7 +189,7 @@ class ChatClient:
         self._probe: asyncio.Event | None = None  # set once the session's first request has an answer
         self._probing = False
         self.failures_in_a_row = 0  # transient failed attempts since the last success
-        self._streak_began: float | None = None  # when the first of those failed
+        self._streak_began = 0.0  # when the first of those failed
         self._failed_again = False  # one of them was sent after that: the endpoint failed after we saw it fail
         self._recent_errors: list[str] = []
         self.succeeded = False  # a request got a reply in this client's life (a later 400 is then per request)
@@ -339,7 +339,7 @@ class ChatClient:
                         if isinstance(resp, str) or not resp.choices:
                             error = "malformed reply: not JSON" if isinstance(resp, str) else "reply has no choices"
                         else:
-                            self.succeeded, self.failures_in_a_row, self._streak_began = True, 0, None
+                            self.succeeded, self.failures_in_a_row = True, 0
                             return ChatResult(
                                 texts=[c.message.content or "" for c in resp.choices],
                                 finish_reasons=[c.finish_reason or "" for c in resp.choices],
@@ -366,7 +366,7 @@ class ChatClient:
         now = time.monotonic()
         if self.failures_in_a_row == 0:
             self._streak_began, self._failed_again = now, False
-        elif self._streak_began is not None and sent_at >= self._streak_began:
+        elif sent_at >= self._streak_began:
             self._failed_again = True
         self.failures_in_a_row += 1
         self._recent_errors = (self._recent_errors + [re.sub(r"\d+(\.\d+)?s\b", "Ns", error)[:120]])[-64:]

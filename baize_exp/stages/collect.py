@@ -368,11 +368,11 @@ class _Scan:
     reasons: list[str | None]
 
 
-def _scan(path: Path, repair_tail: bool = False, reasons: bool = False, read_only: bool = False) -> _Scan:
-    """`read_only`: a torn last line (a killed collection's) is skipped, not cut off."""
+def _scan(path: Path, repair_tail: bool = False, reasons: bool = False, skip_torn_tail: bool = False) -> _Scan:
+    """A torn last line (a killed collection's) is cut off with `repair_tail`, skipped with `skip_torn_tail`."""
     keys, offsets = array.array("Q"), array.array("q")  # 8 bytes a record, not a Python int each
     why: list[str | None] = []
-    for line, offset, r in jsonl_entries(path, repair_tail, skip_torn_tail=read_only):
+    for line, offset, r in jsonl_entries(path, repair_tail, skip_torn_tail):
         if not isinstance(r, dict):
             raise JsonlError(f"{path}:{line}: expected a JSON object, found {type(r).__name__}; one record per line")
         keys.append(_key_int(r.get("key")))
@@ -688,12 +688,12 @@ class _Resumed:
             yield self.seeds[i], _key_str(self.keys.all[i])
 
 
-def _done_keys(out_dir: Path, repair_tail: bool, read_only: bool = False) -> np.ndarray:
+def _done_keys(out_dir: Path, repair_tail: bool, skip_torn_tail: bool = False) -> np.ndarray:
     """The keys with a dialog or a reject in a collection dir."""
     return np.concatenate(
         [
-            _scan(out_dir / "dialogs.jsonl", repair_tail, read_only=read_only).keys,
-            _scan(out_dir / "rejects.jsonl", repair_tail, read_only=read_only).keys,
+            _scan(out_dir / "dialogs.jsonl", repair_tail, skip_torn_tail=skip_torn_tail).keys,
+            _scan(out_dir / "rejects.jsonl", repair_tail, skip_torn_tail=skip_torn_tail).keys,
         ]
     )
 
@@ -1061,7 +1061,7 @@ def estimate(cfg: Config, run_dir: Path, sample: int = 256) -> Estimate:
     seeds = load_seeds(cfg.data)
     out = collection_dir(cfg, run_dir)
     keys = _seed_keys(seeds, cfg.collect, cfg.teacher)
-    todo = _todo(keys, _done_keys(out, repair_tail=False, read_only=True))
+    todo = _todo(keys, _done_keys(out, repair_tail=False, skip_torn_tail=True))
     rng, picked, seen = random.Random(0), [], 0
     for name in ("dialogs.jsonl", "rejects.jsonl"):  # a reservoir sample: the records are never all held
         for r in iter_records(out / name, skip_torn_tail=True):
