@@ -139,20 +139,40 @@ def test_no_package_shadows_one_of_its_modules_with_a_name_it_exports() -> None:
     assert not clashes, clashes
 
 
-def test_help_and_a_config_error_answer_without_importing_the_pipeline(tmp_path: Path) -> None:
-    """`run.py --help` and a config that does not compose never import torch (the pipeline's ~6 s of imports come
-    after composition). Control: a run that composes does import it, so the probe can see the import."""
-    probe = (
-        "import sys\nfrom baize_exp import cli\nsys.argv = ['run.py', *sys.argv[1:]]\n"
-        "try:\n    cli.run()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+PROBE = """
+import sys
+from baize_exp import cli
+from baize_exp.serve import __main__ as serve
+from baize_exp.serve.ui import __main__ as chat
+entries = {"run.py": cli.run, "baize-serve": serve.main, "baize-chat": chat.main}
+for line in sys.stdin.read().splitlines():
+    sys.argv = line.split()
+    try:
+        entries[sys.argv[0]]()
+    except SystemExit:
+        pass
+    print("torch" in sys.modules, flush=True)
+"""
+
+
+def test_help_config_errors_and_refused_binds_answer_without_importing_torch(tmp_path: Path) -> None:
+    """`run.py --help`, a config that does not compose, and a server or chat page refused its `--host` never import
+    torch (the pipeline's and the model code's ~6 s of imports come after those checks). One process runs them in
+    turn, then the control: a run that composes, which does import it, so the probe can see the import."""
+    commands = [
+        "run.py --help",
+        "run.py model.dtype=fp64",
+        "baize-serve --host 0.0.0.0",
+        "baize-chat --host 0.0.0.0 somewhere",
+        f"run.py model=tiny stages=[plan] hydra.run.dir={tmp_path / 'run'} logger=none",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        input="\n".join(commands),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
-
-    def imports_torch(*args: str) -> bool:
-        r = subprocess.run(
-            [sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300
-        )
-        return r.stdout.strip().splitlines()[-1] == "True"
-
-    assert not imports_torch("--help")
-    assert not imports_torch("model.dtype=fp64")
-    assert imports_torch("model=tiny", "stages=[plan]", f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
+    answers = [line for line in r.stdout.splitlines() if line in ("True", "False")]
+    assert answers == ["False", "False", "False", "False", "True"], (answers, r.stderr[-2000:])

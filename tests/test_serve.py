@@ -27,12 +27,7 @@ CACHE = os.environ.get("BAIZE_CACHE")
 
 @pytest.fixture(scope="module")
 def tiny_server():
-    with LocalServer("tiny", cache_dir=CACHE, max_batch=8) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def tiny_server_max_n_4():
+    # max_n=4 (below max_batch): the most answers these tests ask for in one request, and the limit a 400 names
     with LocalServer("tiny", cache_dir=CACHE, max_batch=8, max_n=4) as s:
         yield s
 
@@ -336,10 +331,10 @@ def test_bad_request_stops_with_a_clear_error(tiny_server) -> None:
         ({"messages": [{"role": "user", "content": "x" * 9000}]}, "context_length_exceeded"),
     ],
 )
-def test_bad_request_is_a_400_naming_the_field(tiny_server_max_n_4, body: dict, needle: str) -> None:
+def test_bad_request_is_a_400_naming_the_field(tiny_server, body: dict, needle: str) -> None:
     """What OpenAI answers 400 is a 400 with a JSON error here too (never a plain-text 500). Sent as raw JSON: the
     openai client itself refuses to send some of these (NaN)."""
-    s = tiny_server_max_n_4
+    s = tiny_server
     req = urllib.request.Request(
         f"{s.base_url}/chat/completions",
         method="POST",

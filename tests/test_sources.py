@@ -155,26 +155,32 @@ def test_a_mixture_of_real_sources_keeps_each_seed_source_and_the_weights() -> N
     assert load_seeds(cfg.data) == seeds  # deterministic for a seed
 
 
-@pytest.mark.parametrize(
-    ("group", "path", "expected"),
-    [
-        ("quora", "quora_duplicate_questions.tsv", QUORA),
-        ("stackoverflow", "Posts.xml", SO_TITLES),
-        ("medical", "medquad", MEDQUAD),
-        ("alpaca", "alpaca_data.json", ALPACA),
-    ],
-)
-def test_each_loader_through_run_py_collects_a_dialog_per_question(
-    tmp_path: Path, group: str, path: str, expected: set[str]
-) -> None:
+LOADERS = [
+    ("quora", "quora_duplicate_questions.tsv", QUORA),
+    ("stackoverflow", "Posts.xml", SO_TITLES),
+    ("medical", "medquad", MEDQUAD),
+    ("alpaca", "alpaca_data.json", ALPACA),
+]
+
+
+@pytest.mark.parametrize(("group", "path", "expected"), LOADERS)
+def test_each_data_option_reads_its_release_from_data_path(group: str, path: str, expected: set[str]) -> None:
+    cfg = compose_cfg([f"data={group}", f"data.path={FIX / path}", "data.limit=null"])
+    seeds = load_seeds(cfg.data)
+    assert {s.question for s in seeds} == expected and {s.source for s in seeds} == {group}
+
+
+def test_every_loader_through_run_py_collects_a_dialog_per_question(tmp_path: Path) -> None:
+    """One collection over all four releases (one run.py start, not four): each source's seeds become its dialogs,
+    and the data card counts each source."""
     from helpers.cli import run_cli
 
     run_dir = tmp_path / "run"
     with FaultServer() as srv:
         r = run_cli(
             "stages=[collect,report]",
-            f"data={group}",
-            f"data.path={FIX / path}",
+            f"data.sources=[{','.join(g for g, _, _ in LOADERS)}]",
+            *(f"data.paths.{g}={FIX / path}" for g, path, _ in LOADERS),
             "data.limit=null",
             "teacher=openai",
             f"teacher.base_url={srv.base_url}",
@@ -186,11 +192,12 @@ def test_each_loader_through_run_py_collects_a_dialog_per_question(
         )
     assert r.returncode == 0, r.stderr[-3000:]
     dialogs = read_jsonl(run_dir / "collect" / "dialogs.jsonl")
-    assert {d["seed"] for d in dialogs} == expected and {d["source"] for d in dialogs} == {group}
     card = json.loads((run_dir / "collect" / "data_card.json").read_text())
-    assert card["seeds"] == len(expected) and card["sources"] == {
-        group: {"seeds": len(expected), "dialogs": len(dialogs)}
-    }
+    for group, _, expected in LOADERS:
+        mine = [d for d in dialogs if d["source"] == group]
+        assert {d["seed"] for d in mine} == expected, group
+        assert card["sources"][group] == {"seeds": len(expected), "dialogs": len(mine)}
+    assert len(card["sources"]) == len(LOADERS) and card["seeds"] == sum(len(e) for _, _, e in LOADERS)
     assert card["turns_per_dialog"]["n"] == len(dialogs) and card["turns_per_dialog"]["min"] >= 2
     assert card["seed_length"]["max"] >= card["seed_length"]["median"] >= card["seed_length"]["min"] > 0
     assert card["duplicates_removed"] == {"seeds": 0, "dialogs": 0} and card["length_unit"] == "words"

@@ -11,11 +11,7 @@ from pathlib import Path
 
 from baize_exp.config import cache_dir
 from baize_exp.errors import exit_on_error
-from baize_exp.models import load_for_serving
-from baize_exp.serve.adapters import load_served, parse_adapter_args
-from baize_exp.serve.app import build_app, is_loopback
-from baize_exp.serve.engine import DecodeEngine
-from baize_exp.serve.worker import BatchWorker
+from baize_exp.serve.address import is_loopback
 
 log = logging.getLogger("baize_exp.serve")
 
@@ -75,6 +71,18 @@ def main(argv: list[str] | None = None) -> None:
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not api_key:
         ap.error(f"--api-key-env {args.api_key_env}: that environment variable is empty")
+
+    serve(args, api_key)
+
+
+def serve(args: argparse.Namespace, api_key: str | None) -> None:
+    """Load the model and its adapters and serve them until a signal. (The model code is imported here, after the
+    arguments were checked: a refused command answers in a second, not after torch and transformers load.)"""
+    from baize_exp.models import load_for_serving
+    from baize_exp.serve.adapters import load_served, parse_adapter_args
+    from baize_exp.serve.app import build_app
+    from baize_exp.serve.engine import DecodeEngine
+    from baize_exp.serve.worker import BatchWorker
 
     with exit_on_error("baize-serve"):
         adapters, named = parse_adapter_args(args.adapter)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import secrets
@@ -351,12 +350,3 @@ async def _sse(req: GenRequest, model: str, next_event: Callable, body: dict, st
     finally:
         if done < req.n:
             req.cancelled = True  # the client went away or timed out: free the rows
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

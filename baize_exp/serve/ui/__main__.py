@@ -13,7 +13,7 @@ from baize_exp.config import cache_dir
 from baize_exp.errors import UserError, exit_on_error
 from baize_exp.human import VoteLog, votes_path
 from baize_exp.serve import ui
-from baize_exp.serve.app import is_loopback
+from baize_exp.serve.address import is_loopback
 
 log = logging.getLogger("baize_exp.serve")
 MIN_TOKEN = 16  # characters: something `openssl rand -hex 8` or longer gives
