@@ -19,8 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 _state = threading.local()  # OpenMP thread counts are per calling thread: remember what each one last set
 
 
@@ -67,6 +65,8 @@ def fit_threads(every_s: float = 0.5, window: int = 5) -> int:
     """Set this thread's torch thread count to the free cores: one sample every `every_s` at most, the count from
     the median of the last `window` samples (so a moment's spike does not flip it), a call in between costs
     nothing. A count the user fixed (`BAIZE_THREADS`, else `OMP_NUM_THREADS`) is kept. Returns the count in force."""
+    import torch  # here: the pipeline's preflight imports this module and needs no torch (a refusal answers sooner)
+
     fixed = os.environ.get("BAIZE_THREADS") or os.environ.get("OMP_NUM_THREADS")
     if fixed and fixed.isdigit() and int(fixed) > 0:
         if torch.get_num_threads() != int(fixed):

@@ -19,6 +19,7 @@ W&B (`logger=wandb`; names in `baize_exp.wandb_log`). One run per pipeline run, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -33,15 +34,19 @@ from baize_exp.config import NOT_PARAMS, Config, ConfigError, cache_dir, overrid
 from baize_exp.errors import Interrupted, UserError, resume_command
 from baize_exp.io import file_hash, global_rank, read_json, write_json
 from baize_exp.serve import Backends
-from baize_exp.stages import collect, evaluate, plan, report, sdf, train
 from baize_exp.stages.base import Stage
 from baize_exp.wandb_log import define_axes, log_stage_summary
 
 log = logging.getLogger(__name__)
 
-# The pipeline, in order. `stages=[...]` picks an in-order subset.
-PIPELINE: tuple[Stage, ...] = (plan.STAGE, collect.STAGE, train.STAGE, sdf.STAGE, evaluate.STAGE, report.STAGE)
-STAGES = {s.name: s for s in PIPELINE}
+@functools.cache
+def stages() -> dict[str, Stage]:
+    """The pipeline's stages by name, in pipeline order; `stages=[...]` picks an in-order subset. Imported on first
+    use, after `validate`: the stage modules bring torch, transformers and Lightning (~6 s), and a config refused
+    for a bad value answers without them."""
+    from baize_exp.stages import collect, evaluate, plan, report, sdf, train
+
+    return {s.name: s for s in (plan.STAGE, collect.STAGE, train.STAGE, sdf.STAGE, evaluate.STAGE, report.STAGE)}
 
 
 def fingerprint(cfg: Config, name: str, memo: dict[str, str] | None = None) -> str:
@@ -49,7 +54,7 @@ def fingerprint(cfg: Config, name: str, memo: dict[str, str] | None = None) -> s
     upstream replaced by a file from elsewhere, that file's content hash)."""
     memo = {} if memo is None else memo
     if name not in memo:
-        stage = STAGES[name]
+        stage = stages()[name]
         external = stage.external(cfg)
         upstream = {up: file_hash(external[up]) if up in external else fingerprint(cfg, up, memo) for up in stage.reads}
         memo[name] = stage.fingerprint(cfg, upstream)
@@ -130,11 +135,11 @@ def _sweep_name(cfg: DictConfig) -> str | None:
 
 
 def _check_stages(cfg: DictConfig) -> list[Stage]:
-    names = list(cfg.stages)
-    order = [s.name for s in PIPELINE]
-    if not names or any(n not in STAGES for n in names) or names != [n for n in order if n in names]:
+    names, by_name = list(cfg.stages), stages()
+    order = list(by_name)
+    if not names or any(n not in by_name for n in names) or names != [n for n in order if n in names]:
         raise ConfigError(f"invalid config: stages={names!r}: a non-empty list drawn from {order}, in that order")
-    return [STAGES[n] for n in names]
+    return [by_name[n] for n in names]
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
@@ -193,13 +198,13 @@ def _preflight(cfg: Config, run_dir: Path, memo: dict[str, str]) -> list[Stage]:
     leaves a finished run as it was (its metrics.json, and Hydra's record of its config); a refused new run dir (a
     sweep's job) records why it did not run."""
     try:
-        stages = _check_stages(cfg)
-        validate(cfg)
-        for stage in stages:
+        validate(cfg)  # first: it needs no stage module (see `stages`)
+        todo = _check_stages(cfg)
+        for stage in todo:
             if stage.preflight is not None:
                 stage.preflight(cfg)  # what the stage needs of this machine (a GPU, a local model path)
             _check_marker(cfg, run_dir, stage, memo)
-        return stages
+        return todo
     except UserError as e:
         if (run_dir / "metrics.json").is_file():
             _restore_hydra_record(run_dir)  # an existing run: left exactly as it was
@@ -297,9 +302,10 @@ def _run_as_worker(cfg: Config, run_dir: Path, poll_s: float = 2.0) -> dict:
       from rank 0's adapter."""
     named = os.environ.get(WORKER_STAGE_ENV)
     if named:
-        todo = [STAGES[named]] if named in STAGES and STAGES[named].joins_ddp and named in cfg.stages else []
+        known = stages()
+        todo = [known[named]] if named in known and known[named].joins_ddp and named in cfg.stages else []
     else:
-        todo = [s for s in PIPELINE if s.joins_ddp and s.name in cfg.stages]
+        todo = [s for s in stages().values() if s.joins_ddp and s.name in cfg.stages]
     if not todo:
         log.info("rank %d: no stage to join (%s); nothing to do", global_rank(), named)
         return {}
@@ -322,7 +328,7 @@ def _wait_for_upstream(cfg: Config, run_dir: Path, stage: Stage, poll_s: float) 
         up = frontier.pop()
         if up in cfg.stages and up not in stage.external(cfg) and up not in needed:
             needed.add(up)
-            frontier += list(STAGES[up].reads)
+            frontier += list(stages()[up].reads)
     t0 = time.monotonic()
     while missing := [u for u in needed if not (run_dir / u / "_COMPLETE.json").is_file()]:
         if int(time.monotonic() - t0) % 60 < poll_s:

@@ -164,7 +164,7 @@ def test_baize_collect_killed_while_its_batches_run_resumes_them_without_paying_
         usd(spent["prompt_tokens"], spent["completion_tokens"], {"prompt": 0.5, "completion": 1.5}, 0.5), abs=1e-6
     )
     assert "30 of them through the Batch API" in (run_dir / "collect" / "data_card.md").read_text()
-    stages = pipeline.STAGES.values()
+    stages = pipeline.stages().values()
     for f in run_dir.rglob("*"):
         if f.is_file():
             rel = f.relative_to(run_dir).as_posix()
@@ -233,5 +233,5 @@ def test_a_run_asks_its_teacher_and_judge_only_through_batches(tmp_path: Path) -
     for f in run_dir.rglob("*"):
         if f.is_file():
             rel = f.relative_to(run_dir).as_posix()
-            declared = any(s.claims(rel) for s in pipeline.STAGES.values())
+            declared = any(s.claims(rel) for s in pipeline.stages().values())
             assert declared or any(fnmatch.fnmatchcase(rel, g) for g in pipeline.RUN_FILES), rel

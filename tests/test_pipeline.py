@@ -186,13 +186,13 @@ def _unclaimed(run_dir: Path) -> list[str]:
     """The files of a run dir that no stage declares in `writes`/`may_write` and that are not the run's own."""
     from fnmatch import fnmatchcase
 
-    from baize_exp.pipeline import PIPELINE, RUN_FILES
+    from baize_exp.pipeline import RUN_FILES, stages
 
     files = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
     return [
         f
         for f in files
-        if not any(s.claims(f) for s in PIPELINE) and not any(fnmatchcase(f, pattern) for pattern in RUN_FILES)
+        if not any(s.claims(f) for s in stages().values()) and not any(fnmatchcase(f, pattern) for pattern in RUN_FILES)
     ]
 
 
@@ -212,8 +212,8 @@ def test_a_stage_that_does_not_write_what_it_declares_stops_the_run_as_a_bug(
         (run_dir / "plan" / "plan.json").write_text("{}")  # plan.md forgotten
         return {}
 
-    monkeypatch.setitem(pipeline.STAGES, "plan", replace(pipeline.STAGES["plan"], run=writes_half))
+    monkeypatch.setitem(pipeline.stages(), "plan", replace(pipeline.stages()["plan"], run=writes_half))
     cfg = compose_cfg(["model=tiny", "logger=none", "stages=[plan]", f"paths.output_dir={tmp_path}"])
     with pytest.raises(pipeline.StageContractError, match=r"stage plan finished without writing \['plan/plan.md'\]"):
         pipeline.run_pipeline(cfg)
-    assert pipeline.STAGES["plan"].missing(tmp_path) == ["plan/plan.md"]
+    assert pipeline.stages()["plan"].missing(tmp_path) == ["plan/plan.md"]
