@@ -39,6 +39,7 @@ from baize_exp.wandb_log import define_axes, log_stage_summary
 
 log = logging.getLogger(__name__)
 
+
 @functools.cache
 def stages() -> dict[str, Stage]:
     """The pipeline's stages by name, in pipeline order; `stages=[...]` picks an in-order subset. Imported on first
