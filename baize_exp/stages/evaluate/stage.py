@@ -10,6 +10,7 @@ are in `judge`, the statistics in `stats`.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,10 @@ def run(cfg: Config, run_dir: Path, backends: Any) -> dict:
         "judge_mode": cfg.eval.judge_mode,
         "skipped_models": skipped,
     }
+    # where the stage's time went: answers (generation), likelihoods, judge, score, compare
+    seconds = metrics["phase_seconds"] = {"answer": 0.0, "likelihood": 0.0}
     answers, items = answer(cfg, run_dir, questions, specs, metrics)
+    t0 = time.monotonic()
     if metrics.get("rank", 0) > 0:  # its share of the answers is written; rank 0 gathers, judges and scores
         return {"rank": metrics["rank"], "answers_generated": metrics["answers_generated"]}
     write_jsonl(stage_dir / "items.jsonl", items)
@@ -94,9 +98,12 @@ def run(cfg: Config, run_dir: Path, backends: Any) -> dict:
         write_jsonl(stage_dir / "answers.jsonl", [])
         write_jsonl(stage_dir / "judgments.jsonl", [])
         judged = Judged([], [], None)
+    t0 = _add_seconds(seconds, "ask_judge", t0)
     note = score(cfg.eval, judged, answers, stage_dir, metrics)
+    t0 = _add_seconds(seconds, "score", t0)
     formats = {s.name: metrics.get(f"{s.name}/answer_format", "") for s in specs}
     compare([s.name for s in specs], judged.judgments, items, cfg.eval, note, stage_dir, metrics, formats)
+    _add_seconds(seconds, "compare", t0)
     metrics.update(human.refresh(run_dir))  # votes already cast (baize-chat): their rows in scores/paired.csv
     publish_final(metrics, [s.name for s in specs])
     return metrics
@@ -134,18 +141,28 @@ def answer(cfg: Any, run_dir: Path, questions: list[dict], specs: list[Any], met
     for spec in specs:
         student = _Student(cfg, spec, tok)
         got, generated = [], 0
+        t0 = time.monotonic()
         if cfg.eval.use_judge:  # answers exist for the judge (and the report's samples)
             got, generated = local_answers(cfg, spec, questions, tok, student.load, shards, backend)
             fmt = answer_format(tok, spec.adapter, cfg.model.chat_template, cfg.train.format)
             metrics[f"{spec.name}/answer_format"] = fmt
         metrics["answers_generated"] += generated
+        t0 = _add_seconds(metrics["phase_seconds"], "answer", t0)
         if rank == 0:
             answers += got
             metrics["answers_cached"] += len(got) - generated
             items += _likelihoods(cfg, spec, student.load, tok, questions, val_dialogs, metrics)
+            _add_seconds(metrics["phase_seconds"], "likelihood", t0)
     if rank > 0:
         metrics["rank"] = rank
     return answers, items
+
+
+def _add_seconds(seconds: dict[str, float], phase: str, since: float) -> float:
+    """Add the time since `since` to `phase`; return now."""
+    now = time.monotonic()
+    seconds[phase] = round(seconds.get(phase, 0.0) + now - since, 2)
+    return now
 
 
 class _Student:
