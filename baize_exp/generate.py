@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from baize_exp.errors import UserError
 from baize_exp.io import JsonlError, JsonlWriter, global_rank, read_jsonl
 
@@ -82,14 +84,29 @@ def sharded_map(
 
 
 def sample_with(
-    fn: Callable[[list[Any], int], list[Any]], items: list[Any], batch_size: int, shard_dir: Path | None, key: str
+    fn: Callable[[list[Any], int], list[Any]],
+    items: list[Any],
+    batch_size: int,
+    shard_dir: Path | None,
+    key: str,
+    desc: str | None = None,
+    unit: str = "prompt",
 ) -> list[Any] | None:
     """`fn(batch, batch_index)` over `items` in batches: in this process, or with `shard_dir` dealt over the ranks
     (`sharded_map`: rank 0 gets everything, the others None). The batches and their indices are the same either
-    way, so seeds derived from them are too."""
-    if shard_dir is not None:
-        return sharded_map(items, batch_size, fn, shard_dir, key)
-    return [x for b, i in enumerate(range(0, len(items), batch_size)) for x in fn(items[i : i + batch_size], b)]
+    way, so seeds derived from them are too. With `desc`, a progress bar counts the items done and their rate (a
+    rank's bar counts its own share, with no total)."""
+    with tqdm(total=None if shard_dir else len(items), desc=desc, unit=unit, disable=desc is None) as bar:
+
+        def counted(batch: list[Any], index: int) -> list[Any]:
+            out = fn(batch, index)
+            bar.update(len(batch))
+            return out
+
+        if shard_dir is not None:
+            return sharded_map(items, batch_size, counted, shard_dir, key)
+        starts = range(0, len(items), batch_size)
+        return [x for b, i in enumerate(starts) for x in counted(items[i : i + batch_size], b)]
 
 
 # --- backends -----------------------------------------------------------------------------------------------------

@@ -158,3 +158,18 @@ def test_a_random_model_is_written_once_as_a_folder_an_engine_can_load(tmp_path:
     assert AutoTokenizer.from_pretrained(folder).get_vocab() == M.load_tokenizer(cfg.model, cache).get_vocab()
     other = compose_cfg(["model=tiny", "model.seed=1"])
     assert M.model_folder(other.model, tmp_path) != str(folder)  # other weights, other folder
+
+
+def test_sampling_shows_a_progress_bar_with_its_rate(capsys) -> None:
+    """SDF's sampling and eval's answers go through `sample_with`: with a desc it counts items and their rate on
+    stderr (a long sampling run is not silent); without one it prints nothing."""
+    from baize_exp.generate import sample_with
+
+    def double(batch: list[int], index: int) -> list[int]:
+        return [2 * x for x in batch]
+
+    assert sample_with(double, list(range(9)), 4, None, "k", desc="sdf: v1 candidates") == [2 * x for x in range(9)]
+    err = capsys.readouterr().err
+    assert "sdf: v1 candidates" in err and "9/9" in err and "prompt/s" in err
+    assert sample_with(double, list(range(9)), 4, None, "k") == [2 * x for x in range(9)]
+    assert capsys.readouterr().err == ""

@@ -216,7 +216,7 @@ def sample_candidates(
         return [[M.cut_at_stop(t, stop or [])[0].strip() for t in texts[j : j + n]] for j in range(0, len(texts), n)]
 
     try:
-        return sample_with(one_batch, prompts, batch_size, shard_dir, key)
+        return sample_with(one_batch, prompts, batch_size, shard_dir, key, desc="sdf: v1 candidates")
     finally:
         tok.padding_side = side
 
@@ -390,7 +390,7 @@ class _Sampler:
                     [BAIZE_HUMAN], s.seed,
                 )  # fmt: skip
 
-            return sample_with(generate, texts, s.batch_size, self.shards, self.key)
+            return sample_with(generate, texts, s.batch_size, self.shards, self.key, desc="sdf: v1 candidates")
         self.model.to(M.student_device(cfg.trainer.accelerator))  # v1 samples where training runs
         return sample_candidates(
             self.model,

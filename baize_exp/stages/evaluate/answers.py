@@ -162,6 +162,8 @@ def local_answers(
             e.batch_size,
             shard_dir,
             content_hash(model_key, [keys[i] for i in todo]),
+            desc=f"eval: {spec.name} answers",
+            unit="answer",
         )
         if texts is None:  # another rank's share is done; rank 0 writes the cache and judges
             return [], len(todo)
