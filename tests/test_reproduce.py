@@ -110,12 +110,21 @@ def test_reproduce_writes_results_with_a_verdict_for_every_claim(tmp_path: Path)
         ]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1500)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        written = {p.name: p.read_bytes() for p in out.iterdir()}
         rankings = sum(bool(b) and "Rank these" in b["messages"][-1]["content"] for _, b in srv.received)
         # resumable: the same command again finds every run completed and asks nothing
         sent = srv.requests
         r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
         assert r2.returncode == 0, r2.stderr[-3000:]
         assert srv.requests == sent and r2.stdout.count("skipped") == 10
+    # results/ come from the run dirs alone: the skip-all rerun and --report-only write the same bytes
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == written
+    again = tmp_path / "again"
+    only = [*cmd[: cmd.index("--out") + 1], str(again), *cmd[cmd.index("--out") + 2 :], "--report-only"]
+    r3 = subprocess.run(only, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in again.iterdir()} == written
+    assert "Stage time of all runs" in written["report.md"].decode()
     arms = ("main", "random", "teacher", "loss_all", "r4")
     assert {p.name for p in runs.iterdir()} == {f"{a}_s{s}" for a in arms for s in (42, 43)}
     # the controls reused their main run's ranked candidates: the teacher ranked each main run's prompts once
