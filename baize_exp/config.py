@@ -868,8 +868,10 @@ class EvalConfig:
     against the one before it (v1 vs base, v2 vs v1)."""
     max_new_tokens: int = 128
     """Length of an answer, in new tokens."""
-    batch_size: int = 8
-    """Questions per generate call."""
+    batch_size: int = 16
+    """Questions per generate call. On this 2-core CPU a 135M decode step for one row cost about half of one for
+    eight, so the 9 questions of a default run go in one call (~5.4 s per 48 tokens) rather than 8 and a lone 9th
+    (~8.5 s)."""
     answer_cache: str | None = None
     """Folder of cached answers (and judge replies); null = <cache_dir>/eval_answers, so a rerun regenerates nothing."""
     heldout: str | None = None
