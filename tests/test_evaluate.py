@@ -507,6 +507,28 @@ def test_batched_generation_equals_sequential_greedy() -> None:
     assert len({b[0] for b in batched}) > 1
 
 
+def test_item_log_probabilities_are_each_items_own_in_its_order_however_batched(tokenizer) -> None:
+    """Items of mixed lengths, batched by length: each gets the summed log-probability of its labelled tokens that
+    the model's own loss gives for it alone (HF shifts the labels and skips -100), in the items' order."""
+    import torch
+
+    from baize_exp.stages.evaluate.likelihood import item_logprobs
+    from baize_exp.training.data import IGNORE
+
+    model, _ = M.load_model_and_tokenizer(compose_cfg(["model=tiny"]).model, Path(os.environ["BAIZE_CACHE"]))
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for n, scored_from in ((40, 10), (7, 3), (25, 0), (12, 11), (31, 20)):  # not in length order
+        ids = torch.randint(5, 1000, (n,), generator=g).tolist()
+        items.append({"input_ids": ids, "labels": [IGNORE] * scored_from + ids[scored_from:]})
+    got = item_logprobs(model, items, tokenizer.pad_token_id, batch_size=2)
+    with torch.no_grad():
+        for item, (logprob_sum, count) in zip(items, got, strict=True):
+            one = model(input_ids=torch.tensor([item["input_ids"]]), labels=torch.tensor([item["labels"]]))
+            assert count == sum(label != IGNORE for label in item["labels"][1:])
+            assert logprob_sum == pytest.approx(-float(one.loss) * count, rel=1e-4, abs=1e-3)
+
+
 def test_each_model_is_prompted_in_the_format_it_was_trained_in(tmp_path: Path, tokenizer) -> None:
     """A chat_template-trained adapter is asked through the chat template, a Baize one with the Baize markers, the
     base through its own template; an adapter without prompt_format.json falls back to train.format."""

@@ -27,19 +27,23 @@ def item_logprobs(
     model: torch.nn.Module, encoded: list[dict], pad_id: int, batch_size: int = 4
 ) -> list[tuple[float, int]]:
     """(sum of the labelled tokens' log-probabilities, number of labelled tokens) per encoded item
-    ({"input_ids", "labels"}, labels IGNORE where not scored)."""
+    ({"input_ids", "labels"}, labels IGNORE where not scored), in the items' order. Batched by length (shortest
+    first), so a batch pads little: the forward pass is the whole cost here."""
     model.eval()
     device = next(model.parameters()).device
-    out: list[tuple[float, int]] = []
-    for i in range(0, len(encoded), batch_size):
-        b = {k: v.to(device) for k, v in collate(encoded[i : i + batch_size], pad_id).items()}
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    out: dict[int, tuple[float, int]] = {}
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        b = {k: v.to(device) for k, v in collate([encoded[i] for i in rows], pad_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
         tgt = b["labels"][:, 1:]
-        logp = torch.log_softmax(logits, dim=-1)
         keep = tgt != IGNORE
-        tok_lp = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
-        out += [(float(s), int(n)) for s, n in zip(tok_lp.sum(1).tolist(), keep.sum(1).tolist(), strict=True)]
-    return out
+        # log p(target) = its logit - logsumexp over the vocabulary (no second vocabulary-sized tensor)
+        tok_lp = (logits.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)) * keep
+        sums, counts = tok_lp.sum(1).tolist(), keep.sum(1).tolist()
+        out.update({i: (float(sm), int(n)) for i, sm, n in zip(rows, sums, counts, strict=True)})
+    return [out[i] for i in range(len(encoded))]
 
 
 def likelihood_formats(tok: Any, wanted: list[str], use_chat_template: bool) -> tuple[list[str], list[str]]:
