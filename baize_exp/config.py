@@ -883,9 +883,12 @@ class EvalConfig:
     """judge_mode=pairwise: the other answer is the teacher's, the reference, or a name in eval.models."""
     judge_logprobs: bool = True
     """Ask for score-token logprobs (a probability-weighted score where returned)."""
-    judge_fallbacks: list[str] = field(default_factory=list)
+    judge_fallbacks: list[str] = field(default_factory=lambda: ["tolerant", "logprob"])
     """Readers tried after the strict one ("Score: N", "[[A]]"): tolerant ("8/10", a lone number, "A ..."), logprob
-    (scores: the judge's probability-weighted choice of score). Each one's share is reported."""
+    (scores: the judge's probability-weighted choice of score); [] = strict only. Each one's share is reported, and
+    the judge check scores what they read like any verdict. A reply none can read is sent back once with the error:
+    the embedded judge's strict replies were 0 of 63 readable in a first run and its retries read none of them, so
+    strict-only spent a third of that run's time asking for nothing."""
     judge_repeats: int = 1
     """single/reference: judge each answer this often (self-consistency; needs judge.temperature > 0)."""
     judge_check: int = 12

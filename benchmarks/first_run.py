@@ -3,7 +3,8 @@
 The target is at most 6 minutes on this 2-core box when quiet, training on >= 8 dialogs and holding >= 4 out, and
 a report that opens with a held-out-loss comparison and its CI. The box is shared and its speed drifts, so the
 time is measured as a ratio: the default run and the previous default (`--old`: 16 seeds, truncated transcripts
-rejected, a tenth held out, an 8-question judge check, one prompt format) run cold one after the other, A, B, A,
+rejected, a tenth held out, an 8-question judge check, one prompt format, 8 answers per generate call, strict
+judge replies only) run cold one after the other, A, B, A,
 B, under the same conditions; the ratio times the previous default's quiet wall time (248 s, busy_machine.py,
 2026-11-30) estimates the new quiet time, and the load average during each run is printed beside it.
 
@@ -31,6 +32,8 @@ OLD_DEFAULT = [
     "train.val_fraction=0.1",
     "eval.judge_check=8",
     "eval.formats=[baize]",
+    "eval.batch_size=8",
+    "eval.judge_fallbacks=[]",
 ]
 OLD_QUIET_S = 248.0  # the previous default, quiet, busy_machine.py on 2026-11-30 (benchmarks/README.md)
 
