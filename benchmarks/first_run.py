@@ -4,9 +4,9 @@ The target is at most 6 minutes on this 2-core box when quiet, training on >= 8 
 a report that opens with a held-out-loss comparison and its CI. The box is shared and its speed drifts, so the
 time is measured as a ratio: the default run and the previous default (`--old`: 16 seeds, truncated transcripts
 rejected, a tenth held out, an 8-question judge check, one prompt format, 8 answers per generate call, strict
-judge replies only) run cold one after the other, A, B, A,
-B, under the same conditions; the ratio times the previous default's quiet wall time (248 s, busy_machine.py,
-2026-11-30) estimates the new quiet time, and the load average during each run is printed beside it.
+judge replies only) run cold one after the other, A, B, A, B, under the same conditions; the ratio times the
+previous default's quiet wall time (248 s, busy_machine.py, 2026-11-30) estimates the new quiet time, and the load
+average during each run is printed beside it.
 
     python benchmarks/first_run.py [--repeats 1] [--keep DIR]
 """
