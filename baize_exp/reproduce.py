@@ -235,12 +235,7 @@ def _stage_parts(run_dir: Path) -> dict[str, float]:
     return {s: v["stage_seconds"] for s, v in m.items() if isinstance(v, dict) and "stage_seconds" in v}
 
 
-def _stage_seconds(run_dir: Path) -> float:
-    return sum(_stage_parts(run_dir).values())
-
-
-def _stage_minutes(run_dir: Path) -> str:
-    parts = _stage_parts(run_dir)
+def _stage_minutes(parts: dict[str, float]) -> str:
     return (
         f"{sum(parts.values()) / 60:.1f} min (" + ", ".join(f"{s} {v / 60:.1f}" for s, v in parts.items()) + ")"
         if parts
@@ -333,17 +328,18 @@ def write_results(
     if png := charts.forest(rows, out / "forest.png", "Paired differences (a − b) over seeds and items, 95% CI"):
         blocks.append(Image(png, "forest plot of every paired comparison"))
     steps = _sdf_steps(runs_dir, runs)
+    parts = {n: _stage_parts(runs_dir / n) for n in runs}
     blocks += [
         Heading("Runs"),
         *([Text(f"SDF arms: {steps}.")] if steps else []),
         Table(
             ["run", "overrides", "judge check", "stage time (this machine)"],
             [
-                [n, " ".join(o) or "(experiment=reproduce)", _check(runs_dir / n), _stage_minutes(runs_dir / n)]
+                [n, " ".join(o) or "(experiment=reproduce)", _check(runs_dir / n), _stage_minutes(parts[n])]
                 for n, o in runs.items()
             ],
         ),
-        Text(f"Stage time of all runs: {sum(_stage_seconds(runs_dir / n) for n in runs) / 60:.1f} min."),
+        Text(f"Stage time of all runs: {sum(sum(p.values()) for p in parts.values()) / 60:.1f} min."),
     ]
     (out / "report.md").write_text(to_markdown("Baize's claims at 135M scale", blocks, out))
     (out / "report.html").write_text(to_html("Baize's claims at 135M scale", blocks))
