@@ -1180,8 +1180,6 @@ class Config:
     stages: list[str] = field(default_factory=lambda: ["collect", "train", "sdf", "eval", "report"])
     """Stages to run, an in-order subset of plan, collect, train, sdf, eval, report; a stage whose completion marker
     matches is skipped on rerun."""
-    seed: int = 0
-    """Not read by any stage; each has its own (data.seed, model.seed, train.seed, sdf.seed, eval.seed)."""
     run_name: str | None = None
     """The W&B run's name (and group when logger.group is unset); null = the overrides."""
     optimized_metric: str | None = None
@@ -1256,6 +1254,19 @@ def _schema_type(dotted: str) -> Any:
     return tp
 
 
+def _keys_named(leaf: str, tp: Any = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema whose last part is `leaf` (`seed` -> data.seed, model.seed, train.seed, ...):
+    a key given without its group, e.g. `seed=1` or `r=8`, is answered with where it lives."""
+    found = []
+    for f in fields(tp):
+        hint = get_type_hints(tp)[f.name]
+        if f.name == leaf:
+            found.append(prefix + f.name)
+        if is_dataclass(hint):
+            found += _keys_named(leaf, hint, f"{prefix}{f.name}.")
+    return found
+
+
 def composition_error(e: Exception) -> ConfigError:
     """A config Hydra could not compose (a value outside a choice, a wrong type, a misspelt key, a missing option)
     as one line naming the key, the value and what is allowed, like `validate`'s."""
@@ -1265,7 +1276,9 @@ def composition_error(e: Exception) -> ConfigError:
         parent = _schema_type(key.rpartition(".")[0]) if "." in key else Config
         if get_origin(parent) is dict:  # a dict's new entry, e.g. teacher.prices.<model>
             return ConfigError(f"invalid config: {key}: not there yet; add it with a leading +: +{key}=...")
-        return ConfigError(f"invalid config: {key}: no such key (python run.py --help lists every key)")
+        near = _keys_named(key.rpartition(".")[2])
+        hint = f"; did you mean {' or '.join(near)}?" if near and key not in near else ""
+        return ConfigError(f"invalid config: {key}: no such key{hint} (python run.py --help lists every key)")
     if isinstance(cause, ValidationError) and key:
         tp, value = _schema_type(key), getattr(cause, "value", None)
         if isinstance(tp, type) and issubclass(tp, Choice):

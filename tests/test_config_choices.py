@@ -221,6 +221,13 @@ def test_a_good_value_composes_as_its_choice() -> None:
     ("override", "line"),
     [
         ("lora.rank_typo=8", "invalid config: lora.rank_typo: no such key (python run.py --help lists every key)"),
+        # a key without its group is answered with where it lives (no top-level seed: each stage has its own)
+        (
+            "seed=1",
+            "invalid config: seed: no such key; did you mean data.seed or model.seed or train.seed or sdf.seed or "
+            "eval.seed? (python run.py --help lists every key)",
+        ),
+        ("r=8", "invalid config: r: no such key; did you mean lora.r? (python run.py --help lists every key)"),
         (
             "teacher.prices.gpt-x.prompt=1",
             "invalid config: teacher.prices.gpt-x: not there yet; add it with a leading +",
@@ -232,7 +239,7 @@ def test_a_good_value_composes_as_its_choice() -> None:
             "Ambiguous value for argument 'lora.r=1,2'; 1. To use it as a list, use key=[value1,value2]; 2.",
         ),
     ],
-    ids=["key", "dict entry", "type", "option", "sweep syntax"],
+    ids=["key", "seed", "r", "dict entry", "type", "option", "sweep syntax"],
 )
 def test_other_composition_errors_are_one_line_too(override: str, line: str) -> None:
     with pytest.raises(ConfigCompositionException) as e:
