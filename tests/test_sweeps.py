@@ -92,22 +92,22 @@ def _fake_run(
 
 def test_report_table_csv_plots_and_failed_runs(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    _fake_run(sweep / "0", ["+sweep=x", "lora.r=4", "seed=0"], loss=2.5, judge=4.0)
-    _fake_run(sweep / "1", ["+sweep=x", "lora.r=16", "seed=0"], loss=2.0, judge=6.0)
-    _fake_run(sweep / "2", ["+sweep=x", "lora.r=64", "seed=0"], status="failed", error="RuntimeError: boom")
+    _fake_run(sweep / "0", ["+sweep=x", "lora.r=4", "train.seed=0"], loss=2.5, judge=4.0)
+    _fake_run(sweep / "1", ["+sweep=x", "lora.r=16", "train.seed=0"], loss=2.0, judge=6.0)
+    _fake_run(sweep / "2", ["+sweep=x", "lora.r=64", "train.seed=0"], status="failed", error="RuntimeError: boom")
     (sweep / "3" / ".hydra").mkdir(parents=True)  # died before its first stage: still a row
-    (sweep / "3" / ".hydra" / "overrides.yaml").write_text("- +sweep=x\n- lora.r=8\n- seed=0\n")
+    (sweep / "3" / ".hydra" / "overrides.yaml").write_text("- +sweep=x\n- lora.r=8\n- train.seed=0\n")
 
     records = report.compare([sweep], sweep / "report")
     assert [r.path.name for r in records] == ["0", "1", "2", "3"]
     assert [r.status for r in records] == ["completed", "completed", "failed", "failed"]
     rows = list(csv.DictReader(open(sweep / "report" / "report.csv")))
     assert [r["lora.r"] for r in rows] == ["4", "16", "64", "8"]
-    assert "sweep" not in rows[0] and "seed" not in rows[0]  # the same for every run: not a column
+    assert "sweep" not in rows[0] and "train.seed" not in rows[0]  # the same for every run: not a column
     assert float(rows[1]["v1_heldout_loss"]) == 2.0 and float(rows[1]["v1_judge_ci_high"]) == 7.0
     assert rows[2]["error"] == "RuntimeError: boom" and rows[2]["v1_heldout_loss"] == ""
     md = (sweep / "report" / "report.md").read_text()
-    assert "| 1 | 16 | completed |" in md and "RuntimeError: boom" in md and "`seed=0`" in md
+    assert "| 1 | 16 | completed |" in md and "RuntimeError: boom" in md and "`train.seed=0`" in md
     for png in ("loss_curves.png", "final_heldout_loss_vs_lora.r.png", "final_judge_vs_lora.r.png"):
         data = (sweep / "report" / png).read_bytes()
         assert data.startswith(PNG) and len(data) > 8000, png
@@ -239,7 +239,7 @@ def subprocess_report(*args: Path):
 @pytest.mark.slow
 def test_multirun_runs_share_a_wandb_group_with_override_tags(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "mr"
-    r = run_cli("-m", "stages=[report]", "logger=wandb", "seed=0,1", f"hydra.sweep.dir={sweep_dir}")
+    r = run_cli("-m", "stages=[report]", "logger=wandb", "train.seed=0,1", f"hydra.sweep.dir={sweep_dir}")
     assert r.returncode == 0, r.stderr[-3000:]
     groups, tags = set(), []
     for job in ("0", "1"):
@@ -247,9 +247,9 @@ def test_multirun_runs_share_a_wandb_group_with_override_tags(tmp_path: Path) ->
         rec = _wandb_run_record(run_file)
         groups.add(rec["run_group"])
         tags.append(rec["tags"])
-        assert rec["config"]["update"]["overrides"]["seed"] == job  # the sweep's overrides as config columns
+        assert rec["config"]["update"]["overrides"]["train.seed"] == job  # the sweep's overrides as config columns
     assert groups == {str(sweep_dir)}  # outside outputs/: the sweep dir itself names the group
-    assert tags == [["stages=[report]", "seed=0"], ["stages=[report]", "seed=1"]]  # not logger=...
+    assert tags == [["stages=[report]", "train.seed=0"], ["stages=[report]", "train.seed=1"]]  # not logger=...
 
 
 def _wandb_run_record(path: Path) -> dict:
@@ -269,10 +269,12 @@ def _wandb_run_record(path: Path) -> dict:
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_tiny_job(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sub"
-    r = run_cli("-m", "hydra/launcher=local", "stages=[report]", "logger=csv", "seed=3", f"hydra.sweep.dir={sweep_dir}")
+    r = run_cli(
+        "-m", "hydra/launcher=local", "stages=[report]", "logger=csv", "train.seed=3", f"hydra.sweep.dir={sweep_dir}"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((sweep_dir / "0" / "metrics.json").read_text())
-    assert m["run"]["status"] == "completed" and "seed=3" in m["run"]["overrides"]
+    assert m["run"]["status"] == "completed" and "train.seed=3" in m["run"]["overrides"]
     assert list((sweep_dir / ".submitit").glob("*/*_log.out"))  # it really went through submitit
 
 
