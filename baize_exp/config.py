@@ -1257,9 +1257,9 @@ def _schema_type(dotted: str) -> Any:
 def _keys_named(leaf: str, tp: Any = Config, prefix: str = "") -> list[str]:
     """Every dotted key of the schema whose last part is `leaf` (`seed` -> data.seed, model.seed, train.seed, ...):
     a key given without its group, e.g. `seed=1` or `r=8`, is answered with where it lives."""
-    found = []
+    found, hints = [], get_type_hints(tp)
     for f in fields(tp):
-        hint = get_type_hints(tp)[f.name]
+        hint = hints[f.name]
         if f.name == leaf:
             found.append(prefix + f.name)
         if is_dataclass(hint):
